@@ -1,0 +1,39 @@
+# RetrievalSeg developer entry points.
+#   make test   create .venv if missing, install pinned dependencies, run the test suite
+#   make bench  engine vs official SAM2VideoPredictor latency (random weights, CPU unless cuda)
+#   make demo   synthetic study -> bank -> segmentation with real weights from the cache
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.rseg-installed
+SAM2_VERSION := 1.1.0
+# Tests and CI never reach a model hub.
+OFFLINE := RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: test test-all bench demo install clean
+
+$(PY):
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "RetrievalSeg needs Python >= 3.10 (sam2 does)"'
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) requirements.txt pyproject.toml
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install -r requirements.txt
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --no-deps --no-build-isolation sam2==$(SAM2_VERSION)
+	$(PY) -m pip install --no-deps --no-build-isolation -e .
+	$(PY) -c 'import torch, sam2, transformers, faiss, SimpleITK, slicer, vtk; print("dependencies ok, torch", torch.__version__)'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest Testing -m "not slow"
+
+test-all: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest Testing
+
+bench: $(STAMP)
+	$(OFFLINE) $(PY) -m RetrievalSegLib.benchmark $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

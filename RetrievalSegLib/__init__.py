@@ -1,0 +1,6 @@
+"""RetrievalSeg backing library: retrieval-augmented few-shot segmentation with DINOv2 + SAM 2.
+
+Pure Python; importable without 3D Slicer. Heavy dependencies (torch, sam2, transformers, faiss)
+are imported by the modules that need them, so `import RetrievalSegLib` stays cheap.
+"""
+__version__ = "0.1.0"

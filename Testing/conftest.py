@@ -1,0 +1,43 @@
+"""Shared test setup: offline switches, a loopback-only network guard, small helpers.
+
+Every test runs with RSEG_OFFLINE=1 / HF_HUB_OFFLINE=1 and with outgoing connections to anything
+but 127.0.0.0/8 (and ::1) refused, so a test that would reach a model hub fails instead of hanging.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("RSEG_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Keep torch from oversubscribing the 2-core CI machine.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+_real_connect = socket.socket.connect
+_real_create_connection = socket.create_connection
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _guarded_connect(self: socket.socket, address):  # type: ignore[no-untyped-def]
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        host = address[0]
+        if not _is_loopback(str(host)):
+            raise ConnectionRefusedError(f"tests may only contact loopback addresses, not {host!r}")
+    return _real_connect(self, address)
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
