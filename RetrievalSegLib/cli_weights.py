@@ -1,0 +1,218 @@
+"""`rseg weights ...`: download, list and verify the SAM 2.1 / DINOv2 weights.
+
+Exit codes: 0 ok, 1 failure (corrupt file, cancelled, declined), 2 usage error,
+3 offline or the source is unavailable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .registry import DINOV2_MODELS, ENV_MIRROR, ENV_WEIGHTS_DIR, SAM2_MODELS, weights_dir
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+
+def _size_list(catalogue: dict[str, Any], what: str) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated sizes from `catalogue` ("none" for none)."""
+
+    def parse(text: str) -> list[str]:
+        sizes: list[str] = []
+        for raw in text.split(","):
+            s = raw.strip().lower().replace("+", "_plus") if raw.strip() else ""
+            if s in ("", "none"):
+                continue
+            if s not in catalogue:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {what} size {raw.strip()!r}; choose from {', '.join(catalogue)} "
+                    "(comma-separated) or none"
+                )
+            if s not in sizes:
+                sizes.append(s)
+        return sizes
+
+    parse.__name__ = f"{what} sizes"
+    return parse
+
+
+def add_weights_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `weights` command (download / list / verify) to an argparse subparsers object."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--dir", type=Path, default=None,
+        help=f"weights folder (default: ${ENV_WEIGHTS_DIR} or {weights_dir()})",
+    )
+    weights = subparsers.add_parser(
+        "weights", help="download, list or verify model weights",
+        description="Download, list or verify the SAM 2.1 and DINOv2 weights RetrievalSeg uses.",
+    )
+    sub = weights.add_subparsers(dest="weights_command", metavar="{download,list,verify}")
+    sub.required = True
+
+    dl = sub.add_parser(
+        "download", parents=[common], help="fetch checkpoints (resumable, checked)",
+        description="Fetch checkpoints into the weights folder. Interrupted downloads resume; "
+        "every file is checked (length, SHA-256 where known, strict load) before it is placed.",
+    )
+    dl.add_argument(
+        "--sam2", type=_size_list(SAM2_MODELS, "SAM 2.1"), default=["tiny"], metavar="SIZES",
+        help=f"SAM 2.1 sizes, comma-separated ({', '.join(SAM2_MODELS)}, none); default tiny",
+    )
+    dl.add_argument(
+        "--dinov2", type=_size_list(DINOV2_MODELS, "DINOv2"), default=["small"], metavar="SIZES",
+        help=f"DINOv2 sizes, comma-separated ({', '.join(DINOV2_MODELS)}, none); default small",
+    )
+    dl.add_argument(
+        "--mirror", default=None, metavar="URL",
+        help=f"base URL or folder laid out like the weights folder (default: ${ENV_MIRROR}, "
+        "else the official locations)",
+    )
+    dl.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    dl.add_argument("--force", action="store_true", help="download again files already present.")
+    dl.set_defaults(func=cmd_download)
+
+    ls = sub.add_parser("list", parents=[common], help="show which weights are present")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_list)
+
+    vf = sub.add_parser(
+        "verify", parents=[common], help="strictly load the weights that are present",
+    )
+    vf.add_argument("--sam2", type=_size_list(SAM2_MODELS, "SAM 2.1"), default=None,
+                    metavar="SIZES", help="only these SAM 2.1 sizes (absent ones fail)")
+    vf.add_argument("--dinov2", type=_size_list(DINOV2_MODELS, "DINOv2"), default=None,
+                    metavar="SIZES", help="only these DINOv2 sizes (absent ones fail)")
+    vf.add_argument("--json", action="store_true", help="machine-readable output")
+    vf.set_defaults(func=cmd_verify)
+    return weights
+
+
+def _err(msg: str) -> None:
+    print(f"rseg weights: {msg}", file=sys.stderr)
+
+
+def _confirm(prompt: str) -> bool:
+    try:
+        answer = input(prompt)
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    """Handle `rseg weights download`."""
+    from . import weights as w
+
+    root = args.dir.expanduser() if args.dir is not None else weights_dir()
+    if not args.sam2 and not args.dinov2:
+        _err("nothing to download: both --sam2 and --dinov2 are none")
+        return EXIT_USAGE
+    try:
+        items = w.plan_downloads(args.sam2, args.dinov2, mirror=args.mirror, dest_dir=root)
+    except ValueError as e:
+        _err(str(e))
+        return EXIT_USAGE
+    todo = [it for it in items if args.force or not w.is_complete(it)]
+    try:
+        w.check_offline(todo)  # before showing a plan that cannot run
+    except w.OfflineError as e:
+        _err(str(e))
+        return EXIT_UNAVAILABLE
+    print(f"Weights folder: {root}")
+    for it in items:
+        state = "to download" if it in todo else "already present"
+        size = "<1 MB" if it.approx_mb < 1 else f"~{it.approx_mb:.0f} MB"
+        print(f"  {it.name:<36} {size:>9}  {state}")
+        if it in todo:
+            print(f"      from {it.url}")
+    if not todo:
+        print("Everything is already present (use --force to download again).")
+        return EXIT_OK
+    total = sum(it.approx_mb for it in todo)
+    print(f"{len(todo)} file(s), about {total:.0f} MB in all.")
+    if not args.yes and sys.stdin.isatty():
+        if not _confirm("Download now? [y/N] "):
+            print("Nothing downloaded.")
+            return EXIT_FAILURE
+    try:
+        w.download(todo, progress=True, force=args.force)
+    except w.OfflineError as e:
+        _err(str(e))
+        return EXIT_UNAVAILABLE
+    except w.DownloadError as e:
+        _err(str(e))
+        return EXIT_UNAVAILABLE if e.unavailable else EXIT_FAILURE
+    except w.WeightsError as e:
+        _err(str(e))
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        _err("interrupted; partial files are kept and the next download resumes them")
+        return EXIT_FAILURE
+    print(f"Done: {len(todo)} file(s) downloaded and checked into {root}.")
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Handle `rseg weights list`."""
+    from . import weights as w
+
+    root = args.dir.expanduser() if args.dir is not None else weights_dir()
+    entries = w.list_weights(root)
+    if args.json:
+        print(json.dumps({"dir": str(root), "weights": [e.to_json() for e in entries]}, indent=2))
+        return EXIT_OK
+    print(f"Weights folder: {root}")
+    for e in entries:
+        if e.present:
+            state = f"present  {e.size / 2**20:8.1f} MB"
+        elif e.partial:
+            state = f"partial  {e.partial / 2**20:8.1f} MB (download resumes it)"
+        else:
+            state = "missing"
+        print(f"  {e.kind:<6} {e.model:<9} {e.name:<28} {state}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Handle `rseg weights verify`."""
+    from . import weights as w
+
+    root = args.dir.expanduser() if args.dir is not None else weights_dir()
+    explicit = args.sam2 is not None or args.dinov2 is not None
+    results = w.verify(
+        root,
+        (args.sam2 or []) if explicit else None,
+        (args.dinov2 or []) if explicit else None,
+    )
+    ok = bool(results) and all(r.ok for r in results)
+    if args.json:
+        print(json.dumps(
+            {"dir": str(root), "ok": ok, "results": [r.to_json() for r in results]}, indent=2
+        ))
+    else:
+        print(f"Weights folder: {root}")
+        if not results:
+            print("  no weights found; run `rseg weights download`")
+        for r in results:
+            print(f"  {r.status.upper():<7} {r.name}: {r.message}")
+    return EXIT_OK if ok else EXIT_FAILURE
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `weights ...` on its own (the `rseg` entry point adds the same parser)."""
+    parser = argparse.ArgumentParser(prog="rseg")
+    sub = parser.add_subparsers(dest="command")
+    sub.required = True
+    add_weights_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
