@@ -1,0 +1,68 @@
+"""RetrievalEngine: the two models together (DINOv2 retrieval + SAM 2 memories) and their caches."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .engine import Sam2MemoryEngine
+from .memory import SupportMemoryCache
+from .models import load_dinov2, load_sam2
+from .retrieval import SliceEmbedder
+
+
+class RetrievalEngine:
+    """Everything needed to segment slices from a support bank, loaded once and reused."""
+
+    def __init__(self, embedder: SliceEmbedder, sam: Sam2MemoryEngine) -> None:
+        self.embedder = embedder
+        self.sam = sam
+        self._caches: dict[tuple[str, str], SupportMemoryCache] = {}
+
+    @classmethod
+    def load(
+        cls,
+        sam2_size: str = "tiny",
+        dinov2_size: str = "small",
+        *,
+        sam2_checkpoint: str | Path | None = None,
+        dinov2_path: str | Path | None = None,
+        device: str = "auto",
+        image_size: int = 1024,
+        random_weights: bool = False,
+        seed: int = 0,
+        fill_hole_area: int = 0,
+        dinov2_input_size: int = 224,
+    ) -> "RetrievalEngine":
+        """Load both models from local weights (or random weights when explicitly asked)."""
+        sam = load_sam2(
+            sam2_size, sam2_checkpoint, device=device, image_size=image_size,
+            random_weights=random_weights, seed=seed,
+        )
+        dino = load_dinov2(
+            dinov2_size, dinov2_path, device=device, random_weights=random_weights, seed=seed
+        )
+        return cls(SliceEmbedder(dino, input_size=dinov2_input_size), Sam2MemoryEngine(sam, fill_hole_area))
+
+    @property
+    def sam2_identity(self) -> str:
+        return self.sam.identity
+
+    @property
+    def dinov2_identity(self) -> str:
+        return self.embedder.identity
+
+    @property
+    def random_weights(self) -> bool:
+        return "random-seed" in self.sam.identity or "random-seed" in self.embedder.identity
+
+    def memory_cache(self, bank: Any | None = None) -> SupportMemoryCache:
+        """The memory cache for `bank` (on disk inside the bank), or an in-memory one for None."""
+        if bank is None:
+            key = ("", self.sam.identity)
+            directory = None
+        else:
+            key = (str(Path(bank.path).resolve()), self.sam.identity)
+            directory = bank.memory_cache_dir(self.sam.identity)
+        if key not in self._caches:
+            self._caches[key] = SupportMemoryCache(self.sam.identity, directory)
+        return self._caches[key]
