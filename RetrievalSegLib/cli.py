@@ -1,0 +1,308 @@
+"""`rseg`: the RetrievalSeg command line (weights, support banks, segmentation, evaluation).
+
+Exit codes: 0 success; 1 failure (bad input file, corrupt bank, failed check); 2 usage error;
+3 weights unavailable (missing and not downloadable, or offline); 130 interrupted (Ctrl-C).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class WeightsUnavailable(Exception):
+    """Model weights are missing locally; the message says how to get them."""
+
+
+def model_options() -> argparse.ArgumentParser:
+    """Options shared by every command that loads a model."""
+    from .registry import DINOV2_MODELS, SAM2_MODELS
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("models")
+    g.add_argument("--sam2", default="tiny", choices=list(SAM2_MODELS), help="SAM 2.1 size (default: tiny)")
+    g.add_argument("--dinov2", default="small", choices=list(DINOV2_MODELS), help="DINOv2 size (default: small)")
+    g.add_argument("--sam2-checkpoint", type=Path, default=None, metavar="FILE",
+                   help="SAM 2.1 checkpoint (default: $RSEG_SAM2_CHECKPOINT or the weights folder)")
+    g.add_argument("--dinov2-path", type=Path, default=None, metavar="DIR",
+                   help="DINOv2 folder with config.json + model.safetensors (default: weights folder / HF cache)")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument("--image-size", type=int, default=1024,
+                   help="SAM 2 input size, a multiple of 32 (default 1024, as SAM 2 was trained)")
+    g.add_argument("--dinov2-input-size", type=int, default=224, help="DINOv2 input size (default 224)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="use seeded RANDOM weights (tests/benchmarks only: the output is meaningless)")
+    g.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
+    return p
+
+
+def _warn_random(args: argparse.Namespace) -> None:
+    if getattr(args, "random_weights", False):
+        print("rseg: WARNING: --random-weights: models have random weights, the output is meaningless",
+              file=sys.stderr)
+
+
+_loaded: dict[tuple, Any] = {}
+
+
+def make_embedder(args: argparse.Namespace):
+    """The DINOv2 slice embedder the options describe (loaded once per process)."""
+    from .models import MissingWeightsError, load_dinov2
+    from .retrieval import SliceEmbedder
+
+    key = ("dino", args.dinov2, str(args.dinov2_path), args.device, args.random_weights, args.seed,
+           args.dinov2_input_size)
+    if key not in _loaded:
+        _warn_random(args)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                dino = load_dinov2(args.dinov2, args.dinov2_path, device=args.device,
+                                   random_weights=args.random_weights, seed=args.seed)
+        except MissingWeightsError as e:
+            raise WeightsUnavailable(str(e)) from None
+        _loaded[key] = SliceEmbedder(dino, input_size=args.dinov2_input_size)
+    return _loaded[key]
+
+
+def make_engine(args: argparse.Namespace):
+    """The RetrievalEngine (DINOv2 + SAM 2) the options describe."""
+    from .engine import Sam2MemoryEngine
+    from .models import MissingWeightsError, load_sam2
+    from .pipeline import RetrievalEngine
+
+    embedder = make_embedder(args)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            sam = load_sam2(args.sam2, args.sam2_checkpoint, device=args.device, image_size=args.image_size,
+                            random_weights=args.random_weights, seed=args.seed)
+    except MissingWeightsError as e:
+        raise WeightsUnavailable(str(e)) from None
+    return RetrievalEngine(embedder, Sam2MemoryEngine(sam))
+
+
+def _progress_bar(enabled: bool, desc: str):
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="slice", file=sys.stderr, dynamic_ncols=True)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return update, bar.close
+
+
+def _parse_labels_arg(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--labels takes label values like 1,3, got {text!r}") from None
+
+
+def _parse_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        a, b = text.split(":")
+        return int(a), int(b)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--slices takes START:STOP (stop exclusive), got {text!r}") from None
+
+
+def _window(args: argparse.Namespace) -> tuple[float, float] | None:
+    from .preprocess import window_from_level
+
+    if (args.window is None) != (args.level is None):
+        raise argparse.ArgumentTypeError("give --window and --level together (or neither: robust automatic window)")
+    return None if args.window is None else window_from_level(args.window, args.level)
+
+
+def write_outputs(seg, out: Path, seg_nrrd: Path | None = None) -> list[Path]:
+    """Write the label map (NIfTI/NRRD/MHA, or Slicer .seg.nrrd by extension) and optional .seg.nrrd."""
+    from .segnrrd import SegmentInfo, write_seg_nrrd
+    from .volume import write_volume
+
+    segments = [SegmentInfo(lab.value, lab.name, lab.color) for lab in seg.labels]
+    written = []
+    targets = [out] + ([seg_nrrd] if seg_nrrd else [])
+    for path in targets:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.name.endswith(".seg.nrrd"):
+            written.append(write_seg_nrrd(seg.labelmap, segments, path))
+        else:
+            written.append(write_volume(seg.labelmap, path))
+    return written
+
+
+# ----------------------------------------------------------------------------- segment
+def cmd_segment(args: argparse.Namespace) -> int:
+    from .bank import SupportBank
+    from .segment import segment_volume
+    from .volume import read_volume
+
+    out = Path(args.out)
+    if not any(out.name.endswith(s) for s in (".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd")):
+        print(f"rseg segment: error: --out must end in .nii.gz, .nii, .nrrd, .mha or .seg.nrrd, got {out}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    image = read_volume(args.image)
+    bank = SupportBank.open(args.bank)
+    engine = make_engine(args)
+    update, close = _progress_bar(not args.no_progress and not args.json, "segmenting")
+    try:
+        seg = segment_volume(
+            image, bank, engine, labels=args.labels, k=args.k, axis=args.axis, slice_range=args.slices,
+            case_id=args.case, case_policy=args.case_policy, window=_window(args),
+            encoder_batch=args.batch, progress=update,
+        )
+    finally:
+        close()
+    written = write_outputs(seg, out, args.seg_nrrd)
+    import numpy as np
+
+    summary = {
+        "image": str(args.image),
+        "outputs": [str(p) for p in written],
+        "axis": "ijk"[seg.axis],
+        "slices_segmented": len(seg.slices),
+        "seconds": round(seg.seconds, 3),
+        "labels": {lab.name: int((seg.labelmap.array == lab.value).sum()) for lab in seg.labels},
+        "mean_confidence": float(np.nanmean(seg.confidence)) if len(seg.slices) else None,
+        "low_confidence_slices": seg.low_confidence_slices(args.low_confidence),
+        "random_weights": bool(args.random_weights),
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"segmented {summary['slices_segmented']} slices along {summary['axis']} in {summary['seconds']} s")
+        for name, n in summary["labels"].items():
+            print(f"  {name}: {n} voxels")
+        for p in written:
+            print(f"wrote {p}")
+        if summary["low_confidence_slices"]:
+            print(f"low-confidence slices (< {args.low_confidence}): {summary['low_confidence_slices']}")
+    return EXIT_OK
+
+
+def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "segment", parents=[models], help="segment a volume from a support bank",
+        description="Segment every slice of IMAGE from the k most similar slices of the support bank.",
+    )
+    p.add_argument("image", type=Path, metavar="IMAGE", help="NIfTI/NRRD/MHA file or a DICOM series folder")
+    p.add_argument("--bank", type=Path, required=True, help="support bank folder")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output label map (.nii.gz/.nrrd/.mha) or Slicer segmentation (.seg.nrrd)")
+    p.add_argument("--seg-nrrd", type=Path, default=None, help="also write a Slicer .seg.nrrd here")
+    p.add_argument("--k", type=int, default=8, help="supports retrieved per slice (default 8)")
+    p.add_argument("--axis", default="auto", help="slice axis: auto (largest spacing), i, j or k")
+    p.add_argument("--labels", type=_parse_labels_arg, default=None, help="label values to segment, e.g. 1,3 (default all)")
+    p.add_argument("--slices", type=_parse_range, default=None, metavar="START:STOP",
+                   help="only these slices (stop exclusive); others stay background")
+    p.add_argument("--case", default=None, help="case id of IMAGE in the bank (for --case-policy)")
+    p.add_argument("--case-policy", default="ignore", choices=["ignore", "exclude", "prefer"],
+                   help="entries of --case: ignore (default), exclude (evaluation), prefer (corrections)")
+    p.add_argument("--window", type=float, default=None, help="intensity window width (with --level)")
+    p.add_argument("--level", type=float, default=None, help="intensity window level (with --window)")
+    p.add_argument("--batch", type=int, default=4, help="slices per image-encoder batch (default 4)")
+    p.add_argument("--low-confidence", type=float, default=0.5, help="threshold for the low-confidence list")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_segment)
+
+
+# ----------------------------------------------------------------------------- evaluate
+def add_evaluate_parser(sub, models: argparse.ArgumentParser) -> None:
+    from .evaluate import cmd_evaluate
+
+    p = sub.add_parser(
+        "evaluate", parents=[models], help="Dice and HD95 on held-out cases (the paper's protocol)",
+        description="Build a support bank from training cases (or use --bank), segment held-out test "
+                    "cases, and report Dice and HD95 (mm) per label per case, mean and sd.",
+    )
+    p.add_argument("--train", type=Path, default=None,
+                   help="folder of training cases (ACDC, nnU-Net imagesTr/labelsTr, or images/ + labels/)")
+    p.add_argument("--test", type=Path, required=True, help="folder of test cases (same layouts)")
+    p.add_argument("--bank", type=Path, default=None,
+                   help="support bank to use (built from --train when it does not exist yet)")
+    p.add_argument("--labels", required=True, metavar="V:NAME,...", help="labels, e.g. '1:RV,2:Myo,3:LV'")
+    p.add_argument("--pool", type=int, default=None,
+                   help="cap the bank at N annotated slices drawn evenly from the training cases (paper: 50)")
+    p.add_argument("--k", type=int, default=8, help="supports per slice (default 8)")
+    p.add_argument("--axis", default="auto", help="slice axis: auto, i, j or k")
+    p.add_argument("--window", type=float, default=None)
+    p.add_argument("--level", type=float, default=None)
+    p.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N test cases")
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.csv, metrics.json, predictions")
+    p.add_argument("--save-predictions", action="store_true", help="write each prediction as NIfTI")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+
+# ----------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from .cli_bank import add_bank_parser
+    from .cli_weights import add_weights_parser
+
+    parser = argparse.ArgumentParser(
+        prog="rseg",
+        description="RetrievalSeg: few-shot segmentation of medical volumes from a support bank of "
+                    "annotated slices (DINOv2 retrieval + SAM 2 memory attention), no training.",
+        epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 weights unavailable/offline, 130 interrupted. "
+               "Environment: RSEG_WEIGHTS_DIR, RSEG_SAM2_CHECKPOINT, RSEG_DINOV2_PATH, RSEG_WEIGHTS_MIRROR, "
+               "RSEG_OFFLINE=1, HF_HUB_OFFLINE=1.",
+    )
+    parser.add_argument("--version", action="version", version=f"rseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    models = model_options()
+    add_weights_parser(sub)
+    add_bank_parser(sub, make_embedder, parents=[models])
+    add_segment_parser(sub, models)
+    add_evaluate_parser(sub, models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or usage error (2)
+        return int(e.code or 0)
+    try:
+        return int(args.func(args))
+    except WeightsUnavailable as e:
+        print(f"rseg: error: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except argparse.ArgumentTypeError as e:
+        print(f"rseg: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("rseg: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - any library error ends as a message, not a traceback
+        from .bank import BankError
+
+        if not isinstance(e, (BankError, ValueError, OSError, RuntimeError, LookupError)):
+            raise
+        print(f"rseg: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
