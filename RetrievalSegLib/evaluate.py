@@ -174,6 +174,7 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
                          "hd95_mm": float(m["hd95"]), "pred_voxels": int(m["pred_voxels"]),
                          "truth_voxels": int(m["truth_voxels"]), "seconds": round(seg.seconds, 3)})
         if save_predictions:
+            (out / "predictions").mkdir(exist_ok=True)
             write_volume(seg.labelmap, out / "predictions" / f"{c.case_id}.nii.gz")
     summary: dict[str, Any] = {}
     for v, name in names.items():

@@ -1,0 +1,106 @@
+"""`rseg` end to end on a synthetic study with --random-weights (tests only)."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from RetrievalSegLib.cli import main
+from RetrievalSegLib.segnrrd import read_seg_nrrd
+from RetrievalSegLib.synthetic import make_synthetic_study
+from RetrievalSegLib.volume import read_volume, write_volume
+
+FAST = ["--random-weights", "--image-size", "256", "--dinov2-input-size", "56", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    cases = make_synthetic_study(3, shape=(5, 40, 36), spacing=(1.3, 1.3, 6.0))
+    for c, split in zip(cases, ["train", "train", "test"]):
+        for sub in ("images", "labels"):
+            (root / split / sub).mkdir(parents=True, exist_ok=True)
+        write_volume(c.image, root / split / "images" / f"{c.case_id}.nii.gz")
+        write_volume(c.labels, root / split / "labels" / f"{c.case_id}.nii.gz")
+    return root, cases
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "RetrievalSegLib.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for cmd in ("weights", "bank", "segment", "evaluate", "Exit codes"):
+        assert cmd in out.stdout
+    seg_help = subprocess.run([sys.executable, "-m", "RetrievalSegLib.cli", "segment", "--help"],
+                              capture_output=True, text=True)
+    assert "--random-weights" in seg_help.stdout and "--case-policy" in seg_help.stdout
+
+
+def test_bank_create_add_segment_evaluate(study, tmp_path, capsys):
+    root, cases = study
+    bank = tmp_path / "bank"
+    assert main(["bank", "create", str(bank), "--labels", "1:RV,2:Myo,3:LV", *FAST]) == 0
+    for c in cases[:2]:
+        rc = main(["bank", "add", str(bank), str(root / "train/images" / f"{c.case_id}.nii.gz"),
+                   str(root / "train/labels" / f"{c.case_id}.nii.gz"), "--case", c.case_id, *FAST])
+        assert rc == 0
+    capsys.readouterr()
+    assert main(["bank", "list", str(bank), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert len(listed["entries"] if isinstance(listed, dict) else listed) > 0
+
+    test_img = root / "test/images" / f"{cases[2].case_id}.nii.gz"
+    out = tmp_path / "out" / "seg.nii.gz"
+    segnrrd = tmp_path / "out" / "seg.seg.nrrd"
+    rc = main(["segment", str(test_img), "--bank", str(bank), "--out", str(out), "--seg-nrrd", str(segnrrd),
+               "--k", "2", "--json", *FAST])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["slices_segmented"] == 5 and summary["random_weights"] is True
+    image = read_volume(test_img)
+    labelmap = read_volume(out)
+    assert labelmap.same_geometry(image, tol=1e-4)
+    seg_vol, segments = read_seg_nrrd(segnrrd)
+    assert [s.name for s in segments] == ["RV", "Myo", "LV"]
+    np.testing.assert_array_equal(seg_vol.array, labelmap.array)
+
+    rc = main(["evaluate", "--test", str(root / "test"), "--bank", str(bank), "--labels", "1:RV,2:Myo,3:LV",
+               "--k", "2", "--out", str(tmp_path / "eval"), "--json", *FAST])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["summary"]) == {"RV", "Myo", "LV"}
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
+    assert len(rows) == 3 and {r["name"] for r in rows} == {"RV", "Myo", "LV"}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+
+
+def test_evaluate_builds_a_capped_bank_from_training_cases(study, tmp_path, capsys):
+    root, _ = study
+    rc = main(["evaluate", "--train", str(root / "train"), "--test", str(root / "test"),
+               "--labels", "1:RV,2:Myo,3:LV", "--pool", "1", "--k", "1", "--out", str(tmp_path / "ev"),
+               "--no-progress", *FAST])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "Dice mean" in text and "RV" in text
+    result = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert result["bank_entries"] == 1  # 2 annotated training slices, capped at 1
+
+
+def test_segment_errors_have_exit_codes(study, tmp_path, capsys, monkeypatch):
+    root, cases = study
+    img = str(root / "test/images" / f"{cases[2].case_id}.nii.gz")
+    assert main(["segment", img, "--bank", str(tmp_path / "nobank"), "--out", str(tmp_path / "x.nii.gz"), *FAST]) == 1
+    assert "bank" in capsys.readouterr().err.lower()
+    assert main(["segment", img, "--bank", "b", "--out", str(tmp_path / "x.png"), *FAST]) == 2
+    assert main(["segment"]) == 2
+    # Real weights requested but absent: exit 3 with the download command.
+    bank = tmp_path / "bank"
+    assert main(["bank", "create", str(bank), "--labels", "1:RV", *FAST]) == 0
+    monkeypatch.setenv("RSEG_WEIGHTS_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    capsys.readouterr()
+    assert main(["segment", img, "--bank", str(bank), "--out", str(tmp_path / "x.nii.gz"), "--device", "cpu"]) == 3
+    assert "rseg weights download" in capsys.readouterr().err
