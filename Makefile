@@ -17,7 +17,6 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) requirements.txt pyproject.toml
-	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -m pip install -r requirements.txt
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install --no-deps --no-build-isolation sam2==$(SAM2_VERSION)
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
@@ -37,3 +36,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The main job: synthetic study -> 3-slice bank -> segmentation with the real weights.
+# Missing weights: it says how to get them and exits 3 (DEMO_ARGS=--yes downloads them).
+demo: $(STAMP)
+	$(PY) -m RetrievalSegLib.demo --out demo-out $(DEMO_ARGS)

@@ -177,7 +177,7 @@ def missing_sam2_message(size: str, path: Path) -> str:
     spec = sam2_spec(size)
     return (
         f"SAM 2.1 {size} checkpoint not found at {path}. Download it with "
-        f"`rseg weights download --sam2 {size}` (or from {spec.url}), or point "
+        f"`rseg weights download --sam2 {size} --dinov2 none` (or from {spec.url}), or point "
         f"{ENV_SAM2_CHECKPOINT} to the file, or {ENV_WEIGHTS_DIR} to a folder holding "
         f"{spec.filename}."
     )
@@ -262,7 +262,7 @@ def missing_dinov2_message(size: str, path: Path) -> str:
     return (
         f"DINOv2 {size} weights not found at {path} (expected {', '.join(DINOV2_FILES)}) nor in "
         f"the Hugging Face cache ({spec.repo_id}). Download them with "
-        f"`rseg weights download --dinov2 {size}`, or point {ENV_DINOV2_PATH} to a folder "
+        f"`rseg weights download --sam2 none --dinov2 {size}`, or point {ENV_DINOV2_PATH} to a folder "
         f"holding them, or {ENV_WEIGHTS_DIR} to a folder holding {spec.folder_name}/."
     )
 

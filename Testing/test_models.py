@@ -85,7 +85,7 @@ def test_missing_dinov2_never_falls_back_to_random(tmp_path, monkeypatch):
     monkeypatch.setenv("RSEG_WEIGHTS_DIR", str(tmp_path))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.delenv("RSEG_DINOV2_PATH", raising=False)
-    with pytest.raises(MissingWeightsError, match="rseg weights download --dinov2 small"):
+    with pytest.raises(MissingWeightsError, match="rseg weights download --sam2 none --dinov2 small"):
         models.load_dinov2("small", device="cpu")
 
 
