@@ -14,6 +14,8 @@ from RetrievalSegLib.segnrrd import read_seg_nrrd
 from RetrievalSegLib.synthetic import make_synthetic_study
 from RetrievalSegLib.volume import read_volume, write_volume
 
+from test_segnrrd import _labelmap_points, _ras_points, _slicer_read, slicer_scene  # noqa: F401 (fixture)
+
 FAST = ["--random-weights", "--image-size", "256", "--dinov2-input-size", "56", "--device", "cpu"]
 
 
@@ -39,7 +41,7 @@ def test_help_lists_every_command():
     assert "--random-weights" in seg_help.stdout and "--case-policy" in seg_help.stdout
 
 
-def test_bank_create_add_segment_evaluate(study, tmp_path, capsys):
+def test_bank_create_add_segment_evaluate(study, tmp_path, capsys, slicer_scene):
     root, cases = study
     bank = tmp_path / "bank"
     assert main(["bank", "create", str(bank), "--labels", "1:RV,2:Myo,3:LV", *FAST]) == 0
@@ -66,6 +68,19 @@ def test_bank_create_add_segment_evaluate(study, tmp_path, capsys):
     seg_vol, segments = read_seg_nrrd(segnrrd)
     assert [s.name for s in segments] == ["RV", "Myo", "LV"]
     np.testing.assert_array_equal(seg_vol.array, labelmap.array)
+    # Slicer's own reader (slicer-core) loads it with the right names, colours and voxels.
+    slicer, scene = slicer_scene
+    node = _slicer_read(slicer, scene, segnrrd)
+    segmentation = node.GetSegmentation()
+    assert segmentation.GetNumberOfSegments() == 3
+    for info in segments:
+        s = segmentation.GetSegment(info.id)
+        assert s.GetName() == info.name
+        np.testing.assert_allclose(s.GetColor(), info.color, atol=1e-6)
+        want = _ras_points(seg_vol, info.label_value)
+        if len(want):
+            got = _labelmap_points(s.GetRepresentation("Binary labelmap"), info.label_value)
+            np.testing.assert_allclose(got, want, atol=1e-6)
 
     rc = main(["evaluate", "--test", str(root / "test"), "--bank", str(bank), "--labels", "1:RV,2:Myo,3:LV",
                "--k", "2", "--out", str(tmp_path / "eval"), "--json", *FAST])
