@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 
+from .fileio import TMP_PREFIX, atomic_write_bytes
 from .volume import (
     AXIS_NAMES,
     Volume,
@@ -56,7 +57,6 @@ EMBEDDINGS_FILE = "embeddings.npy"
 INDEX_FILE = "index.faiss"
 MEMORIES_DIR = "memories"
 LOCK_FILE = ".lock"
-TMP_PREFIX = ".tmp-"
 ENV_LOCK_TIMEOUT = "RSEG_BANK_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 60.0
 ORIGINS = ("initial", "correction")
@@ -393,37 +393,6 @@ def _rows_sha256(rows: np.ndarray) -> str:
     return _sha256(np.ascontiguousarray(rows, dtype="<f4").tobytes())
 
 
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: temp file in the same folder, fsync, os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix="-" + path.name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -746,7 +715,7 @@ class SupportBank:
             revision=0,
             created=_now(),
         )
-        _atomic_write(p / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"))
+        atomic_write_bytes(p / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"))
         return cls(p, lock_timeout)
 
     @classmethod
@@ -974,12 +943,12 @@ class SupportBank:
 
     def _commit(self, state: _State) -> None:
         state.revision += 1
-        _atomic_write(self.path / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"))
+        atomic_write_bytes(self.path / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"))
         self.reload()
 
     def _write_embeddings(self, state: _State, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
-        _atomic_write(self.path / EMBEDDINGS_FILE, _npy_bytes(rows))
+        atomic_write_bytes(self.path / EMBEDDINGS_FILE, _npy_bytes(rows))
         state.embeddings_sha256 = _rows_sha256(rows)
         if rows.shape[1]:
             state.embedding_dim = int(rows.shape[1])
@@ -1196,7 +1165,7 @@ class SupportBank:
                 eid = self._new_id(p, taken)
                 taken.add(eid)
                 data = _npz_bytes(p, state.labels)
-                _atomic_write(self.path / ENTRIES_DIR / f"{eid}.npz", data)  # before any reference
+                atomic_write_bytes(self.path / ENTRIES_DIR / f"{eid}.npz", data)  # before any reference
                 present = tuple(v for v, m in sorted(p.masks.items()) if m.any())
                 new_entries.append(
                     BankEntry(

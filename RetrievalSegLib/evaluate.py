@@ -145,16 +145,18 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
     for n, c in enumerate(test):
         img, truth = read_volume(c.image), read_volume(c.labels)
         bar = None
-        update = None
+        update = None  # no progress callback unless asked
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=0, desc=f"[{n + 1}/{len(test)}] {c.case_id}", unit="slice", file=sys.stderr)
 
-            def update(done: int, total: int, bar=bar) -> None:
+            def _update(done: int, total: int, bar=bar) -> None:
                 bar.total = total
                 bar.n = done
                 bar.refresh()
+
+            update = _update
 
         try:
             seg = segment_volume(img, bank, engine, labels=list(names), k=k, axis=axis, window=window,

@@ -7,16 +7,14 @@ atomically; a file that fails to read is recomputed, never trusted.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from .engine import SupportMemory
+from .fileio import atomic_write_bytes
 
 FORMAT_VERSION = 1
 
@@ -50,7 +48,7 @@ class SupportMemoryCache:
                         f"{identity!r}; use another folder or delete this one (it is rebuildable)"
                     )
             else:
-                _atomic_write_bytes(marker, json.dumps({"identity": identity, "format": FORMAT_VERSION}).encode())
+                atomic_write_bytes(marker, json.dumps({"identity": identity, "format": FORMAT_VERSION}).encode())
 
     def __len__(self) -> int:
         return len(self._items)
@@ -98,20 +96,6 @@ class SupportMemoryCache:
             self._items.popitem(last=False)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save(path: Path, key: str, mem: SupportMemory) -> None:
     from safetensors.torch import save
 
@@ -125,7 +109,7 @@ def _save(path: Path, key: str, mem: SupportMemory) -> None:
         "present": json.dumps(list(mem.present)),
         "format": str(FORMAT_VERSION),
     }
-    _atomic_write_bytes(path, save(tensors, metadata=meta))
+    atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
 def _load(path: Path, key: str) -> SupportMemory | None:

@@ -7,7 +7,6 @@ when something is missing.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .fileio import file_sha256
 from .registry import (
     DINOV2_FILES,
     ENV_DINOV2_PATH,
@@ -62,15 +62,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if name not in ("cpu", "mps") and not name.startswith("cuda"):
         raise ValueError(f"device must be auto, cpu, cuda[:N] or mps, got {device!r}")
     return torch.device(name)
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- SAM 2

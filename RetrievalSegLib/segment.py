@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .engine import QueryResult
-from .preprocess import robust_window, to_uint8, validate_image
+from .preprocess import robust_window, to_uint8
 from .volume import AXIS_NAMES, Volume, num_slices, parse_axis, slice_view, through_plane_axis
 
 CASE_POLICIES = ("ignore", "exclude", "prefer")

@@ -18,7 +18,6 @@ nothing does when offline mode is on ($RSEG_OFFLINE=1 or `offline=True`).
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -35,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, Union
 
+from .fileio import file_sha256, fsync_dir
 from . import __version__
 from .registry import (
     DINOV2_FILES,
@@ -339,32 +339,6 @@ def _sha_from_headers(headers: Any) -> str | None:
         if _HEX64.match(value):
             return value.lower()
     return None
-
-
-def _file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _unlink(path: Path) -> None:
@@ -694,7 +668,7 @@ def _download_locked(
 
     expected = (item.sha256 or announced or "").lower() or None
     if expected:
-        actual = _file_sha256(part)
+        actual = file_sha256(part)
         if actual != expected:
             _unlink(part)
             source = "the registry" if item.sha256 else "the server's ETag"
@@ -714,7 +688,7 @@ def _download_locked(
             "run the download again, and if it fails the same way, check the mirror's copy."
         ) from e
     os.replace(part, item.destination)
-    _fsync_dir(item.destination.parent)
+    fsync_dir(item.destination.parent)
     return item.destination
 
 
@@ -841,7 +815,7 @@ def _verify_one(name: str, kind: str, model: str, path: Path, check_sha: bool) -
     message = "loads strictly"
     known = DINOV2_MODELS[model].safetensors_sha256 if kind == "dinov2" else None
     if check_sha and known:
-        actual = _file_sha256(path / "model.safetensors")
+        actual = file_sha256(path / "model.safetensors")
         if actual == known.lower():
             message += "; SHA-256 matches the published file"
         else:

@@ -41,3 +41,25 @@ def _guarded_connect(self: socket.socket, address):  # type: ignore[no-untyped-d
 @pytest.fixture(autouse=True)
 def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
+
+
+@pytest.fixture(scope="session")
+def slicer_scene():  # type: ignore[no-untyped-def]
+    """(slicer, scene): a headless slicer-core MRML scene with the segmentation converter rules."""
+    import slicer  # slicer-core is a test dependency: a missing install must fail, not skip
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    registered = {r.GetClassName() for r in factory.GetConverterRules()}
+    for rule in (
+        slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
+        slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
+        slicer.vtkFractionalLabelmapToClosedSurfaceConversionRule,
+        slicer.vtkClosedSurfaceToFractionalLabelmapConversionRule,
+    ):
+        if rule.__name__ not in registered:  # the factory keeps duplicates
+            factory.RegisterConverterRule(rule())
+    scene = slicer.vtkMRMLScene()
+    color_logic = slicer.vtkMRMLColorLogic()
+    color_logic.SetMRMLScene(scene)
+    yield slicer, scene
+    color_logic.SetMRMLScene(None)
+    scene.Clear(1)

@@ -169,27 +169,6 @@ def test_read_plain_labelmap_nrrd(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- with Slicer
 
 
-@pytest.fixture(scope="module")
-def slicer_scene():  # type: ignore[no-untyped-def]
-    slicer = pytest.importorskip("slicer")
-    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
-    registered = {r.GetClassName() for r in factory.GetConverterRules()}
-    for rule in (
-        slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule,
-        slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule,
-        slicer.vtkFractionalLabelmapToClosedSurfaceConversionRule,
-        slicer.vtkClosedSurfaceToFractionalLabelmapConversionRule,
-    ):
-        if rule.__name__ not in registered:  # the factory keeps duplicates
-            factory.RegisterConverterRule(rule())
-    scene = slicer.vtkMRMLScene()
-    color_logic = slicer.vtkMRMLColorLogic()
-    color_logic.SetMRMLScene(scene)
-    yield slicer, scene
-    color_logic.SetMRMLScene(None)
-    scene.Clear(1)
-
-
 def _slicer_read(slicer, scene, path: Path):  # type: ignore[no-untyped-def]
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
