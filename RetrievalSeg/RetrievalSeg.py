@@ -1,0 +1,959 @@
+import importlib.util
+import logging
+import os
+import time
+from typing import Annotated, Optional
+
+import ctk
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# The library is pure Python; its heavy imports (torch, sam2, transformers, faiss) happen only
+# when a model is loaded, so the module loads even before the dependencies are installed.
+# Installed extensions have RetrievalSegLib next to this file; in the source tree (module folder
+# added under Application Settings > Modules) it is one folder up, at the repository's top.
+try:
+    from RetrievalSegLib import mrml_bridge
+except ModuleNotFoundError as error:
+    if error.name != "RetrievalSegLib":
+        raise
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from RetrievalSegLib import mrml_bridge
+
+#: Python packages RetrievalSeg needs, by import name: (pip requirement, shipped by Slicer).
+#: torch comes from the PyTorch extension and sam2 is installed separately (see installDependencies).
+REQUIREMENTS = {
+    "transformers": "transformers>=4.47",
+    "faiss": "faiss-cpu>=1.8",
+    "safetensors": "safetensors>=0.4",
+    "hydra": "hydra-core>=1.3.2",
+    "iopath": "iopath>=0.1.10",
+    "tqdm": "tqdm>=4.66",
+    "PIL": "pillow>=9.4",
+}
+TORCH_REQUIREMENT = ">=2.5.1"  # what sam2 1.1.0 needs
+SAM2_REQUIREMENT = "sam2==1.1.0"
+#: Packages Slicer ships (or that another install must not replace): pinned while installing.
+PINNED_DISTRIBUTIONS = ("numpy", "SimpleITK", "torch", "torchvision")
+
+CITATION = (
+    "L. Zhao, X. Chen, E. Y. Chen, Y. Liu, W. Chen, L. Qu, "
+    "\"Retrieval-augmented Few-shot Medical Image Segmentation with Foundation Models\", "
+    "arXiv:2408.08813; IEEE Transactions on Neural Networks and Learning Systems, 2025."
+)
+
+
+#
+# RetrievalSeg
+#
+
+
+class RetrievalSeg(ScriptedLoadableModule):
+    """Few-shot segmentation: DINOv2 retrieves annotated slices, SAM 2 memory attention segments."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("RetrievalSeg")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["RetrievalSeg developers"]
+        self.parent.helpText = _("""
+Few-shot segmentation without training. Annotate a few slices once: they form a <b>support bank</b>.
+For every slice of a new volume, DINOv2 retrieves the most similar annotated slices from the bank and
+SAM 2 segments the slice from them (memory attention, no prompt). Correct what is wrong in the Segment
+Editor, add the corrected slices to the bank, and the next volume is better.
+<ol>
+<li>First use: <i>Install dependencies</i> and <i>Download weights</i> (Settings).</li>
+<li>Draw a few slices of one volume (all structures on each slice) in the Segment Editor, then
+<i>New bank from segmentation</i> and <i>Add annotated slices to bank</i>.</li>
+<li>Select another volume and press <i>Segment</i>.</li>
+<li>Correct slices (<i>Go to next low-confidence slice</i> helps), then <i>Add all edited slices</i>
+and <i>Re-segment remaining slices</i>.</li>
+</ol>
+""")
+        self.parent.acknowledgementText = _("""
+Method: {citation}<br>
+Models: SAM 2.1 (Meta AI, Apache-2.0 licence) and DINOv2 (Meta AI, Apache-2.0 licence); their weights
+are downloaded from their official locations only after you agree.
+""").format(citation=CITATION)
+
+
+#
+# RetrievalSegParameterNode
+#
+
+
+@parameterNodeWrapper
+class RetrievalSegParameterNode:
+    """GUI state saved with the scene (folders are per-user settings, not scene data)."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    caseId: str = ""
+    k: Annotated[int, WithinRange(1, 64)] = 8
+    axis: Annotated[str, Choice(["auto", "i", "j", "k"])] = "auto"
+    useSliceRange: bool = False
+    firstSlice: Annotated[int, WithinRange(0, 100000)] = 0
+    lastSlice: Annotated[int, WithinRange(0, 100000)] = 0
+    casePolicy: Annotated[str, Choice(["ignore", "prefer", "exclude"])] = "ignore"
+    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    sam2Size: Annotated[str, Choice(["tiny", "small", "base_plus", "large"])] = "tiny"
+    dinov2Size: Annotated[str, Choice(["small", "base", "large"])] = "small"
+    imageSize: Annotated[int, Choice([1024, 512])] = 1024
+    confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+
+
+#
+# RetrievalSegWidget
+#
+
+
+class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Panel: widgets and wiring only; the work is done by RetrievalSegLib.mrml_bridge."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._pollTimer = None
+        self._downloadJob = None
+        self._segmentAfterDownload = False
+        self._jobVolumeNode = None
+        self._thumbnailWidgets = []
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/RetrievalSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = RetrievalSegLogic()
+
+        self.ui.bankPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.ui.weightsPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.ui.progressBar.hide()
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(200)
+        self._pollTimer.connect("timeout()", self._onPollTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.openBankButton.connect("clicked(bool)", self.onOpenBank)
+        self.ui.newBankButton.connect("clicked(bool)", self.onNewBank)
+        self.ui.addAnnotatedSlicesButton.connect("clicked(bool)", self.onAddAnnotatedSlices)
+        self.ui.addCurrentSliceButton.connect("clicked(bool)", self.onAddCurrentSlice)
+        self.ui.addEditedSlicesButton.connect("clicked(bool)", self.onAddEditedSlices)
+        self.ui.resegmentButton.connect("clicked(bool)", self.onResegmentRemaining)
+        self.ui.undoButton.connect("clicked(bool)", self.onUndo)
+        self.ui.nextLowConfidenceButton.connect("clicked(bool)", self.onNextLowConfidenceSlice)
+        self.ui.whyThisMaskButton.connect("clicked(bool)", self.onWhyThisMask)
+        self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.weightsPathLineEdit.connect("currentPathChanged(QString)", self._updateWeightsStatus)
+
+        self.initializeParameterNode()
+        self._updateBankInfo()
+        self._updateDependenciesStatus()
+        self._updateWeightsStatus()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self._pollTimer:
+            self._pollTimer.stop()
+        if self.logic:
+            self.logic.core.cancel()
+        if self._downloadJob:
+            self._downloadJob.cancel()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self.logic:
+            self.logic.core.cancel()
+            self.logic.core.discard_result()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode: Optional[RetrievalSegParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._checkCanApply()
+
+    # ------------------------------------------------------------------ state of the buttons
+    def _jobRunning(self) -> bool:
+        core = self.logic.core if self.logic else None
+        segmenting = core is not None and core.job is not None and core.job.running
+        downloading = self._downloadJob is not None and self._downloadJob.running
+        return segmenting or downloading
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        core = self.logic.core if self.logic else None
+        running = self._jobRunning()
+        if running:
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.toolTip = _("Stop the running job; nothing is written.")
+            self.ui.applyButton.enabled = True
+        else:
+            self.ui.applyButton.text = _("Segment")
+            if not p or not p.inputVolume:
+                self.ui.applyButton.toolTip = _("Select an input volume.")
+                self.ui.applyButton.enabled = False
+            elif core is None or core.bank is None:
+                self.ui.applyButton.toolTip = _(
+                    "Open a support bank, or create one from an annotated segmentation "
+                    "(Support bank section)."
+                )
+                self.ui.applyButton.enabled = False
+            elif len(core.bank) < p.k:
+                self.ui.applyButton.toolTip = _(
+                    "The bank holds {count} slices but k = {k}: add annotated slices or lower k."
+                ).format(count=len(core.bank), k=p.k)
+                self.ui.applyButton.enabled = False
+            else:
+                self.ui.applyButton.toolTip = _(
+                    "Segment the input volume from the support bank ({count} slices)."
+                ).format(count=len(core.bank))
+                self.ui.applyButton.enabled = True
+
+        haveBank = core is not None and core.bank is not None
+        haveInputs = bool(p and p.inputVolume and p.outputSegmentation)
+        haveResult = bool(
+            haveInputs
+            and core.state is not None
+            and core.state.volume_node_id == p.inputVolume.GetID()
+            and core.state.segmentation_node_id == p.outputSegmentation.GetID()
+        )
+        for button, enabled in (
+            (self.ui.openBankButton, not running),
+            (self.ui.newBankButton, not running and bool(p and p.outputSegmentation)),
+            (self.ui.addAnnotatedSlicesButton, not running and haveBank and haveInputs),
+            (self.ui.addCurrentSliceButton, not running and haveBank and haveInputs),
+            (self.ui.addEditedSlicesButton, not running and haveBank and haveResult),
+            (self.ui.resegmentButton, not running and haveBank and haveResult),
+            (self.ui.undoButton, not running and core is not None and core.can_undo),
+            (self.ui.nextLowConfidenceButton, haveResult),
+            (self.ui.whyThisMaskButton, haveResult),
+            (self.ui.downloadWeightsButton, not running or self._downloadJob is not None),
+            (self.ui.installDependenciesButton, not running),
+        ):
+            button.enabled = enabled
+        self.ui.downloadWeightsButton.text = (
+            _("Cancel download") if self._downloadJob is not None and self._downloadJob.running
+            else _("Download weights")
+        )
+        if caller is not None:  # a parameter changed (e.g. a model size): weights may be missing now
+            self._updateWeightsStatus()
+
+    # ------------------------------------------------------------------ settings
+    def _weightsDir(self) -> Optional[str]:
+        path = self.ui.weightsPathLineEdit.currentPath.strip()
+        return path or None
+
+    def _engineSettings(self) -> "mrml_bridge.EngineSettings":
+        return self.logic.engineSettings(self._parameterNode, self._weightsDir())
+
+    def _caseId(self) -> str:
+        caseId = self._parameterNode.caseId.strip()
+        return caseId or mrml_bridge.case_id_for_volume(self._parameterNode.inputVolume)
+
+    def _sliceAxis(self) -> int:
+        """The slice axis of the current result, else the chosen one (auto = through-plane)."""
+        core = self.logic.core
+        volumeNode = self._parameterNode.inputVolume
+        if core.state is not None and volumeNode and core.state.volume_node_id == volumeNode.GetID():
+            return core.state.axis
+        from RetrievalSegLib.volume import parse_axis, through_plane_axis
+
+        axis = parse_axis(self._parameterNode.axis)
+        return through_plane_axis(volumeNode.GetSpacing()) if axis is None else axis
+
+    # ------------------------------------------------------------------ first use
+    def _updateDependenciesStatus(self) -> None:
+        missing = self.logic.missingPackages()
+        if missing:
+            self.ui.dependenciesStatusLabel.text = _("Missing: {names}").format(names=", ".join(missing))
+        else:
+            self.ui.dependenciesStatusLabel.text = _("All installed.")
+
+    def _updateWeightsStatus(self, *args) -> None:
+        if not self._parameterNode:
+            return
+        try:
+            missing = self._engineSettings().missing_downloads()
+        except Exception as e:  # e.g. a mistyped RSEG_WEIGHTS_MIRROR: say so here
+            self.ui.weightsStatusLabel.text = str(e)
+            return
+        if missing:
+            self.ui.weightsStatusLabel.text = _("{count} file(s), about {size:.0f} MB, to download.").format(
+                count=len(missing), size=sum(item.approx_mb for item in missing)
+            )
+        else:
+            self.ui.weightsStatusLabel.text = _("Present.")
+
+    def onInstallDependencies(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to install the Python packages."), waitCursor=True):
+            self.logic.installDependencies(askConfirmation=True)
+        self._updateDependenciesStatus()
+        self._updateWeightsStatus()
+
+    def _ensureDependencies(self) -> bool:
+        if not self.logic.missingPackages():
+            return True
+        if not self.logic.installDependencies(askConfirmation=True):
+            return False
+        self._updateDependenciesStatus()
+        return not self.logic.missingPackages()
+
+    def onDownloadWeights(self) -> None:
+        if self._downloadJob is not None and self._downloadJob.running:
+            self._downloadJob.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to download the weights."), waitCursor=False):
+            if not self._ensureDependencies():
+                return
+            missing = self._engineSettings().missing_downloads()
+            if not missing:
+                slicer.util.infoDisplay(_("The weights of the selected models are already present."))
+                return
+            self._startDownload(missing)
+
+    def _startDownload(self, items) -> bool:
+        """Ask, then download `items` in the background; True when the download started."""
+        totalMb = sum(item.approx_mb for item in items)
+        detail = "\n".join(f"{item.name}  ({item.approx_mb:.0f} MB)  {item.url}" for item in items)
+        from RetrievalSegLib.registry import weights_dir
+
+        folder = self._weightsDir() or str(weights_dir())
+        if not slicer.util.confirmOkCancelDisplay(
+            _(
+                "RetrievalSeg needs model weights that are not on this computer yet:\n"
+                "about {size:.0f} MB in {count} file(s), saved into\n{folder}\n\nDownload them now?"
+            ).format(size=totalMb, count=len(items), folder=folder),
+            windowTitle=_("Download model weights"),
+            detailedText=detail,
+        ):
+            return False
+        self._downloadJob = mrml_bridge.download_job(items).start()
+        self.ui.progressBar.show()
+        self.ui.progressBar.setRange(0, 0)
+        self.ui.statusLabel.text = _("Downloading weights...")
+        self._pollTimer.start()
+        self._checkCanApply()
+        return True
+
+    def _ensureWeights(self, settings, thenSegment: bool = False) -> bool:
+        """True when the weights are present; otherwise offer to download them (in the background)."""
+        missing = settings.missing_downloads()
+        if not missing:
+            return True
+        started = self._startDownload(missing)
+        self._segmentAfterDownload = started and thenSegment
+        if started and not thenSegment:
+            self.ui.statusLabel.text = _("Downloading weights; try again when the download has finished.")
+        return False
+
+    # ------------------------------------------------------------------ bank
+    def _updateBankInfo(self) -> None:
+        bank = self.logic.core.bank
+        if bank is None:
+            self.ui.bankInfoLabel.text = _("No support bank is open.")
+        else:
+            labels = ", ".join(lab.name for lab in bank.labels)
+            cases = len({e.case_id for e in bank.entries()})
+            self.ui.bankInfoLabel.text = _(
+                "{count} annotated slices from {cases} case(s). Labels: {labels}."
+            ).format(count=len(bank), cases=cases, labels=labels)
+        self._checkCanApply()
+
+    def onOpenBank(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to open the support bank."), waitCursor=True):
+            path = self.ui.bankPathLineEdit.currentPath.strip()
+            if not path:
+                raise ValueError(_("Choose the bank folder first."))
+            self.logic.core.open_bank(path)
+            self.ui.bankPathLineEdit.addCurrentPathToHistory()
+        self._updateBankInfo()
+
+    def onNewBank(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to create the support bank."), waitCursor=True):
+            path = self.ui.bankPathLineEdit.currentPath.strip()
+            segmentationNode = self._parameterNode.outputSegmentation
+            if not path:
+                raise ValueError(_("Choose an empty or new folder for the bank first."))
+            if not self._prepareEngine():
+                return
+            labels = mrml_bridge.labels_from_segmentation(segmentationNode)
+            if not slicer.util.confirmOkCancelDisplay(
+                _("Create a support bank in\n{path}\nwith the labels: {labels}?").format(
+                    path=path, labels=", ".join(lab.name for lab in labels)
+                )
+            ):
+                return
+            self.logic.core.create_bank(path, labels)
+            self.ui.bankPathLineEdit.addCurrentPathToHistory()
+        self._updateBankInfo()
+
+    def onAddAnnotatedSlices(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to add the annotated slices."), waitCursor=True):
+            p = self._parameterNode
+            if not self._prepareEngine():
+                return
+            entries = self.logic.core.add_annotated_slices_to_bank(
+                p.inputVolume, p.outputSegmentation, self._caseId(), axis=self._sliceAxis()
+            )
+            self.ui.statusLabel.text = _("Added {count} annotated slices to the bank.").format(count=len(entries))
+        self._updateBankInfo()
+
+    def _prepareEngine(self, thenSegment: bool = False) -> bool:
+        """Dependencies installed and weights present for the chosen settings (asks otherwise)."""
+        if not self._ensureDependencies():
+            return False
+        settings = self._engineSettings()
+        if not self._ensureWeights(settings, thenSegment):
+            return False
+        self.logic.core.settings = settings
+        return True
+
+    # ------------------------------------------------------------------ segmenting
+    def onApplyButton(self) -> None:
+        if self._jobRunning():
+            self.logic.core.cancel()
+            if self._downloadJob is not None:
+                self._downloadJob.cancel()
+            self._segmentAfterDownload = False
+            self.ui.statusLabel.text = _("Cancelling...")
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
+            if not self._prepareEngine(thenSegment=True):
+                return
+            p = self._parameterNode
+            core = self.logic.core
+            if (
+                p.outputSegmentation
+                and core.state is not None
+                and core.state.volume_node_id == p.inputVolume.GetID()
+                and core.state.segmentation_node_id == p.outputSegmentation.GetID()
+            ):
+                edited = core.edited_slices(p.inputVolume, p.outputSegmentation)
+                if edited and not slicer.util.confirmOkCancelDisplay(
+                    _("Segment replaces every slice, including the {count} slice(s) you edited. "
+                      "Continue? (Re-segment remaining slices keeps your edits.)").format(count=len(edited))
+                ):
+                    return
+            sliceRange = (p.firstSlice, p.lastSlice + 1) if p.useSliceRange else None
+            self.logic.core.start_segmentation(
+                p.inputVolume,
+                k=p.k,
+                axis=p.axis,
+                slice_range=sliceRange,
+                case_id=self._caseId(),
+                case_policy=p.casePolicy,
+            )
+            self._onJobStarted(_("Starting..."))
+
+    def onResegmentRemaining(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to re-segment the remaining slices."), waitCursor=True):
+            if not self._prepareEngine():
+                return
+            p = self._parameterNode
+            notInBank = self.logic.core.edits_not_in_bank(p.inputVolume, p.outputSegmentation)
+            if notInBank and slicer.util.confirmYesNoDisplay(
+                _("{count} edited slice(s) are not in the bank yet. Add them first, so that the "
+                  "re-segmentation can use them?").format(count=len(notInBank))
+            ):
+                self.logic.core.add_edited_slices_to_bank(p.inputVolume, p.outputSegmentation, self._caseId())
+                self._updateBankInfo()
+            self.logic.core.start_resegment_remaining(
+                p.inputVolume, p.outputSegmentation, k=p.k, case_id=self._caseId(), case_policy="prefer"
+            )
+            self._onJobStarted(_("Re-segmenting the slices you have not edited..."))
+
+    def _onJobStarted(self, message: str) -> None:
+        self._jobVolumeNode = self._parameterNode.inputVolume
+        self.ui.progressBar.show()
+        self.ui.progressBar.setRange(0, 0)  # busy until the first progress report
+        self.ui.statusLabel.text = message
+        self._pollTimer.start()
+        self._checkCanApply()
+
+    @staticmethod
+    def _humanReadableTime(seconds: float) -> str:
+        seconds = int(round(seconds))
+        if seconds < 60:
+            return _("{seconds} s").format(seconds=seconds)
+        return _("{minutes} min {seconds} s").format(minutes=seconds // 60, seconds=seconds % 60)
+
+    def _onPollTimer(self) -> None:
+        if self._downloadJob is not None:
+            for event in self._downloadJob.poll():
+                self._onDownloadEvent(event)
+        core = self.logic.core
+        if core.job is not None:
+            for event in core.poll():
+                self._onSegmentationEvent(event)
+        if not self._jobRunning() and not core.has_result:
+            self._pollTimer.stop()
+        self._checkCanApply()
+
+    def _showProgress(self, event, unit: str, scale: float = 1.0) -> None:
+        done, total = int(event.done / scale), int(event.total / scale)
+        if total > 0:
+            self.ui.progressBar.setRange(0, total)
+            self.ui.progressBar.value = done
+        text = f"{done} / {total} {unit}" if total else f"{done} {unit}"
+        if event.remaining_s is not None:
+            text += " " + _("(about {time} left)").format(time=self._humanReadableTime(event.remaining_s))
+        if event.message:
+            text = f"{event.message}: {text}"
+        self.ui.statusLabel.text = text
+
+    def _onDownloadEvent(self, event) -> None:
+        if event.kind == "status":
+            self.ui.statusLabel.text = event.message
+        elif event.kind == "progress":
+            self._showProgress(event, _("MB"), scale=1e6)
+        elif event.terminal:
+            self._downloadJob = None
+            self.ui.progressBar.hide()
+            self._updateWeightsStatus()
+            if event.kind == "finished":
+                self.ui.statusLabel.text = _("Weights downloaded.")
+                if self._segmentAfterDownload:
+                    self._segmentAfterDownload = False
+                    qt.QTimer.singleShot(0, self.onApplyButton)
+            elif event.kind == "cancelled":
+                self._segmentAfterDownload = False
+                self.ui.statusLabel.text = _("Download cancelled; it resumes where it stopped next time.")
+            else:
+                self._segmentAfterDownload = False
+                self.ui.statusLabel.text = _("Download failed.")
+                slicer.util.errorDisplay(_("Failed to download the weights."), detailedText=event.message)
+
+    def _onSegmentationEvent(self, event) -> None:
+        if event.kind == "status":
+            self.ui.statusLabel.text = event.message
+        elif event.kind == "progress":
+            self._showProgress(event, _("slices"))
+        elif event.kind == "finished":
+            self.ui.progressBar.hide()
+            self._writeResult(event)
+        elif event.kind == "cancelled":
+            self.ui.progressBar.hide()
+            self.ui.statusLabel.text = _("Cancelled; the segmentation was not changed.")
+        elif event.kind == "failed":
+            self.ui.progressBar.hide()
+            self.ui.statusLabel.text = _("Segmentation failed.")
+            logging.error(event.traceback)
+            slicer.util.errorDisplay(
+                _("Segmentation failed: {error}").format(error=event.message), detailedText=event.traceback
+            )
+
+    def _writeResult(self, event) -> None:
+        core = self.logic.core
+        volumeNode = self._jobVolumeNode
+        try:
+            self._writeResultUnchecked(event, core, volumeNode)
+        finally:
+            if core.has_result:  # writing failed: drop the result so that the panel is usable again
+                core.discard_result()
+
+    def _writeResultUnchecked(self, event, core, volumeNode) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to write the segmentation."), waitCursor=True):
+            if volumeNode is None or volumeNode.GetScene() is None:
+                core.discard_result()
+                raise RuntimeError(_("The input volume was removed while it was being segmented."))
+            segmentationNode = self._parameterNode.outputSegmentation
+            if segmentationNode is not None:
+                self._saveSegmentEditorUndoState(segmentationNode)
+            segmentationNode = core.apply_result(slicer.mrmlScene, volumeNode, segmentationNode)
+            self._parameterNode.outputSegmentation = segmentationNode
+            segmentationNode.CreateDefaultDisplayNodes()
+            slicer.util.setSliceViewerLayers(background=volumeNode)
+            low = core.low_confidence_slices(self._parameterNode.confidenceThreshold)
+            self.ui.statusLabel.text = _(
+                "Done in {time}. {low} slice(s) have low confidence."
+            ).format(time=self._humanReadableTime(event.elapsed_s), low=len(low))
+            self._updateReviewInfo()
+
+    @staticmethod
+    def _saveSegmentEditorUndoState(segmentationNode) -> None:
+        """Let Ctrl+Z in the Segment Editor undo our write when it edits this segmentation."""
+        try:
+            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+            if editor.segmentationNode() is segmentationNode:
+                editor.saveStateForUndo()
+        except Exception:  # the Segment Editor is optional here; our own Undo button always works
+            logging.debug("Segment Editor undo state not saved", exc_info=True)
+
+    def onUndo(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to undo the last result."), waitCursor=True):
+            node = self.logic.core.undo_last_result(slicer.mrmlScene)
+            if node is None:
+                self._parameterNode.outputSegmentation = None
+            self.ui.statusLabel.text = _("The last result was undone.")
+            self._updateReviewInfo()
+        self._checkCanApply()
+
+    # ------------------------------------------------------------------ review and correct
+    def _alignedSliceNode(self, volumeNode, axis: int):
+        """The slice view whose normal is closest to the volume's slice axis."""
+        ijkToRas = mrml_bridge.ijk_to_ras_matrix(volumeNode)
+        direction = ijkToRas[:3, axis] / (sum(x * x for x in ijkToRas[:3, axis]) ** 0.5)
+        best, bestCos = None, 0.0
+        layoutManager = slicer.app.layoutManager()
+        for name in layoutManager.sliceViewNames():
+            sliceNode = layoutManager.sliceWidget(name).mrmlSliceNode()
+            m = sliceNode.GetSliceToRAS()
+            normal = [m.GetElement(r, 2) for r in range(3)]
+            cos = abs(sum(a * b for a, b in zip(normal, direction)))
+            if cos > bestCos:
+                best, bestCos = sliceNode, cos
+        if best is None or bestCos < 0.99:
+            raise ValueError(
+                _("No slice view shows slices along this volume's axis {axis}; rotate a view to the "
+                  "volume (Reformat module or the view's 'Rotate to volume plane').").format(axis="ijk"[axis])
+            )
+        return best
+
+    def _currentSliceIndex(self) -> int:
+        volumeNode = self._parameterNode.inputVolume
+        axis = self._sliceAxis()
+        sliceNode = self._alignedSliceNode(volumeNode, axis)
+        m = sliceNode.GetSliceToRAS()
+        center = [m.GetElement(r, 3) for r in range(3)]
+        index = mrml_bridge.slice_index_from_ras(volumeNode, axis, center)
+        count = volumeNode.GetImageData().GetDimensions()[axis]
+        if not 0 <= index < count:
+            raise ValueError(_("The slice view is outside the volume."))
+        return index
+
+    def _updateReviewInfo(self) -> None:
+        core = self.logic.core
+        p = self._parameterNode
+        try:
+            edited = core.edited_slices(p.inputVolume, p.outputSegmentation)
+            notInBank = core.edits_not_in_bank(p.inputVolume, p.outputSegmentation)
+        except Exception:
+            self.ui.editedSlicesLabel.text = _(
+                "Correct the result in the Segment Editor, then add the corrected slices to the bank."
+            )
+            return
+        self.ui.editedSlicesLabel.text = _(
+            "Edited slices: {edited} ({notInBank} not in the bank yet)."
+        ).format(edited=", ".join(str(i) for i in edited) or _("none"), notInBank=len(notInBank))
+
+    def onAddCurrentSlice(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to add the slice to the bank."), waitCursor=True):
+            if not self._prepareEngine():
+                return
+            p = self._parameterNode
+            index = self._currentSliceIndex()
+            entry = self.logic.core.add_slice_to_bank(
+                p.inputVolume, p.outputSegmentation, self._sliceAxis(), index, self._caseId()
+            )
+            self.ui.statusLabel.text = _("Slice {index} added to the bank ({entry}).").format(index=index, entry=entry.id)
+        self._updateBankInfo()
+        self._updateReviewInfo()
+
+    def onAddEditedSlices(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to add the edited slices to the bank."), waitCursor=True):
+            if not self._prepareEngine():
+                return
+            p = self._parameterNode
+            entries = self.logic.core.add_edited_slices_to_bank(p.inputVolume, p.outputSegmentation, self._caseId())
+            self.ui.statusLabel.text = _("Added {count} edited slice(s) to the bank.").format(count=len(entries))
+        self._updateBankInfo()
+        self._updateReviewInfo()
+
+    def onNextLowConfidenceSlice(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to go to the next low-confidence slice."), waitCursor=True):
+            p = self._parameterNode
+            try:
+                current = self._currentSliceIndex()
+            except ValueError:
+                current = -1
+            index = self.logic.core.next_low_confidence_slice(current, p.confidenceThreshold)
+            if index is None:
+                self.ui.currentSliceLabel.text = _("No slice has confidence below {threshold:.2f}.").format(
+                    threshold=p.confidenceThreshold
+                )
+                return
+            x, y, z = mrml_bridge.slice_center_ras(p.inputVolume, self._sliceAxis(), index)
+            slicer.modules.markups.logic().JumpSlicesToLocation(x, y, z, True)
+            self._showSliceInfo(index)
+
+    def _showSliceInfo(self, index: int) -> None:
+        result = self.logic.core.slice_result(index)
+        if result is None:
+            self.ui.currentSliceLabel.text = _("Slice {index} was not segmented automatically.").format(index=index)
+            return
+        self.ui.currentSliceLabel.text = _("Slice {index}: confidence {confidence:.2f}").format(
+            index=index, confidence=result.confidence
+        )
+
+    def onWhyThisMask(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to show the retrieved supports."), waitCursor=True):
+            index = self._currentSliceIndex()
+            self._showSliceInfo(index)
+            self._showThumbnails(self.logic.core.thumbnails(index, size=96))
+
+    def _showThumbnails(self, thumbnails) -> None:
+        grid = self.ui.supportsFrame.layout()
+        for w in self._thumbnailWidgets:
+            grid.removeWidget(w)
+            w.deleteLater()
+        self._thumbnailWidgets = []
+        columns = 3
+        for n, thumb in enumerate(thumbnails):
+            label = qt.QLabel()
+            label.setPixmap(self._pixmapFromRgb(thumb.rgb))
+            label.toolTip = _("{entry}: {origin} slice of case {case}, similarity {score:.3f}").format(
+                entry=thumb.entry_id, origin=thumb.origin, case=thumb.case_id, score=thumb.score
+            )
+            caption = qt.QLabel(thumb.caption)
+            caption.wordWrap = True
+            box = qt.QWidget()
+            layout = qt.QVBoxLayout(box)
+            layout.setContentsMargins(0, 0, 0, 0)
+            layout.addWidget(label)
+            layout.addWidget(caption)
+            grid.addWidget(box, n // columns, n % columns)
+            self._thumbnailWidgets.append(box)
+
+    @staticmethod
+    def _pixmapFromRgb(rgb):
+        import numpy as np
+        from vtk.util.numpy_support import numpy_to_vtk
+
+        height, width = rgb.shape[:2]
+        image = vtk.vtkImageData()
+        image.SetDimensions(width, height, 1)
+        # VTK images start at the bottom row; Qt images at the top.
+        scalars = numpy_to_vtk(np.ascontiguousarray(np.flipud(rgb)).reshape(-1, 3), deep=True)
+        image.GetPointData().SetScalars(scalars)
+        qimage = qt.QImage()
+        slicer.qMRMLUtils().vtkImageDataToQImage(image, qimage)
+        return qt.QPixmap.fromImage(qimage)
+
+
+#
+# RetrievalSegLogic
+#
+
+
+class RetrievalSegLogic(ScriptedLoadableModuleLogic):
+    """Slicer-side logic: parameter node, dependencies; the work is in mrml_bridge.RetrievalSegLogic."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.core = mrml_bridge.RetrievalSegLogic()
+
+    def getParameterNode(self):
+        return RetrievalSegParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def engineSettings(parameterNode, weightsDir=None) -> "mrml_bridge.EngineSettings":
+        return mrml_bridge.EngineSettings(
+            sam2_size=parameterNode.sam2Size,
+            dinov2_size=parameterNode.dinov2Size,
+            device=parameterNode.device,
+            image_size=int(parameterNode.imageSize),
+            weights_dir=weightsDir,
+        )
+
+    # ------------------------------------------------------------------ dependencies
+    @staticmethod
+    def missingPackages() -> list:
+        """Import names of the packages that are not installed yet."""
+        names = ["torch", "sam2", *REQUIREMENTS]
+        return [name for name in names if importlib.util.find_spec(name) is None]
+
+    @staticmethod
+    def _constraintsFile() -> str:
+        """A pip constraints file pinning what Slicer ships, so that nothing replaces it."""
+        import importlib.metadata
+
+        lines = []
+        for dist in PINNED_DISTRIBUTIONS:
+            try:
+                lines.append(f"{dist}=={importlib.metadata.version(dist)}")
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        path = os.path.join(slicer.app.temporaryPath, "RetrievalSeg-constraints.txt")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return path
+
+    def installDependencies(self, askConfirmation: bool = True) -> bool:
+        """Install torch (PyTorch extension), SAM 2 and the other packages; False if declined."""
+        missing = self.missingPackages()
+        if not missing:
+            return True
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            _(
+                "RetrievalSeg needs these Python packages: {names}.\n\n"
+                "PyTorch is installed by the PyTorch extension; the others are downloaded from the "
+                "Python Package Index into Slicer's Python. Packages that Slicer already has "
+                "(numpy, SimpleITK, VTK) are not replaced. This can take several minutes. Continue?"
+            ).format(names=", ".join(missing)),
+            windowTitle=_("Install Python packages"),
+        ):
+            return False
+
+        if "torch" in missing:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError as e:
+                raise RuntimeError(
+                    _("RetrievalSeg needs the PyTorch extension: install it from the Extensions Manager "
+                      "and restart Slicer.")
+                ) from e
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
+                if torch is None:
+                    raise RuntimeError(_("PyTorch was not installed; RetrievalSeg cannot run without it."))
+
+        constraints = self._constraintsFile()
+        toInstall = [REQUIREMENTS[name] for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
+        if toInstall:
+            slicer.util.pip_install(toInstall + ["-c", constraints])
+        if importlib.util.find_spec("sam2") is None:
+            # sam2 on PyPI is a source upload: build it against Slicer's torch (no build isolation,
+            # which would download a second torch), without its CUDA extension, and without its
+            # dependency list (it would replace torch/numpy; the ones we use are installed above).
+            if importlib.util.find_spec("setuptools") is None:
+                slicer.util.pip_install(["setuptools", "wheel", "-c", constraints])
+            os.environ["SAM2_BUILD_CUDA"] = "0"
+            slicer.util.pip_install(["--no-deps", "--no-build-isolation", SAM2_REQUIREMENT])
+        importlib.invalidate_caches()
+        still = self.missingPackages()
+        if still:
+            raise RuntimeError(_("These packages could not be installed: {names}").format(names=", ".join(still)))
+        return True
+
+    # ------------------------------------------------------------------ scripting
+    def process(self, volumeNode, bankPath, segmentationNode=None, settings=None, **kwargs):
+        """Segment `volumeNode` from the bank at `bankPath` (blocking); return the segmentation."""
+        if settings is not None:
+            self.core.settings = settings
+        if self.core.bank is None or str(self.core.bank.path) != str(bankPath):
+            self.core.open_bank(bankPath)
+        startTime = time.time()
+        node = self.core.run(slicer.mrmlScene, volumeNode, segmentationNode, **kwargs)
+        logging.info(f"RetrievalSeg: segmented {volumeNode.GetName()} in {time.time() - startTime:.1f} s")
+        return node
+
+
+#
+# RetrievalSegTest
+#
+
+
+class RetrievalSegTest(ScriptedLoadableModuleTest):
+    """Self-test on synthetic data with random weights (the real architectures, meaningless output)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_RetrievalSeg_annotate_segment_correct()
+
+    def test_RetrievalSeg_annotate_segment_correct(self):
+        import tempfile
+        import warnings
+
+        import numpy as np
+
+        missing = RetrievalSegLogic.missingPackages()
+        if missing:
+            self.skipTest(f"Python packages missing (use Install dependencies): {', '.join(missing)}")
+
+        from RetrievalSegLib.synthetic import make_synthetic_study
+
+        self.delayDisplay("Making a synthetic cardiac study")
+        cases = make_synthetic_study(n_cases=2, shape=(8, 48, 48), spacing=(1.2, 1.0, 5.0), seed=3)
+        scene = slicer.mrmlScene
+        logic = RetrievalSegLogic()
+        core = logic.core
+        core.settings = mrml_bridge.EngineSettings(device="cpu", image_size=256, random_weights=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the random-weights warning is expected
+            core.engine_for()
+
+        self.delayDisplay("Annotating case 1 and making a bank from it")
+        annotatedVolume = mrml_bridge.volume_to_node(cases[0].image, scene, "case1")
+        from RetrievalSegLib.synthetic import LABELS
+
+        labels = [(value, name, color) for value, (name, color) in sorted(LABELS.items())]
+        annotation = mrml_bridge.labelmap_to_segmentation((cases[0].labels, labels), scene, annotatedVolume)
+        bankPath = os.path.join(tempfile.mkdtemp(), "bank")
+        core.create_bank_from_segmentation(bankPath, annotation)
+        entries = core.add_annotated_slices_to_bank(annotatedVolume, annotation, "case1")
+        self.assertGreater(len(entries), 2)
+
+        self.delayDisplay("Segmenting case 2")
+        volumeNode = mrml_bridge.volume_to_node(cases[1].image, scene, "case2")
+        segmentationNode = core.run(scene, volumeNode, k=2, case_id="case2")
+        segmentation = segmentationNode.GetSegmentation()
+        names = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
+        self.assertEqual(names, ["RV", "Myo", "LV"])
+        written = mrml_bridge.labelmap_from_segmentation(segmentationNode, volumeNode, core.bank.labels)
+        self.assertTrue(np.array_equal(written.array, core.state.labelmap.array))
+
+        self.delayDisplay("Correcting slice 4, adding it to the bank, re-segmenting the rest")
+        corrected = np.zeros_like(cases[1].labels.array)
+        corrected[4] = cases[1].labels.array[4]
+        mrml_bridge.labelmap_to_segmentation(
+            (cases[1].labels.with_array(corrected), labels), scene, volumeNode, segmentationNode, axis=2, slices=[4]
+        )
+        self.assertEqual(core.edited_slices(volumeNode, segmentationNode), [4])
+        (entry,) = core.add_edited_slices_to_bank(volumeNode, segmentationNode, "case2")
+        core.resegment_remaining(scene, volumeNode, segmentationNode, k=2, case_id="case2")
+        self.assertEqual(core.state.slices[3].retrieved[0][0], entry.id)
+        final = mrml_bridge.labelmap_from_segmentation(segmentationNode, volumeNode, core.bank.labels)
+        self.assertTrue(np.array_equal(final.array[4], cases[1].labels.array[4]))
+        self.delayDisplay("Test passed")

@@ -1,0 +1,598 @@
+"""The MRML bridge with real Slicer MRML classes (slicer-core, headless, no Qt).
+
+What is checked, as a user of the Slicer module would see it:
+* a volume node's voxels and geometry (oblique directions, anisotropic spacing) become a Volume
+  and back without a single bit changing, and the node's IJKToRAS is the ITK geometry in RAS;
+* a segmentation run (real SAM 2 / DINOv2 architectures, random weights) becomes segments named
+  and coloured from the bank, with exactly the engine's voxels and the volume's reference geometry;
+* updating a segmentation rewrites only the segmented slices, in place, without duplicates;
+* a slice the user corrected is detected as edited, goes into the bank as a correction and is
+  then retrieved first for that slice of the same case; "re-segment remaining" leaves it alone;
+* the segmentation saves to .seg.nrrd with Slicer's storage node and reads back equal;
+* background runs report progress with a time estimate and can be cancelled without writing;
+* the Slicer module's panel (RetrievalSeg.py, with Qt and the application mocked, MRML real)
+  drives the whole loop: segment, list and add edited slices, re-segment, review, undo.
+Setup notes (converter rules, colour logic) are those of test_segnrrd.py.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from RetrievalSegLib import mrml_bridge as mb
+from RetrievalSegLib.segnrrd import image_to_ras_matrix, read_seg_nrrd
+from RetrievalSegLib.synthetic import LABELS, make_synthetic_study, rotation_matrix
+from RetrievalSegLib.volume import Volume, slice_view
+
+import slicer  # noqa: E402  (slicer-core: a missing install must fail, not skip)
+
+SHAPE = (8, 48, 48)  # (k, j, i)
+SPACING = (1.2, 1.0, 5.0)  # anisotropic, k through-plane
+K = 2
+
+
+# ------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def scene(slicer_scene):  # type: ignore[no-untyped-def]
+    return slicer_scene[1]  # conftest: headless scene with the converter rules registered
+
+
+@pytest.fixture(scope="module")
+def cases():  # type: ignore[no-untyped-def]
+    return make_synthetic_study(n_cases=2, shape=SHAPE, spacing=SPACING, seed=3)
+
+
+@pytest.fixture(scope="module")
+def engine():  # type: ignore[no-untyped-def]
+    from RetrievalSegLib.pipeline import RetrievalEngine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the RANDOM weights warning is expected here
+        return RetrievalEngine.load("tiny", "small", random_weights=True, image_size=256, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def bank_labels():  # type: ignore[no-untyped-def]
+    from RetrievalSegLib.bank import LabelInfo
+
+    return [LabelInfo(v, name, rgb) for v, (name, rgb) in sorted(LABELS.items())]
+
+
+@pytest.fixture()
+def bank(tmp_path: Path, cases, engine, bank_labels):  # type: ignore[no-untyped-def]
+    from RetrievalSegLib.bank import SupportBank
+
+    b = SupportBank.create(tmp_path / "bank", bank_labels, engine.embedder.identity)
+    b.add_volume(cases[0].image, cases[0].labels, cases[0].case_id, engine.embedder)
+    return b
+
+
+def _ijk_to_ras(node) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return mb.ijk_to_ras_matrix(node)
+
+
+# ------------------------------------------------------------------------------- volumes
+@pytest.mark.parametrize("dtype", [np.int16, np.float32, np.uint8])
+def test_volume_round_trip_is_exact(scene, dtype) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(1)
+    vol = Volume(
+        (rng.normal(0, 500, (5, 7, 9))).astype(dtype),
+        spacing=(0.7, 0.93, 3.3),
+        origin=(12.5, -7.25, 30.125),
+        direction=rotation_matrix(20.0, -35.0, 30.0),
+    )
+    node = mb.volume_to_node(vol, scene, "oblique")
+    assert node.IsA("vtkMRMLScalarVolumeNode") and node.GetDisplayNode() is not None
+    # Slicer sees the ITK geometry, in RAS.
+    np.testing.assert_array_equal(_ijk_to_ras(node), image_to_ras_matrix(vol))
+    back = mb.volume_from_node(node)
+    assert back.array.dtype == vol.array.dtype and np.array_equal(back.array, vol.array)
+    assert back.spacing == vol.spacing and back.origin == vol.origin and back.direction == vol.direction
+    back.array[0, 0, 0] += 1  # a copy: editing it does not touch the node
+    assert np.array_equal(mb.volume_from_node(node).array, vol.array)
+
+
+def test_volume_from_a_node_made_the_slicer_way(scene) -> None:  # type: ignore[no-untyped-def]
+    """A node whose IJKToRAS matrix was set directly (as readers do) gives ITK geometry."""
+    import vtk
+
+    rot = np.asarray(rotation_matrix(10.0, 25.0, -40.0)).reshape(3, 3)
+    ijk_to_ras = np.eye(4)
+    ijk_to_ras[:3, :3] = rot * np.array([0.8, 0.6, 2.5])
+    ijk_to_ras[:3, 3] = (-100.0, 40.5, 7.0)
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, ijk_to_ras[r, c])
+    image = vtk.vtkImageData()
+    image.SetDimensions(4, 3, 2)
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "direct")
+    node.SetAndObserveImageData(image)
+    node.SetIJKToRASMatrix(m)
+    vol = mb.volume_from_node(node)
+    assert vol.array.shape == (2, 3, 4)
+    np.testing.assert_allclose(vol.spacing, (0.8, 0.6, 2.5), rtol=1e-14)
+    np.testing.assert_allclose(image_to_ras_matrix(vol), ijk_to_ras, atol=1e-12)
+    np.testing.assert_allclose(mb.volume_ijk_to_ras(vol), ijk_to_ras, atol=1e-12)
+
+
+def test_slice_navigation(scene, cases) -> None:  # type: ignore[no-untyped-def]
+    node = mb.volume_to_node(cases[1].image, scene, "nav")
+    for axis in (0, 1, 2):
+        for index in (0, 3):
+            ras = mb.slice_center_ras(node, axis, index)
+            assert mb.slice_index_from_ras(node, axis, ras) == index
+    with pytest.raises(ValueError, match="explicit slice axis"):
+        mb.slice_center_ras(node, "auto", 0)
+
+
+# ------------------------------------------------------------------------------- segments
+def test_labelmap_to_segmentation_writes_exact_segments_and_updates_in_place(
+    scene, cases, bank_labels
+) -> None:  # type: ignore[no-untyped-def]
+    import vtk
+
+    case = cases[0]
+    volume_node = mb.volume_to_node(case.image, scene, "truth")
+    node = mb.labelmap_to_segmentation((case.labels, bank_labels), scene, volume_node)
+    assert node.GetName() == "truth RetrievalSeg"
+    seg = node.GetSegmentation()
+    assert [seg.GetNthSegment(n).GetName() for n in range(seg.GetNumberOfSegments())] == ["RV", "Myo", "LV"]
+    for lab in bank_labels:
+        s = seg.GetSegment(seg.GetSegmentIdBySegmentName(lab.name))
+        np.testing.assert_allclose(s.GetColor(), lab.color, atol=1e-12)
+        tag = vtk.reference("")
+        assert s.GetTag(mb.LABEL_VALUE_TAG, tag) and str(tag) == str(lab.value)
+    assert seg.GetNumberOfLayers() == 1  # one shared labelmap, like the Segment Editor makes
+    got = mb.labelmap_from_segmentation(node, volume_node, bank_labels)
+    assert np.array_equal(got.array, case.labels.array) and got.same_geometry(case.image, tol=1e-12)
+
+    # The reference geometry is exactly the volume's grid.
+    matrix, extent = vtk.vtkMatrix4x4(), [0] * 6
+    geometry = seg.GetConversionParameter("Reference image geometry")
+    assert slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, matrix, extent)
+    assert extent == [0, SHAPE[2] - 1, 0, SHAPE[1] - 1, 0, SHAPE[0] - 1]
+    got_m = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    np.testing.assert_allclose(got_m, image_to_ras_matrix(case.image), atol=1e-12)
+
+    # A user recolours LV and adds a segment of their own; then slices 2 and 3 are rewritten.
+    lv_id = seg.GetSegmentIdBySegmentName("LV")
+    seg.GetSegment(lv_id).SetColor(0.0, 1.0, 0.0)
+    own = seg.AddEmptySegment("", "Notes", [1.0, 1.0, 0.0])
+    notes = np.zeros(SHAPE, dtype=bool)
+    notes[:, 0:3, 0:3] = True
+    mb._write_mask(node, own, volume_node, notes)
+    update = np.zeros(SHAPE, dtype=np.uint8)
+    update[:, 10:20, 10:20] = 3  # LV everywhere in the update, but only slices 2, 3 are owned
+    mb.labelmap_to_segmentation((case.labels.with_array(update), bank_labels), scene, volume_node, node, axis=2, slices=[2, 3])
+    assert seg.GetNumberOfSegments() == 4  # nothing duplicated
+    assert seg.GetSegmentIdBySegmentName("LV") == lv_id
+    np.testing.assert_allclose(seg.GetSegment(lv_id).GetColor(), (0.0, 1.0, 0.0))
+    expected = case.labels.array.copy()
+    expected[2:4] = update[2:4]
+    got = mb.labelmap_from_segmentation(node, volume_node, bank_labels)
+    assert np.array_equal(got.array, expected)
+    assert np.array_equal(mb._read_masks(node, volume_node, {9: own})[9], notes)  # untouched
+
+    # One slice read back, along each axis, in slice_view order.
+    for axis, index in ((2, 3), (1, 20), (0, 24)):
+        masks = mb.segment_slice_masks(node, volume_node, axis, index, bank_labels)
+        for lab in bank_labels:
+            assert np.array_equal(masks[lab.value], slice_view(expected, axis, index) == lab.value)
+
+
+def test_segmentation_errors(scene, cases, bank_labels) -> None:  # type: ignore[no-untyped-def]
+    case = cases[0]
+    volume_node = mb.volume_to_node(case.image, scene, "errors")
+    shifted = Volume(case.labels.array, case.labels.spacing, (0.0, 0.0, 0.0), case.labels.direction)
+    with pytest.raises(ValueError, match="not on the grid of volume 'errors'"):
+        mb.labelmap_to_segmentation((shifted, bank_labels), scene, volume_node)
+    other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "other names")
+    other.GetSegmentation().AddEmptySegment("", "Liver", [1.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="no segment named like the bank's labels"):
+        mb.segment_slice_masks(other, volume_node, 2, 0, bank_labels)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    other.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(ValueError, match="different parent transforms"):
+        mb.segment_masks(other, volume_node, bank_labels)
+
+
+def test_new_segmentation_goes_into_the_volume_study(scene, cases, bank_labels) -> None:  # type: ignore[no-untyped-def]
+    case = cases[0]
+    volume_node = mb.volume_to_node(case.image, scene, "in study")
+    sh = scene.GetSubjectHierarchyNode()
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient 1")
+    study = sh.CreateStudyItem(patient, "Study 1")
+    sh.CreateItem(study, volume_node)
+    sh.SetItemUID(study, "DICOM", "1.2.3.4")
+    node = mb.labelmap_to_segmentation((case.labels, bank_labels), scene, volume_node)
+    assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
+    assert mb.case_id_for_volume(volume_node) == "1.2.3.4"
+
+
+# ------------------------------------------------------------------------------- the loop
+def test_segment_correct_add_resegment(scene, cases, engine, bank, bank_labels) -> None:  # type: ignore[no-untyped-def]
+    from RetrievalSegLib.segment import segment_volume
+
+    query = cases[1]
+    volume_node = mb.volume_to_node(query.image, scene, "query")
+    logic = mb.RetrievalSegLogic(engine=engine, bank=bank)
+    node = logic.run(scene, volume_node, k=K, case_id=query.case_id)
+
+    # Segments from the bank labels, exactly the engine's voxels, on the volume's grid.
+    seg = node.GetSegmentation()
+    assert [seg.GetNthSegment(n).GetName() for n in range(seg.GetNumberOfSegments())] == ["RV", "Myo", "LV"]
+    for lab in bank_labels:
+        np.testing.assert_allclose(seg.GetSegment(seg.GetSegmentIdBySegmentName(lab.name)).GetColor(), lab.color)
+    state = logic.state
+    assert state is not None and state.axis == 2 and sorted(state.slices) == list(range(SHAPE[0]))
+    got = mb.labelmap_from_segmentation(node, volume_node, bank_labels)
+    assert np.array_equal(got.array, state.labelmap.array) and got.array.any()
+    direct = segment_volume(query.image, bank, engine, k=K, slice_range=(4, 8))  # same encoder batch
+    assert np.array_equal(direct.labelmap.array[4:8], got.array[4:8])
+    assert logic.edited_slices(volume_node, node) == []
+
+    # The user corrects slice 4 (draws the true masks) in the Segment Editor.
+    fixed = 4
+    update = np.zeros(SHAPE, dtype=np.uint8)
+    update[fixed] = query.labels.array[fixed]
+    mb.labelmap_to_segmentation((query.labels.with_array(update), bank_labels), scene, volume_node, node, axis=2, slices=[fixed])
+    assert logic.edited_slices(volume_node, node) == [fixed]
+    assert logic.edits_not_in_bank(volume_node, node) == [fixed]
+    assert logic.remaining_slices(volume_node, node) == [i for i in range(SHAPE[0]) if i != fixed]
+
+    before = len(bank)
+    (entry,) = logic.add_edited_slices_to_bank(volume_node, node)
+    assert len(bank) == before + 1 and entry.origin == "correction"
+    assert (entry.case_id, entry.axis, entry.index) == (query.case_id, 2, fixed)
+    data = bank.load_entry(entry.id)
+    for lab in bank_labels:
+        assert np.array_equal(data.masks[lab.value], query.labels.array[fixed] == lab.value)
+    assert np.array_equal(data.intensities, query.image.array[fixed])
+    assert logic.edits_not_in_bank(volume_node, node) == []  # already in the bank
+    assert logic.edited_slices(volume_node, node) == [fixed]  # still protected from re-segmenting
+
+    # That slice of that case now retrieves the correction first.
+    again = segment_volume(query.image, bank, engine, k=K, slice_range=(fixed, fixed + 1), case_id=query.case_id, case_policy="prefer")
+    top_id, top_score = again.slices[fixed].retrieved[0]
+    assert top_id == entry.id and top_score == pytest.approx(1.0, abs=1e-4)
+
+    # Re-segment remaining: every other slice is redone with the correction preferred, slice 4 is kept.
+    before_resegment = mb.labelmap_from_segmentation(node, volume_node, bank_labels).array
+    logic.resegment_remaining(scene, volume_node, node, k=K, case_id=query.case_id)
+    got = mb.labelmap_from_segmentation(node, volume_node, bank_labels)
+    assert np.array_equal(got.array[fixed], query.labels.array[fixed])
+    for i in range(SHAPE[0]):
+        if i != fixed:
+            assert logic.state.slices[i].retrieved[0][0] == entry.id
+            assert np.array_equal(got.array[i], logic.state.labelmap.array[i])
+    assert logic.edited_slices(volume_node, node) == [fixed]
+    assert seg.GetNumberOfSegments() == 3
+    assert not np.array_equal(got.array, before_resegment)  # random weights, new supports
+
+    # Why this mask: thumbnails of the supports with their scores, and the review order.
+    thumbs = logic.thumbnails(2, size=64)
+    assert [t.entry_id for t in thumbs] == [e for e, _ in logic.state.slices[2].retrieved]
+    for t in thumbs:
+        assert t.rgb.dtype == np.uint8 and t.rgb.ndim == 3 and max(t.rgb.shape[:2]) == 64
+    conf = logic.state.confidence
+    assert np.isfinite(conf).all() and ((conf >= 0) & (conf <= 1)).all()
+    low = logic.low_confidence_slices(threshold=2.0)
+    assert low == list(range(SHAPE[0]))
+    assert logic.next_low_confidence_slice(SHAPE[0] - 1, threshold=2.0) == 0
+    assert logic.next_low_confidence_slice(0, threshold=-1.0) is None
+
+    # Undo puts the segments (and the review state) back as they were before re-segmenting.
+    assert logic.can_undo
+    assert logic.undo_last_result(scene) is node and not logic.can_undo
+    assert np.array_equal(mb.labelmap_from_segmentation(node, volume_node, bank_labels).array, before_resegment)
+    assert all(logic.state.slices[i].retrieved[0][0] != entry.id for i in logic.state.slices)
+    assert logic.edited_slices(volume_node, node) == [fixed]
+
+
+def test_add_single_slice_and_first_annotations(scene, cases, engine, bank, bank_labels) -> None:  # type: ignore[no-untyped-def]
+    query = cases[1]
+    volume_node = mb.volume_to_node(query.image, scene, "annotated")
+    drawn = np.zeros(SHAPE, dtype=np.uint8)
+    drawn[2] = query.labels.array[2]
+    drawn[5] = query.labels.array[5]
+    node = mb.labelmap_to_segmentation((query.labels.with_array(drawn), bank_labels), scene, volume_node)
+    logic = mb.RetrievalSegLogic(engine=engine, bank=bank)
+    entries = logic.add_annotated_slices_to_bank(volume_node, node, case_id="annotated-case")
+    assert [(e.index, e.origin) for e in entries] == [(2, "initial"), (5, "initial")]
+    # Adding slice 5 again as a correction retires the older entry of that slice.
+    entry = logic.add_slice_to_bank(volume_node, node, "k", 5, case_id="annotated-case")
+    active = {(e.case_id, e.index): e.id for e in bank.entries() if e.case_id == "annotated-case"}
+    assert active == {("annotated-case", 2): entries[0].id, ("annotated-case", 5): entry.id}
+
+
+def test_seg_nrrd_round_trip_with_slicer_storage(tmp_path: Path, scene, cases, bank_labels) -> None:  # type: ignore[no-untyped-def]
+    case = cases[1]
+    volume_node = mb.volume_to_node(case.image, scene, "saved")
+    node = mb.labelmap_to_segmentation((case.labels, bank_labels), scene, volume_node)
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(tmp_path / "result.seg.nrrd"))
+    assert storage.WriteData(node) == 1
+
+    loaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded")
+    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(str(tmp_path / "result.seg.nrrd"))
+    assert reader.ReadData(loaded) == 1
+    seg = loaded.GetSegmentation()
+    assert [seg.GetNthSegment(n).GetName() for n in range(seg.GetNumberOfSegments())] == ["RV", "Myo", "LV"]
+    for lab in bank_labels:
+        np.testing.assert_allclose(seg.GetSegment(seg.GetSegmentIdBySegmentName(lab.name)).GetColor(), lab.color, atol=1e-6)
+    back = mb.labelmap_from_segmentation(loaded, volume_node, bank_labels)
+    assert np.array_equal(back.array, case.labels.array)
+    # The library's own reader sees the same voxels (Slicer may crop the file to the segments).
+    from RetrievalSegLib.volume import resample_like
+
+    file_map, segments = read_seg_nrrd(tmp_path / "result.seg.nrrd")
+    names = {s.label_value: s.name for s in segments}
+    on_grid = resample_like(file_map, case.image)
+    relabelled = np.zeros_like(case.labels.array)
+    for value, name in names.items():
+        relabelled[on_grid.array == value] = next(lab.value for lab in bank_labels if lab.name == name)
+    assert np.array_equal(relabelled, case.labels.array)
+
+
+# ------------------------------------------------------------------------------- background
+def test_background_job_events() -> None:
+    gate = threading.Event()
+
+    def work(ctx: mb.JobContext) -> str:
+        ctx.status("warming up")
+        for i in range(4):
+            ctx.progress(i, 4)
+            time.sleep(0.01)
+        ctx.progress(4, 4)
+        return "done"
+
+    job = mb.BackgroundJob("demo", work).start()
+    events = job.wait(10)
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "status" and kinds[-1] == "finished" and job.result == "done"
+    progress = [e for e in events if e.kind == "progress"]
+    assert [(e.done, e.total) for e in progress] == [(i, 4) for i in range(5)]
+    assert progress[0].remaining_s is None and progress[2].remaining_s is not None
+    assert progress[-1].remaining_s == 0.0
+
+    def slow(ctx: mb.JobContext) -> None:
+        gate.wait(5)
+        while not ctx.cancelled():
+            time.sleep(0.005)
+        raise mb.JobCancelled()
+
+    job = mb.BackgroundJob("slow", slow).start()
+    assert job.running and job.poll() == []
+    job.cancel()
+    gate.set()
+    assert job.wait(10)[-1].kind == "cancelled" and job.outcome == "cancelled"
+
+    def broken(ctx: mb.JobContext) -> None:
+        raise KeyError("boom")
+
+    job = mb.BackgroundJob("broken", broken).start()
+    last = job.wait(10)[-1]
+    assert last.kind == "failed" and isinstance(last.error, KeyError) and "boom" in last.traceback
+
+
+@pytest.mark.filterwarnings("ignore:RetrievalSeg is running with RANDOM weights")
+def test_cancelled_segmentation_writes_nothing(scene, cases, engine, bank) -> None:  # type: ignore[no-untyped-def]
+    query = cases[1]
+    volume_node = mb.volume_to_node(query.image, scene, "cancelled")
+    # No engine given: the worker thread loads it from the settings (as in Slicer).
+    settings = mb.EngineSettings(device="cpu", image_size=256, random_weights=True)
+    logic = mb.RetrievalSegLogic(bank=bank, settings=settings)
+    slices_seen, statuses = [], []
+
+    job = logic.start_segmentation(volume_node, k=K)
+    assert logic.busy
+    with pytest.raises(RuntimeError, match="still running"):
+        logic.start_segmentation(volume_node, k=K)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        events = logic.poll()
+        slices_seen += [e.done for e in events if e.kind == "progress"]
+        statuses += [e.message for e in events if e.kind == "status"]
+        if any(e.done >= 1 for e in events if e.kind == "progress"):
+            logic.cancel()
+        if any(e.terminal for e in events):
+            break
+        time.sleep(0.02)
+    assert job.outcome == "cancelled" and not logic.has_result and not logic.busy
+    assert statuses[0].startswith("Loading SAM 2.1 tiny and DINOv2 small")
+    assert logic.engine.embedder.identity == engine.embedder.identity
+    assert 1 <= max(slices_seen) < SHAPE[0]
+    assert scene.GetFirstNodeByName("cancelled RetrievalSeg") is None
+    with pytest.raises(RuntimeError, match="no finished segmentation"):
+        logic.apply_result(scene, volume_node)
+
+
+# ------------------------------------------------------------------------------- the panel
+def _fake_slicer_gui(monkeypatch: pytest.MonkeyPatch, scene, ui_names: list[str]):  # type: ignore[no-untyped-def]
+    """Stand-ins for what the slicer-core wheel lacks (Qt, the application, module base classes)."""
+    import sys
+    import types
+    from contextlib import contextmanager
+    from unittest.mock import MagicMock
+
+    monkeypatch.setitem(sys.modules, "qt", MagicMock(name="qt"))
+    monkeypatch.setitem(sys.modules, "ctk", MagicMock(name="ctk"))
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text  # type: ignore[attr-defined]
+    i18n.translate = lambda context, text: text  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "slicer.i18n", i18n)
+
+    base = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):  # type: ignore[no-untyped-def]
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):  # type: ignore[no-untyped-def]
+            self.parent = parent or MagicMock()
+
+        def setup(self) -> None:
+            self.layout = MagicMock()
+
+        def resourcePath(self, path: str) -> str:
+            return str(Path(__file__).resolve().parents[1] / "RetrievalSeg" / "Resources" / path)
+
+    class ScriptedLoadableModuleLogic:
+        def getParameterNode(self):  # type: ignore[no-untyped-def]
+            return None
+
+    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic):
+        setattr(base, cls.__name__, cls)
+    base.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (), {})  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", base)
+
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+
+    def parameterNodeWrapper(cls):  # type: ignore[no-untyped-def]
+        defaults = {k: getattr(cls, k, None) for k in cls.__annotations__}
+
+        class Wrapped:
+            def __init__(self, node):  # type: ignore[no-untyped-def]
+                self.__dict__.update(defaults)
+
+            def connectGui(self, ui):  # type: ignore[no-untyped-def]
+                return "tag"
+
+            def disconnectGui(self, tag) -> None:  # type: ignore[no-untyped-def]
+                pass
+
+            def AddObserver(self, *args) -> int:  # type: ignore[no-untyped-def]
+                return 1
+
+            def RemoveObserver(self, *args) -> None:  # type: ignore[no-untyped-def]
+                pass
+
+        return Wrapped
+
+    wrapper.parameterNodeWrapper = parameterNodeWrapper  # type: ignore[attr-defined]
+    wrapper.WithinRange = lambda lo, hi: (lo, hi)  # type: ignore[attr-defined]
+    wrapper.Choice = lambda choices: tuple(choices)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
+
+    red = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    app = MagicMock(name="app")
+    app.layoutManager.return_value.sliceViewNames.return_value = ("Red",)
+    app.layoutManager.return_value.sliceWidget.return_value.mrmlSliceNode.return_value = red
+    errors: list = []
+
+    @contextmanager
+    def tryWithErrorDisplay(message=None, show=True, waitCursor=False):  # type: ignore[no-untyped-def]
+        try:
+            yield
+        except Exception as e:  # recorded, then the test fails on it
+            errors.append((message, e))
+
+    for name, value in (("mrmlScene", scene), ("app", app), ("modules", MagicMock(name="modules")),
+                        ("qMRMLUtils", MagicMock(name="qMRMLUtils"))):
+        monkeypatch.setattr(slicer, name, value, raising=False)
+    for name, value in (
+        ("tryWithErrorDisplay", tryWithErrorDisplay),
+        ("confirmOkCancelDisplay", lambda *a, **k: True),
+        ("confirmYesNoDisplay", lambda *a, **k: True),
+        ("errorDisplay", lambda *a, **k: errors.append(("errorDisplay", a))),
+        ("infoDisplay", lambda *a, **k: None),
+        ("setSliceViewerLayers", lambda **k: None),
+        ("loadUI", lambda path: MagicMock(name="uiWidget")),
+    ):
+        monkeypatch.setattr(slicer.util, name, value)
+    ui = types.SimpleNamespace(**{n: MagicMock(name=n) for n in ui_names})
+    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "RetrievalSeg"))
+    monkeypatch.setitem(sys.modules, "RetrievalSeg", None)  # forgotten again after the test
+    del sys.modules["RetrievalSeg"]
+    return ui, red, errors
+
+
+def test_slicer_module_panel_drives_the_loop(monkeypatch, scene, cases, engine, bank) -> None:  # type: ignore[no-untyped-def]
+    """RetrievalSeg.py's Widget with real MRML and mocked Qt: segment, correct, add, re-segment, review."""
+    import importlib
+    import xml.etree.ElementTree as ET
+
+    ui_file = Path(__file__).resolve().parents[1] / "RetrievalSeg" / "Resources" / "UI" / "RetrievalSeg.ui"
+    names = [w.get("name") for w in ET.parse(ui_file).iter("widget")]
+    ui, red, errors = _fake_slicer_gui(monkeypatch, scene, names)
+    module = importlib.import_module("RetrievalSeg")
+    settings = mb.EngineSettings(device="cpu", image_size=256, random_weights=True)
+    monkeypatch.setattr(module.RetrievalSegLogic, "engineSettings", staticmethod(lambda node, folder=None: settings))
+
+    widget = module.RetrievalSegWidget()
+    widget.setup()
+    widget.logic.core.engine, widget.logic.core._engine_settings = engine, settings
+    ui.bankPathLineEdit.currentPath = str(bank.path)
+    ui.weightsPathLineEdit.currentPath = ""
+    widget.onOpenBank()
+    assert "Labels: RV, Myo, LV" in ui.bankInfoLabel.text
+    query = cases[1]
+    short = Volume(query.image.array[:5], query.image.spacing, query.image.origin, query.image.direction)
+    volume_node = mb.volume_to_node(short, scene, "panel")
+    params = widget._parameterNode
+    params.inputVolume, params.k = volume_node, K
+    widget._checkCanApply()
+    assert ui.applyButton.text == "Segment" and ui.applyButton.enabled
+
+    def pump() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            widget._onPollTimer()
+            job = widget.logic.core.job
+            if job.outcome and not widget._jobRunning() and not widget.logic.core.has_result:
+                return
+            time.sleep(0.05)
+        raise TimeoutError("the segmentation job did not end")
+
+    widget.onApplyButton()
+    assert ui.applyButton.text == "Cancel"
+    pump()
+    assert ui.statusLabel.text.startswith("Done in") and ui.applyButton.text == "Segment"
+    node = params.outputSegmentation
+    assert node is not None and node.GetName() == "panel RetrievalSeg"
+
+    # The user corrects slice 2 in the Segment Editor; the panel lists it, adds it, re-segments the rest.
+    update = np.zeros(short.array.shape, dtype=np.uint8)
+    update[2] = query.labels.array[2]
+    mb.labelmap_to_segmentation((short.with_array(update), bank.labels), scene, volume_node, node, axis=2, slices=[2])
+    widget._updateReviewInfo()
+    assert ui.editedSlicesLabel.text == "Edited slices: 2 (1 not in the bank yet)."
+    widget.onAddEditedSlices()
+    assert ui.editedSlicesLabel.text == "Edited slices: 2 (0 not in the bank yet)."
+    widget.onResegmentRemaining()
+    pump()
+    assert widget.logic.core.state.slices[3].retrieved[0][0].startswith(mb.case_id_for_volume(volume_node))
+
+    # Review: the Red view shows slice 3 along the volume's k axis.
+    import vtk
+
+    m = mb.ijk_to_ras_matrix(volume_node)
+    center = mb.slice_center_ras(volume_node, 2, 3)
+    slice_to_ras = vtk.vtkMatrix4x4()
+    for r in range(3):
+        for c in range(3):
+            slice_to_ras.SetElement(r, c, m[r, c] / np.linalg.norm(m[:3, c]))
+        slice_to_ras.SetElement(r, 3, center[r])
+    red.GetSliceToRAS().DeepCopy(slice_to_ras)
+    assert widget._currentSliceIndex() == 3
+    widget.onWhyThisMask()
+    assert ui.currentSliceLabel.text.startswith("Slice 3: confidence") and len(widget._thumbnailWidgets) == K
+    params.confidenceThreshold = 1.0
+    widget.onNextLowConfidenceSlice()
+    assert ui.currentSliceLabel.text.startswith("Slice 4: confidence")
+    widget.onAddCurrentSlice()
+    assert ui.statusLabel.text.startswith("Slice 3 added to the bank")
+    widget.onUndo()
+    assert ui.statusLabel.text == "The last result was undone."
+    widget.cleanup()
+    assert errors == []
