@@ -51,9 +51,9 @@ SAM2_REQUIREMENT = "sam2==1.1.0"
 PINNED_DISTRIBUTIONS = ("numpy", "SimpleITK", "torch", "torchvision")
 
 CITATION = (
-    "L. Zhao, X. Chen, E. Y. Chen, Y. Liu, W. Chen, L. Qu, "
-    "\"Retrieval-augmented Few-shot Medical Image Segmentation with Foundation Models\", "
-    "arXiv:2408.08813; IEEE Transactions on Neural Networks and Learning Systems, 2025."
+    "L. Zhao, X. Chen, E. Z. Chen, Y. Liu, T. Chen, S. Sun, "
+    "\"Retrieval-Augmented Few-Shot Medical Image Segmentation With Foundation Models\", "
+    "IEEE Transactions on Neural Networks and Learning Systems 36(10):17693-17701, 2025; arXiv:2408.08813."
 )
 
 
