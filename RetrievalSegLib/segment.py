@@ -22,10 +22,6 @@ from .volume import AXIS_NAMES, Volume, num_slices, parse_axis, slice_view, thro
 CASE_POLICIES = ("ignore", "exclude", "prefer")
 
 
-class SegmentationCancelled(Exception):
-    """Raised only by callers that want an exception; segment_volume returns partial results."""
-
-
 @dataclass
 class SliceResult:
     """What happened on one slice: its supports, SAM 2's scores, a confidence in 0..1."""
