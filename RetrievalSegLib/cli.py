@@ -37,6 +37,9 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=1024,
                    help="SAM 2 input size, a multiple of 32 (default 1024, as SAM 2 was trained)")
     g.add_argument("--dinov2-input-size", type=int, default=224, help="DINOv2 input size (default 224)")
+    g.add_argument("--fill-hole-area", type=int, default=0, metavar="PX",
+                   help="fill background holes up to PX low-res pixels, SAM 2's optional post-processing "
+                        "(default 0: off)")
     g.add_argument("--random-weights", action="store_true",
                    help="use seeded RANDOM weights (tests/benchmarks only: the output is meaningless)")
     g.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
@@ -86,7 +89,7 @@ def make_engine(args: argparse.Namespace):
                             random_weights=args.random_weights, seed=args.seed)
     except MissingWeightsError as e:
         raise WeightsUnavailable(str(e)) from None
-    return RetrievalEngine(embedder, Sam2MemoryEngine(sam))
+    return RetrievalEngine(embedder, Sam2MemoryEngine(sam, fill_hole_area=args.fill_hole_area))
 
 
 def _progress_bar(enabled: bool, desc: str):

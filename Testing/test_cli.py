@@ -83,7 +83,7 @@ def test_bank_create_add_segment_evaluate(study, tmp_path, capsys, slicer_scene)
             np.testing.assert_allclose(got, want, atol=1e-6)
 
     rc = main(["evaluate", "--test", str(root / "test"), "--bank", str(bank), "--labels", "1:RV,2:Myo,3:LV",
-               "--k", "2", "--out", str(tmp_path / "eval"), "--json", *FAST])
+               "--k", "2", "--out", str(tmp_path / "eval"), "--json", "--fill-hole-area", "8", *FAST])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["summary"]) == {"RV", "Myo", "LV"}
