@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cli_bank import _UsageError, _window  # one --window/--level rule for every command
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -126,14 +127,6 @@ def _parse_range(text: str | None) -> tuple[int, int] | None:
         raise argparse.ArgumentTypeError(f"--slices takes START:STOP (stop exclusive), got {text!r}") from None
 
 
-def _window(args: argparse.Namespace) -> tuple[float, float] | None:
-    from .preprocess import window_from_level
-
-    if (args.window is None) != (args.level is None):
-        raise argparse.ArgumentTypeError("give --window and --level together (or neither: robust automatic window)")
-    return None if args.window is None else window_from_level(args.window, args.level)
-
-
 def write_outputs(seg, out: Path, seg_nrrd: Path | None = None) -> list[Path]:
     """Write the label map (NIfTI/NRRD/MHA, or Slicer .seg.nrrd by extension) and optional .seg.nrrd."""
     from .segnrrd import SegmentInfo, write_seg_nrrd
@@ -162,6 +155,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print(f"rseg segment: error: --out must end in .nii.gz, .nii, .nrrd, .mha or .seg.nrrd, got {out}",
               file=sys.stderr)
         return EXIT_USAGE
+    window = _window(args)  # option errors before any file or model is loaded
     image = read_volume(args.image)
     bank = SupportBank.open(args.bank)
     engine = make_engine(args)
@@ -169,7 +163,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     try:
         seg = segment_volume(
             image, bank, engine, labels=args.labels, k=args.k, axis=args.axis, slice_range=args.slices,
-            case_id=args.case, case_policy=args.case_policy, window=_window(args),
+            case_id=args.case, case_policy=args.case_policy, window=window,
             encoder_batch=args.batch, progress=update,
         )
     finally:
@@ -292,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     except WeightsUnavailable as e:
         print(f"rseg: error: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    except argparse.ArgumentTypeError as e:
+    except (argparse.ArgumentTypeError, _UsageError) as e:
         print(f"rseg: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
