@@ -1,6 +1,9 @@
 import importlib.util
 import logging
 import os
+import re
+import shutil
+import sys
 import time
 from typing import Annotated, Optional
 
@@ -25,14 +28,12 @@ from slicer.util import VTKObservationMixin
 # Installed extensions have RetrievalSegLib next to this file; in the source tree (module folder
 # added under Application Settings > Modules) it is one folder up, at the repository's top.
 try:
-    from RetrievalSegLib import mrml_bridge
+    from RetrievalSegLib import module_logic, mrml_bridge
 except ModuleNotFoundError as error:
     if error.name != "RetrievalSegLib":
         raise
-    import sys
-
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from RetrievalSegLib import mrml_bridge
+    from RetrievalSegLib import module_logic, mrml_bridge
 
 #: Python packages RetrievalSeg needs, by import name: (pip requirement, shipped by Slicer).
 #: torch comes from the PyTorch extension and sam2 is installed separately (see installDependencies).
@@ -45,7 +46,8 @@ REQUIREMENTS = {
     "tqdm": "tqdm>=4.66",
     "PIL": "pillow>=9.4",
 }
-TORCH_REQUIREMENT = ">=2.5.1"  # what sam2 1.1.0 needs
+TORCH_MINIMUM = "2.5.1"  # what sam2 1.1.0 needs
+TORCH_REQUIREMENT = f">={TORCH_MINIMUM}"
 SAM2_REQUIREMENT = "sam2==1.1.0"
 #: Packages Slicer ships (or that another install must not replace): pinned while installing.
 PINNED_DISTRIBUTIONS = ("numpy", "SimpleITK", "torch", "torchvision")
@@ -132,8 +134,8 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._pollTimer = None
-        self._downloadJob = None
         self._segmentAfterDownload = False
+        self._resegmentAfterAdd = False
         self._jobVolumeNode = None
         self._thumbnailWidgets = []
 
@@ -181,8 +183,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._pollTimer.stop()
         if self.logic:
             self.logic.core.cancel()
-        if self._downloadJob:
-            self._downloadJob.cancel()
+            self.logic.core.shutdown()  # the worker process goes with the module
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -222,10 +223,13 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ state of the buttons
     def _jobRunning(self) -> bool:
+        """True until the running job's final event has been read (segment, add, download...)."""
         core = self.logic.core if self.logic else None
-        segmenting = core is not None and core.job is not None and core.job.running
-        downloading = self._downloadJob is not None and self._downloadJob.running
-        return segmenting or downloading
+        return core is not None and core.job is not None and core.job.running
+
+    def _jobKind(self) -> Optional[str]:
+        core = self.logic.core if self.logic else None
+        return core.job.kind if core is not None and core.job is not None else None
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
@@ -275,13 +279,12 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (self.ui.undoButton, not running and core is not None and core.can_undo),
             (self.ui.nextLowConfidenceButton, haveResult),
             (self.ui.whyThisMaskButton, haveResult),
-            (self.ui.downloadWeightsButton, not running or self._downloadJob is not None),
+            (self.ui.downloadWeightsButton, not running or self._jobKind() == "download"),
             (self.ui.installDependenciesButton, not running),
         ):
             button.enabled = enabled
         self.ui.downloadWeightsButton.text = (
-            _("Cancel download") if self._downloadJob is not None and self._downloadJob.running
-            else _("Download weights")
+            _("Cancel download") if running and self._jobKind() == "download" else _("Download weights")
         )
         if caller is not None:  # a parameter changed (e.g. a model size): weights may be missing now
             self._updateWeightsStatus()
@@ -291,7 +294,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = self.ui.weightsPathLineEdit.currentPath.strip()
         return path or None
 
-    def _engineSettings(self) -> "mrml_bridge.EngineSettings":
+    def _engineSettings(self) -> "module_logic.EngineSettings":
         return self.logic.engineSettings(self._parameterNode, self._weightsDir())
 
     def _caseId(self) -> str:
@@ -340,6 +343,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _ensureDependencies(self) -> bool:
         if not self.logic.missingPackages():
+            self.logic.checkTorchVersion()
             return True
         if not self.logic.installDependencies(askConfirmation=True):
             return False
@@ -347,8 +351,8 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return not self.logic.missingPackages()
 
     def onDownloadWeights(self) -> None:
-        if self._downloadJob is not None and self._downloadJob.running:
-            self._downloadJob.cancel()
+        if self._jobRunning() and self._jobKind() == "download":
+            self.logic.core.cancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to download the weights."), waitCursor=False):
             if not self._ensureDependencies():
@@ -357,9 +361,9 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not missing:
                 slicer.util.infoDisplay(_("The weights of the selected models are already present."))
                 return
-            self._startDownload(missing)
+            self._startDownload(missing, self._engineSettings())
 
-    def _startDownload(self, items) -> bool:
+    def _startDownload(self, items, settings) -> bool:
         """Ask, then download `items` in the background; True when the download started."""
         totalMb = sum(item.approx_mb for item in items)
         detail = "\n".join(f"{item.name}  ({item.approx_mb:.0f} MB)  {item.url}" for item in items)
@@ -375,12 +379,9 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             detailedText=detail,
         ):
             return False
-        self._downloadJob = mrml_bridge.download_job(items).start()
-        self.ui.progressBar.show()
-        self.ui.progressBar.setRange(0, 0)
-        self.ui.statusLabel.text = _("Downloading weights...")
-        self._pollTimer.start()
-        self._checkCanApply()
+        self.logic.core.settings = settings
+        self.logic.core.start_download()
+        self._onJobStarted(_("Downloading weights..."))
         return True
 
     def _ensureWeights(self, settings, thenSegment: bool = False) -> bool:
@@ -388,7 +389,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         missing = settings.missing_downloads()
         if not missing:
             return True
-        started = self._startDownload(missing)
+        started = self._startDownload(missing, settings)
         self._segmentAfterDownload = started and thenSegment
         if started and not thenSegment:
             self.ui.statusLabel.text = _("Downloading weights; try again when the download has finished.")
@@ -431,20 +432,18 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 )
             ):
                 return
-            self.logic.core.create_bank(path, labels)
-            self.ui.bankPathLineEdit.addCurrentPathToHistory()
-        self._updateBankInfo()
+            self.logic.core.start_create_bank(path, labels)
+            self._onJobStarted(_("Creating the support bank (loading the models)..."))
 
     def onAddAnnotatedSlices(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to add the annotated slices."), waitCursor=True):
             p = self._parameterNode
             if not self._prepareEngine():
                 return
-            entries = self.logic.core.add_annotated_slices_to_bank(
+            self.logic.core.start_add_annotated_slices(
                 p.inputVolume, p.outputSegmentation, self._caseId(), axis=self._sliceAxis()
             )
-            self.ui.statusLabel.text = _("Added {count} annotated slices to the bank.").format(count=len(entries))
-        self._updateBankInfo()
+            self._onJobStarted(_("Adding the annotated slices to the bank..."))
 
     def _prepareEngine(self, thenSegment: bool = False) -> bool:
         """Dependencies installed and weights present for the chosen settings (asks otherwise)."""
@@ -460,9 +459,8 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onApplyButton(self) -> None:
         if self._jobRunning():
             self.logic.core.cancel()
-            if self._downloadJob is not None:
-                self._downloadJob.cancel()
             self._segmentAfterDownload = False
+            self._resegmentAfterAdd = False
             self.ui.statusLabel.text = _("Cancelling...")
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the segmentation."), waitCursor=True):
@@ -503,12 +501,17 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 _("{count} edited slice(s) are not in the bank yet. Add them first, so that the "
                   "re-segmentation can use them?").format(count=len(notInBank))
             ):
-                self.logic.core.add_edited_slices_to_bank(p.inputVolume, p.outputSegmentation, self._caseId())
-                self._updateBankInfo()
-            self.logic.core.start_resegment_remaining(
-                p.inputVolume, p.outputSegmentation, k=p.k, case_id=self._caseId(), case_policy="prefer"
-            )
-            self._onJobStarted(_("Re-segmenting the slices you have not edited..."))
+                self._resegmentAfterAdd = True  # continues in _onJobEnded
+                self._startAddEditedSlices()
+                return
+            self._startResegmentRemaining()
+
+    def _startResegmentRemaining(self) -> None:
+        p = self._parameterNode
+        self.logic.core.start_resegment_remaining(
+            p.inputVolume, p.outputSegmentation, k=p.k, case_id=self._caseId(), case_policy="prefer"
+        )
+        self._onJobStarted(_("Re-segmenting the slices you have not edited..."))
 
     def _onJobStarted(self, message: str) -> None:
         self._jobVolumeNode = self._parameterNode.inputVolume
@@ -526,14 +529,21 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return _("{minutes} min {seconds} s").format(minutes=seconds // 60, seconds=seconds % 60)
 
     def _onPollTimer(self) -> None:
-        if self._downloadJob is not None:
-            for event in self._downloadJob.poll():
-                self._onDownloadEvent(event)
+        """Read what the worker reported (never blocks); stop only after the job's final event."""
         core = self.logic.core
-        if core.job is not None:
-            for event in core.poll():
-                self._onSegmentationEvent(event)
-        if not self._jobRunning() and not core.has_result:
+        kind = self._jobKind()
+        for event in core.poll():
+            if event.kind == "status":
+                self.ui.statusLabel.text = event.message
+            elif event.kind == "progress":
+                if kind == "download":
+                    self._showProgress(event, _("MB"), scale=1e6)
+                else:
+                    self._showProgress(event, _("slices"))
+            elif event.terminal:
+                self.ui.progressBar.hide()
+                self._onJobEnded(kind, event)
+        if not self._jobRunning():
             self._pollTimer.stop()
         self._checkCanApply()
 
@@ -549,46 +559,44 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             text = f"{event.message}: {text}"
         self.ui.statusLabel.text = text
 
-    def _onDownloadEvent(self, event) -> None:
-        if event.kind == "status":
-            self.ui.statusLabel.text = event.message
-        elif event.kind == "progress":
-            self._showProgress(event, _("MB"), scale=1e6)
-        elif event.terminal:
-            self._downloadJob = None
-            self.ui.progressBar.hide()
-            self._updateWeightsStatus()
-            if event.kind == "finished":
-                self.ui.statusLabel.text = _("Weights downloaded.")
-                if self._segmentAfterDownload:
-                    self._segmentAfterDownload = False
-                    qt.QTimer.singleShot(0, self.onApplyButton)
-            elif event.kind == "cancelled":
-                self._segmentAfterDownload = False
-                self.ui.statusLabel.text = _("Download cancelled; it resumes where it stopped next time.")
-            else:
-                self._segmentAfterDownload = False
-                self.ui.statusLabel.text = _("Download failed.")
-                slicer.util.errorDisplay(_("Failed to download the weights."), detailedText=event.message)
-
-    def _onSegmentationEvent(self, event) -> None:
-        if event.kind == "status":
-            self.ui.statusLabel.text = event.message
-        elif event.kind == "progress":
-            self._showProgress(event, _("slices"))
-        elif event.kind == "finished":
-            self.ui.progressBar.hide()
-            self._writeResult(event)
-        elif event.kind == "cancelled":
-            self.ui.progressBar.hide()
-            self.ui.statusLabel.text = _("Cancelled; the segmentation was not changed.")
-        elif event.kind == "failed":
-            self.ui.progressBar.hide()
-            self.ui.statusLabel.text = _("Segmentation failed.")
-            logging.error(event.traceback)
+    def _onJobEnded(self, kind, event) -> None:
+        """The worker's job ended: write or report its result on the main thread."""
+        segmenting = kind == "segment"
+        if event.kind == "failed":
+            self._segmentAfterDownload = self._resegmentAfterAdd = False
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=event.message)
+            logging.error("RetrievalSeg %s failed: %s\n%s", kind, event.message, event.traceback)
             slicer.util.errorDisplay(
-                _("Segmentation failed: {error}").format(error=event.message), detailedText=event.traceback
+                _("RetrievalSeg failed ({job}): {error}").format(job=kind, error=event.message),
+                detailedText=event.traceback,
             )
+        elif event.kind == "cancelled":
+            self._segmentAfterDownload = self._resegmentAfterAdd = False
+            self.ui.statusLabel.text = {
+                "segment": _("Cancelled; the segmentation was not changed."),
+                "download": _("Download cancelled; it resumes where it stopped next time."),
+            }.get(kind, _("Cancelled."))
+        elif segmenting:
+            self._writeResult(event)
+        elif kind == "download":
+            self.ui.statusLabel.text = _("Weights downloaded.")
+            if self._segmentAfterDownload:
+                self._segmentAfterDownload = False
+                qt.QTimer.singleShot(0, self.onApplyButton)
+        elif kind == "create_bank":
+            self.ui.bankPathLineEdit.addCurrentPathToHistory()
+            self.ui.statusLabel.text = _("Support bank created.")
+        elif kind in ("add_slices", "add_volume"):
+            self.ui.statusLabel.text = _("Added {count} slice(s) to the bank.").format(count=len(event.result))
+            if self._resegmentAfterAdd:
+                self._resegmentAfterAdd = False
+                with slicer.util.tryWithErrorDisplay(_("Failed to re-segment the remaining slices."), waitCursor=True):
+                    self._startResegmentRemaining()
+        if kind == "download":
+            self._updateWeightsStatus()
+        if kind not in ("segment", "download", "load"):
+            self._updateBankInfo()
+            self._updateReviewInfo()
 
     def _writeResult(self, event) -> None:
         core = self.logic.core
@@ -621,7 +629,10 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _saveSegmentEditorUndoState(segmentationNode) -> None:
         """Let Ctrl+Z in the Segment Editor undo our write when it edits this segmentation."""
         try:
-            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+            module = slicer.modules.segmenteditor
+            if not module.isWidgetRepresentationCreated():
+                return  # never create the Segment Editor's GUI just for this; our Undo button works
+            editor = module.widgetRepresentation().self().editor
             if editor.segmentationNode() is segmentationNode:
                 editor.saveStateForUndo()
         except Exception:  # the Segment Editor is optional here; our own Undo button always works
@@ -690,22 +701,21 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             p = self._parameterNode
             index = self._currentSliceIndex()
-            entry = self.logic.core.add_slice_to_bank(
-                p.inputVolume, p.outputSegmentation, self._sliceAxis(), index, self._caseId()
+            self.logic.core.start_add_slices(
+                p.inputVolume, p.outputSegmentation, self._sliceAxis(), [index], self._caseId()
             )
-            self.ui.statusLabel.text = _("Slice {index} added to the bank ({entry}).").format(index=index, entry=entry.id)
-        self._updateBankInfo()
-        self._updateReviewInfo()
+            self._onJobStarted(_("Adding slice {index} to the bank...").format(index=index))
 
     def onAddEditedSlices(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to add the edited slices to the bank."), waitCursor=True):
             if not self._prepareEngine():
                 return
-            p = self._parameterNode
-            entries = self.logic.core.add_edited_slices_to_bank(p.inputVolume, p.outputSegmentation, self._caseId())
-            self.ui.statusLabel.text = _("Added {count} edited slice(s) to the bank.").format(count=len(entries))
-        self._updateBankInfo()
-        self._updateReviewInfo()
+            self._startAddEditedSlices()
+
+    def _startAddEditedSlices(self) -> None:
+        p = self._parameterNode
+        self.logic.core.start_add_edited_slices(p.inputVolume, p.outputSegmentation, self._caseId())
+        self._onJobStarted(_("Adding the edited slices to the bank..."))
 
     def onNextLowConfidenceSlice(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to go to the next low-confidence slice."), waitCursor=True):
@@ -784,18 +794,37 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class RetrievalSegLogic(ScriptedLoadableModuleLogic):
-    """Slicer-side logic: parameter node, dependencies; the work is in mrml_bridge.RetrievalSegLogic."""
+    """Slicer-side logic: parameter node, dependencies; the work is in module_logic.RetrievalSegLogic.
+
+    Models never run in Slicer's process: `core` sends every model job to a worker process
+    (Slicer's own Python, `PythonSlicer -m RetrievalSegLib.worker`) and is polled from a QTimer.
+    """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.core = mrml_bridge.RetrievalSegLogic()
+        self.core = module_logic.RetrievalSegLogic(client=self.workerClient())
+
+    @staticmethod
+    def workerClient():
+        """A client for the worker: Slicer's Python, Slicer's environment, logs in Slicer's temp folder."""
+        from RetrievalSegLib.worker_client import WorkerClient
+
+        # Inside Slicer sys.executable is the application itself; PythonSlicer is its Python.
+        python = shutil.which("PythonSlicer") or sys.executable
+        env = dict(os.environ)
+        if shutil.which("PythonSlicer") and hasattr(slicer.util, "startupEnvironment"):
+            env = dict(slicer.util.startupEnvironment())
+            # Our own switches may have been set after Slicer started: pass them on.
+            env.update({k: v for k, v in os.environ.items() if k.startswith(("RSEG_", "HF_", "TRANSFORMERS_"))})
+        logDir = getattr(getattr(slicer, "app", None), "temporaryPath", None)
+        return WorkerClient(python, env, log_dir=logDir if isinstance(logDir, str) else None)
 
     def getParameterNode(self):
         return RetrievalSegParameterNode(super().getParameterNode())
 
     @staticmethod
-    def engineSettings(parameterNode, weightsDir=None) -> "mrml_bridge.EngineSettings":
-        return mrml_bridge.EngineSettings(
+    def engineSettings(parameterNode, weightsDir=None) -> "module_logic.EngineSettings":
+        return module_logic.EngineSettings(
             sam2_size=parameterNode.sam2Size,
             dinov2_size=parameterNode.dinov2Size,
             device=parameterNode.device,
@@ -809,6 +838,29 @@ class RetrievalSegLogic(ScriptedLoadableModuleLogic):
         """Import names of the packages that are not installed yet."""
         names = ["torch", "sam2", *REQUIREMENTS]
         return [name for name in names if importlib.util.find_spec(name) is None]
+
+    @staticmethod
+    def torchVersionProblem() -> Optional[str]:
+        """Why the installed PyTorch cannot be used (too old), or None when it can (or is absent)."""
+        import importlib.metadata
+
+        try:
+            installed = importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        if _versionTuple(installed) >= _versionTuple(TORCH_MINIMUM):
+            return None
+        return _(
+            "RetrievalSeg needs PyTorch {minimum} or newer (SAM 2 does); this Slicer has PyTorch {installed}. "
+            "Update it in the PyTorch Utils module (uninstall, then install a newer version), restart "
+            "Slicer, and try again."
+        ).format(minimum=TORCH_MINIMUM, installed=installed)
+
+    def checkTorchVersion(self) -> None:
+        """Raise with what to do when the installed PyTorch is too old."""
+        problem = self.torchVersionProblem()
+        if problem:
+            raise RuntimeError(problem)
 
     @staticmethod
     def _constraintsFile() -> str:
@@ -852,9 +904,11 @@ class RetrievalSegLogic(ScriptedLoadableModuleLogic):
                 ) from e
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
             if not torchLogic.torchInstalled():
-                torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=TORCH_REQUIREMENT)
+                # The user agreed above (or asked not to be asked): do not ask a second time.
+                torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
                 if torch is None:
                     raise RuntimeError(_("PyTorch was not installed; RetrievalSeg cannot run without it."))
+        self.checkTorchVersion()
 
         constraints = self._constraintsFile()
         toInstall = [REQUIREMENTS[name] for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
@@ -866,8 +920,16 @@ class RetrievalSegLogic(ScriptedLoadableModuleLogic):
             # dependency list (it would replace torch/numpy; the ones we use are installed above).
             if importlib.util.find_spec("setuptools") is None:
                 slicer.util.pip_install(["setuptools", "wheel", "-c", constraints])
+            # pip_install runs pip with this process's environment: set the switch for that call only.
+            previous = os.environ.get("SAM2_BUILD_CUDA")
             os.environ["SAM2_BUILD_CUDA"] = "0"
-            slicer.util.pip_install(["--no-deps", "--no-build-isolation", SAM2_REQUIREMENT])
+            try:
+                slicer.util.pip_install(["--no-deps", "--no-build-isolation", SAM2_REQUIREMENT])
+            finally:
+                if previous is None:
+                    del os.environ["SAM2_BUILD_CUDA"]
+                else:
+                    os.environ["SAM2_BUILD_CUDA"] = previous
         importlib.invalidate_caches()
         still = self.missingPackages()
         if still:
@@ -887,6 +949,12 @@ class RetrievalSegLogic(ScriptedLoadableModuleLogic):
         return node
 
 
+def _versionTuple(version: str) -> tuple:
+    """(major, minor, patch) of a version string such as "2.5.1+cu121"."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    return tuple(int(x or 0) for x in match.groups()) if match else (0, 0, 0)
+
+
 #
 # RetrievalSegTest
 #
@@ -899,12 +967,19 @@ class RetrievalSegTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        # Reload and Test calls runTest directly (no unittest runner): a SkipTest raised here would
+        # show as an error, so say why the real check cannot run and return.
+        missing = RetrievalSegLogic.missingPackages()
+        if missing:
+            message = f"RetrievalSeg self-test skipped: Python packages missing ({', '.join(missing)}); use Install dependencies"
+            logging.warning(message)
+            self.delayDisplay(message)
+            return
         self.setUp()
         self.test_RetrievalSeg_annotate_segment_correct()
 
     def test_RetrievalSeg_annotate_segment_correct(self):
         import tempfile
-        import warnings
 
         import numpy as np
 
@@ -919,10 +994,8 @@ class RetrievalSegTest(ScriptedLoadableModuleTest):
         scene = slicer.mrmlScene
         logic = RetrievalSegLogic()
         core = logic.core
-        core.settings = mrml_bridge.EngineSettings(device="cpu", image_size=256, random_weights=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the random-weights warning is expected
-            core.engine_for()
+        core.settings = module_logic.EngineSettings(device="cpu", image_size=256, random_weights=True)
+        self.addCleanup(core.shutdown)  # the worker process ends with the test
 
         self.delayDisplay("Annotating case 1 and making a bank from it")
         annotatedVolume = mrml_bridge.volume_to_node(cases[0].image, scene, "case1")

@@ -9,14 +9,14 @@ What is checked, as a user of the Slicer module would see it:
 * a slice the user corrected is detected as edited, goes into the bank as a correction and is
   then retrieved first for that slice of the same case; "re-segment remaining" leaves it alone;
 * the segmentation saves to .seg.nrrd with Slicer's storage node and reads back equal;
-* background runs report progress with a time estimate and can be cancelled without writing;
+* runs in the worker process report progress with a time estimate and can be cancelled without
+  writing; the whole loop (segment -> edit -> add edited slices -> re-segment) goes through it;
 * the Slicer module's panel (RetrievalSeg.py, with Qt and the application mocked, MRML real)
   drives the whole loop: segment, list and add edited slices, re-segment, review, undo.
 Setup notes (converter rules, colour logic) are those of test_segnrrd.py.
 """
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from RetrievalSegLib import module_logic as ml
 from RetrievalSegLib import mrml_bridge as mb
+from RetrievalSegLib.worker_client import WorkerClient
 from RetrievalSegLib.segnrrd import image_to_ras_matrix, read_seg_nrrd
 from RetrievalSegLib.synthetic import LABELS, make_synthetic_study, rotation_matrix
 from RetrievalSegLib.volume import Volume, slice_view
@@ -34,6 +36,8 @@ import slicer  # noqa: E402  (slicer-core: a missing install must fail, not skip
 SHAPE = (8, 48, 48)  # (k, j, i)
 SPACING = (1.2, 1.0, 5.0)  # anisotropic, k through-plane
 K = 2
+#: What the worker loads: the same seeded random weights as the `engine` fixture.
+SETTINGS = ml.EngineSettings(device="cpu", image_size=256, random_weights=True)
 
 
 # ------------------------------------------------------------------------------- fixtures
@@ -54,6 +58,14 @@ def engine():  # type: ignore[no-untyped-def]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the RANDOM weights warning is expected here
         return RetrievalEngine.load("tiny", "small", random_weights=True, image_size=256, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """One worker process for the module's tests (models load once, as in Slicer)."""
+    c = WorkerClient(log_dir=tmp_path_factory.mktemp("worker-logs"))
+    yield c
+    c.stop()
 
 
 @pytest.fixture(scope="module")
@@ -217,12 +229,12 @@ def test_new_segmentation_goes_into_the_volume_study(scene, cases, bank_labels) 
 
 
 # ------------------------------------------------------------------------------- the loop
-def test_segment_correct_add_resegment(scene, cases, engine, bank, bank_labels) -> None:  # type: ignore[no-untyped-def]
+def test_segment_correct_add_resegment_through_the_worker(scene, cases, engine, bank, bank_labels, client) -> None:  # type: ignore[no-untyped-def]
     from RetrievalSegLib.segment import segment_volume
 
     query = cases[1]
     volume_node = mb.volume_to_node(query.image, scene, "query")
-    logic = mb.RetrievalSegLogic(engine=engine, bank=bank)
+    logic = ml.RetrievalSegLogic(bank=bank, settings=SETTINGS, client=client)
     node = logic.run(scene, volume_node, k=K, case_id=query.case_id)
 
     # Segments from the bank labels, exactly the engine's voxels, on the volume's grid.
@@ -296,14 +308,14 @@ def test_segment_correct_add_resegment(scene, cases, engine, bank, bank_labels) 
     assert logic.edited_slices(volume_node, node) == [fixed]
 
 
-def test_add_single_slice_and_first_annotations(scene, cases, engine, bank, bank_labels) -> None:  # type: ignore[no-untyped-def]
+def test_add_single_slice_and_first_annotations(scene, cases, bank, bank_labels, client) -> None:  # type: ignore[no-untyped-def]
     query = cases[1]
     volume_node = mb.volume_to_node(query.image, scene, "annotated")
     drawn = np.zeros(SHAPE, dtype=np.uint8)
     drawn[2] = query.labels.array[2]
     drawn[5] = query.labels.array[5]
     node = mb.labelmap_to_segmentation((query.labels.with_array(drawn), bank_labels), scene, volume_node)
-    logic = mb.RetrievalSegLogic(engine=engine, bank=bank)
+    logic = ml.RetrievalSegLogic(bank=bank, settings=SETTINGS, client=client)
     entries = logic.add_annotated_slices_to_bank(volume_node, node, case_id="annotated-case")
     assert [(e.index, e.origin) for e in entries] == [(2, "initial"), (5, "initial")]
     # Adding slice 5 again as a correction retires the older entry of that slice.
@@ -343,53 +355,11 @@ def test_seg_nrrd_round_trip_with_slicer_storage(tmp_path: Path, scene, cases, b
 
 
 # ------------------------------------------------------------------------------- background
-def test_background_job_events() -> None:
-    gate = threading.Event()
-
-    def work(ctx: mb.JobContext) -> str:
-        ctx.status("warming up")
-        for i in range(4):
-            ctx.progress(i, 4)
-            time.sleep(0.01)
-        ctx.progress(4, 4)
-        return "done"
-
-    job = mb.BackgroundJob("demo", work).start()
-    events = job.wait(10)
-    kinds = [e.kind for e in events]
-    assert kinds[0] == "status" and kinds[-1] == "finished" and job.result == "done"
-    progress = [e for e in events if e.kind == "progress"]
-    assert [(e.done, e.total) for e in progress] == [(i, 4) for i in range(5)]
-    assert progress[0].remaining_s is None and progress[2].remaining_s is not None
-    assert progress[-1].remaining_s == 0.0
-
-    def slow(ctx: mb.JobContext) -> None:
-        gate.wait(5)
-        while not ctx.cancelled():
-            time.sleep(0.005)
-        raise mb.JobCancelled()
-
-    job = mb.BackgroundJob("slow", slow).start()
-    assert job.running and job.poll() == []
-    job.cancel()
-    gate.set()
-    assert job.wait(10)[-1].kind == "cancelled" and job.outcome == "cancelled"
-
-    def broken(ctx: mb.JobContext) -> None:
-        raise KeyError("boom")
-
-    job = mb.BackgroundJob("broken", broken).start()
-    last = job.wait(10)[-1]
-    assert last.kind == "failed" and isinstance(last.error, KeyError) and "boom" in last.traceback
-
-
 @pytest.mark.filterwarnings("ignore:RetrievalSeg is running with RANDOM weights")
-def test_cancelled_segmentation_writes_nothing(scene, cases, engine, bank) -> None:  # type: ignore[no-untyped-def]
+def test_cancelled_segmentation_writes_nothing(scene, cases, bank, client) -> None:  # type: ignore[no-untyped-def]
     query = cases[1]
     volume_node = mb.volume_to_node(query.image, scene, "cancelled")
-    # No engine given: the worker thread loads it from the settings (as in Slicer).
-    settings = mb.EngineSettings(device="cpu", image_size=256, random_weights=True)
-    logic = mb.RetrievalSegLogic(bank=bank, settings=settings)
+    logic = ml.RetrievalSegLogic(bank=bank, settings=SETTINGS, client=client)
     slices_seen, statuses = [], []
 
     job = logic.start_segmentation(volume_node, k=K)
@@ -407,8 +377,7 @@ def test_cancelled_segmentation_writes_nothing(scene, cases, engine, bank) -> No
             break
         time.sleep(0.02)
     assert job.outcome == "cancelled" and not logic.has_result and not logic.busy
-    assert statuses[0].startswith("Loading SAM 2.1 tiny and DINOv2 small")
-    assert logic.engine.embedder.identity == engine.embedder.identity
+    assert statuses[-1] == f"Segmenting {SHAPE[0]} slices..."
     assert 1 <= max(slices_seen) < SHAPE[0]
     assert scene.GetFirstNodeByName("cancelled RetrievalSeg") is None
     with pytest.raises(RuntimeError, match="no finished segmentation"):
@@ -517,7 +486,7 @@ def _fake_slicer_gui(monkeypatch: pytest.MonkeyPatch, scene, ui_names: list[str]
     return ui, red, errors
 
 
-def test_slicer_module_panel_drives_the_loop(monkeypatch, scene, cases, engine, bank) -> None:  # type: ignore[no-untyped-def]
+def test_slicer_module_panel_drives_the_loop_through_the_worker(monkeypatch, scene, cases, bank, client) -> None:  # type: ignore[no-untyped-def]
     """RetrievalSeg.py's Widget with real MRML and mocked Qt: segment, correct, add, re-segment, review."""
     import importlib
     import xml.etree.ElementTree as ET
@@ -526,12 +495,12 @@ def test_slicer_module_panel_drives_the_loop(monkeypatch, scene, cases, engine, 
     names = [w.get("name") for w in ET.parse(ui_file).iter("widget")]
     ui, red, errors = _fake_slicer_gui(monkeypatch, scene, names)
     module = importlib.import_module("RetrievalSeg")
-    settings = mb.EngineSettings(device="cpu", image_size=256, random_weights=True)
-    monkeypatch.setattr(module.RetrievalSegLogic, "engineSettings", staticmethod(lambda node, folder=None: settings))
+    monkeypatch.setattr(module.RetrievalSegLogic, "engineSettings", staticmethod(lambda node, folder=None: SETTINGS))
+    monkeypatch.setattr(module.RetrievalSegLogic, "workerClient", staticmethod(lambda: client))  # warm worker
 
     widget = module.RetrievalSegWidget()
     widget.setup()
-    widget.logic.core.engine, widget.logic.core._engine_settings = engine, settings
+    assert widget.logic.core.client is client
     ui.bankPathLineEdit.currentPath = str(bank.path)
     ui.weightsPathLineEdit.currentPath = ""
     widget.onOpenBank()
@@ -545,14 +514,16 @@ def test_slicer_module_panel_drives_the_loop(monkeypatch, scene, cases, engine, 
     assert ui.applyButton.text == "Segment" and ui.applyButton.enabled
 
     def pump() -> None:
-        deadline = time.monotonic() + 120
+        """What the QTimer does in Slicer: poll every so often until the job's last event is read."""
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             widget._onPollTimer()
             job = widget.logic.core.job
             if job.outcome and not widget._jobRunning() and not widget.logic.core.has_result:
+                assert job.outcome == "finished", errors
                 return
             time.sleep(0.05)
-        raise TimeoutError("the segmentation job did not end")
+        raise TimeoutError("the worker job did not end")
 
     widget.onApplyButton()
     assert ui.applyButton.text == "Cancel"
@@ -568,6 +539,9 @@ def test_slicer_module_panel_drives_the_loop(monkeypatch, scene, cases, engine, 
     widget._updateReviewInfo()
     assert ui.editedSlicesLabel.text == "Edited slices: 2 (1 not in the bank yet)."
     widget.onAddEditedSlices()
+    assert ui.applyButton.text == "Cancel"  # any worker job can be cancelled
+    pump()
+    assert ui.statusLabel.text == "Added 1 slice(s) to the bank."
     assert ui.editedSlicesLabel.text == "Edited slices: 2 (0 not in the bank yet)."
     widget.onResegmentRemaining()
     pump()
@@ -591,7 +565,9 @@ def test_slicer_module_panel_drives_the_loop(monkeypatch, scene, cases, engine, 
     widget.onNextLowConfidenceSlice()
     assert ui.currentSliceLabel.text.startswith("Slice 4: confidence")
     widget.onAddCurrentSlice()
-    assert ui.statusLabel.text.startswith("Slice 3 added to the bank")
+    assert ui.statusLabel.text == "Adding slice 3 to the bank..."
+    pump()
+    assert ui.statusLabel.text == "Added 1 slice(s) to the bank."
     widget.onUndo()
     assert ui.statusLabel.text == "The last result was undone."
     widget.cleanup()

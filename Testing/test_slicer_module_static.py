@@ -142,21 +142,23 @@ def test_parameter_node_attributes_used_exist() -> None:
 
 
 def test_bridge_names_used_by_the_module_exist() -> None:
-    from RetrievalSegLib import mrml_bridge
+    from RetrievalSegLib import module_logic, mrml_bridge
+    from RetrievalSegLib.worker_client import WorkerClient, WorkerJob
 
     source = _module_source()
     for name in set(re.findall(r"mrml_bridge\.(\w+)", source)):
         assert hasattr(mrml_bridge, name), f"RetrievalSeg.py uses mrml_bridge.{name}"
-    logic = mrml_bridge.RetrievalSegLogic()
+    for name in set(re.findall(r"module_logic\.(\w+)", source)):
+        assert hasattr(module_logic, name), f"RetrievalSeg.py uses module_logic.{name}"
+    logic = module_logic.RetrievalSegLogic(client=WorkerClient())
     for name in set(re.findall(r"\bcore\.(\w+)", source)):
         assert hasattr(logic, name), f"RetrievalSeg.py uses RetrievalSegLogic.{name}"
-    job = mrml_bridge.BackgroundJob("x", lambda ctx: None)
-    for name in ("running", "cancel", "poll", "start"):
-        assert hasattr(job, name)
-    event = mrml_bridge.JobEvent("progress")
+    for name in set(re.findall(r"\bcore\.job\.(\w+)", source)):
+        assert name in WorkerJob.__dict__ or name in ("kind", "outcome", "result", "error"), f"WorkerJob.{name}"
+    event = module_logic.JobEvent("progress")
     for name in set(re.findall(r"\bevent\.(\w+)", source)):
         assert hasattr(event, name), f"RetrievalSeg.py uses JobEvent.{name}"
-    settings = mrml_bridge.EngineSettings()
+    settings = module_logic.EngineSettings()
     assert hasattr(settings, "missing_downloads")
     thumb_fields = set(mrml_bridge.SupportThumbnail.__dataclass_fields__) | {"caption"}
     for name in set(re.findall(r"\bthumb\.(\w+)", source)):
@@ -179,7 +181,7 @@ def test_module_compiles_and_follows_slicer_conventions(tmp_path: Path) -> None:
     widget_methods = {f.name for f in classes["RetrievalSegWidget"].body if isinstance(f, ast.FunctionDef)}
     assert {"setup", "cleanup", "enter", "exit", "_checkCanApply", "onApplyButton"} <= widget_methods
     source = _module_source()
-    for needle in ("2408.08813", "Apache-2.0", "tryWithErrorDisplay", "installTorch(askConfirmation=True",
+    for needle in ("2408.08813", "Apache-2.0", "tryWithErrorDisplay", "installTorch(askConfirmation=False",
                    "--no-build-isolation", "SAM2_BUILD_CUDA", "QTimer"):
         assert needle in source, needle
     # The module's resources are the ones CMake installs.
@@ -339,3 +341,13 @@ def test_bridge_imports_without_slicer() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_no_python_thread_in_slicer_process_code() -> None:
+    """Code that runs inside Slicer starts no Python thread: model work goes to the worker process."""
+    for path in (MODULE, LIB / "mrml_bridge.py", LIB / "module_logic.py", LIB / "worker_client.py"):
+        tree = ast.parse(path.read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+        modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not ({"threading", "concurrent.futures", "_thread"} & (imported | modules)), path.name
+        assert "threading.Thread" not in path.read_text(), path.name
