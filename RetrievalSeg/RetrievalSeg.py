@@ -49,6 +49,8 @@ REQUIREMENTS = {
 TORCH_MINIMUM = "2.5.1"  # what sam2 1.1.0 needs
 TORCH_REQUIREMENT = f">={TORCH_MINIMUM}"
 SAM2_REQUIREMENT = "sam2==1.1.0"
+#: QSettings key of the weights folder in use (restored when the module opens).
+WEIGHTS_FOLDER_SETTING = "RetrievalSeg/WeightsFolder"
 #: Packages Slicer ships (or that another install must not replace): pinned while installing.
 PINNED_DISTRIBUTIONS = ("numpy", "SimpleITK", "torch", "torchvision")
 
@@ -149,6 +151,8 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.bankPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.ui.weightsPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
+        # ctkPathLineEdit keeps a history only when told to; the folder in use is restored here.
+        self.ui.weightsPathLineEdit.currentPath = str(qt.QSettings().value(WEIGHTS_FOLDER_SETTING, "") or "")
         self.ui.progressBar.hide()
 
         self._pollTimer = qt.QTimer()
@@ -294,6 +298,13 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = self.ui.weightsPathLineEdit.currentPath.strip()
         return path or None
 
+    def _rememberWeightsDir(self) -> None:
+        """Keep the weights folder for the next Slicer session (and in the line edit's history)."""
+        path = self._weightsDir() or ""
+        qt.QSettings().setValue(WEIGHTS_FOLDER_SETTING, path)
+        if path:
+            self.ui.weightsPathLineEdit.addCurrentPathToHistory()
+
     def _engineSettings(self) -> "module_logic.EngineSettings":
         return self.logic.engineSettings(self._parameterNode, self._weightsDir())
 
@@ -357,6 +368,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to download the weights."), waitCursor=False):
             if not self._ensureDependencies():
                 return
+            self._rememberWeightsDir()
             missing = self._engineSettings().missing_downloads()
             if not missing:
                 slicer.util.infoDisplay(_("The weights of the selected models are already present."))
@@ -450,6 +462,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._ensureDependencies():
             return False
         settings = self._engineSettings()
+        self._rememberWeightsDir()
         if not self._ensureWeights(settings, thenSegment):
             return False
         self.logic.core.settings = settings
