@@ -572,3 +572,102 @@ def test_slicer_module_panel_drives_the_loop_through_the_worker(monkeypatch, sce
     assert ui.statusLabel.text == "The last result was undone."
     widget.cleanup()
     assert errors == []
+
+
+def _module_with_fake_gui(monkeypatch, scene):  # type: ignore[no-untyped-def]
+    import importlib
+    import xml.etree.ElementTree as ET
+
+    ui_file = Path(__file__).resolve().parents[1] / "RetrievalSeg" / "Resources" / "UI" / "RetrievalSeg.ui"
+    ui, red, errors = _fake_slicer_gui(monkeypatch, scene, [w.get("name") for w in ET.parse(ui_file).iter("widget")])
+    return importlib.import_module("RetrievalSeg"), ui, errors
+
+
+def test_slicer_module_installs_ask_once_check_torch_and_keep_the_environment(monkeypatch, scene) -> None:  # type: ignore[no-untyped-def]
+    """PyTorch is asked for once; an old torch is refused with what to do; SAM2_BUILD_CUDA is set
+    for sam2's pip call only."""
+    import importlib.metadata
+    import importlib.util
+    import os
+    import sys
+    import types
+
+    module, ui, errors = _module_with_fake_gui(monkeypatch, scene)
+    real_version, real_find_spec = importlib.metadata.version, importlib.util.find_spec
+    installed = {"torch": None, "sam2": None}  # not installed yet
+
+    def version(name):  # type: ignore[no-untyped-def]
+        if name == "torch":
+            if installed["torch"] is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return installed["torch"]
+        return real_version(name)
+
+    def find_spec(name, *args):  # type: ignore[no-untyped-def]
+        if name in installed and installed[name] is None:
+            return None
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    asked, torch_calls, pip_env = [], [], []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: asked.append(a) or True)
+    monkeypatch.setattr(slicer.app, "temporaryPath", str(Path(os.environ.get("TMPDIR", "/tmp"))), raising=False)
+
+    class PyTorchUtilsLogic:
+        def torchInstalled(self) -> bool:
+            return installed["torch"] is not None
+
+        def installTorch(self, askConfirmation, torchVersionRequirement):  # type: ignore[no-untyped-def]
+            torch_calls.append((askConfirmation, torchVersionRequirement))
+            installed["torch"] = "2.6.0+cpu"
+            return object()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+
+    def pip_install(args):  # type: ignore[no-untyped-def]
+        pip_env.append((list(args), os.environ.get("SAM2_BUILD_CUDA")))
+        if module.SAM2_REQUIREMENT in args:
+            installed["sam2"] = "1.1.0"
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
+    monkeypatch.delenv("SAM2_BUILD_CUDA", raising=False)
+
+    assert module.RetrievalSegLogic().installDependencies(askConfirmation=True)
+    assert len(asked) == 1 and "torch" in asked[0][0]  # one question for everything
+    assert torch_calls == [(False, module.TORCH_REQUIREMENT)]  # PyTorch Utils does not ask again
+    sam2_calls = [env for args, env in pip_env if module.SAM2_REQUIREMENT in args]
+    assert sam2_calls == ["0"] and "SAM2_BUILD_CUDA" not in os.environ
+
+    installed["torch"] = "2.1.2+cu118"
+    problem = module.RetrievalSegLogic.torchVersionProblem()
+    assert problem is not None and "2.5.1" in problem and "2.1.2+cu118" in problem and "PyTorch Utils" in problem
+    with pytest.raises(RuntimeError, match="needs PyTorch 2.5.1 or newer"):
+        module.RetrievalSegLogic().checkTorchVersion()
+    installed["torch"] = "2.10.0"  # compared as numbers, not text
+    assert module.RetrievalSegLogic.torchVersionProblem() is None
+
+
+def test_slicer_module_self_test_skips_cleanly_without_packages(monkeypatch, scene) -> None:  # type: ignore[no-untyped-def]
+    """Reload and Test calls runTest directly: missing packages must not raise."""
+    module, ui, errors = _module_with_fake_gui(monkeypatch, scene)
+    monkeypatch.setattr(module.RetrievalSegLogic, "missingPackages", staticmethod(lambda: ["sam2"]))
+    shown = []
+    test = module.RetrievalSegTest()
+    test.delayDisplay = shown.append  # type: ignore[attr-defined]
+    test.runTest()
+    assert len(shown) == 1 and "skipped" in shown[0] and "sam2" in shown[0]
+
+
+def test_slicer_module_does_not_create_the_segment_editor_gui_for_undo(monkeypatch, scene) -> None:  # type: ignore[no-untyped-def]
+    from unittest.mock import MagicMock
+
+    module, ui, errors = _module_with_fake_gui(monkeypatch, scene)
+    editor_module = MagicMock(name="segmenteditor")
+    editor_module.isWidgetRepresentationCreated.return_value = False
+    monkeypatch.setattr(slicer, "modules", MagicMock(segmenteditor=editor_module), raising=False)
+    module.RetrievalSegWidget._saveSegmentEditorUndoState(MagicMock())
+    editor_module.widgetRepresentation.assert_not_called()
+    editor_module.isWidgetRepresentationCreated.return_value = True
+    module.RetrievalSegWidget._saveSegmentEditorUndoState(MagicMock())
+    editor_module.widgetRepresentation.assert_called_once()

@@ -256,21 +256,38 @@ def test_worker_exits_when_its_parent_dies(tmp_path) -> None:
         import sys, time
         sys.path.insert(0, {str(LIB.parent)!r})
         from RetrievalSegLib.worker_client import WorkerClient
+        import subprocess
         c = WorkerClient(log_dir={str(tmp_path)!r})
         c.start()
-        print(c.process.pid, flush=True)
+        # A grandchild keeps the worker's stdin open, so only the parent-pid watch can notice.
+        fd = c.process.stdin.fileno()
+        holder = subprocess.Popen(["sleep", "120"], pass_fds=[fd])
+        print(c.process.pid, holder.pid, flush=True)
         time.sleep(120)
     """))
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
     assert parent.stdout is not None
-    worker_pid = int(parent.stdout.readline())
-    assert _running(worker_pid)
-    parent.kill()
-    parent.wait(10)
-    deadline = time.monotonic() + 20
-    while _running(worker_pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _running(worker_pid), "the worker outlived its parent"
+    worker_pid, holder_pid = (int(x) for x in parent.stdout.readline().split())
+    try:
+        assert _running(worker_pid)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 20
+        while _running(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(worker_pid), "the worker outlived its parent"
+    finally:
+        os.kill(holder_pid, signal.SIGKILL)
+
+
+def test_worker_exits_when_its_stdin_closes(tmp_path) -> None:
+    c = WorkerClient(log_dir=tmp_path)
+    c.start()
+    assert c.process is not None and c.process.stdin is not None
+    c.process.stdin.close()
+    assert c.process.wait(20) == 0
+    assert "worker exiting: eof" in Path(c.log_path).read_text()
+    c.stop()
 
 
 def _running(pid: int) -> bool:
