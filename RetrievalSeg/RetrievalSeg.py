@@ -165,6 +165,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.openBankButton.connect("clicked(bool)", self.onOpenBank)
         self.ui.newBankButton.connect("clicked(bool)", self.onNewBank)
+        self.ui.verifyBankButton.connect("clicked(bool)", self.onVerifyBank)
         self.ui.addAnnotatedSlicesButton.connect("clicked(bool)", self.onAddAnnotatedSlices)
         self.ui.addCurrentSliceButton.connect("clicked(bool)", self.onAddCurrentSlice)
         self.ui.addEditedSlicesButton.connect("clicked(bool)", self.onAddEditedSlices)
@@ -276,6 +277,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for button, enabled in (
             (self.ui.openBankButton, not running),
             (self.ui.newBankButton, not running and bool(p and p.outputSegmentation)),
+            (self.ui.verifyBankButton, not running and haveBank),
             (self.ui.addAnnotatedSlicesButton, not running and haveBank and haveInputs),
             (self.ui.addCurrentSliceButton, not running and haveBank and haveInputs),
             (self.ui.addEditedSlicesButton, not running and haveBank and haveResult),
@@ -447,6 +449,11 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.core.start_create_bank(path, labels)
             self._onJobStarted(_("Creating the support bank (loading the models)..."))
 
+    def onVerifyBank(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to verify the support bank."), waitCursor=True):
+            self.logic.core.start_verify(repair=False)
+            self._onJobStarted(_("Verifying the support bank..."))
+
     def onAddAnnotatedSlices(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to add the annotated slices."), waitCursor=True):
             p = self._parameterNode
@@ -596,6 +603,11 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._segmentAfterDownload:
                 self._segmentAfterDownload = False
                 qt.QTimer.singleShot(0, self.onApplyButton)
+        elif kind == "verify":
+            result = event.result
+            self.ui.statusLabel.text = result["summary"].splitlines()[0] if result["summary"] else ""
+            show = slicer.util.infoDisplay if result["ok"] else slicer.util.warningDisplay
+            show(result["summary"], windowTitle=_("Support bank check"))
         elif kind == "create_bank":
             self.ui.bankPathLineEdit.addCurrentPathToHistory()
             self.ui.statusLabel.text = _("Support bank created.")

@@ -474,6 +474,7 @@ def _fake_slicer_gui(monkeypatch: pytest.MonkeyPatch, scene, ui_names: list[str]
         ("confirmYesNoDisplay", lambda *a, **k: True),
         ("errorDisplay", lambda *a, **k: errors.append(("errorDisplay", a))),
         ("infoDisplay", lambda *a, **k: None),
+        ("warningDisplay", lambda *a, **k: errors.append(("warningDisplay", a))),
         ("setSliceViewerLayers", lambda **k: None),
         ("loadUI", lambda path: MagicMock(name="uiWidget")),
     ):
@@ -570,6 +571,9 @@ def test_slicer_module_panel_drives_the_loop_through_the_worker(monkeypatch, sce
     assert ui.statusLabel.text == "Added 1 slice(s) to the bank."
     widget.onUndo()
     assert ui.statusLabel.text == "The last result was undone."
+    widget.onVerifyBank()  # read-only check, in the worker
+    pump()
+    assert ui.statusLabel.text.startswith(f"support bank {bank.path}") and ui.statusLabel.text.endswith("OK")
     widget.cleanup()
     assert errors == []
 
