@@ -63,3 +63,16 @@ def slicer_scene():  # type: ignore[no-untyped-def]
     yield slicer, scene
     color_logic.SetMRMLScene(None)
     scene.Clear(1)
+
+
+@pytest.fixture(scope="session")
+def worker_client(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """One model worker process shared by the test session (models load once, as in Slicer).
+
+    Tests that kill it or stop it are fine: the next job starts a new worker.
+    """
+    from RetrievalSegLib.worker_client import WorkerClient
+
+    client = WorkerClient(log_dir=tmp_path_factory.mktemp("worker-logs"), cancel_grace_s=30.0)
+    yield client
+    client.stop()

@@ -26,7 +26,6 @@ import pytest
 
 from RetrievalSegLib import module_logic as ml
 from RetrievalSegLib import mrml_bridge as mb
-from RetrievalSegLib.worker_client import WorkerClient
 from RetrievalSegLib.segnrrd import image_to_ras_matrix, read_seg_nrrd
 from RetrievalSegLib.synthetic import LABELS, make_synthetic_study, rotation_matrix
 from RetrievalSegLib.volume import Volume, slice_view
@@ -61,11 +60,8 @@ def engine():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):  # type: ignore[no-untyped-def]
-    """One worker process for the module's tests (models load once, as in Slicer)."""
-    c = WorkerClient(log_dir=tmp_path_factory.mktemp("worker-logs"))
-    yield c
-    c.stop()
+def client(worker_client):  # type: ignore[no-untyped-def]
+    return worker_client  # conftest: one worker for the session
 
 
 @pytest.fixture(scope="module")

@@ -42,10 +42,8 @@ def cases():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):  # type: ignore[no-untyped-def]
-    c = WorkerClient(log_dir=tmp_path_factory.mktemp("worker-logs"), cancel_grace_s=30.0)
-    yield c
-    c.stop()
+def client(worker_client):  # type: ignore[no-untyped-def]
+    return worker_client  # conftest: one worker for the session
 
 
 @pytest.fixture(scope="module")

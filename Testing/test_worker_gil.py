@@ -46,9 +46,9 @@ def _slicer_like_loop(done, poll) -> float:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):  # type: ignore[no-untyped-def]
+def setup(tmp_path_factory, worker_client):  # type: ignore[no-untyped-def]
     cases = make_synthetic_study(n_cases=2, shape=SHAPE, spacing=(1.2, 1.0, 5.0), seed=11)
-    client = WorkerClient(log_dir=tmp_path_factory.mktemp("gil-logs"))
+    client = worker_client  # conftest: the session's worker
     bank = tmp_path_factory.mktemp("gil-bank") / "bank"
     labels = [LabelInfo(v, n, c) for v, (n, c) in sorted(LABELS.items())]
     client.run("create_bank", {"settings": SETTINGS.to_json(), "bank": str(bank), "labels": labels_json(labels)})
@@ -58,8 +58,7 @@ def setup(tmp_path_factory):  # type: ignore[no-untyped-def]
         "labelmap": wp.save_array(folder, "l", cases[0].labels.array), "case_id": "c0", "axis": None,
         "window": [0.0, 1000.0],
     }, folder=folder)
-    yield client, bank, cases[1].image
-    client.stop()
+    return client, bank, cases[1].image
 
 
 def _submit(client: WorkerClient, bank, volume):  # type: ignore[no-untyped-def]
