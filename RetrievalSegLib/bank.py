@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 
-from .fileio import TMP_PREFIX, atomic_write_bytes
+from .fileio import TMP_PREFIX, UnsafeLinkError, atomic_write_bytes, check_no_links, is_link, read_bytes
 from .volume import (
     AXIS_NAMES,
     Volume,
@@ -285,6 +285,7 @@ class VerifyReport:
     temp_files: list[str] = field(default_factory=list)
     orphan_files: list[str] = field(default_factory=list)
     memory_caches: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)  # links inside the bank (never followed)
     actions: list[str] = field(default_factory=list)  # what repair did
     found_before_repair: list[str] = field(default_factory=list)
 
@@ -314,6 +315,7 @@ class VerifyReport:
             "temp_files": self.temp_files,
             "orphan_files": self.orphan_files,
             "memory_caches": self.memory_caches,
+            "links": self.links,
             "actions": self.actions,
             "found_before_repair": self.found_before_repair,
         }
@@ -478,15 +480,34 @@ class _OsLock:
         except OSError:
             return False
 
-    def _holder(self) -> str:
+    def _holder(self, fd: int) -> str:
         try:
-            text = self.lock_path.read_text(encoding="utf-8", errors="replace").strip()
-        except OSError:
+            text = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip()
+        except (OSError, AttributeError):
             return ""
         return f" (held by {text})" if text else ""
 
+    def _open(self) -> int:
+        """Open (or create, mode 0666 & ~umask) the lock file, never through a link."""
+        check_no_links(self.bank_path, self.lock_path)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as e:
+            if is_link(self.lock_path):
+                check_no_links(self.bank_path, self.lock_path)  # raises, naming the link
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise BankError(
+                f"{self.lock_path} is not a plain file of its own (it is a special file or has "
+                f"{st.st_nlink} hard links); RetrievalSeg writes into it, so it refuses to touch a "
+                "file that may live elsewhere too. Delete it (no writer may be running) and retry"
+            )
+        return fd
+
     def acquire(self) -> None:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         deadline = time.monotonic() + self.timeout
         delay = 0.01
         while True:
@@ -497,7 +518,7 @@ class _OsLock:
                 os.close(fd)
                 raise
             if time.monotonic() >= deadline:
-                holder = self._holder()
+                holder = self._holder(fd)
                 os.close(fd)
                 raise BankLockTimeout(
                     f"support bank at {self.bank_path} is busy: another process kept its lock "
@@ -533,6 +554,10 @@ class _OsLock:
 
 
 # ----------------------------------------------------------------------------- reading files
+def _nofollow_opener(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+
+
 def _read_state(bank_path: Path) -> tuple[_State, tuple[int, int, int], bytes]:
     """Parse bank.json; also returns its (inode, mtime_ns, size) and raw bytes."""
     f = bank_path / BANK_FILE
@@ -541,8 +566,9 @@ def _read_state(bank_path: Path) -> tuple[_State, tuple[int, int, int], bytes]:
             f"no support bank at {bank_path}: the folder does not exist. Create one with "
             f"`rseg bank create {bank_path} --labels 1:NAME,...` or check the path."
         )
+    check_no_links(bank_path, f)
     try:
-        with open(f, "rb") as fh:
+        with open(f, "rb", opener=_nofollow_opener) as fh:
             st = os.fstat(fh.fileno())
             data = fh.read()
     except FileNotFoundError:
@@ -826,7 +852,13 @@ class SupportBank:
     def _load(self, e: BankEntry, labels: Sequence[LabelInfo]) -> EntryData:
         f = self.path / ENTRIES_DIR / f"{e.id}.npz"
         try:
-            data = f.read_bytes()
+            data = read_bytes(f, self.path)
+        except UnsafeLinkError as e2:
+            raise BankCorruptError(
+                f"entry {e.id} (case {e.case_id}, {AXIS_NAMES[e.axis]}={e.index}): {e2.strerror}; "
+                f"`rseg bank verify {self.path} --repair` marks the entry damaged until then",
+                f,
+            ) from None
         except FileNotFoundError:
             raise BankCorruptError(
                 f"entry {e.id} (case {e.case_id}, {AXIS_NAMES[e.axis]}={e.index}) has lost its file "
@@ -881,10 +913,12 @@ class SupportBank:
         )
         if n == 0:
             return np.zeros((0, state.embedding_dim or 0), dtype=np.float32), None, None
+        if is_link(f):
+            return None, "link", f"{f} is a link; RetrievalSeg never reads through a link inside a bank: {fix}"
         if not f.is_file():
             return None, "missing", f"{f} is missing but bank.json lists {n} entries; {fix}"
         try:
-            arr = np.load(f, allow_pickle=False)
+            arr = np.load(io.BytesIO(read_bytes(f, self.path)), allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same problem
             return None, "unreadable", f"{f} cannot be read ({type(e).__name__}: {e}); {fix}"
         if arr.ndim != 2 or arr.dtype != np.float32:
@@ -943,12 +977,12 @@ class SupportBank:
 
     def _commit(self, state: _State) -> None:
         state.revision += 1
-        atomic_write_bytes(self.path / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"))
+        atomic_write_bytes(self.path / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"), self.path)
         self.reload()
 
     def _write_embeddings(self, state: _State, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
-        atomic_write_bytes(self.path / EMBEDDINGS_FILE, _npy_bytes(rows))
+        atomic_write_bytes(self.path / EMBEDDINGS_FILE, _npy_bytes(rows), self.path)
         state.embeddings_sha256 = _rows_sha256(rows)
         if rows.shape[1]:
             state.embedding_dim = int(rows.shape[1])
@@ -1165,7 +1199,7 @@ class SupportBank:
                 eid = self._new_id(p, taken)
                 taken.add(eid)
                 data = _npz_bytes(p, state.labels)
-                atomic_write_bytes(self.path / ENTRIES_DIR / f"{eid}.npz", data)  # before any reference
+                atomic_write_bytes(self.path / ENTRIES_DIR / f"{eid}.npz", data, self.path)  # before any reference
                 present = tuple(v for v, m in sorted(p.masks.items()) if m.any())
                 new_entries.append(
                     BankEntry(
@@ -1315,8 +1349,10 @@ class SupportBank:
         if not isinstance(sam2_identity, str) or not sam2_identity:
             raise ValueError(f"sam2_identity must be a non-empty string, got {sam2_identity!r}")
         d = self.path / MEMORIES_DIR / memory_cache_name(sam2_identity)
+        check_no_links(self.path, d)  # a linked memories/ would receive (and lose) files elsewhere
         if create:
             d.mkdir(parents=True, exist_ok=True)
+            check_no_links(self.path, d)
             if sam2_identity not in self._current().sam2:
                 with self._transaction() as state:
                     if sam2_identity not in state.sam2:
@@ -1396,9 +1432,7 @@ class SupportBank:
             found = self._check(state, None)
             actions: list[str] = []
             for t in found.temp_files:
-                p = self.path / t
-                with contextlib.suppress(OSError):
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                if self._remove_rebuildable(self.path / t):
                     actions.append(f"removed leftover temp file {t}")
             damaged = {e: "missing file" for e in found.missing}
             damaged.update(found.corrupt)
@@ -1433,14 +1467,14 @@ class SupportBank:
                     state.embedding_dim = int(emb.dim)
                     actions.append(f"rebuilt {EMBEDDINGS_FILE} from the entry files with {emb.identity}")
             index_file = self.path / INDEX_FILE
-            if index_file.exists() and (found.index_problem or reembed or kind is not None):
-                index_file.unlink()
-                actions.append(f"removed stale {INDEX_FILE} (the index is rebuilt in memory)")
+            if index_file.exists() and not found.links and (found.index_problem or reembed or kind is not None):
+                if self._remove_rebuildable(index_file):
+                    actions.append(f"removed stale {INDEX_FILE} (the index is rebuilt in memory)")
             mem = self.path / MEMORIES_DIR
             for name in found.memory_caches:
-                shutil.rmtree(mem / name, ignore_errors=True)
-                actions.append(f"deleted SAM 2 memory cache {MEMORIES_DIR}/{name} (rebuilt on next use)")
-            state.sam2 = []
+                if self._remove_rebuildable(mem / name):
+                    actions.append(f"deleted SAM 2 memory cache {MEMORIES_DIR}/{name} (rebuilt on next use)")
+            state.sam2 = [s for s in state.sam2 if (mem / memory_cache_name(s)).exists()]
             self._commit(state)
             report = self._check(self._current(), embedder if _is_embedder(embedder) else None)
             report.actions = actions
@@ -1452,8 +1486,58 @@ class SupportBank:
                 )
             return report
 
+    def _remove_rebuildable(self, p: Path) -> bool:
+        """Delete a temp file, stale index or memory cache folder inside the bank, never via a link.
+
+        Every component from the bank folder down is checked with lstat; a link anywhere on the
+        way is left alone (verify reports it). rmtree itself does not follow links inside the
+        folder where the platform allows (`shutil.rmtree.avoids_symlink_attacks`).
+        """
+        try:
+            check_no_links(self.path, p)
+            st = os.lstat(p)
+        except OSError:
+            return False
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
+        except OSError:
+            return False
+        return True
+
+    def _links(self) -> list[str]:
+        """Paths (relative to the bank) of links inside the bank, found with lstat only."""
+        found: list[str] = []
+        for folder in (self.path, self.path / ENTRIES_DIR, self.path / MEMORIES_DIR):
+            if folder != self.path and (is_link(folder) or not folder.is_dir()):
+                continue
+            try:
+                children = sorted(folder.iterdir())
+            except OSError:
+                continue
+            for p in children:
+                if is_link(p):
+                    found.append(p.relative_to(self.path).as_posix())
+                elif folder.name == MEMORIES_DIR and folder != self.path and p.is_dir():
+                    with contextlib.suppress(OSError):
+                        found += [c.relative_to(self.path).as_posix() for c in sorted(p.iterdir()) if is_link(c)]
+        return found
+
     def _check(self, state: _State, embedder: Embedder | None) -> VerifyReport:
         report = VerifyReport(self.path, entries_checked=len(state.entries))
+        report.links = self._links()
+        for rel in report.links:
+            try:
+                target = f" (to {os.readlink(self.path / rel)})"
+            except OSError:
+                target = ""
+            report.problems.append(
+                f"{rel} is a link{target}: RetrievalSeg never follows a link inside a bank (nothing "
+                "outside it is read, written or deleted through it). Replace the link with the real "
+                "file or folder"
+            )
         for e in state.entries:
             try:
                 self._load(e, state.labels)
@@ -1496,7 +1580,7 @@ class SupportBank:
             )
             report.problems.append(report.model_problem)
         index_file = self.path / INDEX_FILE
-        if index_file.exists():
+        if index_file.exists() and not is_link(index_file):
             try:
                 import faiss
 
@@ -1509,7 +1593,7 @@ class SupportBank:
                 report.problems.append(report.index_problem + "; `verify --repair` removes it")
         ids = {e.id for e in state.entries}
         for folder in (self.path, self.path / ENTRIES_DIR, self.path / MEMORIES_DIR):
-            if folder.is_dir():
+            if folder.is_dir() and not is_link(folder):
                 for p in sorted(folder.iterdir()):
                     rel = p.relative_to(self.path).as_posix()
                     if p.name.startswith(TMP_PREFIX):
@@ -1527,8 +1611,10 @@ class SupportBank:
                 f"adds; never part of the bank; kept): {', '.join(report.orphan_files[:5])}"
             )
         mem = self.path / MEMORIES_DIR
-        if mem.is_dir():
-            report.memory_caches = sorted(p.name for p in mem.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX))
+        if mem.is_dir() and not is_link(mem):
+            report.memory_caches = sorted(
+                p.name for p in mem.iterdir() if p.is_dir() and not is_link(p) and not p.name.startswith(TMP_PREFIX)
+            )
         return report
 
     # ---------------------------------------------------------------- export / import
@@ -1542,16 +1628,16 @@ class SupportBank:
             state, _, raw = _read_state(self.path)
             files: list[tuple[str, bytes]] = [(BANK_FILE, raw)]
             emb = self.path / EMBEDDINGS_FILE
-            if emb.is_file():
-                files.append((EMBEDDINGS_FILE, emb.read_bytes()))
+            if emb.is_file() or is_link(emb):
+                files.append((EMBEDDINGS_FILE, read_bytes(emb, self.path)))
             for e in state.entries:
                 f = self.path / ENTRIES_DIR / f"{e.id}.npz"
                 if e.damaged is not None:
-                    if f.is_file():
-                        files.append((e.file_name, f.read_bytes()))
+                    if f.is_file() and not is_link(f):
+                        files.append((e.file_name, read_bytes(f, self.path)))
                     continue
                 try:
-                    data = f.read_bytes()
+                    data = read_bytes(f, self.path)
                 except FileNotFoundError:
                     data = b""
                 if _sha256(data) != e.sha256:

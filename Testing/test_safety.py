@@ -1,0 +1,219 @@
+"""Nothing outside a support bank is ever touched, and no good file is replaced by a bad one.
+
+Each test reproduces one way a user's files were damaged (links inside a bank, a full disk, an
+output that is the input, tampered caches, non-finite embeddings, read-only banks, archives) and
+drives it through `rseg` as a user would. Checks that need another user (read-only, permissions)
+run in a child process with dropped privileges when the tests run as root (as CI does), because
+chmod does not stop root; a full disk is a child process with a small RLIMIT_FSIZE.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from RetrievalSegLib.bank import SupportBank
+from RetrievalSegLib.cli_bank import add_bank_parser
+
+from test_bank import HASH_EMBEDDER_SRC, LABELS, HashEmbedder, child_env, make_case
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bank_cli():
+    """`rseg bank ...` with the hash stand-in embedder (the model is beside the point here)."""
+    parser = argparse.ArgumentParser(prog="rseg")
+    add_bank_parser(parser.add_subparsers(dest="command"), lambda args: HashEmbedder())
+
+    def rseg(*argv) -> int:
+        args = parser.parse_args(["bank", *map(str, argv)])
+        return args.func(args)
+
+    return rseg
+
+
+def filled_bank(root: Path, name: str = "bank", seed: int = 0) -> SupportBank:
+    emb = HashEmbedder()
+    bank = SupportBank.create(root / name, LABELS, emb.identity)
+    bank.add_volume(*make_case(seed), "p01", emb)
+    return bank
+
+
+def tree(folder: Path) -> dict[str, bytes | str]:
+    """Every path under `folder` (links as their target, files as their bytes), without following links."""
+    out: dict[str, bytes | str] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            rel = p.relative_to(folder).as_posix()
+            if p.is_symlink():
+                out[rel] = "-> " + os.readlink(p)
+            elif p.is_file():
+                out[rel] = p.read_bytes()
+            else:
+                out[rel] = "dir"
+    return out
+
+
+# ----------------------------------------------------------------------------- 1. links
+def test_links_inside_a_bank_are_never_followed(tmp_path, capsys):
+    rseg = bank_cli()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("the user's notes")
+    (outside / "keep").mkdir()
+    (outside / "keep" / "scan.dat").write_bytes(b"\x01" * 100)
+    before = tree(outside)
+    image, labels = make_case(1)
+    from RetrievalSegLib.volume import write_volume
+
+    write_volume(image, tmp_path / "img.nrrd")
+    write_volume(labels, tmp_path / "lab.nrrd")
+
+    # .lock is a link to a user's file: a writer must not open, truncate or overwrite it.
+    bank = filled_bank(tmp_path, "b1")
+    first = bank.entries()[0].id
+    (bank.path / ".lock").unlink(missing_ok=True)
+    (bank.path / ".lock").symlink_to(outside / "precious.txt")
+    capsys.readouterr()
+    assert rseg("remove", bank.path, first) == 1
+    assert ".lock" in capsys.readouterr().err
+    assert not SupportBank.open(bank.path).entry(first).retired
+
+    # memories/ is a link to a folder of the user's: repair must not delete its subfolders.
+    bank = filled_bank(tmp_path, "b2")
+    shutil.rmtree(bank.path / "memories")
+    (bank.path / "memories").symlink_to(outside, target_is_directory=True)
+    capsys.readouterr()
+    assert rseg("verify", bank.path, "--repair") == 1
+    assert "memories is a link" in capsys.readouterr().out
+    with pytest.raises(OSError, match="memories is a link"):  # segment would write its cache there
+        bank.memory_cache_dir("sam2.1-tiny@256:random-seed0")
+
+    # entries/ is a link: add must not write entry files outside.
+    bank = filled_bank(tmp_path, "b3")
+    real_entries = tmp_path / "moved-entries"
+    (bank.path / "entries").rename(real_entries)
+    (bank.path / "entries").symlink_to(real_entries, target_is_directory=True)
+    listed = sorted(p.name for p in real_entries.iterdir())
+    capsys.readouterr()
+    assert rseg("add", bank.path, tmp_path / "img.nrrd", tmp_path / "lab.nrrd", "--case", "p02") == 1
+    assert "entries is a link" in capsys.readouterr().err
+    assert sorted(p.name for p in real_entries.iterdir()) == listed
+    assert len(SupportBank.open(bank.path)) == 3
+
+    assert tree(outside) == before and (outside / "keep" / "scan.dat").exists()
+
+    # An entry file is a link to an identical copy outside: it is not read through the link.
+    bank = filled_bank(tmp_path, "b4")
+    e = bank.entries()[0]
+    f = bank.path / "entries" / f"{e.id}.npz"
+    f.rename(outside / "copy.npz")
+    f.symlink_to(outside / "copy.npz")
+    before = tree(outside)
+    capsys.readouterr()
+    assert rseg("verify", bank.path) == 1
+    assert f"entries/{e.id}.npz is a link" in capsys.readouterr().out
+    assert rseg("export", bank.path, tmp_path / "b4.zip") == 1
+    assert "is a link" in capsys.readouterr().err
+
+    assert tree(outside) == before  # nothing outside any bank changed
+    assert (outside / "precious.txt").read_text() == "the user's notes"
+
+
+# ----------------------------------------------------------------------------- other users
+OTHER_UID = 65534  # "nobody": the colleague who shares the bank, or a read-only account
+
+
+def other_user_prefix() -> list[str]:
+    """Command prefix running a child as another, unprivileged user when we are root (chmod does
+    not stop root); empty when we already are unprivileged (chmod then does the job).
+
+    The child keeps only CAP_DAC_READ_SEARCH (it may read and traverse, e.g. the interpreter under
+    root's home), never the right to write where its uid may not.
+    """
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux): cannot drop privileges")
+    return [setpriv, f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups",
+            "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+
+
+@pytest.fixture
+def shared_dir():
+    """A temp folder the other user can traverse (pytest's own tmp root is private to us)."""
+    d = Path(tempfile.mkdtemp(prefix="rseg-shared-"))
+    d.chmod(0o755)
+    yield d
+    for dirpath, dirnames, _ in os.walk(d):  # give write access back before removing
+        for n in dirnames:
+            os.chmod(Path(dirpath) / n, 0o755)
+    d.chmod(0o755)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def other_env(home: Path) -> dict[str, str]:
+    env = child_env()
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / "xdg"), RSEG_CACHE_DIR=str(home / "rseg-cache"),
+               HF_HOME=str(home / "hf"), MPLCONFIGDIR=str(home / "mpl"), TORCHINDUCTOR_CACHE_DIR=str(home / "ti"))
+    return env
+
+
+def writable_home(shared: Path) -> Path:
+    home = shared / "home"
+    home.mkdir(exist_ok=True)
+    home.chmod(0o777)  # the other user writes its own cache here, never into the bank
+    return home
+
+
+BANK_CHILD = HASH_EMBEDDER_SRC + '''
+import argparse, sys
+from RetrievalSegLib.cli_bank import add_bank_parser
+parser = argparse.ArgumentParser(prog="rseg")
+add_bank_parser(parser.add_subparsers(dest="command"), lambda args: HashEmbedder())
+args = parser.parse_args(["bank", *sys.argv[1:]])
+sys.exit(args.func(args))
+'''
+
+
+def bank_child(shared: Path, *argv, other_user: bool = False, umask: int | None = None):
+    """`rseg bank ...` (hash embedder) in a child process, optionally as the other user / with a umask."""
+    script = shared / "bank_child.py"
+    if not script.exists():
+        script.write_text(BANK_CHILD)
+        script.chmod(0o644)
+    prefix = other_user_prefix() if other_user else []
+    return subprocess.run([*prefix, sys.executable, str(script), *map(str, argv)],
+                          env=other_env(writable_home(shared)), capture_output=True, text=True, timeout=120,
+                          cwd=shared, preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+
+
+# ----------------------------------------------------------------------------- 7. permissions
+def test_a_bank_shared_by_a_team_keeps_the_umask_modes(shared_dir):
+    from RetrievalSegLib.volume import write_volume
+
+    image, labels = make_case(2)
+    write_volume(image, shared_dir / "img.nrrd")
+    write_volume(labels, shared_dir / "lab.nrrd")
+    for f in ("img.nrrd", "lab.nrrd"):
+        (shared_dir / f).chmod(0o644)
+    bank = shared_dir / "team-bank"
+    for argv in (("create", bank, "--labels", "1:RV,2:Myo"),
+                 ("add", bank, shared_dir / "img.nrrd", shared_dir / "lab.nrrd", "--case", "p01")):
+        done = bank_child(shared_dir, *argv, umask=0o002)
+        assert done.returncode == 0, done.stderr
+    modes = {p.relative_to(bank).as_posix(): p.stat().st_mode & 0o777 for p in bank.rglob("*")}
+    files = {k: m for k, m in modes.items() if not (bank / k).is_dir()}
+    assert {"bank.json", "embeddings.npy", ".lock"} <= set(files) and len(files) >= 6
+    assert set(files.values()) == {0o664}, files  # 0666 & ~002, not 0600
+    assert {m for k, m in modes.items() if (bank / k).is_dir()} == {0o775}
