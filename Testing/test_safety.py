@@ -217,3 +217,84 @@ def test_a_bank_shared_by_a_team_keeps_the_umask_modes(shared_dir):
     assert {"bank.json", "embeddings.npy", ".lock"} <= set(files) and len(files) >= 6
     assert set(files.values()) == {0o664}, files  # 0666 & ~002, not 0600
     assert {m for k, m in modes.items() if (bank / k).is_dir()} == {0o775}
+
+
+# ----------------------------------------------------------------------------- segment outputs
+FAST = ["--random-weights", "--image-size", "256", "--dinov2-input-size", "56", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def seg_study(tmp_path_factory):
+    """A small synthetic study and a random-weights bank made from its first case, by `rseg`."""
+    from RetrievalSegLib.cli import main
+    from RetrievalSegLib.synthetic import make_synthetic_study
+    from RetrievalSegLib.volume import write_volume
+
+    root = tmp_path_factory.mktemp("segstudy")
+    cases = make_synthetic_study(2, shape=(4, 32, 32), spacing=(1.3, 1.3, 6.0))
+    for c in cases:
+        write_volume(c.image, root / f"{c.case_id}_img.nii.gz")
+        write_volume(c.labels, root / f"{c.case_id}_lab.nii.gz")
+    bank = root / "bank"
+    assert main(["bank", "create", str(bank), "--labels", "1:RV,2:Myo,3:LV", *FAST]) == 0
+    c = cases[0]
+    assert main(["bank", "add", str(bank), str(root / f"{c.case_id}_img.nii.gz"),
+                 str(root / f"{c.case_id}_lab.nii.gz"), "--case", c.case_id, *FAST]) == 0
+    return root, bank, root / f"{cases[1].case_id}_img.nii.gz"
+
+
+FULL_DISK_CHILD = '''
+import json, resource, sys
+from RetrievalSegLib.cli import main
+from RetrievalSegLib.segnrrd import read_seg_nrrd, write_seg_nrrd
+from RetrievalSegLib.volume import read_volume, write_volume
+
+image, bank, out, fast = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+def segment(*argv):
+    return main(["segment", image, "--bank", bank, *argv, "--k", "1", "--no-progress", *fast])
+# The good outputs of an earlier run (this also fills the bank's memory cache).
+assert segment("--out", out + "/seg.nii.gz", "--seg-nrrd", out + "/seg.seg.nrrd") == 0
+labelmap = read_volume(out + "/seg.nii.gz")
+labels, segments = read_seg_nrrd(out + "/seg.seg.nrrd")
+write_volume(labelmap, out + "/seg.nrrd")
+print("GOOD", flush=True)
+# Now the disk is "full": no file may grow past 64 bytes (SIGXFSZ is ignored by Python).
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))
+print("RC", segment("--out", out + "/seg.nii.gz"), flush=True)
+for write in (lambda: write_volume(labelmap, out + "/seg.nrrd"),
+              lambda: write_seg_nrrd(labels, segments, out + "/seg.seg.nrrd")):
+    try:
+        write()
+        print("WROTE", flush=True)
+    except OSError as e:
+        print("ERROR", e, flush=True)
+'''
+
+
+def test_a_full_disk_never_replaces_a_good_output(seg_study, tmp_path):
+    root, bank, image = seg_study
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK_CHILD)
+    done = subprocess.run([sys.executable, str(script), str(image), str(bank), str(out), json.dumps(FAST)],
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert "GOOD" in done.stdout, done.stderr
+    # rseg segment: a failure naming the output and the cause, not "wrote seg.nii.gz" and exit 0.
+    assert "RC 1" in done.stdout, done.stdout + done.stderr
+    assert f"cannot write '{out / 'seg.nii.gz'}'" in done.stderr and "file size limit" in done.stderr
+    # The NRRD and .seg.nrrd writers too (the same SimpleITK path).
+    errors = [line for line in done.stdout.splitlines() if line.startswith(("ERROR", "WROTE"))]
+    assert len(errors) == 2 and all(e.startswith("ERROR cannot write") for e in errors), errors
+    assert "seg.nrrd'" in errors[0] and "seg.seg.nrrd'" in errors[1]
+    # The previous outputs are intact (full label maps) and no temp file is left.
+    from RetrievalSegLib.segnrrd import read_seg_nrrd
+    from RetrievalSegLib.volume import read_volume
+
+    a, b = read_volume(out / "seg.nii.gz"), read_volume(out / "seg.nrrd")
+    c, _ = read_seg_nrrd(out / "seg.seg.nrrd")
+    assert a.array.shape == (4, 32, 32)
+    np.testing.assert_array_equal(a.array, b.array)
+    np.testing.assert_array_equal(a.array, c.array)
+    assert sorted(p.name for p in out.iterdir()) == ["seg.nii.gz", "seg.nrrd", "seg.seg.nrrd"]
