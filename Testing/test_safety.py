@@ -298,3 +298,32 @@ def test_a_full_disk_never_replaces_a_good_output(seg_study, tmp_path):
     np.testing.assert_array_equal(a.array, b.array)
     np.testing.assert_array_equal(a.array, c.array)
     assert sorted(p.name for p in out.iterdir()) == ["seg.nii.gz", "seg.nrrd", "seg.seg.nrrd"]
+
+
+def test_an_output_that_is_the_input_is_refused_before_models_load(seg_study, tmp_path, capsys, monkeypatch):
+    from RetrievalSegLib import cli
+
+    root, bank, image = seg_study
+    original = image.read_bytes()
+
+    def no_models(args):
+        raise AssertionError("models were loaded before the output paths were checked")
+
+    monkeypatch.setattr(cli, "make_engine", no_models)
+    alias = tmp_path / "alias.nii.gz"
+    alias.symlink_to(image)
+    hard = tmp_path / "hard.nii.gz"
+    os.link(image, hard)
+    dotdot = image.parent / "sub" / ".." / image.name
+    (image.parent / "sub").mkdir(exist_ok=True)
+    for out in (image, alias, hard, dotdot):
+        capsys.readouterr()
+        assert cli.main(["segment", str(image), "--bank", str(bank), "--out", str(out), *FAST]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} is the input image {image}" in err and "never writes over its input" in err
+    assert cli.main(["segment", str(image), "--bank", str(bank), "--out", str(tmp_path / "ok.nii.gz"),
+                     "--seg-nrrd", str(image), *FAST]) == 2
+    assert "--seg-nrrd" in capsys.readouterr().err
+    assert cli.main(["segment", str(image), "--bank", str(bank), "--out", str(bank / "x.nii.gz"), *FAST]) == 2
+    assert "inside the support bank" in capsys.readouterr().err
+    assert image.read_bytes() == original
