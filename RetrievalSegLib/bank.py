@@ -286,6 +286,7 @@ class VerifyReport:
     orphan_files: list[str] = field(default_factory=list)
     memory_caches: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)  # links inside the bank (never followed)
+    memory_problems: list[str] = field(default_factory=list)  # cached memories that fail their check
     actions: list[str] = field(default_factory=list)  # what repair did
     found_before_repair: list[str] = field(default_factory=list)
 
@@ -316,6 +317,7 @@ class VerifyReport:
             "orphan_files": self.orphan_files,
             "memory_caches": self.memory_caches,
             "links": self.links,
+            "memory_problems": self.memory_problems,
             "actions": self.actions,
             "found_before_repair": self.found_before_repair,
         }
@@ -1615,7 +1617,48 @@ class SupportBank:
             report.memory_caches = sorted(
                 p.name for p in mem.iterdir() if p.is_dir() and not is_link(p) and not p.name.startswith(TMP_PREFIX)
             )
+            self._check_memory_files(report)
         return report
+
+    def _check_memory_files(self, report: VerifyReport) -> None:
+        """Every cached memory must match its content hash, model identity and entry key."""
+        from .memory import FORMAT_VERSION, _split, inspect_memory_file, sanitize
+
+        mem = self.path / MEMORIES_DIR
+        stale = 0
+        for name in report.memory_caches:
+            folder = mem / name
+            try:
+                identity = json.loads(read_bytes(folder / "identity.json", self.path)).get("identity")
+            except (OSError, ValueError, AttributeError):
+                identity = None
+            for f in sorted(folder.glob("*.safetensors")):
+                if is_link(f):
+                    continue  # reported as a link
+                rel = f.relative_to(self.path).as_posix()
+                try:
+                    data = read_bytes(f, self.path)
+                    meta = _split(data)[0].get("__metadata__") or {}
+                except (OSError, ValueError, UnicodeDecodeError) as e:
+                    why: str | None = f"unreadable ({e})"
+                else:
+                    if meta.get("format") != str(FORMAT_VERSION):
+                        stale += 1  # an older RetrievalSeg's file: recomputed on use, never trusted
+                        continue
+                    why = inspect_memory_file(data, identity)
+                    if why is None and sanitize(str(meta.get("key"))) != f.stem:
+                        why = f"computed for entry {meta.get('key')!r}, but named {f.name}"
+                if why is not None:
+                    report.memory_problems.append(rel)
+                    report.problems.append(
+                        f"memory cache file {rel}: {why}; it is not used (segment recomputes it). "
+                        f"`rseg bank verify {self.path} --repair` deletes the caches (rebuilt on use)"
+                    )
+        if stale:
+            report.notes.append(
+                f"{stale} memory cache file(s) from an older RetrievalSeg without a content hash: "
+                "recomputed on use (verify --repair deletes them)"
+            )
 
     # ---------------------------------------------------------------- export / import
     def export(self, archive_path: str | os.PathLike[str]) -> Path:

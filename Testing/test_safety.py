@@ -327,3 +327,50 @@ def test_an_output_that_is_the_input_is_refused_before_models_load(seg_study, tm
     assert cli.main(["segment", str(image), "--bank", str(bank), "--out", str(bank / "x.nii.gz"), *FAST]) == 2
     assert "inside the support bank" in capsys.readouterr().err
     assert image.read_bytes() == original
+
+
+# ----------------------------------------------------------------------------- 4. memory caches
+def tamper_memory_files(bank: Path) -> list[Path]:
+    """Rewrite every cached memory's tensors with other values, keeping its metadata."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    files = sorted((bank / "memories").glob("*/*.safetensors"))
+    g = torch.Generator().manual_seed(7)
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            meta = st.metadata()
+            tensors = {k: st.get_tensor(k) for k in st.keys()}
+        forged = {k: (torch.randn(t.shape, generator=g) * 10).to(t.dtype) for k, t in tensors.items()}
+        save_file(forged, str(f), metadata=meta)
+    return files
+
+
+def test_tampered_memory_caches_are_reported_and_recomputed(seg_study, tmp_path, capsys):
+    from RetrievalSegLib.cli import main
+    from RetrievalSegLib.volume import read_volume
+
+    _, shared_bank, image = seg_study
+    bank = tmp_path / "bank"
+    shutil.copytree(shared_bank, bank, symlinks=True)
+    shutil.rmtree(bank / "memories")  # start cold: this run computes and stores every memory
+
+    def segment(out: Path) -> np.ndarray:
+        assert main(["segment", str(image), "--bank", str(bank), "--out", str(out), "--k", "1",
+                     "--no-progress", *FAST]) == 0
+        return read_volume(out).array
+
+    honest = segment(tmp_path / "a.nii.gz")
+    assert main(["bank", "verify", str(bank)]) == 0
+    files = tamper_memory_files(bank)
+    assert files
+    capsys.readouterr()
+    assert main(["bank", "verify", str(bank)]) == 1
+    report = capsys.readouterr().out
+    for f in files:
+        assert f"memory cache file {f.relative_to(bank).as_posix()}" in report
+    assert "do not match their recorded SHA-256" in report
+    # segment does not trust them: it recomputes (and rewrites) every tampered memory.
+    np.testing.assert_array_equal(segment(tmp_path / "b.nii.gz"), honest)
+    assert main(["bank", "verify", str(bank)]) == 0
