@@ -423,6 +423,14 @@ def memory_cache_name(sam2_identity: str) -> str:
     return f"{_sanitise(sam2_identity, 80)}-{digest}"
 
 
+def _nonfinite_ids(state: "_State", rows: np.ndarray) -> list[str]:
+    """Ids of undamaged entries whose embedding row holds NaN or Inf."""
+    if rows.size == 0:
+        return []
+    finite = np.isfinite(rows).all(axis=1)
+    return [e.id for e, ok in zip(state.entries, finite) if not ok and e.damaged is None]
+
+
 def _reembed_hint(path: Path, identity: str) -> str:
     m = re.match(r"dinov2-([a-z_]+)", identity)
     size = f" --dinov2 {m.group(1)}" if m else ""
@@ -906,7 +914,11 @@ class SupportBank:
         return rows
 
     def _embeddings_status(self, state: _State) -> tuple[np.ndarray | None, str | None, str | None]:
-        """(rows or None, problem kind or None, message): kinds missing/unreadable/short/dim/sha/extra."""
+        """(rows or None, problem kind or None, message).
+
+        Kinds: missing/unreadable/short/dim/sha/link (no usable rows), nonfinite (rows returned;
+        the entries whose row holds NaN or Inf are never searched), extra (harmless).
+        """
         n = len(state.entries)
         f = self.path / EMBEDDINGS_FILE
         fix = (
@@ -934,6 +946,13 @@ class SupportBank:
             return None, "sha", (
                 f"{f} does not match bank.json (its rows changed after bank.json was written, e.g. "
                 f"an interrupted re-embed); {fix}"
+            )
+        bad = _nonfinite_ids(state, rows)
+        if bad:
+            return rows, "nonfinite", (
+                f"{f} holds non-finite values (NaN or Inf) in the rows of {len(bad)} entries "
+                f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); they are never retrieved "
+                f"until the rows are recomputed: {fix}"
             )
         if arr.shape[0] > n:
             return rows, "extra", (
@@ -1300,6 +1319,7 @@ class SupportBank:
         if k > available:
             retired = sum(1 for e in state.entries if e.retired)
             damaged = sum(1 for e in state.entries if e.active and e.damaged is not None)
+            nonfinite = sum(1 for i in _nonfinite_ids(state, rows) if not self._find(state, i)[1].retired)
             why = []
             if case_policy == "exclude" and n_case:
                 why.append(f"{n_case} of case {case_id!r} excluded")
@@ -1307,6 +1327,10 @@ class SupportBank:
                 why.append(f"{retired} retired")
             if damaged:
                 why.append(f"{damaged} damaged")
+            if nonfinite:
+                why.append(
+                    f"{nonfinite} with non-finite embeddings: `rseg bank verify {self.path} --repair` recomputes them"
+                )
             raise ValueError(
                 f"k={k} supports requested but the support bank at {self.path} has only "
                 f"{available} usable entries" + (f" ({', '.join(why)})" if why else "")
@@ -1338,7 +1362,8 @@ class SupportBank:
             return self._index_cache[1:]  # type: ignore[return-value]
         from .retrieval import InnerProductIndex
 
-        usable = np.array([n for n, e in enumerate(state.entries) if e.usable], dtype=np.int64)
+        finite = np.isfinite(rows).all(axis=1) if rows.size else np.ones(len(state.entries), dtype=bool)
+        usable = np.array([n for n, e in enumerate(state.entries) if e.usable and finite[n]], dtype=np.int64)
         dim = state.embedding_dim or (rows.shape[1] if rows.ndim == 2 else 0)
         index = InnerProductIndex(rows[usable] if len(usable) else np.zeros((0, dim), np.float32))
         cases = np.array([state.entries[n].case_id for n in usable], dtype=object)
@@ -1380,6 +1405,13 @@ class SupportBank:
             rows = np.asarray(embedder.embed(images), dtype=np.float32)
             if rows.shape != (len(chunk), embedder.dim):
                 raise ValueError(f"embedder {embedder.identity} returned shape {rows.shape} for {len(chunk)} slices")
+            bad = [e.id for e, r in zip(chunk, rows) if not np.isfinite(r).all()]
+            if bad:
+                raise ValueError(
+                    f"embedder {embedder.identity} returned non-finite values (NaN or Inf) for entries "
+                    f"{bad[:5]}{' ...' if len(bad) > 5 else ''}; nothing was written. Check the model "
+                    "(weights, device, precision) and retry"
+                )
             out.update({e.id: r for e, r in zip(chunk, rows)})
             if progress is not None:
                 progress(min(start + batch, len(todo)), len(todo))

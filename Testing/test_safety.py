@@ -374,3 +374,43 @@ def test_tampered_memory_caches_are_reported_and_recomputed(seg_study, tmp_path,
     # segment does not trust them: it recomputes (and rewrites) every tampered memory.
     np.testing.assert_array_equal(segment(tmp_path / "b.nii.gz"), honest)
     assert main(["bank", "verify", str(bank)]) == 0
+
+
+# ----------------------------------------------------------------------------- 5. embeddings
+def test_non_finite_embeddings_are_flagged_never_searched_and_repaired(tmp_path, capsys):
+    import hashlib
+
+    rseg = bank_cli()
+    emb = HashEmbedder()
+    bank = filled_bank(tmp_path)
+    bank.add_volume(*make_case(3, annotated=(1, 4)), "p02", emb)
+    entries = bank.entries(include_retired=True)
+    # What an unchecked re-embed with a model that overflowed would leave: NaN / Inf rows with a
+    # matching checksum in bank.json.
+    rows = np.load(bank.path / "embeddings.npy")
+    rows[1, 3] = np.nan
+    rows[3, :] = np.inf
+    np.save(bank.path / "embeddings.npy", rows)
+    meta = json.loads((bank.path / "bank.json").read_text())
+    meta["embeddings_sha256"] = hashlib.sha256(rows[: len(entries)].astype("<f4").tobytes()).hexdigest()
+    (bank.path / "bank.json").write_text(json.dumps(meta))
+    bad = {entries[1].id, entries[3].id}
+
+    capsys.readouterr()
+    assert rseg("verify", bank.path) == 1
+    out = capsys.readouterr().out
+    assert "non-finite values" in out and all(i in out for i in bad)
+    # search never returns them, and says why when k asks for more than the finite entries.
+    reopened = SupportBank.open(bank.path)
+    for e in entries:
+        q = emb.embed([reopened.load_entry(e.id).image])
+        hits = reopened.search(q, k=3, case_policy="ignore")[0]
+        assert len(hits) == 3 and not bad & {i for i, _ in hits}
+        assert all(np.isfinite(s) for _, s in hits)
+    with pytest.raises(ValueError, match="only 3 usable entries.*2 with non-finite embeddings"):
+        reopened.search(q, k=4, case_policy="ignore")
+
+    assert rseg("verify", bank.path, "--repair", "--reembed") == 0
+    assert np.isfinite(SupportBank.open(bank.path).embeddings()).all()
+    assert len(SupportBank.open(bank.path).search(q, k=5, case_policy="ignore")[0]) == 5
+    assert rseg("verify", bank.path) == 0
