@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import hashlib
 import io
 import json
@@ -38,7 +39,15 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 
-from .fileio import TMP_PREFIX, UnsafeLinkError, atomic_write_bytes, check_no_links, is_link, read_bytes
+from .fileio import (
+    TMP_PREFIX,
+    UnsafeLinkError,
+    atomic_write_bytes,
+    check_no_links,
+    default_file_mode,
+    is_link,
+    read_bytes,
+)
 from .volume import (
     AXIS_NAMES,
     Volume,
@@ -94,6 +103,10 @@ class BankSchemaError(BankError):
 
 class BankModelMismatchError(BankError):
     """The bank's embeddings come from another DINOv2 model than the one in use."""
+
+
+class BankReadOnlyError(BankError, PermissionError):
+    """The bank cannot be changed by this user (read-only folder or file system)."""
 
 
 class BankLockTimeout(BankError, TimeoutError):
@@ -353,10 +366,12 @@ class _State:
     embeddings_sha256: str | None
     revision: int
     created: str
+    bank_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
+            "bank_id": self.bank_id,
             "created": self.created,
             "revision": self.revision,
             "labels": [lab.to_json() for lab in self.labels],
@@ -505,6 +520,13 @@ class _OsLock:
         except OSError as e:
             if is_link(self.lock_path):
                 check_no_links(self.bank_path, self.lock_path)  # raises, naming the link
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise BankReadOnlyError(
+                    f"support bank at {self.bank_path} is read-only for you (cannot open its lock "
+                    f"file {self.lock_path}: {e.strerror}); changing it needs write access. Reading, "
+                    "segmenting and exporting work without it; to change a copy, "
+                    f"`rseg bank export {self.bank_path} COPY.zip` and `rseg bank import COPY.zip NEWBANK`"
+                ) from e
             raise
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
@@ -632,6 +654,7 @@ def _state_from_json(raw: Any, f: Path) -> _State:
             embeddings_sha256=None if sha is None else str(sha),
             revision=int(raw.get("revision", 0)),
             created=str(raw.get("created", "")),
+            bank_id=None if raw.get("bank_id") is None else _sanitise(str(raw["bank_id"]), 64),
         )
     except BankCorruptError:
         raise
@@ -750,6 +773,7 @@ class SupportBank:
             embeddings_sha256=None,
             revision=0,
             created=_now(),
+            bank_id=uuid.uuid4().hex,
         )
         atomic_write_bytes(p / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"))
         return cls(p, lock_timeout)
@@ -806,6 +830,24 @@ class SupportBank:
     def embedding_dim(self) -> int | None:
         """Embedding size (None until the first entry is added)."""
         return self._current().embedding_dim
+
+    @property
+    def bank_id(self) -> str:
+        """A stable id of this bank (banks made before ids existed: derived from path and creation)."""
+        state = self._current()
+        if state.bank_id:
+            return state.bank_id
+        return "legacy-" + _sha256(f"{os.path.realpath(self.path)}|{state.created}".encode())[:16]
+
+    def writable(self) -> bool:
+        """Whether this process may change the bank (folder, memories/ and .lock writable)."""
+        need = os.W_OK | os.X_OK
+        if not os.access(self.path, need):
+            return False
+        mem, lock = self.path / MEMORIES_DIR, self.path / LOCK_FILE
+        if mem.exists() and not os.access(mem, need):
+            return False
+        return not lock.exists() or os.access(lock, os.W_OK)
 
     @property
     def revision(self) -> int:
@@ -998,6 +1040,8 @@ class SupportBank:
 
     def _commit(self, state: _State) -> None:
         state.revision += 1
+        if state.bank_id is None:
+            state.bank_id = uuid.uuid4().hex
         atomic_write_bytes(self.path / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"), self.path)
         self.reload()
 
@@ -1372,20 +1416,51 @@ class SupportBank:
 
     # ---------------------------------------------------------------- memory caches
     def memory_cache_dir(self, sam2_identity: str, create: bool = True) -> Path:
-        """Folder for the SAM 2 memory cache of `sam2_identity` (recorded in bank.json)."""
+        """Folder for the SAM 2 memory cache of `sam2_identity`.
+
+        Inside the bank (`memories/<slug>-<hash8>/`, recorded in bank.json) when the bank is
+        writable; otherwise (read-only folder or file system, another user's bank) a per-user
+        folder `<user cache>/memories/<bank id>-r<revision>/<slug>-<hash8>/`, so that reading a
+        bank never needs write access to it. With create=False, the in-bank path, untouched.
+        """
         if not isinstance(sam2_identity, str) or not sam2_identity:
             raise ValueError(f"sam2_identity must be a non-empty string, got {sam2_identity!r}")
-        d = self.path / MEMORIES_DIR / memory_cache_name(sam2_identity)
+        name = memory_cache_name(sam2_identity)
+        d = self.path / MEMORIES_DIR / name
         check_no_links(self.path, d)  # a linked memories/ would receive (and lose) files elsewhere
-        if create:
-            d.mkdir(parents=True, exist_ok=True)
-            check_no_links(self.path, d)
-            if sam2_identity not in self._current().sam2:
-                with self._transaction() as state:
-                    if sam2_identity not in state.sam2:
-                        state.sam2.append(sam2_identity)
-                        self._commit(state)
-        return d
+        if not create:
+            return d
+        if self.writable():
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                check_no_links(self.path, d)
+                if sam2_identity not in self._current().sam2:
+                    with self._transaction() as state:
+                        if sam2_identity not in state.sam2:
+                            state.sam2.append(sam2_identity)
+                            self._commit(state)
+                return d
+            except UnsafeLinkError:
+                raise
+            except (BankReadOnlyError, PermissionError) as e:
+                _ = e  # not writable after all: use the per-user cache below
+            except OSError as e:
+                if e.errno != errno.EROFS:
+                    raise
+        return self._user_memory_dir(name)
+
+    def _user_memory_dir(self, name: str) -> Path:
+        """Per-user memory cache folder for this bank's id and revision (older revisions pruned)."""
+        from .memory import user_cache_root
+
+        root = user_cache_root() / MEMORIES_DIR
+        this = f"{_sanitise(self.bank_id, 64)}-r{self.revision}"
+        with contextlib.suppress(OSError):
+            for old in root.iterdir():
+                if old.name.startswith(this.rsplit("-r", 1)[0] + "-r") and old.name != this:
+                    if not is_link(old) and old.is_dir():
+                        shutil.rmtree(old, ignore_errors=True)
+        return root / this / name
 
     # ---------------------------------------------------------------- embeddings
     def _embed_entries(
@@ -1693,18 +1768,27 @@ class SupportBank:
             )
 
     # ---------------------------------------------------------------- export / import
-    def export(self, archive_path: str | os.PathLike[str]) -> Path:
-        """Write the bank (bank.json, embeddings, entry files; no caches) to one .zip or .tar.gz."""
-        archive = Path(archive_path)
-        fmt = _archive_format(archive)
-        if archive.resolve().is_relative_to(self.path.resolve()):
-            raise ValueError(f"export to a file outside the bank folder, not {archive}")
-        with self.locked():
+    def _export_files(self, lock_free: bool = False) -> list[tuple[str, bytes]]:
+        """(archive name, bytes) of bank.json, embeddings.npy and entry files, consistent.
+
+        Under the lock nothing changes meanwhile. Lock-free (read-only bank), entry files are
+        immutable and checked by their SHA-256, and embeddings.npy is checked against the
+        bank.json read first (re-read when a writer replaced both in between).
+        """
+        for attempt in range(5):
             state, _, raw = _read_state(self.path)
             files: list[tuple[str, bytes]] = [(BANK_FILE, raw)]
             emb = self.path / EMBEDDINGS_FILE
             if emb.is_file() or is_link(emb):
-                files.append((EMBEDDINGS_FILE, read_bytes(emb, self.path)))
+                data = read_bytes(emb, self.path)
+                if lock_free and state.embeddings_sha256 is not None and attempt < 4:
+                    try:
+                        rows = np.load(io.BytesIO(data), allow_pickle=False)[: len(state.entries)]
+                        if _rows_sha256(rows) != state.embeddings_sha256:
+                            continue
+                    except Exception:  # noqa: BLE001 - exported as is; verify on import judges it
+                        pass
+                files.append((EMBEDDINGS_FILE, data))
             for e in state.entries:
                 f = self.path / ENTRIES_DIR / f"{e.id}.npz"
                 if e.damaged is not None:
@@ -1722,9 +1806,25 @@ class SupportBank:
                         f,
                     )
                 files.append((e.file_name, data))
+            return files
+        raise BankError(f"cannot export {self.path}: it kept changing while being read; retry")
+
+    def export(self, archive_path: str | os.PathLike[str]) -> Path:
+        """Write the bank (bank.json, embeddings, entry files; no caches) to one .zip or .tar.gz."""
+        archive = Path(archive_path)
+        fmt = _archive_format(archive)
+        if archive.resolve().is_relative_to(self.path.resolve()):
+            raise ValueError(f"export to a file outside the bank folder, not {archive}")
+        try:
+            with self.locked():
+                files = self._export_files()
+        except BankReadOnlyError:
+            files = self._export_files(lock_free=True)  # a read-only bank has no writer to wait for
         archive.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=archive.parent, prefix=TMP_PREFIX, suffix="-" + archive.name)
         try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, default_file_mode())  # mkstemp makes 0600; the umask decides
             with os.fdopen(fd, "wb") as fh:
                 if fmt == "zip":
                     with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:

@@ -414,3 +414,52 @@ def test_non_finite_embeddings_are_flagged_never_searched_and_repaired(tmp_path,
     assert np.isfinite(SupportBank.open(bank.path).embeddings()).all()
     assert len(SupportBank.open(bank.path).search(q, k=5, case_policy="ignore")[0]) == 5
     assert rseg("verify", bank.path) == 0
+
+
+# ----------------------------------------------------------------------------- 6. read-only banks
+def make_read_only(folder: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for n in filenames:
+            os.chmod(Path(dirpath) / n, 0o444)
+    for dirpath, dirnames, _ in os.walk(folder, topdown=False):
+        for n in dirnames:
+            os.chmod(Path(dirpath) / n, 0o555)
+    folder.chmod(0o555)
+
+
+def test_a_read_only_bank_segments_and_exports(seg_study, shared_dir):
+    _, source_bank, source_image = seg_study
+    bank, image, out = shared_dir / "bank", shared_dir / "image.nii.gz", shared_dir / "out"
+    shutil.copytree(source_bank, bank, symlinks=True)
+    shutil.rmtree(bank / "memories")  # cold: every memory must be computed somewhere
+    (bank / ".lock").unlink(missing_ok=True)
+    shutil.copy(source_image, image)
+    image.chmod(0o644)
+    out.mkdir()
+    out.chmod(0o777)
+    make_read_only(bank)
+    before = tree(bank)
+    meta = json.loads((bank / "bank.json").read_text())
+    home = writable_home(shared_dir)
+
+    def rseg(*argv):
+        return subprocess.run([*other_user_prefix(), sys.executable, "-m", "RetrievalSegLib.cli", *map(str, argv)],
+                              env=other_env(home), capture_output=True, text=True, timeout=300, cwd=shared_dir)
+
+    done = rseg("segment", image, "--bank", bank, "--out", out / "seg.nii.gz", "--k", "1", "--no-progress", *FAST)
+    assert done.returncode == 0, done.stderr
+    assert (out / "seg.nii.gz").is_file()
+    cached = sorted((home / "rseg-cache" / "memories").glob("*/*/*.safetensors"))
+    assert cached and {p.parent.parent.name for p in cached} == {f"{meta['bank_id']}-r{meta['revision']}"}
+
+    done = rseg("bank", "export", bank, out / "copy.zip")
+    assert done.returncode == 0, done.stderr
+    copy = SupportBank.import_archive(out / "copy.zip", shared_dir / "copy")
+    assert copy.entries(include_retired=True) == SupportBank.open(bank).entries(include_retired=True)
+
+    # Where a write is truly needed, the message says so and what to do.
+    entry = meta["entries"][0]["id"]
+    done = rseg("bank", "remove", bank, entry)
+    assert done.returncode == 1
+    assert "is read-only for you" in done.stderr and "rseg bank export" in done.stderr
+    assert tree(bank) == before  # nothing in the bank was written, not even a lock file
