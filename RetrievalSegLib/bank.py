@@ -44,6 +44,7 @@ from .fileio import (
     UnsafeLinkError,
     atomic_write_bytes,
     check_no_links,
+    current_umask,
     default_file_mode,
     is_link,
     read_bytes,
@@ -74,9 +75,10 @@ RETIRED_BY_USER = "user"
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_ARCHIVE_FILE_RE = re.compile(
-    r"^(bank\.json|embeddings\.npy|index\.faiss|entries/[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.npz)$"
-)
+#: Import limits: an archive may not make the importer write (or hold) more than a bank needs.
+MAX_ARCHIVE_MEMBERS = 200_000  # a bank of 100k slices has about 100k members
+MAX_BANK_JSON_BYTES = 256 * 2**20
+_ENTRY_SLACK_BYTES = 2**20  # npz headers and compression overhead beyond the raw arrays
 
 
 # ----------------------------------------------------------------------------- errors
@@ -1854,7 +1856,13 @@ class SupportBank:
         dest: str | os.PathLike[str],
         lock_timeout: float | None = None,
     ) -> "SupportBank":
-        """Unpack an exported bank into `dest` (new or empty), safely, and verify it."""
+        """Unpack an exported bank into `dest` (new or empty), safely, and verify it.
+
+        Only what bank.json lists is written (bank.json, embeddings.npy, entries/<id>.npz of its
+        entries); every member's size is capped by what that bank needs and checked before and
+        while it is written, and the member count is capped, so an archive bomb writes nothing.
+        Caches and index.faiss are rebuildable and never imported.
+        """
         archive, target = Path(archive_path), Path(dest)
         if not archive.is_file():
             raise FileNotFoundError(f"no such archive: {archive}")
@@ -1865,6 +1873,7 @@ class SupportBank:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=TMP_PREFIX + "import-"))
         try:
+            tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the umask decides
             _safe_extract(archive, tmp)
             (tmp / ENTRIES_DIR).mkdir(exist_ok=True)
             (tmp / MEMORIES_DIR).mkdir(exist_ok=True)
@@ -1873,13 +1882,21 @@ class SupportBank:
             state = bank._current()
             marked = {e.id for e in state.entries if e.damaged is not None}
             fatal = [i for i in report.damaged if i not in marked]
-            if fatal or report.embeddings_problem:
-                details = [f"damaged entries {fatal}"] if fatal else []
-                if report.embeddings_problem:
-                    details.append(report.embeddings_problem)
+            kind = bank._embeddings_status(state)[1] if state.entries else None
+            if fatal or kind not in (None, "extra"):
+                details = []
+                if fatal:
+                    details.append(
+                        f"damaged entries {fatal[:5]}{' ...' if len(fatal) > 5 else ''}: their files "
+                        "are missing or do not match their checksums"
+                    )
+                if kind not in (None, "extra"):
+                    details.append(f"its {EMBEDDINGS_FILE} {_EMBEDDINGS_PROBLEMS.get(str(kind), 'is unusable')}")
                 raise BankCorruptError(
-                    f"archive {archive} holds a damaged support bank ({'; '.join(details)}); "
-                    f"nothing was imported into {target}"
+                    f"archive {archive} holds a damaged support bank ({'; '.join(details)}); nothing "
+                    f"was imported into {target}. Export the bank again from its original folder "
+                    "(if `rseg bank verify` reports problems there, run `rseg bank verify --repair` "
+                    "there first), or restore the archive from a backup"
                 )
             with contextlib.suppress(FileNotFoundError):
                 target.rmdir()
@@ -1887,6 +1904,17 @@ class SupportBank:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return cls(target, lock_timeout)
+
+
+_EMBEDDINGS_PROBLEMS = {
+    "missing": "is missing",
+    "unreadable": "cannot be read",
+    "short": "has fewer rows than bank.json lists entries",
+    "dim": "rows have another length than bank.json says",
+    "sha": "does not match the checksum in bank.json",
+    "nonfinite": "holds NaN or Inf values",
+    "link": "is a link",
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -1924,51 +1952,110 @@ def _member_target(name: str, archive: Path) -> str:
     return "/".join(p for p in parts if p not in (".", ""))
 
 
+def _entry_cap(e: BankEntry, n_labels: int) -> int:
+    """Most bytes an entry file of this shape can need (uint8 image, <= 8-byte intensities, masks)."""
+    h, w = e.shape
+    return int(h) * int(w) * (1 + 8 + n_labels) + _ENTRY_SLACK_BYTES
+
+
 def _safe_extract(archive: Path, dest: Path) -> list[str]:
-    """Extract only the bank's own files (optionally under one top folder); refuse unsafe members."""
-    members: list[tuple[str, Callable[[], Any]]] = []
+    """Extract only the files bank.json lists (optionally under one top folder), size-capped.
+
+    Refuses unsafe names, links and special files, more than MAX_ARCHIVE_MEMBERS members, and any
+    listed member larger than what its bank needs; checked on the declared size before writing
+    and on the bytes actually written. Everything else in the archive is ignored.
+    """
+    members: dict[str, tuple[int, Callable[[], Any]]] = {}
+    count = 0
+
+    def add(name: str, size: int, opener: Callable[[], Any]) -> None:
+        if name in members:
+            raise BankCorruptError(f"archive {archive} holds {name!r} twice; refusing it")
+        members[name] = (size, opener)
+
     if zipfile.is_zipfile(archive):
         zf: Any = zipfile.ZipFile(archive)
-        for info in zf.infolist():
+        infos = zf.infolist()
+        if len(infos) > MAX_ARCHIVE_MEMBERS:
+            zf.close()
+            raise BankCorruptError(
+                f"archive {archive} has {len(infos)} members, more than the {MAX_ARCHIVE_MEMBERS} a "
+                "support bank export can hold; refusing it"
+            )
+        for info in infos:
             name = _member_target(info.filename, archive)
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise BankCorruptError(f"archive {archive} member {info.filename!r} is a link; refusing it")
             if not info.is_dir():
-                members.append((name, lambda info=info: zf.open(info)))
+                add(name, info.file_size, lambda info=info: zf.open(info))
     elif tarfile.is_tarfile(archive):
         zf = tarfile.open(archive, "r:*")
-        for ti in zf.getmembers():
+        for ti in zf:
+            count += 1
+            if count > MAX_ARCHIVE_MEMBERS:
+                zf.close()
+                raise BankCorruptError(
+                    f"archive {archive} has more than {MAX_ARCHIVE_MEMBERS} members, more than a "
+                    "support bank export can hold; refusing it"
+                )
             name = _member_target(ti.name, archive)
             if ti.issym() or ti.islnk():
                 raise BankCorruptError(f"archive {archive} member {ti.name!r} is a link; refusing it")
             if ti.isfile():
-                members.append((name, lambda ti=ti: zf.extractfile(ti)))
+                add(name, ti.size, lambda ti=ti: zf.extractfile(ti))
             elif not ti.isdir():
                 raise BankCorruptError(f"archive {archive} member {ti.name!r} is not a plain file; refusing it")
     else:
         raise BankCorruptError(f"{archive} is neither a zip nor a tar archive")
     try:
-        names = [n for n, _ in members]
-        if len(set(names)) != len(names):
-            raise BankCorruptError(f"archive {archive} holds some files twice; refusing it")
         prefix = ""
-        if BANK_FILE not in names:
-            tops = [n[: -len(BANK_FILE)] for n in names if n.endswith("/" + BANK_FILE) and n.count("/") == 1]
+        if BANK_FILE not in members:
+            tops = [n[: -len(BANK_FILE)] for n in members if n.endswith("/" + BANK_FILE) and n.count("/") == 1]
             if len(tops) != 1:
                 raise BankCorruptError(f"archive {archive} holds no {BANK_FILE}: it is not a support bank export")
             prefix = tops[0]
-        written: list[str] = []
-        for name, opener in members:
-            if not name.startswith(prefix):
-                continue
-            rel = name[len(prefix) :]
-            if not _ARCHIVE_FILE_RE.match(rel):
-                continue  # not part of a bank (caches, OS clutter): skipped
+        raw = _read_member(archive, prefix + BANK_FILE, *members[prefix + BANK_FILE], MAX_BANK_JSON_BYTES)
+        shown = archive / BANK_FILE  # messages name the member inside the archive
+        try:
+            state = _state_from_json(json.loads(raw.decode("utf-8")), shown)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BankCorruptError(f"{shown} is not valid JSON ({e}); refusing the archive", shown) from e
+        labels = len(state.labels)
+        wanted: dict[str, int] = {e.file_name: _entry_cap(e, labels) for e in state.entries}
+        dim = state.embedding_dim or 0
+        wanted[EMBEDDINGS_FILE] = (len(state.entries) + 4096) * max(dim, 1) * 4 + _ENTRY_SLACK_BYTES
+        for rel, cap in wanted.items():  # every declared size first: nothing is written for a bomb
+            if prefix + rel in members and members[prefix + rel][0] > cap:
+                raise BankCorruptError(
+                    f"archive {archive} member {prefix + rel!r} declares {members[prefix + rel][0]} bytes, "
+                    f"more than the {cap} bytes this bank can need; refusing the archive (nothing was written)"
+                )
+        (dest / BANK_FILE).write_bytes(raw)
+        written = [BANK_FILE]
+        for rel, cap in wanted.items():
+            if prefix + rel not in members:
+                continue  # verify reports a missing entry file or embeddings
             out = dest / rel
             out.parent.mkdir(parents=True, exist_ok=True)
-            with opener() as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            out.write_bytes(_read_member(archive, prefix + rel, *members[prefix + rel], cap))
             written.append(rel)
         return written
     finally:
         zf.close()
+
+
+def _read_member(archive: Path, name: str, size: int, opener: Callable[[], Any], cap: int) -> bytes:
+    """The bytes of one member, refusing more than `cap` (declared or actually decompressed)."""
+    if size > cap:
+        raise BankCorruptError(
+            f"archive {archive} member {name!r} declares {size} bytes, more than the {cap} bytes it "
+            "can need; refusing the archive (nothing was written)"
+        )
+    with opener() as src:
+        data = src.read(cap + 1)
+    if len(data) > cap:
+        raise BankCorruptError(
+            f"archive {archive} member {name!r} unpacks to more than the {cap} bytes it can need; "
+            "refusing the archive"
+        )
+    return data

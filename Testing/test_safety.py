@@ -463,3 +463,85 @@ def test_a_read_only_bank_segments_and_exports(seg_study, shared_dir):
     assert done.returncode == 1
     assert "is read-only for you" in done.stderr and "rseg bank export" in done.stderr
     assert tree(bank) == before  # nothing in the bank was written, not even a lock file
+
+
+# ----------------------------------------------------------------------------- 7. import, paths, blank slices
+def rewrite_zip(source: Path, dest: Path, change) -> None:
+    """Copy an archive's members into a new zip, `change(members)` editing the dict on the way."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    change(members)
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for n, data in members.items():
+            zf.writestr(n, data)
+
+
+def test_a_refused_import_names_no_deleted_temp_folder(tmp_path, capsys):
+    rseg = bank_cli()
+    bank = filled_bank(tmp_path)
+    good = bank.export(tmp_path / "good.zip")
+
+    def wrong_embeddings(members):  # rows that do not match the checksum in bank.json
+        rows = np.load(bank.path / "embeddings.npy")
+        rows[0] *= -1
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, rows)
+        members["embeddings.npy"] = buf.getvalue()
+
+    def altered_entry(members):
+        name = next(n for n in members if n.endswith(".npz"))
+        members[name] = members[name][:-10]
+
+    for change in (wrong_embeddings, altered_entry):
+        bad = tmp_path / f"{change.__name__}.zip"
+        rewrite_zip(good, bad, change)
+        capsys.readouterr()
+        assert rseg("import", bad, tmp_path / "dest") == 1
+        err = capsys.readouterr().err
+        assert f"archive {bad} holds a damaged support bank" in err and "nothing was imported" in err
+        assert ".tmp-" not in err and "Export the bank again" in err, err
+        assert not (tmp_path / "dest").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_import_writes_only_what_the_bank_lists_and_refuses_bombs(tmp_path, capsys, monkeypatch):
+    from RetrievalSegLib import bank as bank_module
+
+    rseg = bank_cli()
+    bank = filled_bank(tmp_path)
+    good = bank.export(tmp_path / "good.zip")
+    zeros = bytes(64 * 2**20)  # 64 MiB that deflate to about 64 KiB
+
+    def clutter(members):
+        for n in range(50):
+            members[f"entries/unlisted-{n}.npz"] = b"x" * 1000
+        members["index.faiss"] = zeros
+        members["memories/x/evil.safetensors"] = b"y" * 1000
+
+    cluttered = tmp_path / "cluttered.zip"
+    rewrite_zip(good, cluttered, clutter)
+    assert cluttered.stat().st_size < 2 * 2**20
+    assert rseg("import", cluttered, tmp_path / "copy") == 0
+    copy = tmp_path / "copy"
+    assert sorted(p.name for p in (copy / "entries").iterdir()) == sorted(
+        f"{e.id}.npz" for e in bank.entries(include_retired=True))
+    assert not (copy / "index.faiss").exists() and not any((copy / "memories").iterdir())
+    assert SupportBank.open(copy).verify().ok
+
+    def bomb(members):
+        members[next(n for n in members if n.endswith(".npz"))] = zeros
+
+    bombed = tmp_path / "bomb.zip"
+    rewrite_zip(good, bombed, bomb)
+    capsys.readouterr()
+    assert rseg("import", bombed, tmp_path / "dest") == 1
+    err = capsys.readouterr().err
+    assert f"declares {len(zeros)} bytes, more than the" in err and "nothing was written" in err
+    assert not (tmp_path / "dest").exists() and not list(tmp_path.glob(".tmp-*"))
+
+    monkeypatch.setattr(bank_module, "MAX_ARCHIVE_MEMBERS", 20)
+    assert rseg("import", cluttered, tmp_path / "dest") == 1
+    assert "more than the 20 a support bank export can hold" in capsys.readouterr().err
