@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 import zipfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -113,6 +114,10 @@ class BankReadOnlyError(BankError, PermissionError):
 
 class BankLockTimeout(BankError, TimeoutError):
     """Another process held the bank's write lock for longer than the timeout."""
+
+
+class BlankSliceWarning(UserWarning):
+    """A slice added as a support has one value everywhere: it shows nothing to the models."""
 
 
 class UnknownEntryError(BankError, LookupError):
@@ -595,6 +600,13 @@ def _nofollow_opener(path: str, flags: int) -> int:
 def _read_state(bank_path: Path) -> tuple[_State, tuple[int, int, int], bytes]:
     """Parse bank.json; also returns its (inode, mtime_ns, size) and raw bytes."""
     f = bank_path / BANK_FILE
+    if bank_path.exists() and not bank_path.is_dir():
+        raise BankNotFoundError(
+            f"no support bank at {bank_path}: it is a file, not a folder. A support bank is a "
+            "folder (with bank.json inside); give the folder's path"
+            + (" (to unpack an exported bank, use `rseg bank import ARCHIVE NEWBANK`)"
+               if bank_path.name.lower().endswith((".zip", ".tar.gz", ".tgz")) else "")
+        )
     if not bank_path.is_dir():
         raise BankNotFoundError(
             f"no support bank at {bank_path}: the folder does not exist. Create one with "
@@ -1131,7 +1143,35 @@ class SupportBank:
                 _Prepared(case_id, ax, i, spacing, to_uint8(inten, bounds), inten, masks, bounds)
             )
         self._embed_prepared(prepared, embedder, progress)
-        return self._add_prepared(prepared, origin, embedder.identity)
+        added = self._add_prepared(prepared, origin, embedder.identity)
+        self._warn_blank(prepared, added)
+        return added
+
+    def _warn_blank(self, prepared: Sequence[_Prepared], added: Sequence[BankEntry]) -> None:
+        """Warn about added slices whose intensities are all one value (or not finite).
+
+        SimpleITK reads NaN voxels of a NIfTI file as 0, so a slice of NaNs arrives as a blank
+        slice; as a support it retrieves and teaches nothing, which the user should know.
+        """
+        blank: list[str] = []
+        for p, e in zip(prepared, added):
+            inten = np.asarray(p.intensities)
+            finite = inten[np.isfinite(inten)] if inten.dtype.kind == "f" else inten
+            if finite.size < inten.size:
+                blank.append(f"{AXIS_NAMES[e.axis]}={e.index} ({e.id}: holds NaN or Inf)")
+            elif finite.size == 0 or finite.min() == finite.max():
+                value = finite.flat[0] if finite.size else "nothing"
+                blank.append(f"{AXIS_NAMES[e.axis]}={e.index} ({e.id}: every voxel is {value})")
+        if blank:
+            case = added[0].case_id
+            warnings.warn(
+                f"case {case!r}: {len(blank)} slice(s) added as supports are blank: "
+                + ", ".join(blank)
+                + ". A blank image shows the models nothing (NaN voxels of a NIfTI file are read as 0);"
+                f" check the image, and retire unintended entries with `rseg bank remove {self.path} ID`",
+                BlankSliceWarning,
+                stacklevel=3,
+            )
 
     def add_slice(
         self,
@@ -1193,7 +1233,9 @@ class SupportBank:
             mm.setdefault(v, np.zeros(img.shape, dtype=bool))
         p = _Prepared(case_id, ax, int(index), sp, image_u8, inten, mm, bounds)  # type: ignore[arg-type]
         self._embed_prepared([p], embedder, None)
-        return self._add_prepared([p], origin, embedder.identity)[0]
+        added = self._add_prepared([p], origin, embedder.identity)
+        self._warn_blank([p], added)
+        return added[0]
 
     def _check_case(self, case_id: str) -> str:
         if not isinstance(case_id, str) or not case_id.strip():

@@ -545,3 +545,39 @@ def test_import_writes_only_what_the_bank_lists_and_refuses_bombs(tmp_path, caps
     monkeypatch.setattr(bank_module, "MAX_ARCHIVE_MEMBERS", 20)
     assert rseg("import", cluttered, tmp_path / "dest") == 1
     assert "more than the 20 a support bank export can hold" in capsys.readouterr().err
+
+
+def test_a_bank_path_that_is_a_file_is_called_a_file(tmp_path, capsys):
+    rseg = bank_cli()
+    bank = filled_bank(tmp_path)
+    archive = bank.export(tmp_path / "bank.zip")
+    capsys.readouterr()
+    assert rseg("list", archive) == 1
+    err = capsys.readouterr().err
+    assert f"no support bank at {archive}: it is a file, not a folder" in err
+    assert "rseg bank import" in err and "does not exist" not in err
+
+
+def test_blank_slices_added_as_supports_are_warned_about(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    rseg = bank_cli()
+    image, labels = make_case(4)
+    values = image.array.astype(np.float32)
+    values[3] = np.nan  # an annotated slice lost to NaNs: SimpleITK reads them back as 0
+    img = sitk.GetImageFromArray(values)
+    img.SetSpacing(image.spacing)
+    img.SetOrigin(image.origin)
+    img.SetDirection(image.direction)
+    sitk.WriteImage(img, str(tmp_path / "img.nii.gz"))
+    from RetrievalSegLib.volume import write_volume
+
+    write_volume(labels, tmp_path / "lab.nii.gz")
+    bank = tmp_path / "bank"
+    assert rseg("create", bank, "--labels", "1:RV,2:Myo") == 0
+    capsys.readouterr()
+    assert rseg("add", bank, tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz", "--case", "p01") == 0
+    err = capsys.readouterr().err
+    blank = next(e for e in SupportBank.open(bank).entries() if e.index == 3)
+    assert "rseg bank: warning: case 'p01': 1 slice(s) added as supports are blank" in err
+    assert f"k=3 ({blank.id}: every voxel is 0.0)" in err and "NaN voxels" in err
