@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import hashlib
 import io
 import json
@@ -30,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 import zipfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -38,7 +40,16 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, Union
 
 import numpy as np
 
-from .fileio import TMP_PREFIX, atomic_write_bytes
+from .fileio import (
+    TMP_PREFIX,
+    UnsafeLinkError,
+    atomic_write_bytes,
+    check_no_links,
+    current_umask,
+    default_file_mode,
+    is_link,
+    read_bytes,
+)
 from .volume import (
     AXIS_NAMES,
     Volume,
@@ -65,9 +76,10 @@ RETIRED_BY_USER = "user"
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_ARCHIVE_FILE_RE = re.compile(
-    r"^(bank\.json|embeddings\.npy|index\.faiss|entries/[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.npz)$"
-)
+#: Import limits: an archive may not make the importer write (or hold) more than a bank needs.
+MAX_ARCHIVE_MEMBERS = 200_000  # a bank of 100k slices has about 100k members
+MAX_BANK_JSON_BYTES = 256 * 2**20
+_ENTRY_SLACK_BYTES = 2**20  # npz headers and compression overhead beyond the raw arrays
 
 
 # ----------------------------------------------------------------------------- errors
@@ -96,8 +108,16 @@ class BankModelMismatchError(BankError):
     """The bank's embeddings come from another DINOv2 model than the one in use."""
 
 
+class BankReadOnlyError(BankError, PermissionError):
+    """The bank cannot be changed by this user (read-only folder or file system)."""
+
+
 class BankLockTimeout(BankError, TimeoutError):
     """Another process held the bank's write lock for longer than the timeout."""
+
+
+class BlankSliceWarning(UserWarning):
+    """A slice added as a support has one value everywhere: it shows nothing to the models."""
 
 
 class UnknownEntryError(BankError, LookupError):
@@ -285,6 +305,8 @@ class VerifyReport:
     temp_files: list[str] = field(default_factory=list)
     orphan_files: list[str] = field(default_factory=list)
     memory_caches: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)  # links inside the bank (never followed)
+    memory_problems: list[str] = field(default_factory=list)  # cached memories that fail their check
     actions: list[str] = field(default_factory=list)  # what repair did
     found_before_repair: list[str] = field(default_factory=list)
 
@@ -314,6 +336,8 @@ class VerifyReport:
             "temp_files": self.temp_files,
             "orphan_files": self.orphan_files,
             "memory_caches": self.memory_caches,
+            "links": self.links,
+            "memory_problems": self.memory_problems,
             "actions": self.actions,
             "found_before_repair": self.found_before_repair,
         }
@@ -349,10 +373,12 @@ class _State:
     embeddings_sha256: str | None
     revision: int
     created: str
+    bank_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
+            "bank_id": self.bank_id,
             "created": self.created,
             "revision": self.revision,
             "labels": [lab.to_json() for lab in self.labels],
@@ -419,6 +445,14 @@ def memory_cache_name(sam2_identity: str) -> str:
     return f"{_sanitise(sam2_identity, 80)}-{digest}"
 
 
+def _nonfinite_ids(state: "_State", rows: np.ndarray) -> list[str]:
+    """Ids of undamaged entries whose embedding row holds NaN or Inf."""
+    if rows.size == 0:
+        return []
+    finite = np.isfinite(rows).all(axis=1)
+    return [e.id for e, ok in zip(state.entries, finite) if not ok and e.damaged is None]
+
+
 def _reembed_hint(path: Path, identity: str) -> str:
     m = re.match(r"dinov2-([a-z_]+)", identity)
     size = f" --dinov2 {m.group(1)}" if m else ""
@@ -478,15 +512,41 @@ class _OsLock:
         except OSError:
             return False
 
-    def _holder(self) -> str:
+    def _holder(self, fd: int) -> str:
         try:
-            text = self.lock_path.read_text(encoding="utf-8", errors="replace").strip()
-        except OSError:
+            text = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip()
+        except (OSError, AttributeError):
             return ""
         return f" (held by {text})" if text else ""
 
+    def _open(self) -> int:
+        """Open (or create, mode 0666 & ~umask) the lock file, never through a link."""
+        check_no_links(self.bank_path, self.lock_path)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        except OSError as e:
+            if is_link(self.lock_path):
+                check_no_links(self.bank_path, self.lock_path)  # raises, naming the link
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise BankReadOnlyError(
+                    f"support bank at {self.bank_path} is read-only for you (cannot open its lock "
+                    f"file {self.lock_path}: {e.strerror}); changing it needs write access. Reading, "
+                    "segmenting and exporting work without it; to change a copy, "
+                    f"`rseg bank export {self.bank_path} COPY.zip` and `rseg bank import COPY.zip NEWBANK`"
+                ) from e
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            raise BankError(
+                f"{self.lock_path} is not a plain file of its own (it is a special file or has "
+                f"{st.st_nlink} hard links); RetrievalSeg writes into it, so it refuses to touch a "
+                "file that may live elsewhere too. Delete it (no writer may be running) and retry"
+            )
+        return fd
+
     def acquire(self) -> None:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         deadline = time.monotonic() + self.timeout
         delay = 0.01
         while True:
@@ -497,7 +557,7 @@ class _OsLock:
                 os.close(fd)
                 raise
             if time.monotonic() >= deadline:
-                holder = self._holder()
+                holder = self._holder(fd)
                 os.close(fd)
                 raise BankLockTimeout(
                     f"support bank at {self.bank_path} is busy: another process kept its lock "
@@ -533,16 +593,28 @@ class _OsLock:
 
 
 # ----------------------------------------------------------------------------- reading files
+def _nofollow_opener(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+
+
 def _read_state(bank_path: Path) -> tuple[_State, tuple[int, int, int], bytes]:
     """Parse bank.json; also returns its (inode, mtime_ns, size) and raw bytes."""
     f = bank_path / BANK_FILE
+    if bank_path.exists() and not bank_path.is_dir():
+        raise BankNotFoundError(
+            f"no support bank at {bank_path}: it is a file, not a folder. A support bank is a "
+            "folder (with bank.json inside); give the folder's path"
+            + (" (to unpack an exported bank, use `rseg bank import ARCHIVE NEWBANK`)"
+               if bank_path.name.lower().endswith((".zip", ".tar.gz", ".tgz")) else "")
+        )
     if not bank_path.is_dir():
         raise BankNotFoundError(
             f"no support bank at {bank_path}: the folder does not exist. Create one with "
             f"`rseg bank create {bank_path} --labels 1:NAME,...` or check the path."
         )
+    check_no_links(bank_path, f)
     try:
-        with open(f, "rb") as fh:
+        with open(f, "rb", opener=_nofollow_opener) as fh:
             st = os.fstat(fh.fileno())
             data = fh.read()
     except FileNotFoundError:
@@ -596,6 +668,7 @@ def _state_from_json(raw: Any, f: Path) -> _State:
             embeddings_sha256=None if sha is None else str(sha),
             revision=int(raw.get("revision", 0)),
             created=str(raw.get("created", "")),
+            bank_id=None if raw.get("bank_id") is None else _sanitise(str(raw["bank_id"]), 64),
         )
     except BankCorruptError:
         raise
@@ -714,6 +787,7 @@ class SupportBank:
             embeddings_sha256=None,
             revision=0,
             created=_now(),
+            bank_id=uuid.uuid4().hex,
         )
         atomic_write_bytes(p / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"))
         return cls(p, lock_timeout)
@@ -772,6 +846,24 @@ class SupportBank:
         return self._current().embedding_dim
 
     @property
+    def bank_id(self) -> str:
+        """A stable id of this bank (banks made before ids existed: derived from path and creation)."""
+        state = self._current()
+        if state.bank_id:
+            return state.bank_id
+        return "legacy-" + _sha256(f"{os.path.realpath(self.path)}|{state.created}".encode())[:16]
+
+    def writable(self) -> bool:
+        """Whether this process may change the bank (folder, memories/ and .lock writable)."""
+        need = os.W_OK | os.X_OK
+        if not os.access(self.path, need):
+            return False
+        mem, lock = self.path / MEMORIES_DIR, self.path / LOCK_FILE
+        if mem.exists() and not os.access(mem, need):
+            return False
+        return not lock.exists() or os.access(lock, os.W_OK)
+
+    @property
     def revision(self) -> int:
         """Counter bumped on every committed change."""
         return self._current().revision
@@ -826,7 +918,13 @@ class SupportBank:
     def _load(self, e: BankEntry, labels: Sequence[LabelInfo]) -> EntryData:
         f = self.path / ENTRIES_DIR / f"{e.id}.npz"
         try:
-            data = f.read_bytes()
+            data = read_bytes(f, self.path)
+        except UnsafeLinkError as e2:
+            raise BankCorruptError(
+                f"entry {e.id} (case {e.case_id}, {AXIS_NAMES[e.axis]}={e.index}): {e2.strerror}; "
+                f"`rseg bank verify {self.path} --repair` marks the entry damaged until then",
+                f,
+            ) from None
         except FileNotFoundError:
             raise BankCorruptError(
                 f"entry {e.id} (case {e.case_id}, {AXIS_NAMES[e.axis]}={e.index}) has lost its file "
@@ -872,7 +970,11 @@ class SupportBank:
         return rows
 
     def _embeddings_status(self, state: _State) -> tuple[np.ndarray | None, str | None, str | None]:
-        """(rows or None, problem kind or None, message): kinds missing/unreadable/short/dim/sha/extra."""
+        """(rows or None, problem kind or None, message).
+
+        Kinds: missing/unreadable/short/dim/sha/link (no usable rows), nonfinite (rows returned;
+        the entries whose row holds NaN or Inf are never searched), extra (harmless).
+        """
         n = len(state.entries)
         f = self.path / EMBEDDINGS_FILE
         fix = (
@@ -881,10 +983,12 @@ class SupportBank:
         )
         if n == 0:
             return np.zeros((0, state.embedding_dim or 0), dtype=np.float32), None, None
+        if is_link(f):
+            return None, "link", f"{f} is a link; RetrievalSeg never reads through a link inside a bank: {fix}"
         if not f.is_file():
             return None, "missing", f"{f} is missing but bank.json lists {n} entries; {fix}"
         try:
-            arr = np.load(f, allow_pickle=False)
+            arr = np.load(io.BytesIO(read_bytes(f, self.path)), allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same problem
             return None, "unreadable", f"{f} cannot be read ({type(e).__name__}: {e}); {fix}"
         if arr.ndim != 2 or arr.dtype != np.float32:
@@ -898,6 +1002,13 @@ class SupportBank:
             return None, "sha", (
                 f"{f} does not match bank.json (its rows changed after bank.json was written, e.g. "
                 f"an interrupted re-embed); {fix}"
+            )
+        bad = _nonfinite_ids(state, rows)
+        if bad:
+            return rows, "nonfinite", (
+                f"{f} holds non-finite values (NaN or Inf) in the rows of {len(bad)} entries "
+                f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); they are never retrieved "
+                f"until the rows are recomputed: {fix}"
             )
         if arr.shape[0] > n:
             return rows, "extra", (
@@ -943,12 +1054,14 @@ class SupportBank:
 
     def _commit(self, state: _State) -> None:
         state.revision += 1
-        atomic_write_bytes(self.path / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"))
+        if state.bank_id is None:
+            state.bank_id = uuid.uuid4().hex
+        atomic_write_bytes(self.path / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"), self.path)
         self.reload()
 
     def _write_embeddings(self, state: _State, rows: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, dtype=np.float32)
-        atomic_write_bytes(self.path / EMBEDDINGS_FILE, _npy_bytes(rows))
+        atomic_write_bytes(self.path / EMBEDDINGS_FILE, _npy_bytes(rows), self.path)
         state.embeddings_sha256 = _rows_sha256(rows)
         if rows.shape[1]:
             state.embedding_dim = int(rows.shape[1])
@@ -1030,7 +1143,35 @@ class SupportBank:
                 _Prepared(case_id, ax, i, spacing, to_uint8(inten, bounds), inten, masks, bounds)
             )
         self._embed_prepared(prepared, embedder, progress)
-        return self._add_prepared(prepared, origin, embedder.identity)
+        added = self._add_prepared(prepared, origin, embedder.identity)
+        self._warn_blank(prepared, added)
+        return added
+
+    def _warn_blank(self, prepared: Sequence[_Prepared], added: Sequence[BankEntry]) -> None:
+        """Warn about added slices whose intensities are all one value (or not finite).
+
+        SimpleITK reads NaN voxels of a NIfTI file as 0, so a slice of NaNs arrives as a blank
+        slice; as a support it retrieves and teaches nothing, which the user should know.
+        """
+        blank: list[str] = []
+        for p, e in zip(prepared, added):
+            inten = np.asarray(p.intensities)
+            finite = inten[np.isfinite(inten)] if inten.dtype.kind == "f" else inten
+            if finite.size < inten.size:
+                blank.append(f"{AXIS_NAMES[e.axis]}={e.index} ({e.id}: holds NaN or Inf)")
+            elif finite.size == 0 or finite.min() == finite.max():
+                value = finite.flat[0] if finite.size else "nothing"
+                blank.append(f"{AXIS_NAMES[e.axis]}={e.index} ({e.id}: every voxel is {value})")
+        if blank:
+            case = added[0].case_id
+            warnings.warn(
+                f"case {case!r}: {len(blank)} slice(s) added as supports are blank: "
+                + ", ".join(blank)
+                + ". A blank image shows the models nothing (NaN voxels of a NIfTI file are read as 0);"
+                f" check the image, and retire unintended entries with `rseg bank remove {self.path} ID`",
+                BlankSliceWarning,
+                stacklevel=3,
+            )
 
     def add_slice(
         self,
@@ -1092,7 +1233,9 @@ class SupportBank:
             mm.setdefault(v, np.zeros(img.shape, dtype=bool))
         p = _Prepared(case_id, ax, int(index), sp, image_u8, inten, mm, bounds)  # type: ignore[arg-type]
         self._embed_prepared([p], embedder, None)
-        return self._add_prepared([p], origin, embedder.identity)[0]
+        added = self._add_prepared([p], origin, embedder.identity)
+        self._warn_blank([p], added)
+        return added[0]
 
     def _check_case(self, case_id: str) -> str:
         if not isinstance(case_id, str) or not case_id.strip():
@@ -1165,7 +1308,7 @@ class SupportBank:
                 eid = self._new_id(p, taken)
                 taken.add(eid)
                 data = _npz_bytes(p, state.labels)
-                atomic_write_bytes(self.path / ENTRIES_DIR / f"{eid}.npz", data)  # before any reference
+                atomic_write_bytes(self.path / ENTRIES_DIR / f"{eid}.npz", data, self.path)  # before any reference
                 present = tuple(v for v, m in sorted(p.masks.items()) if m.any())
                 new_entries.append(
                     BankEntry(
@@ -1264,6 +1407,7 @@ class SupportBank:
         if k > available:
             retired = sum(1 for e in state.entries if e.retired)
             damaged = sum(1 for e in state.entries if e.active and e.damaged is not None)
+            nonfinite = sum(1 for i in _nonfinite_ids(state, rows) if not self._find(state, i)[1].retired)
             why = []
             if case_policy == "exclude" and n_case:
                 why.append(f"{n_case} of case {case_id!r} excluded")
@@ -1271,6 +1415,10 @@ class SupportBank:
                 why.append(f"{retired} retired")
             if damaged:
                 why.append(f"{damaged} damaged")
+            if nonfinite:
+                why.append(
+                    f"{nonfinite} with non-finite embeddings: `rseg bank verify {self.path} --repair` recomputes them"
+                )
             raise ValueError(
                 f"k={k} supports requested but the support bank at {self.path} has only "
                 f"{available} usable entries" + (f" ({', '.join(why)})" if why else "")
@@ -1302,7 +1450,8 @@ class SupportBank:
             return self._index_cache[1:]  # type: ignore[return-value]
         from .retrieval import InnerProductIndex
 
-        usable = np.array([n for n, e in enumerate(state.entries) if e.usable], dtype=np.int64)
+        finite = np.isfinite(rows).all(axis=1) if rows.size else np.ones(len(state.entries), dtype=bool)
+        usable = np.array([n for n, e in enumerate(state.entries) if e.usable and finite[n]], dtype=np.int64)
         dim = state.embedding_dim or (rows.shape[1] if rows.ndim == 2 else 0)
         index = InnerProductIndex(rows[usable] if len(usable) else np.zeros((0, dim), np.float32))
         cases = np.array([state.entries[n].case_id for n in usable], dtype=object)
@@ -1311,18 +1460,51 @@ class SupportBank:
 
     # ---------------------------------------------------------------- memory caches
     def memory_cache_dir(self, sam2_identity: str, create: bool = True) -> Path:
-        """Folder for the SAM 2 memory cache of `sam2_identity` (recorded in bank.json)."""
+        """Folder for the SAM 2 memory cache of `sam2_identity`.
+
+        Inside the bank (`memories/<slug>-<hash8>/`, recorded in bank.json) when the bank is
+        writable; otherwise (read-only folder or file system, another user's bank) a per-user
+        folder `<user cache>/memories/<bank id>-r<revision>/<slug>-<hash8>/`, so that reading a
+        bank never needs write access to it. With create=False, the in-bank path, untouched.
+        """
         if not isinstance(sam2_identity, str) or not sam2_identity:
             raise ValueError(f"sam2_identity must be a non-empty string, got {sam2_identity!r}")
-        d = self.path / MEMORIES_DIR / memory_cache_name(sam2_identity)
-        if create:
-            d.mkdir(parents=True, exist_ok=True)
-            if sam2_identity not in self._current().sam2:
-                with self._transaction() as state:
-                    if sam2_identity not in state.sam2:
-                        state.sam2.append(sam2_identity)
-                        self._commit(state)
-        return d
+        name = memory_cache_name(sam2_identity)
+        d = self.path / MEMORIES_DIR / name
+        check_no_links(self.path, d)  # a linked memories/ would receive (and lose) files elsewhere
+        if not create:
+            return d
+        if self.writable():
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                check_no_links(self.path, d)
+                if sam2_identity not in self._current().sam2:
+                    with self._transaction() as state:
+                        if sam2_identity not in state.sam2:
+                            state.sam2.append(sam2_identity)
+                            self._commit(state)
+                return d
+            except UnsafeLinkError:
+                raise
+            except (BankReadOnlyError, PermissionError) as e:
+                _ = e  # not writable after all: use the per-user cache below
+            except OSError as e:
+                if e.errno != errno.EROFS:
+                    raise
+        return self._user_memory_dir(name)
+
+    def _user_memory_dir(self, name: str) -> Path:
+        """Per-user memory cache folder for this bank's id and revision (older revisions pruned)."""
+        from .memory import user_cache_root
+
+        root = user_cache_root() / MEMORIES_DIR
+        this = f"{_sanitise(self.bank_id, 64)}-r{self.revision}"
+        with contextlib.suppress(OSError):
+            for old in root.iterdir():
+                if old.name.startswith(this.rsplit("-r", 1)[0] + "-r") and old.name != this:
+                    if not is_link(old) and old.is_dir():
+                        shutil.rmtree(old, ignore_errors=True)
+        return root / this / name
 
     # ---------------------------------------------------------------- embeddings
     def _embed_entries(
@@ -1342,6 +1524,13 @@ class SupportBank:
             rows = np.asarray(embedder.embed(images), dtype=np.float32)
             if rows.shape != (len(chunk), embedder.dim):
                 raise ValueError(f"embedder {embedder.identity} returned shape {rows.shape} for {len(chunk)} slices")
+            bad = [e.id for e, r in zip(chunk, rows) if not np.isfinite(r).all()]
+            if bad:
+                raise ValueError(
+                    f"embedder {embedder.identity} returned non-finite values (NaN or Inf) for entries "
+                    f"{bad[:5]}{' ...' if len(bad) > 5 else ''}; nothing was written. Check the model "
+                    "(weights, device, precision) and retry"
+                )
             out.update({e.id: r for e, r in zip(chunk, rows)})
             if progress is not None:
                 progress(min(start + batch, len(todo)), len(todo))
@@ -1396,9 +1585,7 @@ class SupportBank:
             found = self._check(state, None)
             actions: list[str] = []
             for t in found.temp_files:
-                p = self.path / t
-                with contextlib.suppress(OSError):
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                if self._remove_rebuildable(self.path / t):
                     actions.append(f"removed leftover temp file {t}")
             damaged = {e: "missing file" for e in found.missing}
             damaged.update(found.corrupt)
@@ -1433,14 +1620,14 @@ class SupportBank:
                     state.embedding_dim = int(emb.dim)
                     actions.append(f"rebuilt {EMBEDDINGS_FILE} from the entry files with {emb.identity}")
             index_file = self.path / INDEX_FILE
-            if index_file.exists() and (found.index_problem or reembed or kind is not None):
-                index_file.unlink()
-                actions.append(f"removed stale {INDEX_FILE} (the index is rebuilt in memory)")
+            if index_file.exists() and not found.links and (found.index_problem or reembed or kind is not None):
+                if self._remove_rebuildable(index_file):
+                    actions.append(f"removed stale {INDEX_FILE} (the index is rebuilt in memory)")
             mem = self.path / MEMORIES_DIR
             for name in found.memory_caches:
-                shutil.rmtree(mem / name, ignore_errors=True)
-                actions.append(f"deleted SAM 2 memory cache {MEMORIES_DIR}/{name} (rebuilt on next use)")
-            state.sam2 = []
+                if self._remove_rebuildable(mem / name):
+                    actions.append(f"deleted SAM 2 memory cache {MEMORIES_DIR}/{name} (rebuilt on next use)")
+            state.sam2 = [s for s in state.sam2 if (mem / memory_cache_name(s)).exists()]
             self._commit(state)
             report = self._check(self._current(), embedder if _is_embedder(embedder) else None)
             report.actions = actions
@@ -1452,8 +1639,58 @@ class SupportBank:
                 )
             return report
 
+    def _remove_rebuildable(self, p: Path) -> bool:
+        """Delete a temp file, stale index or memory cache folder inside the bank, never via a link.
+
+        Every component from the bank folder down is checked with lstat; a link anywhere on the
+        way is left alone (verify reports it). rmtree itself does not follow links inside the
+        folder where the platform allows (`shutil.rmtree.avoids_symlink_attacks`).
+        """
+        try:
+            check_no_links(self.path, p)
+            st = os.lstat(p)
+        except OSError:
+            return False
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
+        except OSError:
+            return False
+        return True
+
+    def _links(self) -> list[str]:
+        """Paths (relative to the bank) of links inside the bank, found with lstat only."""
+        found: list[str] = []
+        for folder in (self.path, self.path / ENTRIES_DIR, self.path / MEMORIES_DIR):
+            if folder != self.path and (is_link(folder) or not folder.is_dir()):
+                continue
+            try:
+                children = sorted(folder.iterdir())
+            except OSError:
+                continue
+            for p in children:
+                if is_link(p):
+                    found.append(p.relative_to(self.path).as_posix())
+                elif folder.name == MEMORIES_DIR and folder != self.path and p.is_dir():
+                    with contextlib.suppress(OSError):
+                        found += [c.relative_to(self.path).as_posix() for c in sorted(p.iterdir()) if is_link(c)]
+        return found
+
     def _check(self, state: _State, embedder: Embedder | None) -> VerifyReport:
         report = VerifyReport(self.path, entries_checked=len(state.entries))
+        report.links = self._links()
+        for rel in report.links:
+            try:
+                target = f" (to {os.readlink(self.path / rel)})"
+            except OSError:
+                target = ""
+            report.problems.append(
+                f"{rel} is a link{target}: RetrievalSeg never follows a link inside a bank (nothing "
+                "outside it is read, written or deleted through it). Replace the link with the real "
+                "file or folder"
+            )
         for e in state.entries:
             try:
                 self._load(e, state.labels)
@@ -1496,7 +1733,7 @@ class SupportBank:
             )
             report.problems.append(report.model_problem)
         index_file = self.path / INDEX_FILE
-        if index_file.exists():
+        if index_file.exists() and not is_link(index_file):
             try:
                 import faiss
 
@@ -1509,7 +1746,7 @@ class SupportBank:
                 report.problems.append(report.index_problem + "; `verify --repair` removes it")
         ids = {e.id for e in state.entries}
         for folder in (self.path, self.path / ENTRIES_DIR, self.path / MEMORIES_DIR):
-            if folder.is_dir():
+            if folder.is_dir() and not is_link(folder):
                 for p in sorted(folder.iterdir()):
                     rel = p.relative_to(self.path).as_posix()
                     if p.name.startswith(TMP_PREFIX):
@@ -1527,31 +1764,83 @@ class SupportBank:
                 f"adds; never part of the bank; kept): {', '.join(report.orphan_files[:5])}"
             )
         mem = self.path / MEMORIES_DIR
-        if mem.is_dir():
-            report.memory_caches = sorted(p.name for p in mem.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX))
+        if mem.is_dir() and not is_link(mem):
+            report.memory_caches = sorted(
+                p.name for p in mem.iterdir() if p.is_dir() and not is_link(p) and not p.name.startswith(TMP_PREFIX)
+            )
+            self._check_memory_files(report)
         return report
 
+    def _check_memory_files(self, report: VerifyReport) -> None:
+        """Every cached memory must match its content hash, model identity and entry key."""
+        from .memory import FORMAT_VERSION, _split, inspect_memory_file, sanitize
+
+        mem = self.path / MEMORIES_DIR
+        stale = 0
+        for name in report.memory_caches:
+            folder = mem / name
+            try:
+                identity = json.loads(read_bytes(folder / "identity.json", self.path)).get("identity")
+            except (OSError, ValueError, AttributeError):
+                identity = None
+            for f in sorted(folder.glob("*.safetensors")):
+                if is_link(f):
+                    continue  # reported as a link
+                rel = f.relative_to(self.path).as_posix()
+                try:
+                    data = read_bytes(f, self.path)
+                    meta = _split(data)[0].get("__metadata__") or {}
+                except (OSError, ValueError, UnicodeDecodeError) as e:
+                    why: str | None = f"unreadable ({e})"
+                else:
+                    if meta.get("format") != str(FORMAT_VERSION):
+                        stale += 1  # an older RetrievalSeg's file: recomputed on use, never trusted
+                        continue
+                    why = inspect_memory_file(data, identity)
+                    if why is None and sanitize(str(meta.get("key"))) != f.stem:
+                        why = f"computed for entry {meta.get('key')!r}, but named {f.name}"
+                if why is not None:
+                    report.memory_problems.append(rel)
+                    report.problems.append(
+                        f"memory cache file {rel}: {why}; it is not used (segment recomputes it). "
+                        f"`rseg bank verify {self.path} --repair` deletes the caches (rebuilt on use)"
+                    )
+        if stale:
+            report.notes.append(
+                f"{stale} memory cache file(s) from an older RetrievalSeg without a content hash: "
+                "recomputed on use (verify --repair deletes them)"
+            )
+
     # ---------------------------------------------------------------- export / import
-    def export(self, archive_path: str | os.PathLike[str]) -> Path:
-        """Write the bank (bank.json, embeddings, entry files; no caches) to one .zip or .tar.gz."""
-        archive = Path(archive_path)
-        fmt = _archive_format(archive)
-        if archive.resolve().is_relative_to(self.path.resolve()):
-            raise ValueError(f"export to a file outside the bank folder, not {archive}")
-        with self.locked():
+    def _export_files(self, lock_free: bool = False) -> list[tuple[str, bytes]]:
+        """(archive name, bytes) of bank.json, embeddings.npy and entry files, consistent.
+
+        Under the lock nothing changes meanwhile. Lock-free (read-only bank), entry files are
+        immutable and checked by their SHA-256, and embeddings.npy is checked against the
+        bank.json read first (re-read when a writer replaced both in between).
+        """
+        for attempt in range(5):
             state, _, raw = _read_state(self.path)
             files: list[tuple[str, bytes]] = [(BANK_FILE, raw)]
             emb = self.path / EMBEDDINGS_FILE
-            if emb.is_file():
-                files.append((EMBEDDINGS_FILE, emb.read_bytes()))
+            if emb.is_file() or is_link(emb):
+                data = read_bytes(emb, self.path)
+                if lock_free and state.embeddings_sha256 is not None and attempt < 4:
+                    try:
+                        rows = np.load(io.BytesIO(data), allow_pickle=False)[: len(state.entries)]
+                        if _rows_sha256(rows) != state.embeddings_sha256:
+                            continue
+                    except Exception:  # noqa: BLE001 - exported as is; verify on import judges it
+                        pass
+                files.append((EMBEDDINGS_FILE, data))
             for e in state.entries:
                 f = self.path / ENTRIES_DIR / f"{e.id}.npz"
                 if e.damaged is not None:
-                    if f.is_file():
-                        files.append((e.file_name, f.read_bytes()))
+                    if f.is_file() and not is_link(f):
+                        files.append((e.file_name, read_bytes(f, self.path)))
                     continue
                 try:
-                    data = f.read_bytes()
+                    data = read_bytes(f, self.path)
                 except FileNotFoundError:
                     data = b""
                 if _sha256(data) != e.sha256:
@@ -1561,9 +1850,25 @@ class SupportBank:
                         f,
                     )
                 files.append((e.file_name, data))
+            return files
+        raise BankError(f"cannot export {self.path}: it kept changing while being read; retry")
+
+    def export(self, archive_path: str | os.PathLike[str]) -> Path:
+        """Write the bank (bank.json, embeddings, entry files; no caches) to one .zip or .tar.gz."""
+        archive = Path(archive_path)
+        fmt = _archive_format(archive)
+        if archive.resolve().is_relative_to(self.path.resolve()):
+            raise ValueError(f"export to a file outside the bank folder, not {archive}")
+        try:
+            with self.locked():
+                files = self._export_files()
+        except BankReadOnlyError:
+            files = self._export_files(lock_free=True)  # a read-only bank has no writer to wait for
         archive.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=archive.parent, prefix=TMP_PREFIX, suffix="-" + archive.name)
         try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, default_file_mode())  # mkstemp makes 0600; the umask decides
             with os.fdopen(fd, "wb") as fh:
                 if fmt == "zip":
                     with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -1593,7 +1898,13 @@ class SupportBank:
         dest: str | os.PathLike[str],
         lock_timeout: float | None = None,
     ) -> "SupportBank":
-        """Unpack an exported bank into `dest` (new or empty), safely, and verify it."""
+        """Unpack an exported bank into `dest` (new or empty), safely, and verify it.
+
+        Only what bank.json lists is written (bank.json, embeddings.npy, entries/<id>.npz of its
+        entries); every member's size is capped by what that bank needs and checked before and
+        while it is written, and the member count is capped, so an archive bomb writes nothing.
+        Caches and index.faiss are rebuildable and never imported.
+        """
         archive, target = Path(archive_path), Path(dest)
         if not archive.is_file():
             raise FileNotFoundError(f"no such archive: {archive}")
@@ -1604,6 +1915,7 @@ class SupportBank:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=TMP_PREFIX + "import-"))
         try:
+            tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the umask decides
             _safe_extract(archive, tmp)
             (tmp / ENTRIES_DIR).mkdir(exist_ok=True)
             (tmp / MEMORIES_DIR).mkdir(exist_ok=True)
@@ -1612,13 +1924,21 @@ class SupportBank:
             state = bank._current()
             marked = {e.id for e in state.entries if e.damaged is not None}
             fatal = [i for i in report.damaged if i not in marked]
-            if fatal or report.embeddings_problem:
-                details = [f"damaged entries {fatal}"] if fatal else []
-                if report.embeddings_problem:
-                    details.append(report.embeddings_problem)
+            kind = bank._embeddings_status(state)[1] if state.entries else None
+            if fatal or kind not in (None, "extra"):
+                details = []
+                if fatal:
+                    details.append(
+                        f"damaged entries {fatal[:5]}{' ...' if len(fatal) > 5 else ''}: their files "
+                        "are missing or do not match their checksums"
+                    )
+                if kind not in (None, "extra"):
+                    details.append(f"its {EMBEDDINGS_FILE} {_EMBEDDINGS_PROBLEMS.get(str(kind), 'is unusable')}")
                 raise BankCorruptError(
-                    f"archive {archive} holds a damaged support bank ({'; '.join(details)}); "
-                    f"nothing was imported into {target}"
+                    f"archive {archive} holds a damaged support bank ({'; '.join(details)}); nothing "
+                    f"was imported into {target}. Export the bank again from its original folder "
+                    "(if `rseg bank verify` reports problems there, run `rseg bank verify --repair` "
+                    "there first), or restore the archive from a backup"
                 )
             with contextlib.suppress(FileNotFoundError):
                 target.rmdir()
@@ -1626,6 +1946,17 @@ class SupportBank:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return cls(target, lock_timeout)
+
+
+_EMBEDDINGS_PROBLEMS = {
+    "missing": "is missing",
+    "unreadable": "cannot be read",
+    "short": "has fewer rows than bank.json lists entries",
+    "dim": "rows have another length than bank.json says",
+    "sha": "does not match the checksum in bank.json",
+    "nonfinite": "holds NaN or Inf values",
+    "link": "is a link",
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -1663,51 +1994,110 @@ def _member_target(name: str, archive: Path) -> str:
     return "/".join(p for p in parts if p not in (".", ""))
 
 
+def _entry_cap(e: BankEntry, n_labels: int) -> int:
+    """Most bytes an entry file of this shape can need (uint8 image, <= 8-byte intensities, masks)."""
+    h, w = e.shape
+    return int(h) * int(w) * (1 + 8 + n_labels) + _ENTRY_SLACK_BYTES
+
+
 def _safe_extract(archive: Path, dest: Path) -> list[str]:
-    """Extract only the bank's own files (optionally under one top folder); refuse unsafe members."""
-    members: list[tuple[str, Callable[[], Any]]] = []
+    """Extract only the files bank.json lists (optionally under one top folder), size-capped.
+
+    Refuses unsafe names, links and special files, more than MAX_ARCHIVE_MEMBERS members, and any
+    listed member larger than what its bank needs; checked on the declared size before writing
+    and on the bytes actually written. Everything else in the archive is ignored.
+    """
+    members: dict[str, tuple[int, Callable[[], Any]]] = {}
+    count = 0
+
+    def add(name: str, size: int, opener: Callable[[], Any]) -> None:
+        if name in members:
+            raise BankCorruptError(f"archive {archive} holds {name!r} twice; refusing it")
+        members[name] = (size, opener)
+
     if zipfile.is_zipfile(archive):
         zf: Any = zipfile.ZipFile(archive)
-        for info in zf.infolist():
+        infos = zf.infolist()
+        if len(infos) > MAX_ARCHIVE_MEMBERS:
+            zf.close()
+            raise BankCorruptError(
+                f"archive {archive} has {len(infos)} members, more than the {MAX_ARCHIVE_MEMBERS} a "
+                "support bank export can hold; refusing it"
+            )
+        for info in infos:
             name = _member_target(info.filename, archive)
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise BankCorruptError(f"archive {archive} member {info.filename!r} is a link; refusing it")
             if not info.is_dir():
-                members.append((name, lambda info=info: zf.open(info)))
+                add(name, info.file_size, lambda info=info: zf.open(info))
     elif tarfile.is_tarfile(archive):
         zf = tarfile.open(archive, "r:*")
-        for ti in zf.getmembers():
+        for ti in zf:
+            count += 1
+            if count > MAX_ARCHIVE_MEMBERS:
+                zf.close()
+                raise BankCorruptError(
+                    f"archive {archive} has more than {MAX_ARCHIVE_MEMBERS} members, more than a "
+                    "support bank export can hold; refusing it"
+                )
             name = _member_target(ti.name, archive)
             if ti.issym() or ti.islnk():
                 raise BankCorruptError(f"archive {archive} member {ti.name!r} is a link; refusing it")
             if ti.isfile():
-                members.append((name, lambda ti=ti: zf.extractfile(ti)))
+                add(name, ti.size, lambda ti=ti: zf.extractfile(ti))
             elif not ti.isdir():
                 raise BankCorruptError(f"archive {archive} member {ti.name!r} is not a plain file; refusing it")
     else:
         raise BankCorruptError(f"{archive} is neither a zip nor a tar archive")
     try:
-        names = [n for n, _ in members]
-        if len(set(names)) != len(names):
-            raise BankCorruptError(f"archive {archive} holds some files twice; refusing it")
         prefix = ""
-        if BANK_FILE not in names:
-            tops = [n[: -len(BANK_FILE)] for n in names if n.endswith("/" + BANK_FILE) and n.count("/") == 1]
+        if BANK_FILE not in members:
+            tops = [n[: -len(BANK_FILE)] for n in members if n.endswith("/" + BANK_FILE) and n.count("/") == 1]
             if len(tops) != 1:
                 raise BankCorruptError(f"archive {archive} holds no {BANK_FILE}: it is not a support bank export")
             prefix = tops[0]
-        written: list[str] = []
-        for name, opener in members:
-            if not name.startswith(prefix):
-                continue
-            rel = name[len(prefix) :]
-            if not _ARCHIVE_FILE_RE.match(rel):
-                continue  # not part of a bank (caches, OS clutter): skipped
+        raw = _read_member(archive, prefix + BANK_FILE, *members[prefix + BANK_FILE], MAX_BANK_JSON_BYTES)
+        shown = archive / BANK_FILE  # messages name the member inside the archive
+        try:
+            state = _state_from_json(json.loads(raw.decode("utf-8")), shown)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BankCorruptError(f"{shown} is not valid JSON ({e}); refusing the archive", shown) from e
+        labels = len(state.labels)
+        wanted: dict[str, int] = {e.file_name: _entry_cap(e, labels) for e in state.entries}
+        dim = state.embedding_dim or 0
+        wanted[EMBEDDINGS_FILE] = (len(state.entries) + 4096) * max(dim, 1) * 4 + _ENTRY_SLACK_BYTES
+        for rel, cap in wanted.items():  # every declared size first: nothing is written for a bomb
+            if prefix + rel in members and members[prefix + rel][0] > cap:
+                raise BankCorruptError(
+                    f"archive {archive} member {prefix + rel!r} declares {members[prefix + rel][0]} bytes, "
+                    f"more than the {cap} bytes this bank can need; refusing the archive (nothing was written)"
+                )
+        (dest / BANK_FILE).write_bytes(raw)
+        written = [BANK_FILE]
+        for rel, cap in wanted.items():
+            if prefix + rel not in members:
+                continue  # verify reports a missing entry file or embeddings
             out = dest / rel
             out.parent.mkdir(parents=True, exist_ok=True)
-            with opener() as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            out.write_bytes(_read_member(archive, prefix + rel, *members[prefix + rel], cap))
             written.append(rel)
         return written
     finally:
         zf.close()
+
+
+def _read_member(archive: Path, name: str, size: int, opener: Callable[[], Any], cap: int) -> bytes:
+    """The bytes of one member, refusing more than `cap` (declared or actually decompressed)."""
+    if size > cap:
+        raise BankCorruptError(
+            f"archive {archive} member {name!r} declares {size} bytes, more than the {cap} bytes it "
+            "can need; refusing the archive (nothing was written)"
+        )
+    with opener() as src:
+        data = src.read(cap + 1)
+    if len(data) > cap:
+        raise BankCorruptError(
+            f"archive {archive} member {name!r} unpacks to more than the {cap} bytes it can need; "
+            "refusing the archive"
+        )
+    return data

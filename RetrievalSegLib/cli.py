@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -144,6 +145,43 @@ def write_outputs(seg, out: Path, seg_nrrd: Path | None = None) -> list[Path]:
     return written
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_outputs(outputs: dict[str, Path], inputs: dict[str, Path], folders: dict[str, Path]) -> None:
+    """Refuse (usage error) an output that is an input file or lies inside an input folder.
+
+    Paths are compared after resolving links and `..` (and by inode where both exist, which
+    also catches hard links), so that no spelling of the input is overwritten. Runs before any
+    model is loaded.
+    """
+    seen: dict[Path, str] = {}
+    for opt, out in outputs.items():
+        real = Path(os.path.realpath(out))
+        if real in seen:
+            raise _UsageError(f"{opt} {out} and {seen[real]} name the same file; give two different paths")
+        seen[real] = f"{opt} {out}"
+        for what, src in inputs.items():
+            same = real == Path(os.path.realpath(src))
+            if not same and out.exists() and src.exists():
+                try:
+                    same = os.path.samefile(out, src)
+                except OSError:
+                    same = False
+            if same:
+                raise _UsageError(
+                    f"{opt} {out} is the {what} {src} (the same file"
+                    + ("" if str(out) == str(src) else ", through a link or another spelling")
+                    + "); rseg never writes over its input: choose another output path"
+                )
+        for what, folder in folders.items():
+            if folder.is_dir() and _inside(real, Path(os.path.realpath(folder))):
+                raise _UsageError(
+                    f"{opt} {out} lies inside the {what} {folder}; write outputs outside it"
+                )
+
+
 # ----------------------------------------------------------------------------- segment
 def cmd_segment(args: argparse.Namespace) -> int:
     from .bank import SupportBank
@@ -156,6 +194,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     window = _window(args)  # option errors before any file or model is loaded
+    outputs = {"--out": out, **({"--seg-nrrd": Path(args.seg_nrrd)} if args.seg_nrrd else {})}
+    image_path = Path(args.image)
+    check_outputs(
+        outputs,
+        inputs={"input image": image_path} if not image_path.is_dir() else {},
+        folders={"support bank": Path(args.bank),
+                 **({"input DICOM folder": image_path} if image_path.is_dir() else {})},
+    )
     image = read_volume(args.image)
     bank = SupportBank.open(args.bank)
     engine = make_engine(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -104,6 +105,21 @@ def parse_slices(text: str) -> list[int]:
 
 def _err(msg: str) -> None:
     print(f"rseg bank: error: {msg}", file=sys.stderr)
+
+
+def _adding(add: Callable[[], Any]) -> Any:
+    """Run an add, printing the bank's warnings (blank slices) as `rseg bank: warning: ...`."""
+    from .bank import BlankSliceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BlankSliceWarning)
+        result = add()
+    for w in caught:
+        if issubclass(w.category, BlankSliceWarning):
+            print(f"rseg bank: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return result
 
 
 def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -227,8 +243,8 @@ def add_bank_parser(
         image, labels = read_volume(args.image), read_volume(args.labels)
         embedder = make_embedder(args)
         b.check_models(embedder.identity)
-        added = b.add_volume(image, labels, args.case, embedder, axis=args.axis, window=window,
-                             negatives=args.negatives, slices=args.slices)
+        added = _adding(lambda: b.add_volume(image, labels, args.case, embedder, axis=args.axis, window=window,
+                                             negatives=args.negatives, slices=args.slices))
         if args.json:
             print(json.dumps({"bank": str(b.path), "added": [_entry_json(e) for e in added]}, indent=1))
         else:
@@ -263,8 +279,8 @@ def add_bank_parser(
         image, labels = read_volume(args.image), read_volume(args.labels)
         embedder = make_embedder(args)
         b.check_models(embedder.identity)
-        (e,) = b.add_volume(image, labels, args.case, embedder, axis=args.axis, window=window,
-                            slices=[args.index], origin="correction")
+        (e,) = _adding(lambda: b.add_volume(image, labels, args.case, embedder, axis=args.axis, window=window,
+                                            slices=[args.index], origin="correction"))
         if args.json:
             print(json.dumps({"bank": str(b.path), "added": [_entry_json(e)]}, indent=1))
         else:

@@ -2,26 +2,87 @@
 
 A support's memory depends only on the support (image + masks) and the SAM 2 model, never on the
 query, so it is computed once. On disk each memory is one safetensors file (no pickle) written
-atomically; a file that fails to read is recomputed, never trusted.
+atomically. Each file records the model identity and the entry key it was computed for and a
+SHA-256 of its tensors (format 2); a file that fails to read, belongs to another model or entry,
+or whose tensors do not match the hash is recomputed and rewritten, never trusted. A folder that
+cannot be written (read-only bank, full disk) degrades to memory only, with one warning.
+
+Where the cache lives: inside the bank (`memories/`) when the bank is writable, otherwise a
+per-user folder (`user_cache_root()`, overridable with RSEG_CACHE_DIR) keyed by bank id and revision.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from .fileio import UnsafeLinkError, atomic_write_bytes, read_bytes
 
-from .engine import SupportMemory
-from .fileio import atomic_write_bytes
+if TYPE_CHECKING:  # torch is imported only when a memory is actually loaded
+    from .engine import SupportMemory
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ENV_CACHE_DIR = "RSEG_CACHE_DIR"
+_WHAT = "a memory cache"
 
 
 def sanitize(name: str) -> str:
     """A file-system safe rendering of an identity or key."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:160]
+
+
+def user_cache_root() -> Path:
+    """RetrievalSeg's per-user cache folder: $RSEG_CACHE_DIR, else $XDG_CACHE_HOME/retrievalseg
+    (%LOCALAPPDATA%\\retrievalseg on Windows), else ~/.cache/retrievalseg."""
+    env = os.environ.get(ENV_CACHE_DIR)
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or (os.environ.get("LOCALAPPDATA") if os.name == "nt" else None)
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "retrievalseg"
+
+
+def _split(data: bytes) -> tuple[dict, bytes]:
+    """(header, data section) of a safetensors file; ValueError when malformed."""
+    if len(data) < 8:
+        raise ValueError("too short to be a safetensors file")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError("header runs past the end of the file (truncated)")
+    header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header, data[8 + n :]
+
+
+def content_sha256(header: dict, body: bytes) -> str:
+    """SHA-256 over the tensor descriptions (dtype, shape, offsets) and the tensor bytes."""
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    h = hashlib.sha256(json.dumps(tensors, sort_keys=True).encode("utf-8"))
+    h.update(body)
+    return h.hexdigest()
+
+
+def inspect_memory_file(data: bytes, identity: str | None = None, key: str | None = None) -> str | None:
+    """Why a cached memory file must not be trusted, or None when it is intact (no torch needed)."""
+    try:
+        header, body = _split(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"unreadable ({e})"
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != str(FORMAT_VERSION):
+        return f"format {meta.get('format')!r}, not {FORMAT_VERSION} (written without a content hash)"
+    if identity is not None and meta.get("model") != identity:
+        return f"computed by model {meta.get('model')!r}, not {identity!r}"
+    if key is not None and meta.get("key") != key:
+        return f"computed for entry {meta.get('key')!r}, not {key!r}"
+    if content_sha256(header, body) != meta.get("sha256"):
+        return "its tensors do not match their recorded SHA-256 (altered or damaged)"
+    return None
 
 
 class SupportMemoryCache:
@@ -34,21 +95,52 @@ class SupportMemoryCache:
         self._items: OrderedDict[str, SupportMemory] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.rejected = 0  # files on disk that failed their integrity check and were recomputed
+        self._writable = self.directory is not None
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except UnsafeLinkError:
+                raise
+            except OSError as e:
+                self._read_only(e)
+                if not self.directory.is_dir():
+                    self.directory = None
+                    return
             marker = self.directory / "identity.json"
-            if marker.exists():
+            if marker.exists() or marker.is_symlink():
                 try:
-                    found = json.loads(marker.read_text()).get("identity")
-                except (OSError, ValueError):
+                    found = json.loads(read_bytes(marker, self.directory, _WHAT)).get("identity")
+                except UnsafeLinkError:
+                    raise
+                except (OSError, ValueError, AttributeError):
                     found = None
                 if found != identity:
                     raise ValueError(
                         f"memory cache at {self.directory} belongs to model {found!r}, not "
                         f"{identity!r}; use another folder or delete this one (it is rebuildable)"
                     )
-            else:
-                atomic_write_bytes(marker, json.dumps({"identity": identity, "format": FORMAT_VERSION}).encode())
+            elif self._writable:
+                try:
+                    atomic_write_bytes(
+                        marker, json.dumps({"identity": identity, "format": FORMAT_VERSION}).encode(),
+                        self.directory, _WHAT,
+                    )
+                except UnsafeLinkError:
+                    raise
+                except OSError as e:
+                    self._read_only(e)
+
+    def _read_only(self, err: OSError) -> None:
+        """Keep going with memories in memory only (the disk cache is an optimisation)."""
+        if self._writable:
+            warnings.warn(
+                f"memory cache folder {self.directory} cannot be written ({err}); support memories "
+                "are kept in memory only for this run",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._writable = False
 
     def __len__(self) -> int:
         return len(self._items)
@@ -58,25 +150,31 @@ class SupportMemoryCache:
         return self.directory / f"{sanitize(key)}.safetensors"
 
     def get(self, key: str) -> SupportMemory | None:
-        """The cached memory for `key`, from memory or disk, or None."""
+        """The cached memory for `key`, from memory or disk (checked), or None."""
         mem = self._items.get(key)
         if mem is not None:
             self._items.move_to_end(key)
             return mem
         if self.directory is not None:
             path = self._path(key)
-            if path.exists():
-                mem = _load(path, key)
+            if path.exists() or path.is_symlink():
+                mem = _load(path, key, self.identity, self.directory)
                 if mem is not None:
                     self._remember(key, mem)
                     return mem
+                self.rejected += 1
         return None
 
     def put(self, key: str, mem: SupportMemory) -> None:
-        """Store a memory in memory and, when a folder is set, on disk (atomically)."""
+        """Store a memory in memory and, when a writable folder is set, on disk (atomically)."""
         self._remember(key, mem)
-        if self.directory is not None:
-            _save(self._path(key), key, mem)
+        if self.directory is not None and self._writable:
+            try:
+                _save(self._path(key), key, self.identity, mem, self.directory)
+            except UnsafeLinkError:
+                raise
+            except OSError as e:
+                self._read_only(e)
 
     def get_or_compute(self, key: str, compute: Callable[[], SupportMemory]) -> SupportMemory:
         """Cached memory for `key`, computing and storing it on a miss."""
@@ -96,7 +194,7 @@ class SupportMemoryCache:
             self._items.popitem(last=False)
 
 
-def _save(path: Path, key: str, mem: SupportMemory) -> None:
+def _save(path: Path, key: str, identity: str, mem: SupportMemory, root: Path) -> None:
     from safetensors.torch import save
 
     tensors = {
@@ -105,27 +203,38 @@ def _save(path: Path, key: str, mem: SupportMemory) -> None:
     }
     meta = {
         "key": key,
+        "model": identity,
         "labels": json.dumps(list(mem.labels)),
         "present": json.dumps(list(mem.present)),
         "format": str(FORMAT_VERSION),
     }
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    header, body = _split(save(tensors, metadata=meta))
+    meta["sha256"] = content_sha256(header, body)
+    data = save(tensors, metadata=meta)
+    if inspect_memory_file(data, identity, key) is not None:  # serialisation must be deterministic
+        raise RuntimeError(f"safetensors wrote {path} differently twice; not caching it")
+    atomic_write_bytes(path, data, root, _WHAT)
 
 
-def _load(path: Path, key: str) -> SupportMemory | None:
-    from safetensors import safe_open
+def _load(path: Path, key: str, identity: str, root: Path) -> SupportMemory | None:
+    from safetensors.torch import load
+
+    from .engine import SupportMemory
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("key") != key or meta.get("format") != str(FORMAT_VERSION):
-                return None
-            feats = f.get_tensor("maskmem_features")
-            ptr = f.get_tensor("obj_ptr")
+        data = read_bytes(path, root, _WHAT)
+    except OSError:  # a link, unreadable: recompute (the rewrite replaces the name, not a target)
+        return None
+    if inspect_memory_file(data, identity, key) is not None:
+        return None
+    try:
+        tensors = load(data)
+        meta = _split(data)[0].get("__metadata__") or {}
+        feats, ptr = tensors["maskmem_features"], tensors["obj_ptr"]
         labels = tuple(int(x) for x in json.loads(meta["labels"]))
         present = tuple(bool(x) for x in json.loads(meta["present"]))
     except Exception:  # corrupt or foreign file: recompute instead of trusting it
         return None
-    if feats.shape[0] != len(labels) or ptr.shape[0] != len(labels):
+    if feats.shape[0] != len(labels) or ptr.shape[0] != len(labels) or len(present) != len(labels):
         return None
     return SupportMemory(labels, feats, ptr, present)

@@ -258,8 +258,16 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> Volume:
 def write_image_atomic(
     img: "sitk.Image", path: str | os.PathLike[str], compress: bool = True
 ) -> Path:
-    """Write a SimpleITK image to a temporary name beside `path`, then rename it into place."""
+    """Write a SimpleITK image to a temporary name beside `path`, check it, then rename it into place.
+
+    SimpleITK's writers do not report a full disk (or a quota or file size limit): they leave a
+    short file and return. So the temporary file is read back and compared with `img` before it
+    replaces anything; on failure an OSError names `path` and the cause, the previous file is
+    untouched and the temporary file removed.
+    """
     import SimpleITK as sitk
+
+    from .fileio import fsync_dir
 
     p = Path(path)
     if not p.parent.is_dir():
@@ -272,14 +280,56 @@ def write_image_atomic(
         )
     tmp = p.parent / f".{p.name[: -len(suffix)]}.{uuid.uuid4().hex[:12]}.tmp{suffix}"
     try:
-        sitk.WriteImage(img, str(tmp), useCompression=compress)
+        try:
+            sitk.WriteImage(img, str(tmp), useCompression=compress)
+        except RuntimeError as exc:
+            raise OSError(f"cannot write {str(p)!r}: {str(exc).strip()}") from exc
+        _check_written(img, tmp, p)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, p)
-    except RuntimeError as exc:
-        raise OSError(f"cannot write {str(p)!r}: {str(exc).strip()}") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
+    fsync_dir(p.parent)
     return p
+
+
+def _check_written(img: "sitk.Image", tmp: Path, final: Path) -> None:
+    """Raise OSError unless the file at `tmp` reads back as exactly `img`'s pixels."""
+    import SimpleITK as sitk
+
+    try:
+        size = os.stat(tmp).st_size
+    except OSError:
+        size = 0
+    problem = None
+    if size == 0:
+        problem = "the file written is empty"
+    else:
+        try:
+            back = sitk.ReadImage(str(tmp))
+            same = back.GetSize() == img.GetSize() and np.array_equal(
+                sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(img)
+            )
+            if not same:
+                problem = f"the file written ({size} bytes) does not read back as the image"
+        except RuntimeError:
+            problem = f"the file written is incomplete ({size} bytes, unreadable)"
+    if problem is None:
+        return
+    try:
+        vfs = os.statvfs(final.parent)
+        free = f"; {vfs.f_bavail * vfs.f_frsize / 1e6:.1f} MB free there"
+    except (OSError, AttributeError):
+        free = ""
+    raise OSError(
+        f"cannot write {str(final)!r}: {problem}: the disk is probably full, or a quota or file "
+        f"size limit was reached{free}. Nothing was replaced: the previous file, if any, is unchanged"
+    )
 
 
 def write_volume(vol: Volume, path: str | os.PathLike[str], compress: bool = True) -> Path:

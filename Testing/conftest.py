@@ -5,15 +5,23 @@ but 127.0.0.0/8 (and ::1) refused, so a test that would reach a model hub fails 
 """
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import os
+import shutil
 import socket
+import tempfile
 
 import pytest
 
 os.environ.setdefault("RSEG_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Per-user caches (memories of read-only banks) go to a throwaway folder, never the real home.
+if "RSEG_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="rseg-test-cache-")
+    os.environ["RSEG_CACHE_DIR"] = _cache_dir
+    atexit.register(shutil.rmtree, _cache_dir, True)
 # Keep torch from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
