@@ -33,8 +33,8 @@ from .mrml_bridge import (
     _labels,
     _read_masks,
     _replace_masks,
+    annotated_labelmap,
     case_id_for_volume,
-    labelmap_from_segmentation,
     labelmap_to_segmentation,
     labels_from_segmentation,
     segment_ids_for_labels,
@@ -573,13 +573,7 @@ class RetrievalSegLogic:
                 "you corrected (Add all edited slices), not every segmented slice"
             )
         volume = volume_from_node(volume_node)
-        labelmap = labelmap_from_segmentation(segmentation_node, volume_node, bank.labels)
-        if not labelmap.array.any():
-            names = ", ".join(lab.name for lab in bank.labels)
-            raise ValueError(
-                f"segmentation {segmentation_node.GetName()!r} has nothing drawn in segments named "
-                f"like the bank's labels ({names}) on volume {volume_node.GetName()!r}"
-            )
+        labelmap = annotated_labelmap(segmentation_node, volume_node, bank.labels)
         folder = self.client.new_job_folder()
         params = {
             "bank": str(bank.path), "volume": volume_spec(folder, "volume", volume),

@@ -627,13 +627,7 @@ def add_annotated_slices_to_bank(
     from .segment import window_for_volume
 
     vol = volume_from_node(volume_node)
-    labelmap = labelmap_from_segmentation(segmentation_node, volume_node, bank.labels)
-    if not labelmap.array.any():
-        names = ", ".join(lab.name for lab in bank.labels)
-        raise ValueError(
-            f"segmentation {segmentation_node.GetName()!r} has nothing drawn in segments named "
-            f"like the bank's labels ({names}) on volume {volume_node.GetName()!r}"
-        )
+    labelmap = annotated_labelmap(segmentation_node, volume_node, bank.labels)
     return bank.add_volume(
         vol,
         labelmap,
@@ -643,6 +637,18 @@ def add_annotated_slices_to_bank(
         window=window_for_volume(vol, window),
         origin=origin,
     )
+
+
+def annotated_labelmap(segmentation_node: Any, volume_node: Any, labels: Sequence[Any]) -> Volume:
+    """The user's drawing in the bank-label segments as one label map; an error when it is empty."""
+    labelmap = labelmap_from_segmentation(segmentation_node, volume_node, labels)
+    if not labelmap.array.any():
+        names = ", ".join(lab.name for lab in labels)
+        raise ValueError(
+            f"segmentation {segmentation_node.GetName()!r} has nothing drawn in segments named "
+            f"like the bank's labels ({names}) on volume {volume_node.GetName()!r}"
+        )
+    return labelmap
 
 
 def case_id_for_volume(volume_node: Any) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from RetrievalSegLib import worker_protocol as wp
-from RetrievalSegLib.bank import LabelInfo, SupportBank
+from RetrievalSegLib.bank import LabelInfo
 from RetrievalSegLib.synthetic import LABELS, make_synthetic_study
 from RetrievalSegLib.worker_client import WorkerClient, WorkerError, labels_json, volume_spec
 
