@@ -21,18 +21,40 @@ BLAS kernels. Output: max |logit diff| <= 1e-3 (observed <= 3e-7; random-weight 
 about +/-0.2, so this bound is as large as several rules' effects: it is kept as an end-to-end check,
 the intermediate comparison is what bites) and >= 99.9% pixel agreement (observed 100%).
 
+Negative controls (``test_fidelity_negative_control``): each rule of engine.py / ARCHITECTURE.md is
+broken on purpose inside the test (monkeypatch of the engine's model instance or an explicit
+parameter), and the same ``compare_paths`` + ``fidelity_failures`` must fail on the tensor where
+the rule acts, by >= 100x its tolerance. Effect sizes measured at 256 px, seed 0 (relative error of
+the named tensor; max |logit diff| at the output, where 1e-3 would have passed):
+
+  control (rule broken)                      tensor that fails              error    output diff
+  obj_ptr_distance_not_k_minus_i (i+1)       memory_pos[obj_ptr]            0.13     < 1e-3
+  query_frame_index_k_plus_1                 memory_pos[obj_ptr]            0.034    < 1e-3
+  query_frame_index_0 (pointers after 0 cut) num_obj_ptr_tokens 4 vs 12     shape    < 1e-3
+  frame_count_k_plus_2 (pointer normaliser)  memory_pos[obj_ptr]            0.047    < 1e-3
+  cond_memory_temporal_position_not_0 (k=2)  memory_pos[spatial]            0.069    < 1e-3
+  memory_mask_not_binarised (sigmoid)        memory_encoder.masks           1.0      < 1e-3
+  memory_mask_not_reupsampled (prompt mask)  memory_encoder.masks           2.0      < 1e-3
+  memory_stored_float32 (no bf16 rounding)   memory[spatial]                2.9e-3   < 1e-3
+  label_masks_swapped_in_supports            memory_encoder.masks           2.0      1.9e-3
+  label_memories_swapped_at_query            memory[spatial] / [obj_ptr]    0.55/1.1 1.9e-3
+
+A control whose mutation no longer reaches the code (the engine stopped calling the patched
+function) fails with "mutant not applied", so it is replaced rather than silently passing.
 Non-vacuity: every case asserts the objects are predicted present, the reference masks are
 neither empty nor full, and the hooks saw k x labels support rows and one query row per label.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import pytest
+import torch
 
-from RetrievalSegLib.engine import Sam2MemoryEngine
+from RetrievalSegLib.engine import Sam2MemoryEngine, SupportMemory
 from RetrievalSegLib.models import load_sam2
 
 from _fidelity import (
@@ -151,3 +173,170 @@ def test_fidelity_matches_official_predictor_1024(tmp_path):
 @pytest.mark.parametrize("image_size,seed,k", [(512, 0, 8), (512, 1, 1), (512, 3, 3), (1024, 0, 3), (1024, 1, 8)])
 def test_fidelity_matches_official_predictor_full_sweep(tmp_path, image_size, seed, k):
     _assert_same(_run_case(tmp_path, image_size, seed, k), k)
+
+
+# ----------------------------------------------------------------------------- negative controls
+class Applied:
+    """How many times a mutant changed what the engine did (0: the mutant no longer applies)."""
+
+    def __init__(self) -> None:
+        self.applied = 0
+
+
+class Mutant(Applied):
+    """Wraps a method of an object (monkeypatched for one test) and counts the calls it changed."""
+
+    def __init__(self, monkeypatch, obj, name: str, change: Callable[[dict], bool]) -> None:
+        super().__init__()
+        original = getattr(obj, name)
+        sig = inspect.signature(original)
+
+        def wrapper(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            if change(bound.arguments):
+                self.applied += 1
+            return original(*bound.args, **bound.kwargs)
+
+        monkeypatch.setattr(obj, name, wrapper)
+
+
+def _query_side(mutate: Callable[[dict], None]) -> Callable[[dict], bool]:
+    """A change of `_prepare_memory_conditioned_features`' arguments for the query only."""
+
+    def change(a: dict) -> bool:
+        if a["is_init_cond_frame"]:
+            return False
+        mutate(a)
+        return True
+
+    return change
+
+
+def _renumber_pointer_distances(a: dict) -> None:
+    # support i recorded at frame k-1-i (insertion order kept): pointer distance i+1 instead of k-i
+    cond = a["output_dict"]["cond_frame_outputs"]
+    n = len(cond)
+    a["output_dict"] = dict(a["output_dict"], cond_frame_outputs={n - 1 - i: v for i, v in enumerate(cond.values())})
+
+
+def _last_support_not_conditioning(a: dict) -> None:
+    # the last support as an ordinary previous frame: temporal position != 0 for its memory
+    cond = dict(a["output_dict"]["cond_frame_outputs"])
+    last = max(cond)
+    moved = {last: cond.pop(last)}
+    a["output_dict"] = {"cond_frame_outputs": cond, "non_cond_frame_outputs": moved}
+
+
+def _shift_query(a: dict) -> None:
+    a["frame_idx"] += 1
+    a["num_frames"] += 1
+
+
+def _more_frames(a: dict) -> None:
+    a["num_frames"] += 1
+
+
+def _query_at_zero(a: dict) -> None:
+    a["frame_idx"] = 0
+
+
+def _not_binarised(a: dict) -> bool:
+    a["is_mask_from_pts"] = False
+    return True
+
+
+def _reversed_select(self, labels):
+    rows = torch.arange(len(self.labels) - 1, -1, -1, device=self.obj_ptr.device)
+    return SupportMemory(
+        tuple(labels), self.maskmem_features.index_select(0, rows), self.obj_ptr.index_select(0, rows), self.present[::-1]
+    )
+
+
+def _swap_labels(masks: dict) -> dict:
+    return {1: masks[2], 2: masks[1]}
+
+
+def _control(name: str, monkeypatch, engine: Sam2MemoryEngine):
+    """Break one rule on `engine`; returns (engine to run, mask transform, list of applied mutants)."""
+    model = engine.model
+    masks = lambda m: m  # noqa: E731
+    mutants: list[Applied] = []
+    prep = "_prepare_memory_conditioned_features"
+    if name == "obj_ptr_distance_not_k_minus_i":
+        mutants.append(Mutant(monkeypatch, model, prep, _query_side(_renumber_pointer_distances)))
+    elif name == "cond_memory_temporal_position_not_0":
+        mutants.append(Mutant(monkeypatch, model, prep, _query_side(_last_support_not_conditioning)))
+    elif name == "query_frame_index_k_plus_1":
+        mutants.append(Mutant(monkeypatch, model, prep, _query_side(_shift_query)))
+    elif name == "query_frame_index_0":
+        mutants.append(Mutant(monkeypatch, model, prep, _query_side(_query_at_zero)))
+    elif name == "frame_count_k_plus_2":
+        mutants.append(Mutant(monkeypatch, model, prep, _query_side(_more_frames)))
+    elif name == "memory_mask_not_binarised":
+        mutants.append(Mutant(monkeypatch, model, "_encode_new_memory", _not_binarised))
+    elif name == "memory_mask_not_reupsampled":
+        # encode the prompt mask itself (as +/-10 logits) instead of the re-upsampled prediction
+        prompt: list[torch.Tensor] = []
+
+        def stash(a: dict) -> bool:
+            prompt.append(a["mask_inputs"])
+            return False
+
+        def use_prompt(a: dict) -> bool:
+            a["pred_masks_high_res"] = prompt.pop(0).float() * 20.0 - 10.0
+            return True
+
+        Mutant(monkeypatch, model, "_use_mask_as_output", stash)
+        mutants.append(Mutant(monkeypatch, model, "_encode_new_memory", use_prompt))
+    elif name == "memory_stored_float32":
+        engine = Sam2MemoryEngine(engine.sam2, memory_dtype=torch.float32)
+        mutants = []  # an explicit parameter: nothing to count
+    elif name == "label_masks_swapped_in_supports":
+        masks = _swap_labels
+    elif name == "label_memories_swapped_at_query":
+        hit = Applied()
+
+        def select(self, labels):
+            hit.applied += 1
+            return _reversed_select(self, labels)
+
+        monkeypatch.setattr(SupportMemory, "select", select)
+        mutants.append(hit)
+    else:
+        raise ValueError(name)
+    return engine, masks, mutants
+
+
+# (control, k, tensors where the rule acts and the comparison must fail)
+CONTROLS = [
+    ("obj_ptr_distance_not_k_minus_i", 3, ["memory_attention.memory_pos[obj_ptr]"]),
+    ("query_frame_index_k_plus_1", 3, ["memory_attention.memory_pos[obj_ptr]"]),
+    ("query_frame_index_0", 3, ["memory_attention.num_obj_ptr_tokens"]),
+    ("frame_count_k_plus_2", 3, ["memory_attention.memory_pos[obj_ptr]"]),
+    ("cond_memory_temporal_position_not_0", 2, ["memory_attention.memory_pos[spatial]"]),
+    ("memory_mask_not_binarised", 3, ["support.memory_encoder.masks"]),
+    ("memory_mask_not_reupsampled", 3, ["support.memory_encoder.masks"]),
+    ("memory_stored_float32", 3, ["memory_attention.memory[spatial]"]),
+    ("label_masks_swapped_in_supports", 3, ["support.memory_encoder.masks", "support.decoder.dense_prompt_embeddings"]),
+    ("label_memories_swapped_at_query", 3, ["memory_attention.memory[spatial]", "memory_attention.memory[obj_ptr]"]),
+]
+MIN_EFFECT = 100.0  # a broken rule must exceed the tolerance of its tensor by this factor
+
+
+@pytest.mark.parametrize("control,k,where", CONTROLS, ids=[c[0] for c in CONTROLS])
+def test_fidelity_negative_control(tmp_path, monkeypatch, control, k, where):
+    """Break one fidelity rule on purpose: the real comparison must fail where the rule acts."""
+    base, _ = _engine_and_reference(256, 0)
+    engine, masks, mutants = _control(control, monkeypatch, base)
+    case = _run_case(tmp_path, 256, 0, k, engine=engine, engine_masks=masks)
+    for m in mutants:
+        assert m.applied > 0, f"mutant not applied: {control} no longer reaches the engine's code path; replace it"
+    failures = fidelity_failures(case.errors)
+    output = case.errors["output.max_abs_logit_diff"]
+    for key in where:
+        assert key in failures, (
+            f"{control}: the fidelity comparison still passes at {key} "
+            f"({case.errors[key]:.3g} <= {tolerance(key):.0e}; output diff {output:.3g})"
+        )
+        assert case.errors[key] >= MIN_EFFECT * tolerance(key), f"{control}: effect at {key} only {case.errors[key]:.3g}"
