@@ -220,6 +220,7 @@ class Sam2MemoryEngine:
         self.fill_hole_area = int(fill_hole_area)
         self.memory_dtype = memory_dtype
         self._maskmem_pos_enc: torch.Tensor | None = None  # constant across frames: [1, C, h, w]
+        self._pos_enc_autocast: dict[str, torch.Tensor] = {}  # the same under autocast, by dtype
 
     @property
     def identity(self) -> str:
@@ -321,7 +322,10 @@ class Sam2MemoryEngine:
             object_score_logits=out["object_score_logits"],
             is_mask_from_pts=True,
         )
-        if self._maskmem_pos_enc is None:
+        key = self._autocast_key()
+        if key is not None:  # under autocast the memory encoder returns it in the autocast dtype
+            self._pos_enc_autocast.setdefault(key, maskmem_pos_enc[-1][0:1].clone())
+        elif self._maskmem_pos_enc is None:
             self._maskmem_pos_enc = maskmem_pos_enc[-1][0:1].clone()
         return SupportMemory(
             labels,
@@ -330,7 +334,26 @@ class Sam2MemoryEngine:
             tuple(bool(m.any()) for m in mask_list),
         )
 
+    def _autocast_key(self) -> str | None:
+        """The autocast dtype in force on this engine's device type, or None."""
+        dt = self.device.type
+        if dt in ("cuda", "cpu") and torch.is_autocast_enabled(dt):
+            return str(torch.get_autocast_dtype(dt))
+        return None
+
     def _pos_enc(self) -> torch.Tensor:
+        key = self._autocast_key()
+        if key is not None:
+            # The memory encoder casts its position encoding to the autocast dtype (as in the
+            # official predictor under autocast); keep that one apart from the float32 one.
+            if key not in self._pos_enc_autocast:
+                s = self.image_size // 16
+                dummy = torch.zeros(1, self.model.hidden_dim, s, s, device=self.device)
+                mask = torch.zeros(1, 1, self.image_size, self.image_size, device=self.device)
+                with torch.inference_mode():
+                    enc = self.model.memory_encoder(dummy, mask, skip_mask_sigmoid=True)
+                self._pos_enc_autocast[key] = enc["vision_pos_enc"][-1][0:1].clone()
+            return self._pos_enc_autocast[key]
         if self._maskmem_pos_enc is None:
             # Position encoding of the memory grid; independent of content, so any input works.
             s = self.image_size // 16

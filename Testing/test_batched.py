@@ -256,3 +256,18 @@ def test_batched_compile_option_keeps_module_names_and_weights():
     eng.compile()  # lazy: nothing is compiled until the first forward
     assert list(sam.model.state_dict()) == before
     assert sam.model.image_encoder is encoder
+
+
+def test_precision_bf16_run_leaves_the_fp32_position_encoding_alone():
+    """Under autocast SAM 2's memory encoder returns its position encoding in bfloat16; a bf16
+    run first in a process must not hand that tensor to later float32 queries."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sam = load_sam2("tiny", random_weights=True, seed=0, device="cpu", image_size=256)
+    eng = Sam2MemoryEngine(sam)
+    with autocast("bf16", "cpu"):
+        assert eng._pos_enc().dtype == torch.bfloat16
+    fp32 = eng._pos_enc()
+    assert fp32.dtype == torch.float32
+    fresh = Sam2MemoryEngine(sam)._pos_enc()
+    assert torch.equal(fp32, fresh)
