@@ -80,6 +80,40 @@ def slice_to_uint8(volume: Volume, axis: int, index: int, bounds: tuple[float, f
     return to_uint8(slice_view(volume.array, axis, index), bounds)
 
 
+def slices_to_uint8(volume: Volume, axis: int, indices: Sequence[int], bounds: tuple[float, float],
+                    device=None, chunk: int = 64) -> list[np.ndarray]:
+    """`slice_to_uint8` of each index; on a CUDA `device` computed there in chunks (one upload
+    per chunk, float64 arithmetic and round-half-to-even as numpy's, so the same uint8 values)."""
+    import torch
+
+    lo, hi = float(bounds[0]), float(bounds[1])
+    arr = volume.array
+    exact = (
+        device is not None and torch.device(device).type == "cuda" and hi > lo
+        and (np.issubdtype(arr.dtype, np.integer) or arr.dtype in (np.float32, np.float64))
+    )
+    if not exact:
+        return [slice_to_uint8(volume, axis, i, bounds) for i in indices]
+    out: list[np.ndarray] = []
+    for c0 in range(0, len(indices), chunk):
+        stack = np.stack([slice_view(arr, axis, i) for i in indices[c0 : c0 + chunk]])
+        if np.issubdtype(stack.dtype, np.floating) and not np.isfinite(stack).all():
+            return [slice_to_uint8(volume, axis, i, bounds) for i in indices]  # raises, naming them
+        out += list(window_on_device(stack, (lo, hi), device))
+    return out
+
+
+def window_on_device(stack: np.ndarray, bounds: tuple[float, float], device) -> np.ndarray:
+    """[N, H, W] uint8 equal to `to_uint8(stack[n], bounds)` for finite input with high > low,
+    computed on `device` (float64 subtract and multiply, round half to even, clip)."""
+    import torch
+
+    lo, hi = float(bounds[0]), float(bounds[1])
+    x = torch.from_numpy(np.ascontiguousarray(stack)).to(device).to(torch.float64)
+    x = torch.round((x - lo) * (255.0 / (hi - lo))).clamp_(0.0, 255.0).to(torch.uint8)
+    return x.cpu().numpy()
+
+
 #: Slices per memory-attention call when batch_size is None, by device type. On the 2-core CPU
 #: development machine batches of 4 were faster than 1 (see README, Performance).
 CPU_BATCH_SIZE = 4
@@ -220,7 +254,7 @@ def segment_volume(
         progress(0, total)
 
     # Retrieval for all slices at once (DINOv2 is cheap next to SAM 2).
-    images = [slice_to_uint8(volume, ax, i, bounds) for i in indices]
+    images = slices_to_uint8(volume, ax, indices, bounds, engine.sam.device)
     if cancel is not None and cancel():
         result.cancelled = True
         return result

@@ -271,3 +271,18 @@ def test_precision_bf16_run_leaves_the_fp32_position_encoding_alone():
     assert fp32.dtype == torch.float32
     fresh = Sam2MemoryEngine(sam)._pos_enc()
     assert torch.equal(fp32, fresh)
+
+
+def test_batched_windowing_on_device_equals_numpy():
+    """The CUDA windowing (tensor ops) gives to_uint8's values, ties at .5 included (run on CPU)."""
+    from RetrievalSegLib.segment import window_on_device
+
+    rng = np.random.default_rng(5)
+    for stack, bounds in [
+        (rng.integers(-1024, 3000, (3, 40, 36)).astype(np.int16), (-160.0, 240.0)),
+        (rng.normal(300, 200, (2, 33, 31)).astype(np.float32), (12.5, 700.25)),
+        (np.arange(0, 512, 0.5).reshape(2, 16, 32), (0.0, 510.0)),  # x.5 after scaling: ties
+        (rng.integers(0, 4095, (2, 20, 20)).astype(np.uint16), (100.0, 101.0)),
+    ]:
+        want = np.stack([to_uint8(sl, bounds) for sl in stack])
+        np.testing.assert_array_equal(window_on_device(stack, bounds, "cpu"), want)
