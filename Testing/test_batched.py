@@ -8,7 +8,7 @@ bf16 autocast vs fp32: bfloat16 keeps 8 bits of mantissa, so logits move and pix
 boundary flip; we ask >= 99.5% agreement of every label's foreground mask (the project's rule:
 per-label masks, not argmax label maps, since random-weight labels are near-tied).
 
-The bf16 tests are marked slow: bfloat16 autocast on this 2-core CPU is several times slower than
+The bf16 tests are marked slow: this 2-core CPU has no bfloat16 instructions (AVX2 only), so autocast is much slower than
 float32 (`make test-all` or `pytest -m slow -k precision` runs them; they pass there).
 
 Random weights can make a comparison vacuous (all -1024 or masks empty/full on both sides), so
@@ -197,7 +197,7 @@ def test_precision_resolution():
         autocast("auto", "cpu")
 
 
-@pytest.mark.slow  # CPU bf16 autocast is emulated on this machine: ~4 min for this test
+@pytest.mark.slow  # no bf16 instructions on this CPU (AVX2 only): ~4 min for this test
 def test_precision_bf16_agrees_with_fp32_per_slice_and_batched(engine, volume_slices, volume_memories_bf16):
     fp32_mems, bf16_mems = volume_memories_bf16
     queries = [img for img, _ in volume_slices[1][2:6]]
