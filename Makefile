@@ -1,6 +1,7 @@
 # RetrievalSeg developer entry points.
 #   make test   create .venv if missing, install pinned dependencies, run the test suite
 #   make bench  engine vs official SAM2VideoPredictor latency (random weights, CPU unless cuda)
+#   make bench-volume  whole-volume slices/s: per-slice fp32 path vs batched path (random weights)
 #   make demo   synthetic study -> bank -> segmentation with real weights from the cache
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +11,7 @@ SAM2_VERSION := 1.1.0
 # Tests and CI never reach a model hub.
 OFFLINE := RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: test test-all bench demo install clean
+.PHONY: test test-all bench bench-volume demo install clean
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "RetrievalSeg needs Python >= 3.10 (sam2 does)"'
@@ -33,6 +34,10 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(OFFLINE) $(PY) -m RetrievalSegLib.benchmark $(BENCH_ARGS)
+
+# GPU machines without this .venv: python -m RetrievalSegLib.bench_volume (no SimpleITK, no faiss).
+bench-volume: $(STAMP)
+	$(OFFLINE) $(PY) -m RetrievalSegLib.bench_volume $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

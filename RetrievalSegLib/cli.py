@@ -42,10 +42,28 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--fill-hole-area", type=int, default=0, metavar="PX",
                    help="fill background holes up to PX low-res pixels, SAM 2's optional post-processing "
                         "(default 0: off)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="SAM 2 arithmetic: auto (default: bf16 autocast on a CUDA GPU that supports it, "
+                        "fp32 on CPU and MPS), fp32, or bf16 (autocast)")
+    g.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="query slices per SAM 2 memory-attention + decoder call (default: chosen for the "
+                        "device; 1 = the per-slice fp32 reference path)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the SAM 2 image encoder and memory attention (slow first batch)")
     g.add_argument("--random-weights", action="store_true",
                    help="use seeded RANDOM weights (tests/benchmarks only: the output is meaningless)")
     g.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def _warn_random(args: argparse.Namespace) -> None:
@@ -91,7 +109,10 @@ def make_engine(args: argparse.Namespace):
                             random_weights=args.random_weights, seed=args.seed)
     except MissingWeightsError as e:
         raise WeightsUnavailable(str(e)) from None
-    return RetrievalEngine(embedder, Sam2MemoryEngine(sam, fill_hole_area=args.fill_hole_area))
+    engine = Sam2MemoryEngine(sam, fill_hole_area=args.fill_hole_area)
+    if getattr(args, "compile", False):
+        engine.compile()
+    return RetrievalEngine(embedder, engine)
 
 
 def _progress_bar(enabled: bool, desc: str):
@@ -210,7 +231,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         seg = segment_volume(
             image, bank, engine, labels=args.labels, k=args.k, axis=args.axis, slice_range=args.slices,
             case_id=args.case, case_policy=args.case_policy, window=window,
-            encoder_batch=args.batch, progress=update,
+            encoder_batch=args.batch, progress=update, precision=args.precision, batch_size=args.batch_size,
         )
     finally:
         close()
@@ -227,11 +248,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "mean_confidence": float(np.nanmean(seg.confidence)) if len(seg.slices) else None,
         "low_confidence_slices": seg.low_confidence_slices(args.low_confidence),
         "random_weights": bool(args.random_weights),
+        "precision": seg.precision,
+        "batch_size": seg.batch_size,
+        "compile": bool(args.compile),
+        "sam2": engine.sam2_identity,
+        "dinov2": engine.dinov2_identity,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"segmented {summary['slices_segmented']} slices along {summary['axis']} in {summary['seconds']} s")
+        print(f"segmented {summary['slices_segmented']} slices along {summary['axis']} in {summary['seconds']} s "
+              f"({summary['precision']}, batch {summary['batch_size']})")
         for name, n in summary["labels"].items():
             print(f"  {name}: {n} voxels")
         for p in written:
@@ -261,7 +288,8 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
                    help="entries of --case: ignore (default), exclude (evaluation), prefer (corrections)")
     p.add_argument("--window", type=float, default=None, help="intensity window width (with --level)")
     p.add_argument("--level", type=float, default=None, help="intensity window level (with --window)")
-    p.add_argument("--batch", type=int, default=4, help="slices per image-encoder batch (default 4)")
+    p.add_argument("--batch", type=_positive_int, default=None,
+                   help="slices per image-encoder call (default: --batch-size, at least 4)")
     p.add_argument("--low-confidence", type=float, default=0.5, help="threshold for the low-confidence list")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -21,6 +21,7 @@ is absent.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -30,6 +31,7 @@ import torch
 from .models import LoadedSam2
 from .preprocess import (
     logits_to_grid,
+    sam2_image_batch,
     sam2_image_tensor,
     sam2_mask_tensor,
     to_uint8,
@@ -38,6 +40,37 @@ from .preprocess import (
 )
 
 NO_OBJ_SCORE = -1024.0
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """'fp32' or 'bf16' for `precision` on `device`.
+
+    auto = bfloat16 autocast on a CUDA device that supports it (`torch.cuda.is_bf16_supported()`),
+    float32 on CPU and MPS. An explicit 'bf16' is honoured on any device torch can autocast on
+    (on CPU it is slow; the tests use it to check the bf16 path).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    dev = torch.device(device)
+    if precision == "auto":
+        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if precision == "bf16" and dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"bf16 autocast is supported here on cuda and cpu, not {dev.type}; use fp32")
+    if precision == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"this GPU ({torch.cuda.get_device_name(dev)}) has no bfloat16 support; use fp32")
+    return precision
+
+
+def autocast(precision: str, device: torch.device | str):
+    """Context for a resolved precision: bfloat16 autocast for 'bf16', nothing for 'fp32'."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    raise ValueError(f"resolve the precision first ('fp32' or 'bf16'), got {precision!r}")
 
 
 @dataclass
@@ -54,6 +87,44 @@ class ImageFeatures:
             [x.expand(-1, batch, -1) for x in self.vision_feats],
             [x.expand(-1, batch, -1) for x in self.vision_pos_embeds],
         )
+
+
+@dataclass
+class BatchFeatures:
+    """Backbone output of N images, flattened as track_step consumes it (batch N, on the device)."""
+
+    vision_feats: list[torch.Tensor]  # per level [HW, N, C]
+    vision_pos_embeds: list[torch.Tensor]  # per level [HW, N, C]
+    feat_sizes: list[tuple[int, int]]
+    shapes: list[tuple[int, int]]  # each image's own (H, W)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def image(self, b: int) -> ImageFeatures:
+        """Features of image `b` as a batch of 1 (views)."""
+        return ImageFeatures(
+            [f[:, b : b + 1] for f in self.vision_feats],
+            [p[:, b : b + 1] for p in self.vision_pos_embeds],
+            list(self.feat_sizes),
+        )
+
+
+@dataclass
+class BatchQueryResult:
+    """Per-slice, per-label output of a batched query, still on the device."""
+
+    labels: tuple[int, ...]
+    logits: torch.Tensor  # [B, L, H, W] float32 on the slices' grid
+    iou: torch.Tensor  # [B, L]
+    object_score: torch.Tensor  # [B, L]
+
+    def to_numpy(self) -> list[QueryResult]:
+        """One QueryResult per slice (a single device-to-host copy per tensor)."""
+        logits = self.logits.cpu().numpy().astype(np.float32, copy=False)
+        iou = self.iou.float().cpu().numpy()
+        score = self.object_score.float().cpu().numpy()
+        return [QueryResult(self.labels, logits[b], iou[b], score[b]) for b in range(len(logits))]
 
 
 @dataclass
@@ -149,6 +220,7 @@ class Sam2MemoryEngine:
         self.fill_hole_area = int(fill_hole_area)
         self.memory_dtype = memory_dtype
         self._maskmem_pos_enc: torch.Tensor | None = None  # constant across frames: [1, C, h, w]
+        self._pos_enc_autocast: dict[str, torch.Tensor] = {}  # the same under autocast, by dtype
 
     @property
     def identity(self) -> str:
@@ -171,6 +243,33 @@ class Sam2MemoryEngine:
                 )
             )
         return out
+
+    @torch.inference_mode()
+    def encode_batch(self, images: Sequence[np.ndarray], device_preprocess: bool | None = None) -> BatchFeatures:
+        """Image encoder on a batch of slices; the features stay batched on the device.
+
+        Preprocessing gives the same tensor as `encode_images`: on CUDA (device_preprocess None)
+        it is one upload of the uint8 slices and tensor ops there, on CPU Pillow per image
+        (faster there; both are bit-identical, see `preprocess.sam2_image_batch`).
+        """
+        if len(images) == 0:
+            raise ValueError("encode_batch needs at least one image")
+        u8 = [_as_uint8(im) for im in images]
+        if device_preprocess is None:
+            device_preprocess = self.device.type == "cuda"
+        if device_preprocess:
+            batch = sam2_image_batch(u8, self.image_size, self.device)
+        else:
+            batch = torch.stack([sam2_image_tensor(im, self.image_size) for im in u8]).to(self.device)
+        backbone_out = self.model.forward_image(batch)
+        _, feats, pos, sizes = self.model._prepare_backbone_features(backbone_out)
+        return BatchFeatures(list(feats), list(pos), list(sizes), [tuple(im.shape[:2]) for im in u8])
+
+    def compile(self, **kwargs) -> None:
+        """torch.compile the image encoder and the memory attention in place (module names,
+        state_dict keys and forward hooks stay as they are)."""
+        self.model.image_encoder.compile(**kwargs)
+        self.model.memory_attention.compile(**kwargs)
 
     # ------------------------------------------------------------------ supports
     @torch.inference_mode()
@@ -223,7 +322,10 @@ class Sam2MemoryEngine:
             object_score_logits=out["object_score_logits"],
             is_mask_from_pts=True,
         )
-        if self._maskmem_pos_enc is None:
+        key = self._autocast_key()
+        if key is not None:  # under autocast the memory encoder returns it in the autocast dtype
+            self._pos_enc_autocast.setdefault(key, maskmem_pos_enc[-1][0:1].clone())
+        elif self._maskmem_pos_enc is None:
             self._maskmem_pos_enc = maskmem_pos_enc[-1][0:1].clone()
         return SupportMemory(
             labels,
@@ -232,7 +334,26 @@ class Sam2MemoryEngine:
             tuple(bool(m.any()) for m in mask_list),
         )
 
+    def _autocast_key(self) -> str | None:
+        """The autocast dtype in force on this engine's device type, or None."""
+        dt = self.device.type
+        if dt in ("cuda", "cpu") and torch.is_autocast_enabled(dt):
+            return str(torch.get_autocast_dtype(dt))
+        return None
+
     def _pos_enc(self) -> torch.Tensor:
+        key = self._autocast_key()
+        if key is not None:
+            # The memory encoder casts its position encoding to the autocast dtype (as in the
+            # official predictor under autocast); keep that one apart from the float32 one.
+            if key not in self._pos_enc_autocast:
+                s = self.image_size // 16
+                dummy = torch.zeros(1, self.model.hidden_dim, s, s, device=self.device)
+                mask = torch.zeros(1, 1, self.image_size, self.image_size, device=self.device)
+                with torch.inference_mode():
+                    enc = self.model.memory_encoder(dummy, mask, skip_mask_sigmoid=True)
+                self._pos_enc_autocast[key] = enc["vision_pos_enc"][-1][0:1].clone()
+            return self._pos_enc_autocast[key]
         if self._maskmem_pos_enc is None:
             # Position encoding of the memory grid; independent of content, so any input works.
             s = self.image_size // 16
@@ -291,6 +412,79 @@ class Sam2MemoryEngine:
             logits.cpu().numpy().astype(np.float32),
             best_iou.float().cpu().numpy(),
             obj_scores[:, 0].float().cpu().numpy(),
+        )
+
+    @torch.inference_mode()
+    def query_batch(
+        self,
+        features: BatchFeatures,
+        memories: Sequence[SupportMemory],
+        support_index: Sequence[Sequence[int]] | np.ndarray,
+        labels: Sequence[int],
+        items: Sequence[int] | None = None,
+    ) -> BatchQueryResult:
+        """Segment B slices x L labels in one memory-attention + mask-decoder call.
+
+        `memories` are the distinct support memories needed by the batch (each fetched and moved
+        to the device once); `support_index[b]` lists, for slice b, the positions in `memories`
+        of its own k supports (every slice has k). `items` picks which images of `features` are
+        the B slices (default: all, in order). Like SAM 2 with several objects, slice b's memories
+        are stacked at batch position b*L + l: the math of each (slice, label) pair is that of
+        `query` on that slice alone; only the float reduction order may differ.
+        """
+        labels = tuple(labels)
+        idx = np.asarray(support_index, dtype=np.int64)
+        if idx.ndim != 2 or idx.shape[1] == 0:
+            raise ValueError(f"support_index must be [B, k] with k >= 1, got shape {idx.shape}")
+        items = list(range(len(features))) if items is None else [int(i) for i in items]
+        B, k = idx.shape
+        if len(items) != B:
+            raise ValueError(f"{len(items)} slices but support_index has {B} rows")
+        if len(memories) == 0 or idx.min() < 0 or idx.max() >= len(memories):
+            raise ValueError("support_index refers to memories that were not given")
+        shapes = {features.shapes[i] for i in items}
+        if len(shapes) != 1:
+            raise ValueError(f"slices of one batch must share a shape, got {sorted(shapes)}")
+        L = len(labels)
+        mems = [m.select(labels) for m in memories]
+        mem_feats = torch.stack([m.maskmem_features for m in mems]).to(self.device)  # [U, L, C, h, w]
+        mem_ptrs = torch.stack([m.obj_ptr for m in mems]).to(self.device)  # [U, L, C]
+        # batch position b*L + l <- image items[b]
+        rows = torch.tensor(items, device=self.device).repeat_interleave(L)
+        feats = [f.index_select(1, rows) for f in features.vision_feats]
+        pos = [p.index_select(1, rows) for p in features.vision_pos_embeds]
+        pos_enc = self._pos_enc().expand(B * L, -1, -1, -1)
+        sel = torch.from_numpy(idx).to(self.device)
+        cond = {}
+        for i in range(k):
+            cond[i] = {
+                "maskmem_features": mem_feats.index_select(0, sel[:, i]).flatten(0, 1),
+                "maskmem_pos_enc": [pos_enc],
+                "obj_ptr": mem_ptrs.index_select(0, sel[:, i]).flatten(0, 1),
+            }
+        _, sam_outputs, _, _ = self.model._track_step(
+            k,
+            False,
+            feats,
+            pos,
+            features.feat_sizes,
+            None,
+            None,
+            {"cond_frame_outputs": cond, "non_cond_frame_outputs": {}},
+            k + 1,
+            False,
+            None,
+        )
+        _, _, ious, low_res, _, _, obj_scores = sam_outputs
+        if self.fill_hole_area > 0:
+            low_res = fill_holes(low_res, self.fill_hole_area)
+        (shape,) = shapes
+        logits = logits_to_grid(low_res.float(), shape)[:, 0]
+        return BatchQueryResult(
+            labels,
+            logits.reshape(B, L, *logits.shape[-2:]),
+            ious.max(dim=-1).values.reshape(B, L),
+            obj_scores[:, 0].reshape(B, L),
         )
 
     # ------------------------------------------------------------------ convenience

@@ -131,8 +131,11 @@ def _mean(values: list[float]) -> float:
 
 
 def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8, axis=None, window=None,
-             out: Path, save_predictions: bool = False, progress: bool = True) -> dict[str, Any]:
+             out: Path, save_predictions: bool = False, progress: bool = True, precision: str = "auto",
+             batch_size: int | None = None) -> dict[str, Any]:
     """Segment each test case and compute per-label Dice/HD95; write CSV + JSON into `out`."""
+    from .engine import resolve_precision
+
     from .metrics import per_label_metrics
     from .segment import segment_volume
     from .volume import read_volume, write_volume
@@ -142,6 +145,7 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
     if labels is not None:
         names = {v: names[v] for v in labels}
     rows: list[dict[str, Any]] = []
+    used_batch = batch_size
     for n, c in enumerate(test):
         img, truth = read_volume(c.image), read_volume(c.labels)
         bar = None
@@ -160,7 +164,9 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
 
         try:
             seg = segment_volume(img, bank, engine, labels=list(names), k=k, axis=axis, window=window,
-                                 case_id=c.case_id, case_policy="exclude", progress=update)
+                                 case_id=c.case_id, case_policy="exclude", progress=update,
+                                 precision=precision, batch_size=batch_size)
+            used_batch = seg.batch_size
         finally:
             if bar is not None:
                 bar.close()
@@ -186,7 +192,8 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
                          "cases": len(d), "hd95_undefined": sum(math.isnan(x) for x in h)}
     result = {"cases": [c.case_id for c in test], "k": k, "rows": rows, "summary": summary,
               "bank": str(bank.path), "bank_entries": len(bank),
-              "sam2": engine.sam2_identity, "dinov2": engine.dinov2_identity}
+              "sam2": engine.sam2_identity, "dinov2": engine.dinov2_identity,
+              "precision": resolve_precision(precision, engine.sam.device), "batch_size": used_batch}
     with open(out / "metrics.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
         w.writeheader()
@@ -236,7 +243,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         bank = build_bank(train, bank_path, labels, make_embedder(args), args.axis, args.pool, window, show)
     engine = make_engine(args)
     result = evaluate(test, bank, engine, labels=[lab.value for lab in labels], k=args.k, axis=args.axis,
-                      window=window, out=args.out, save_predictions=args.save_predictions, progress=show)
+                      window=window, out=args.out, save_predictions=args.save_predictions, progress=show,
+                      precision=args.precision, batch_size=args.batch_size)
+    result["compile"] = bool(args.compile)
     result["random_weights"] = bool(args.random_weights)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2, default=float))

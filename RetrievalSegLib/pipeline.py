@@ -32,6 +32,7 @@ class RetrievalEngine:
         seed: int = 0,
         fill_hole_area: int = 0,
         dinov2_input_size: int = 224,
+        compile: bool = False,
     ) -> "RetrievalEngine":
         """Load both models from local weights (or random weights when explicitly asked)."""
         sam = load_sam2(
@@ -41,7 +42,10 @@ class RetrievalEngine:
         dino = load_dinov2(
             dinov2_size, dinov2_path, device=device, random_weights=random_weights, seed=seed
         )
-        return cls(SliceEmbedder(dino, input_size=dinov2_input_size), Sam2MemoryEngine(sam, fill_hole_area))
+        engine = Sam2MemoryEngine(sam, fill_hole_area)
+        if compile:
+            engine.compile()
+        return cls(SliceEmbedder(dino, input_size=dinov2_input_size), engine)
 
     @property
     def sam2_identity(self) -> str:
@@ -55,14 +59,21 @@ class RetrievalEngine:
     def random_weights(self) -> bool:
         return "random-seed" in self.sam.identity or "random-seed" in self.embedder.identity
 
-    def memory_cache(self, bank: Any | None = None) -> SupportMemoryCache:
-        """The memory cache for `bank` (on disk inside the bank), or an in-memory one for None."""
+    def memory_cache(self, bank: Any | None = None, precision: str = "fp32") -> SupportMemoryCache:
+        """The memory cache for `bank` (on disk inside the bank), or an in-memory one for None.
+
+        precision 'bf16' (memories computed under bfloat16 autocast) has its own cache, under the
+        model identity plus '+autocast-bf16', so a float32 run never reads bf16 memories.
+        """
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16' here, got {precision!r}")
+        identity = self.sam.identity if precision == "fp32" else f"{self.sam.identity}+autocast-bf16"
         if bank is None:
-            key = ("", self.sam.identity)
+            key = ("", identity)
             directory = None
         else:
-            key = (str(Path(bank.path).resolve()), self.sam.identity)
-            directory = bank.memory_cache_dir(self.sam.identity)
+            key = (str(Path(bank.path).resolve()), identity)
+            directory = bank.memory_cache_dir(identity)
         if key not in self._caches:
-            self._caches[key] = SupportMemoryCache(self.sam.identity, directory)
+            self._caches[key] = SupportMemoryCache(identity, directory)
         return self._caches[key]

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .models import LoadedDinov2
-from .preprocess import dinov2_batch, validate_image
+from .preprocess import dinov2_batch, dinov2_batch_on_device, validate_image
 
 
 class SliceEmbedder:
@@ -42,7 +42,10 @@ class SliceEmbedder:
                 validate_image(img)
                 if img.dtype != np.uint8:
                     raise ValueError(f"embed expects uint8 slices (windowed), got {img.dtype}")
-            x = dinov2_batch(chunk, self.input_size).to(self.dinov2.device)
+            if self.dinov2.device.type == "cuda":  # one upload, resize on the GPU (same pixels as Pillow)
+                x = dinov2_batch_on_device(chunk, self.input_size, self.dinov2.device)
+            else:
+                x = dinov2_batch(chunk, self.input_size).to(self.dinov2.device)
             feats = self.dinov2.model(pixel_values=x).pooler_output.float()
             feats = torch.nn.functional.normalize(feats, dim=-1)
             out[start : start + len(chunk)] = feats.cpu().numpy()

@@ -5,6 +5,13 @@ gets its own k supports from the bank (DINOv2 top-k); support memories come from
 cache, so a support is encoded once however many slices retrieve it. The image encoder runs on
 batches of query slices. Overlapping labels are resolved by the highest probability; no other
 post-processing is applied.
+
+Two paths give the same result (float reduction order aside, see Testing/test_batched.py):
+batch_size=1 is the per-slice reference (`Sam2MemoryEngine.query` per slice, the path the
+fidelity tests compare with the official predictor); batch_size > 1 runs B slices x L labels
+through one memory-attention + mask-decoder call (`Sam2MemoryEngine.query_batch`). precision
+'bf16' runs SAM 2 under bfloat16 autocast (DINOv2 retrieval always runs in float32, so the
+supports retrieved do not depend on the precision).
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .engine import QueryResult
+from .engine import QueryResult, autocast, resolve_precision
 from .preprocess import robust_window, to_uint8
 from .volume import AXIS_NAMES, Volume, num_slices, parse_axis, slice_view, through_plane_axis
 
@@ -44,6 +51,9 @@ class VolumeSegmentation:
     confidence: np.ndarray = field(default_factory=lambda: np.zeros(0))
     cancelled: bool = False
     seconds: float = 0.0
+    label_masks: np.ndarray | None = None  # [L, *volume shape] bool, logit > 0 per label, if kept
+    precision: str = "fp32"  # as resolved for the device: 'fp32' or 'bf16'
+    batch_size: int = 1  # slices per memory-attention call (1 = the per-slice reference path)
 
     def low_confidence_slices(self, threshold: float = 0.5) -> list[int]:
         """Segmented slices whose confidence is below `threshold`, in slice order."""
@@ -68,6 +78,84 @@ def window_for_volume(volume: Volume, window: tuple[float, float] | None = None)
 def slice_to_uint8(volume: Volume, axis: int, index: int, bounds: tuple[float, float]) -> np.ndarray:
     """One slice windowed to uint8 (what both models see)."""
     return to_uint8(slice_view(volume.array, axis, index), bounds)
+
+
+def slices_to_uint8(volume: Volume, axis: int, indices: Sequence[int], bounds: tuple[float, float],
+                    device=None, chunk: int = 64) -> list[np.ndarray]:
+    """`slice_to_uint8` of each index; on a CUDA `device` computed there in chunks (one upload
+    per chunk, float64 arithmetic and round-half-to-even as numpy's, so the same uint8 values)."""
+    import torch
+
+    lo, hi = float(bounds[0]), float(bounds[1])
+    arr = volume.array
+    exact = (
+        device is not None and torch.device(device).type == "cuda" and hi > lo
+        and (np.issubdtype(arr.dtype, np.integer) or arr.dtype in (np.float32, np.float64))
+    )
+    if not exact:
+        return [slice_to_uint8(volume, axis, i, bounds) for i in indices]
+    out: list[np.ndarray] = []
+    for c0 in range(0, len(indices), chunk):
+        stack = np.stack([slice_view(arr, axis, i) for i in indices[c0 : c0 + chunk]])
+        if np.issubdtype(stack.dtype, np.floating) and not np.isfinite(stack).all():
+            return [slice_to_uint8(volume, axis, i, bounds) for i in indices]  # raises, naming them
+        out += list(window_on_device(stack, (lo, hi), device))
+    return out
+
+
+def window_on_device(stack: np.ndarray, bounds: tuple[float, float], device) -> np.ndarray:
+    """[N, H, W] uint8 equal to `to_uint8(stack[n], bounds)` for finite input with high > low,
+    computed on `device` (float64 subtract and multiply, round half to even, clip)."""
+    import torch
+
+    lo, hi = float(bounds[0]), float(bounds[1])
+    x = torch.from_numpy(np.ascontiguousarray(stack)).to(device).to(torch.float64)
+    x = torch.round((x - lo) * (255.0 / (hi - lo))).clamp_(0.0, 255.0).to(torch.uint8)
+    return x.cpu().numpy()
+
+
+#: Slices per memory-attention call when batch_size is None, by device type. On the 2-core CPU
+#: development machine batches of 4 were faster than 1 (see README, Performance).
+CPU_BATCH_SIZE = 4
+CUDA_MAX_BATCH = 32
+
+
+def auto_batch_size(device, image_size: int, k: int, n_labels: int) -> int:
+    """Slices per memory-attention call for `device`: the measured-best on CPU; on CUDA up to 32
+    (per-slice cost flat from 8 to 32 on an H100), fewer where free memory is short.
+
+    The memory estimate is a deliberately generous bound on the activations of one (slice, label)
+    item: float32 tokens x 256 channels x (k memories + query) x 8 live tensors.
+    """
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return CPU_BATCH_SIZE
+    free, _ = torch.cuda.mem_get_info(dev)
+    tokens = (int(image_size) // 16) ** 2
+    per_slice = 4 * 256 * tokens * (int(k) + 2) * 8 * max(1, int(n_labels))
+    return int(max(1, min(CUDA_MAX_BATCH, (free // 2) // per_slice)))
+
+
+def fuse_labels(logits: np.ndarray, label_lut: np.ndarray) -> np.ndarray:
+    """[H, W] label map from per-label logits [L, H, W]: the most probable label where its
+    probability exceeds 0.5 (logit > 0, as the official predictor thresholds), else 0.
+
+    Probabilities are computed exactly as `QueryResult.probabilities` (ties between saturated
+    labels go to the first, as argmax does), but only on pixels with some positive logit: every
+    other pixel has all probabilities <= 0.5 and stays background.
+    """
+    out = np.zeros(logits.shape[1:], dtype=label_lut.dtype)
+    cand = (logits > 0).any(axis=0)
+    if not cand.any():
+        return out
+    sub = logits[:, cand]
+    prob = 1.0 / (1.0 + np.exp(-np.clip(sub, -80.0, 80.0)))
+    best = prob.argmax(axis=0)
+    fg = prob.max(axis=0) > 0.5
+    out[cand] = np.where(fg, label_lut[best], 0)
+    return out
 
 
 def slice_confidence(result: QueryResult) -> float:
@@ -95,13 +183,21 @@ def segment_volume(
     case_id: str | None = None,
     case_policy: str = "ignore",
     window: tuple[float, float] | None = None,
-    encoder_batch: int = 4,
+    encoder_batch: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    precision: str = "auto",
+    batch_size: int | None = None,
+    keep_label_masks: bool = False,
 ) -> VolumeSegmentation:
     """Segment `volume` slice by slice from the support `bank`; partial result if cancelled.
 
     slice_range is (start, stop) with stop exclusive; slices outside it stay background.
+    precision: 'auto' (bf16 autocast on CUDA with bf16 support, else fp32), 'fp32' or 'bf16'.
+    batch_size: slices per memory-attention + decoder call; None picks it for the device
+    (`auto_batch_size`), 1 is the per-slice reference path. encoder_batch: slices per image
+    encoder call (None: batch_size, at least 4). keep_label_masks: also return each label's own
+    foreground mask (logit > 0, overlaps kept) as `label_masks`.
     """
     t0 = time.perf_counter()
     if case_policy not in CASE_POLICIES:
@@ -110,6 +206,10 @@ def segment_volume(
         raise ValueError(f"case_policy={case_policy!r} needs the case_id of the volume")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    for name, value in (("batch_size", batch_size), ("encoder_batch", encoder_batch)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1 (or None for automatic), got {value!r}")
+    prec = resolve_precision(precision, engine.sam.device)
     bank.check_models(engine.embedder.identity)
     ax = parse_axis(axis)
     if ax is None:
@@ -134,67 +234,114 @@ def segment_volume(
     bounds = window_for_volume(volume, window)
     dtype = np.uint8 if max(chosen) < 256 else np.uint16
     out = np.zeros(volume.array.shape, dtype=dtype)
+    if batch_size is None:
+        batch_size = auto_batch_size(engine.sam.device, engine.sam.image_size, k, len(chosen))
+    batch_size = int(batch_size)
+    encoder_batch = int(encoder_batch) if encoder_batch is not None else max(batch_size, 4)
     result = VolumeSegmentation(
         labelmap=volume.with_array(out),
         labels=[bank_labels[v] for v in chosen],
         axis=ax,
+        precision=prec,
+        batch_size=batch_size,
         confidence=np.full(n, np.nan, dtype=np.float32),
     )
+    if keep_label_masks:
+        result.label_masks = np.zeros((len(chosen),) + volume.array.shape, dtype=bool)
     indices = list(range(start, stop))
     total = len(indices)
     if progress is not None:
         progress(0, total)
 
     # Retrieval for all slices at once (DINOv2 is cheap next to SAM 2).
-    images = [slice_to_uint8(volume, ax, i, bounds) for i in indices]
+    images = slices_to_uint8(volume, ax, indices, bounds, engine.sam.device)
     if cancel is not None and cancel():
         result.cancelled = True
         return result
     emb = engine.embedder.embed(images)
     hits = bank.search(emb, k, case_id=case_id, case_policy=case_policy)
-    cache = engine.memory_cache(bank)
+    # Memories computed under bf16 autocast differ from float32 ones: they get their own cache.
+    cache = engine.memory_cache(bank) if prec == "fp32" else engine.memory_cache(bank, precision=prec)
     entries = {e.id: e for e in bank.entries(include_retired=True)}
     label_lut = np.array(chosen, dtype=dtype)
+    ctx = autocast(prec, engine.sam.device)
+
+    def memory(entry_id: str):
+        e = entries[entry_id]
+        key = f"{e.id}-{e.sha256[:16]}"
+
+        def compute(eid: str = entry_id):
+            data = bank.load_entry(eid)
+            with ctx:
+                return engine.sam.encode_support(data.image, data.masks, list(bank_labels))
+
+        return cache.get_or_compute(key, compute)
 
     done = 0
-    for b0 in range(0, total, max(1, encoder_batch)):
+
+    def record(j: int, res: QueryResult) -> None:
+        nonlocal done
+        slice_view(out, ax, indices[j])[...] = fuse_labels(res.logits, label_lut)
+        if result.label_masks is not None:
+            for li in range(len(chosen)):
+                slice_view(result.label_masks[li], ax, indices[j])[...] = res.logits[li] > 0
+        conf = slice_confidence(res)
+        result.confidence[indices[j]] = conf
+        result.slices[indices[j]] = SliceResult(
+            indices[j],
+            list(hits[j]),
+            {lab: float(v) for lab, v in zip(chosen, res.iou)},
+            {lab: float(v) for lab, v in zip(chosen, res.object_score)},
+            conf,
+        )
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    # Support memories of this volume, restricted to the chosen labels and on the device: each
+    # distinct support moves there once per volume, not once per slice.
+    on_device: dict = {}
+
+    def device_memory(entry_id: str):
+        mem = on_device.get(entry_id)
+        if mem is None:
+            mem = on_device[entry_id] = memory(entry_id).select(chosen).to(engine.sam.device)
+        return mem
+
+    for b0 in range(0, total, encoder_batch):
         if cancel is not None and cancel():
             result.cancelled = True
             break
-        batch_idx = list(range(b0, min(total, b0 + max(1, encoder_batch))))
-        feats = engine.sam.encode_images([images[j] for j in batch_idx])
-        for j, f in zip(batch_idx, feats):
-            if cancel is not None and cancel():
-                result.cancelled = True
-                break
-            mems = []
-            for entry_id, _ in hits[j]:
-                e = entries[entry_id]
-                key = f"{e.id}-{e.sha256[:16]}"
-
-                def compute(eid: str = entry_id):
-                    data = bank.load_entry(eid)
-                    return engine.sam.encode_support(data.image, data.masks, list(bank_labels))
-
-                mems.append(cache.get_or_compute(key, compute))
-            res = engine.sam.query(images[j], mems, chosen, features=f)
-            prob = res.probabilities
-            best = prob.argmax(axis=0)
-            fg = prob.max(axis=0) > 0.5  # logit > 0, as the official predictor thresholds
-            slab = np.where(fg, label_lut[best], 0).astype(dtype)
-            slice_view(out, ax, indices[j])[...] = slab
-            conf = slice_confidence(res)
-            result.confidence[indices[j]] = conf
-            result.slices[indices[j]] = SliceResult(
-                indices[j],
-                list(hits[j]),
-                {lab: float(v) for lab, v in zip(chosen, res.iou)},
-                {lab: float(v) for lab, v in zip(chosen, res.object_score)},
-                conf,
-            )
-            done += 1
-            if progress is not None:
-                progress(done, total)
+        batch_idx = list(range(b0, min(total, b0 + encoder_batch)))
+        if batch_size == 1:  # the per-slice reference path
+            with ctx:
+                feats = engine.sam.encode_images([images[j] for j in batch_idx])
+            for j, f in zip(batch_idx, feats):
+                if cancel is not None and cancel():
+                    result.cancelled = True
+                    break
+                mems = [memory(entry_id) for entry_id, _ in hits[j]]
+                with ctx:
+                    res = engine.sam.query(images[j], mems, chosen, features=f)
+                record(j, res)
+        else:
+            with ctx:
+                feats = engine.sam.encode_batch([images[j] for j in batch_idx])
+            for q0 in range(0, len(batch_idx), batch_size):
+                if cancel is not None and cancel():
+                    result.cancelled = True
+                    break
+                sub = batch_idx[q0 : q0 + batch_size]
+                ids: dict[str, int] = {}  # distinct supports of this batch -> position
+                index = [[ids.setdefault(eid, len(ids)) for eid, _ in hits[j]] for j in sub]
+                mems = [device_memory(eid) for eid in ids]
+                with ctx:
+                    batch = engine.sam.query_batch(feats, mems, index, chosen, items=[j - b0 for j in sub])
+                for j, res in zip(sub, batch.to_numpy()):
+                    if cancel is not None and cancel():  # computed but cancelled: discarded
+                        result.cancelled = True
+                        break
+                    record(j, res)
         if result.cancelled:
             break
     result.seconds = time.perf_counter() - t0

@@ -58,10 +58,11 @@ def test_bank_create_add_segment_evaluate(study, tmp_path, capsys, slicer_scene)
     out = tmp_path / "out" / "seg.nii.gz"
     segnrrd = tmp_path / "out" / "seg.seg.nrrd"
     rc = main(["segment", str(test_img), "--bank", str(bank), "--out", str(out), "--seg-nrrd", str(segnrrd),
-               "--k", "2", "--json", *FAST])
+               "--k", "2", "--json", "--batch-size", "2", *FAST])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["slices_segmented"] == 5 and summary["random_weights"] is True
+    assert summary["precision"] == "fp32" and summary["batch_size"] == 2  # provenance (CPU: auto = fp32)
     image = read_volume(test_img)
     labelmap = read_volume(out)
     assert labelmap.same_geometry(image, tol=1e-4)
@@ -87,6 +88,7 @@ def test_bank_create_add_segment_evaluate(study, tmp_path, capsys, slicer_scene)
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["summary"]) == {"RV", "Myo", "LV"}
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["precision"] == "fp32"
     rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
     assert len(rows) == 3 and {r["name"] for r in rows} == {"RV", "Myo", "LV"}
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)

@@ -144,3 +144,42 @@ def test_case_policies_prefer_and_exclude_the_own_case(bank, engine, study):
     assert all(s.retrieved[0][0] in own for s in seg.slices.values())
     with pytest.raises(ValueError, match="excluded"):
         segment_volume(case0.image, bank, engine, k=1, case_id=case0.case_id, case_policy="exclude")
+
+
+def test_batched_segment_volume_equals_the_per_slice_path(bank, engine, study):
+    """6 slices in batches of 4 (4 + 2), each slice with its own retrieved supports."""
+    image = study[1].image
+    ref = segment_volume(image, bank, engine, k=2, batch_size=1)
+    got = segment_volume(image, bank, engine, k=2, batch_size=4)
+    assert ref.batch_size == 1 and got.batch_size == 4 and got.precision == ref.precision == "fp32"
+    assert len({tuple(e for e, _ in s.retrieved) for s in ref.slices.values()}) > 1  # supports differ
+    assert sorted(got.slices) == sorted(ref.slices)
+    for i, s in ref.slices.items():
+        assert got.slices[i].retrieved == s.retrieved
+        for lab in s.iou:
+            assert abs(got.slices[i].iou[lab] - s.iou[lab]) <= 1e-4
+            assert abs(got.slices[i].object_score[lab] - s.object_score[lab]) <= 1e-4
+    np.testing.assert_allclose(got.confidence, ref.confidence, atol=1e-4)
+    np.testing.assert_array_equal(got.labelmap.array, ref.labelmap.array)
+    assert ref.labelmap.array.any()
+
+
+def test_batched_cancel_discards_slices_computed_past_the_stop(bank, engine, study):
+    state = {"n": 0}
+
+    def progress(done, total):
+        state["n"] = done
+
+    seg = segment_volume(study[1].image, bank, engine, k=1, batch_size=4, progress=progress,
+                         cancel=lambda: state["n"] >= 3)
+    assert seg.cancelled and sorted(seg.slices) == [0, 1, 2]
+    assert not seg.labelmap.array[3:].any() and np.isnan(seg.confidence[3:]).all()
+
+
+def test_precision_and_batch_size_arguments_are_checked(bank, engine, study):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        segment_volume(study[1].image, bank, engine, k=1, precision="half")
+    with pytest.raises(ValueError, match="batch_size must be an integer"):
+        segment_volume(study[1].image, bank, engine, k=1, batch_size=0)
+    seg = segment_volume(study[1].image, bank, engine, k=1, slice_range=(0, 1))
+    assert seg.precision == "fp32" and seg.batch_size >= 1  # auto on CPU
