@@ -115,6 +115,7 @@ class RetrievalSegParameterNode:
     lastSlice: Annotated[int, WithinRange(0, 100000)] = 0
     casePolicy: Annotated[str, Choice(["ignore", "prefer", "exclude"])] = "ignore"
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
     sam2Size: Annotated[str, Choice(["tiny", "small", "base_plus", "large"])] = "tiny"
     dinov2Size: Annotated[str, Choice(["small", "base", "large"])] = "small"
     imageSize: Annotated[int, Choice([1024, 512])] = 1024
@@ -473,6 +474,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._ensureWeights(settings, thenSegment):
             return False
         self.logic.core.settings = settings
+        self.logic.core.precision = self._parameterNode.precision
         return True
 
     # ------------------------------------------------------------------ segmenting

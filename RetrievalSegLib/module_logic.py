@@ -119,6 +119,8 @@ class RetrievalSegLogic:
     def __init__(self, bank: Any = None, settings: EngineSettings | None = None, client: WorkerClient | None = None) -> None:
         self.bank = bank
         self.settings = settings or EngineSettings()
+        self.precision = "auto"  # 'auto' (bf16 autocast on a CUDA GPU that has it), 'fp32' or 'bf16'
+        self.batch_size: int | None = None  # slices per memory-attention call; None: by device
         self.client = client or WorkerClient()
         self.job: WorkerJob | None = None
         self._after: Callable[[JobEvent], None] | None = None  # main-thread bookkeeping at the job's end
@@ -327,6 +329,7 @@ class RetrievalSegLogic:
             "bank": str(bank.path), "volume": volume_spec(folder, "volume", volume), "runs": request.runs,
             "axis": request.axis, "k": request.k, "case_id": request.case_id, "case_policy": request.case_policy,
             "window": list(request.window), "labels": request.labels,
+            "precision": self.precision, "batch_size": self.batch_size,
         }
         self._request = request
         self._pending = None
@@ -682,6 +685,7 @@ def _segmentation_from_result(volume: Volume) -> Callable[[dict[str, Any], Path]
         out = VolumeSegmentation(
             labelmap=volume.with_array(array), labels=labels, axis=axis,
             confidence=np.full(num_slices(array, axis), np.nan, dtype=np.float32), seconds=float(result["seconds"]),
+            precision=str(result["precision"]), batch_size=int(result["batch_size"]),
         )
         for d in result["slices"]:
             sr = SliceResult(

@@ -181,6 +181,7 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
     ctx.restart_clock()
     merged: np.ndarray | None = None
     labels: list[Any] = []
+    precision, batch_size = "fp32", 1
     axis = params.get("axis")
     slices: list[dict[str, Any]] = []
     seconds = 0.0
@@ -191,11 +192,12 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
             slice_range=(a, b), case_id=params.get("case_id"), case_policy=params.get("case_policy", "ignore"),
             window=tuple(params["window"]) if params.get("window") is not None else None,
             progress=lambda d, t, o=done_before: ctx.progress(o + d, total),
-            cancel=ctx.cancelled,
+            cancel=ctx.cancelled, precision=params.get("precision", "auto"), batch_size=params.get("batch_size"),
         )
         if r.cancelled:
             raise JobCancelled("segmentation cancelled")
         axis, labels, seconds = r.axis, r.labels, seconds + r.seconds
+        precision, batch_size = r.precision, r.batch_size
         if merged is None:
             merged = r.labelmap.array
         else:
@@ -212,6 +214,8 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
         "labels": [lab.to_json() for lab in labels],
         "slices": slices,
         "seconds": seconds,
+        "precision": precision,
+        "batch_size": batch_size,
     }
 
 

@@ -119,16 +119,18 @@ def test_worker_result_is_read_before_the_folder_goes(client, bank_path, cases) 
 
     def convert(result, folder):  # type: ignore[no-untyped-def]
         seen["labelmap"] = wp.load_array(folder, result["labelmap"])
+        seen["run"] = (result["precision"], result["batch_size"])
         return "converted"
 
     folder = client.new_job_folder()
     params = {
         "settings": SETTINGS.to_json(), "bank": str(bank_path), "volume": volume_spec(folder, "volume", cases[1].image),
-        "runs": [[1, 3]], "axis": 2, "k": 2, "window": [0.0, 1000.0],
+        "runs": [[1, 3]], "axis": 2, "k": 2, "window": [0.0, 1000.0], "precision": "fp32", "batch_size": 1,
     }
     assert client.run("segment", params, folder, on_result=convert) == "converted"
     labelmap = seen["labelmap"]
     assert labelmap.shape == SHAPE and not labelmap[[0, 3, 4, 5]].any()  # only the run was segmented
+    assert seen["run"] == ("fp32", 1)  # the run options reached segment_volume
     assert not folder.exists()
 
 
