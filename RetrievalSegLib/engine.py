@@ -389,22 +389,7 @@ class Sam2MemoryEngine:
             for i, m in enumerate(mems)
         }
         # Query at index k after supports 0..k-1 in a k+1 frame pseudo-video (num_frames >= 2).
-        _, sam_outputs, _, _ = self.model._track_step(
-            k,
-            False,
-            feats,
-            pos,
-            features.feat_sizes,
-            None,
-            None,
-            {"cond_frame_outputs": cond, "non_cond_frame_outputs": {}},
-            k + 1,
-            False,
-            None,
-        )
-        _, _, ious, low_res, _, _, obj_scores = sam_outputs
-        if self.fill_hole_area > 0:
-            low_res = fill_holes(low_res, self.fill_hole_area)
+        ious, low_res, obj_scores = self._track_query(k, feats, pos, features.feat_sizes, cond)
         logits = logits_to_grid(low_res.float(), img.shape[:2])[:, 0]
         best_iou = ious.max(dim=-1).values  # the returned mask is the highest-IoU candidate
         return QueryResult(
@@ -415,6 +400,30 @@ class Sam2MemoryEngine:
         )
 
     @torch.inference_mode()
+    def _track_query(self, k: int, feats: torch.Tensor, pos: list, feat_sizes: list, cond: dict) -> tuple:
+        """SAM 2's tracking step for the query at index k of a k+1 frame pseudo-video.
+
+        Returns (IoU predictions, low-resolution mask logits, object scores); holes are filled as
+        the official predictor fills them when fill_hole_area > 0.
+        """
+        _, sam_outputs, _, _ = self.model._track_step(
+            k,
+            False,
+            feats,
+            pos,
+            feat_sizes,
+            None,
+            None,
+            {"cond_frame_outputs": cond, "non_cond_frame_outputs": {}},
+            k + 1,
+            False,
+            None,
+        )
+        _, _, ious, low_res, _, _, obj_scores = sam_outputs
+        if self.fill_hole_area > 0:
+            low_res = fill_holes(low_res, self.fill_hole_area)
+        return ious, low_res, obj_scores
+
     def query_batch(
         self,
         features: BatchFeatures,
@@ -462,22 +471,7 @@ class Sam2MemoryEngine:
                 "maskmem_pos_enc": [pos_enc],
                 "obj_ptr": mem_ptrs.index_select(0, sel[:, i]).flatten(0, 1),
             }
-        _, sam_outputs, _, _ = self.model._track_step(
-            k,
-            False,
-            feats,
-            pos,
-            features.feat_sizes,
-            None,
-            None,
-            {"cond_frame_outputs": cond, "non_cond_frame_outputs": {}},
-            k + 1,
-            False,
-            None,
-        )
-        _, _, ious, low_res, _, _, obj_scores = sam_outputs
-        if self.fill_hole_area > 0:
-            low_res = fill_holes(low_res, self.fill_hole_area)
+        ious, low_res, obj_scores = self._track_query(k, feats, pos, features.feat_sizes, cond)
         (shape,) = shapes
         logits = logits_to_grid(low_res.float(), shape)[:, 0]
         return BatchQueryResult(
