@@ -23,7 +23,6 @@ import numpy as np
 from .volume import (
     AXIS_NAMES,
     Volume,
-    in_plane_spacing,
     num_slices,
     parse_axis,
     slice_view,
@@ -569,76 +568,6 @@ def edited_slices(
 
 
 # ============================================================================ bank
-def _embedder(engine_or_embedder: Any) -> Any:
-    return getattr(engine_or_embedder, "embedder", engine_or_embedder)
-
-
-def add_slice_to_bank(
-    bank: Any,
-    engine_or_embedder: Any,
-    volume_node: Any,
-    segmentation_node: Any,
-    axis: int | str,
-    index: int,
-    case_id: str,
-    *,
-    window: tuple[float, float] | None = None,
-    volume: Volume | None = None,
-    origin: str = "correction",
-) -> Any:
-    """Add one slice of the volume with the user's masks from the segmentation to the bank.
-
-    The slice is windowed exactly as `segment_volume` windows it (`window`, default the whole
-    volume's robust percentiles), so the bank holds what the models will see. An older entry of the
-    same case, axis and slice is retired by the bank.
-    """
-    from .segment import window_for_volume
-
-    ax = _explicit_axis(axis)
-    vol = volume if volume is not None else volume_from_node(volume_node)
-    masks = segment_slice_masks(segmentation_node, volume_node, ax, int(index), bank.labels)
-    bounds = window_for_volume(vol, window)
-    image = np.array(slice_view(vol.array, ax, int(index)))
-    return bank.add_slice(
-        image,
-        masks,
-        case_id,
-        ax,
-        int(index),
-        in_plane_spacing(vol.spacing, ax),
-        _embedder(engine_or_embedder),
-        origin=origin,
-        window=bounds,
-    )
-
-
-def add_annotated_slices_to_bank(
-    bank: Any,
-    engine_or_embedder: Any,
-    volume_node: Any,
-    segmentation_node: Any,
-    case_id: str,
-    *,
-    axis: int | str | None = None,
-    window: tuple[float, float] | None = None,
-    origin: str = "initial",
-) -> list[Any]:
-    """Add every slice that holds any bank-label segment voxel (the user's first annotations)."""
-    from .segment import window_for_volume
-
-    vol = volume_from_node(volume_node)
-    labelmap = annotated_labelmap(segmentation_node, volume_node, bank.labels)
-    return bank.add_volume(
-        vol,
-        labelmap,
-        case_id,
-        _embedder(engine_or_embedder),
-        axis=axis,
-        window=window_for_volume(vol, window),
-        origin=origin,
-    )
-
-
 def annotated_labelmap(segmentation_node: Any, volume_node: Any, labels: Sequence[Any]) -> Volume:
     """The user's drawing in the bank-label segments as one label map; an error when it is empty."""
     labelmap = labelmap_from_segmentation(segmentation_node, volume_node, labels)

@@ -37,10 +37,6 @@ class JobCancelled(Exception):
     """Raised inside a job to stop it as cancelled."""
 
 
-class JobFailed(Exception):
-    """A job error whose message is meant for the user as it is."""
-
-
 # ============================================================================ channel
 class Channel:
     """The protocol stream back to the parent (thread-safe writes, one message per line)."""
@@ -435,7 +431,7 @@ class Worker:
             tb = traceback.format_exc()
             log.error("job %s failed:\n%s", job_id, tb)
             self.channel.send({
-                "type": "error", "id": job_id, "message": f"{e}" if isinstance(e, JobFailed) else f"{type(e).__name__}: {e}",
+                "type": "error", "id": job_id, "message": f"{type(e).__name__}: {e}",
                 "error_type": type(e).__name__, "traceback": tb, "elapsed_s": time.monotonic() - t0,
             })
         else:
