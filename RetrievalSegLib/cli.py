@@ -236,11 +236,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
     finally:
         close()
     written = write_outputs(seg, out, args.seg_nrrd)
+    from .provenance import segmentation_provenance, slice_records, write_sidecar
+
+    prov = segmentation_provenance(seg, engine, bank, k=args.k,
+                                   extra={"image": str(args.image), "compile": bool(args.compile)})
+    records = slice_records(seg, args.slices)
+    sidecars = [write_sidecar(p, prov, records) for p in written]
     import numpy as np
 
     summary = {
         "image": str(args.image),
         "outputs": [str(p) for p in written],
+        "sidecars": [str(p) for p in sidecars],
         "axis": "ijk"[seg.axis],
         "slices_segmented": len(seg.slices),
         "seconds": round(seg.seconds, 3),
@@ -261,7 +268,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
               f"({summary['precision']}, batch {summary['batch_size']})")
         for name, n in summary["labels"].items():
             print(f"  {name}: {n} voxels")
-        for p in written:
+        if summary["random_weights"]:
+            print("RANDOM WEIGHTS: this output is meaningless (models were not loaded from real weights)")
+        for p in written + sidecars:
             print(f"wrote {p}")
         if summary["low_confidence_slices"]:
             print(f"low-confidence slices (< {args.low_confidence}): {summary['low_confidence_slices']}")

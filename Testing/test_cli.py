@@ -63,6 +63,17 @@ def test_bank_create_add_segment_evaluate(study, tmp_path, capsys, slicer_scene)
     summary = json.loads(capsys.readouterr().out)
     assert summary["slices_segmented"] == 5 and summary["random_weights"] is True
     assert summary["precision"] == "fp32" and summary["batch_size"] == 2  # provenance (CPU: auto = fp32)
+    # Provenance and per-slice diagnostics beside each output (NIfTI keeps no custom metadata).
+    from RetrievalSegLib.provenance import read_sidecar, sidecar_path
+
+    assert summary["sidecars"] == [str(sidecar_path(out)), str(sidecar_path(segnrrd))]
+    doc = read_sidecar(out)
+    prov = doc["provenance"]
+    assert prov["random_weights"] is True and prov["k"] == 2 and prov["precision"] == "fp32"
+    assert prov["bank"]["revision"] >= 1 and prov["sam2"].startswith("sam2.1-tiny@256")
+    assert [s["index"] for s in doc["slices"]] == list(range(5))
+    assert all(s["status"] == "segmented" and len(s["retrieved"]) == 2 for s in doc["slices"])
+    assert "NaN" not in sidecar_path(out).read_text()
     image = read_volume(test_img)
     labelmap = read_volume(out)
     assert labelmap.same_geometry(image, tol=1e-4)
