@@ -2,6 +2,7 @@
 #   make test   create .venv if missing, install pinned dependencies, run the test suite
 #   make bench  engine vs official SAM2VideoPredictor latency (random weights, CPU unless cuda)
 #   make bench-volume  whole-volume slices/s: per-slice fp32 path vs batched path (random weights)
+#   make mutants  apply Testing/mutants.txt one by one to a copy; every mutant must be killed (~10 min)
 #   make demo   synthetic study -> bank -> segmentation with real weights from the cache
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +12,7 @@ SAM2_VERSION := 1.1.0
 # Tests and CI never reach a model hub.
 OFFLINE := RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: test test-all bench bench-volume demo install clean
+.PHONY: test test-all bench bench-volume demo install clean mutants
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "RetrievalSeg needs Python >= 3.10 (sam2 does)"'
@@ -31,6 +32,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest Testing
+
+# Semantic mutation check (not part of test): exit 1 if any mutant survives.
+mutants: $(STAMP)
+	$(OFFLINE) $(PY) Testing/mutants.py $(MUTANT_ARGS)
 
 bench: $(STAMP)
 	$(OFFLINE) $(PY) -m RetrievalSegLib.benchmark $(BENCH_ARGS)

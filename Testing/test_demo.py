@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 
 from RetrievalSegLib import demo
@@ -43,5 +44,18 @@ def test_demo_runs_on_checkpoint_files_in_the_weights_folder(tmp_path, monkeypat
     pred = read_volume(next(out.glob("*_pred.nii.gz")))
     image = read_volume(next(out.glob("*001_image.nii.gz")))
     assert pred.same_geometry(image, tol=1e-4)
+    # The table's Dice values are those of the files it wrote, recomputed here independently.
+    truth = read_volume(next(out.glob("*001_labels.nii.gz"))).array
+    table = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in ("RV", "Myo", "LV"):
+            table[parts[0]] = float(parts[1])
+    assert set(table) == {"RV", "Myo", "LV"}
+    for value, name in ((1, "RV"), (2, "Myo"), (3, "LV")):
+        p, t = pred.array == value, truth == value
+        denom = p.sum() + t.sum()
+        dice = 1.0 if denom == 0 else 2.0 * (p & t).sum() / denom
+        assert table[name] == pytest.approx(dice, abs=5e-4), name
     _, segments = read_seg_nrrd(next(out.glob("*_pred.seg.nrrd")))
     assert [s.name for s in segments] == ["RV", "Myo", "LV"]

@@ -39,8 +39,12 @@ def bank(tmp_path_factory, engine, study):
 
 def test_label_map_has_the_input_geometry_and_bank_labels(bank, engine, study):
     image = study[1].image
-    seg = segment_volume(image, bank, engine, k=2)
+    seg = segment_volume(image, bank, engine, k=2, keep_label_masks=True)
     assert seg.labelmap.same_geometry(image, tol=0)
+    # The label map is what SAM 2 predicted: foreground exactly where some label's logit is
+    # positive (and there is some: an all-zero label map must fail this test).
+    assert seg.label_masks.any()
+    np.testing.assert_array_equal(seg.labelmap.array > 0, seg.label_masks.any(axis=0))
     assert seg.labelmap.array.dtype == np.uint8
     assert set(np.unique(seg.labelmap.array)) <= {0, 1, 2, 3}
     assert [lab.name for lab in seg.labels] == ["RV", "Myo", "LV"]
