@@ -727,6 +727,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if overlap:
             raise _UsageError(f"subjects in both --train and --test: {_few(overlap)}; a test subject must not "
                               "be in the training data")
+    if args.pool is not None and train_study is None:
+        raise _UsageError("--pool caps a bank built from --train; give --train too, or drop --pool to use "
+                          "the bank as it is")
     bank_path = args.bank if args.bank is not None else args.out / "bank"
     show = not args.no_progress
     for line in _skipped_lines("--test", test_study) + (_skipped_lines("--train", train_study) if train_study else []):
@@ -776,6 +779,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         check_plan(test, bank, [lab.value for lab in labels], args.k)
     except (LabelError, ExclusionError) as e:
         raise usage(e) from None
+    bank_names = {lab.value: lab.name for lab in bank.labels}
+    renamed = [f"{lab.value} is {bank_names[lab.value]!r} in the bank, {lab.name!r} in --labels"
+               for lab in labels if bank_names.get(lab.value, lab.name) != lab.name]
+    if renamed:
+        print(f"rseg evaluate: warning: label {'; '.join(renamed)}; results use the bank's names",
+              file=sys.stderr)
     engine = make_engine(args)
     skipped = {"test": {r: len(f) for r, f in test_study.skipped.items()},
                **({"train": {r: len(f) for r, f in train_study.skipped.items()}} if train_study else {})}

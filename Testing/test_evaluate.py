@@ -267,6 +267,8 @@ def test_option_errors_exit_2_before_anything_is_created(split, tmp_path):
         "pool 0": ([*train, "--labels", "1:RV", "--pool", "0"], "expected an integer >= 1"),
         "k 0": ([*train, "--labels", "1:RV", "--k", "0"], "expected an integer >= 1"),
         "label 5": ([*train, "--labels", "1:RV,5:X"], "label 5 (X) is not in the training ground truth"),
+        "pool without train": (["--bank", str(tmp_path / "b"), "--labels", "1:RV", "--pool", "3"],
+                               "--pool caps a bank built from --train"),
     }
     for what, (argv, message) in cases.items():
         rc, _, err = run(["evaluate", *argv, *base])
