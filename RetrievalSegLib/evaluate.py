@@ -457,8 +457,7 @@ def write_metrics(out: Path, result: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- per-case records
-def run_key(bank, engine, *, k: int, labels: dict[int, str], axis, window, precision: str,
-            batch_size: int | None) -> dict[str, Any]:
+def run_key(bank, engine, *, k: int, labels: dict[int, str], axis, window, precision: str) -> dict[str, Any]:
     """What a finished case's result depends on: `--resume` reuses a case only when this matches."""
     import hashlib
 
@@ -561,8 +560,7 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
     out = Path(out)
     names, excluded = check_plan(test, bank, labels, k)
     prec = resolve_precision(precision, engine.sam.device)
-    key = run_key(bank, engine, k=k, labels=names, axis=axis, window=window, precision=prec,
-                  batch_size=batch_size)
+    key = run_key(bank, engine, k=k, labels=names, axis=axis, window=window, precision=prec)
     out.mkdir(parents=True, exist_ok=True)
     (out / CASES_DIR).mkdir(exist_ok=True)
     finished = load_finished(out, key, test) if resume else {}

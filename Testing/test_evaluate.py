@@ -11,7 +11,6 @@ import io
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 import RetrievalSegLib.segment as segment_module
