@@ -89,6 +89,22 @@ def test_same_subject_respects_a_separator():
     assert not same_subject("patient0010", "patient001")
 
 
+def test_bank_search_excludes_the_whole_subject(tmp_path):
+    """Library level: entries of `patient005` frames are excluded for subject `patient005` and the
+    reverse; `patient0050` (another subject) is not."""
+    from test_bank import HashEmbedder, make_case, new_bank
+
+    emb = HashEmbedder()
+    bank = new_bank(tmp_path, emb)
+    frame = bank.add_volume(*make_case(1, annotated=(1, 2)), "patient005_frame01", emb)
+    other = bank.add_volume(*make_case(2, annotated=(1, 2)), "patient0050", emb)
+    q = emb.embed([bank.load_entry(frame[0].id).image])
+    hits = {i for i, _ in bank.search(q, 2, case_id="patient005")[0]}
+    assert hits == {e.id for e in other}
+    hits = {i for i, _ in bank.search(q, 2, case_id="patient0050_frame12")[0]}
+    assert hits == {e.id for e in frame}
+
+
 def test_acdc_subject_is_the_patient_folder(cases, tmp_path):
     write_acdc(tmp_path, {"patient001": cases[0:2]})
     study = scan_study(tmp_path)
