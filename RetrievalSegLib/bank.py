@@ -72,7 +72,22 @@ ENV_LOCK_TIMEOUT = "RSEG_BANK_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 60.0
 ORIGINS = ("initial", "correction")
 CASE_POLICIES = ("exclude", "prefer", "ignore")
+#: Characters that end a subject id inside a longer case id (`patient005` -> `patient005_frame01`).
+SUBJECT_SEPARATORS = "_-. "
 RETIRED_BY_USER = "user"
+
+def same_subject(case_id: str, subject: str) -> bool:
+    """Whether `case_id` and `subject` name the same patient/subject.
+
+    Equal, or one is the other followed by a separator (`_`, `-`, `.`, space) and more:
+    `patient005` and `patient005_frame01` match, `patient01` and `patient010` do not.
+    """
+    a, b = str(case_id), str(subject)
+    if a == b:
+        return True
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    return bool(short) and long_.startswith(short) and long_[len(short)] in SUBJECT_SEPARATORS
+
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -1266,8 +1281,11 @@ class SupportBank:
         values = set(int(v) for v in np.unique(lab)) - {0}
         unknown = sorted(values - set(self.label_values))
         if unknown:
+            shown = ", ".join(str(v) for v in unknown[:8]) + (", ..." if len(unknown) > 8 else "")
+            what = f"{len(unknown)} values ({shown})" if len(unknown) > 8 else f"values [{shown}]"
+            hint = " (is it an image rather than a label map?)" if len(unknown) > 8 else ""
             raise ValueError(
-                f"label map of case {case_id!r} holds values {unknown} that are not labels of the "
+                f"label map of case {case_id!r} holds {what}{hint} that are not labels of the "
                 f"support bank at {self.path} (it has {self._labels_text()}); relabel them to the "
                 "bank's values or to 0, or use a bank with those labels"
             )
@@ -1379,8 +1397,11 @@ class SupportBank:
     ) -> list[list[tuple[str, float]]]:
         """Top-k (entry id, cosine) per query over usable entries, with a policy for `case_id`.
 
-        "exclude": never return entries of `case_id` (honest evaluation); "prefer": entries of
-        `case_id` first (by score), then the others; "ignore": plain top-k.
+        "exclude": never return entries of the subject `case_id` names (honest evaluation):
+        entries whose case id is `case_id` or shares it as a prefix up to a separator
+        (`same_subject`: `patient005` excludes `patient005_frame01` and the reverse, not
+        `patient0050`); "prefer": entries of exactly `case_id` first (by score), then the others;
+        "ignore": plain top-k.
         """
         if case_policy not in CASE_POLICIES:
             raise ValueError(f"case_policy must be one of {CASE_POLICIES}, got {case_policy!r}")
@@ -1401,7 +1422,12 @@ class SupportBank:
                 f"entries; add annotated slices with `rseg bank add {self.path} IMAGE LABELS --case ID`"
             )
         index, usable, cases = self._index(state, rows)
-        in_case = np.zeros(len(usable), dtype=bool) if case_id is None else cases == case_id
+        if case_id is None:
+            in_case = np.zeros(len(usable), dtype=bool)
+        elif case_policy == "exclude":  # the whole subject: its other frames/series too
+            in_case = np.array([same_subject(c, case_id) for c in cases], dtype=bool)
+        else:
+            in_case = cases == case_id
         n_case = int(in_case.sum())
         available = len(usable) - (n_case if case_policy == "exclude" else 0)
         if k > available:

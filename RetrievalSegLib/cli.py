@@ -312,25 +312,40 @@ def add_evaluate_parser(sub, models: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "evaluate", parents=[models], help="Dice and HD95 on held-out cases (the paper's protocol)",
         description="Build a support bank from training cases (or use --bank), segment held-out test "
-                    "cases, and report Dice and HD95 (mm) per label per case, mean and sd.",
+                    "cases, and report Dice and HD95 (mm) per label per case, mean and sd. A test case "
+                    "never retrieves supports of its own subject (ACDC: the patient folder; nnU-Net: the "
+                    "case id; images/ + labels/: the file stem; bank case ids match a subject exactly or "
+                    "as a prefix up to '_', '-', '.'). Results of --random-weights are marked as such in "
+                    "every output.",
     )
     p.add_argument("--train", type=Path, default=None,
                    help="folder of training cases (ACDC, nnU-Net imagesTr/labelsTr, or images/ + labels/)")
     p.add_argument("--test", type=Path, required=True, help="folder of test cases (same layouts)")
     p.add_argument("--bank", type=Path, default=None,
-                   help="support bank to use (built from --train when it does not exist yet)")
+                   help="support bank to use (default OUT/bank); built from --train when it does not exist, "
+                        "reused only if built from the same --train, --pool, --labels and models")
     p.add_argument("--labels", required=True, metavar="V:NAME,...", help="labels, e.g. '1:RV,2:Myo,3:LV'")
-    p.add_argument("--pool", type=int, default=None,
+    p.add_argument("--pool", type=_positive_int, default=None, metavar="N",
                    help="cap the bank at N annotated slices drawn evenly from the training cases (paper: 50)")
-    p.add_argument("--k", type=int, default=8, help="supports per slice (default 8)")
-    p.add_argument("--axis", default="auto", help="slice axis: auto, i, j or k")
-    p.add_argument("--window", type=float, default=None)
-    p.add_argument("--level", type=float, default=None)
-    p.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N test cases")
-    p.add_argument("--out", type=Path, required=True, help="folder for metrics.csv, metrics.json, predictions")
-    p.add_argument("--save-predictions", action="store_true", help="write each prediction as NIfTI")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--k", type=_positive_int, default=8, help="supports per slice (default 8)")
+    p.add_argument("--axis", default="auto", help="slice axis: auto (largest spacing), i, j or k")
+    p.add_argument("--window", type=float, default=None, metavar="WIDTH",
+                   help="intensity window width for every image (with --level; default: a robust automatic "
+                        "window per image, from its 0.5-99.5 percentiles)")
+    p.add_argument("--level", type=float, default=None, metavar="CENTER",
+                   help="intensity window centre (with --window)")
+    p.add_argument("--max-cases", type=_positive_int, default=None, metavar="N",
+                   help="evaluate only the first N test cases")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for metrics.csv, metrics.json, cases/ (per-case results), predictions/")
+    p.add_argument("--save-predictions", action="store_true",
+                   help="write each prediction as NIfTI with a provenance sidecar (<file>.json)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip test cases already finished in OUT/cases by an earlier (interrupted) run with "
+                        "the same bank, k, labels and models")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary as JSON on stdout (progress stays on stderr)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -49,7 +49,17 @@ def parse_labels(text: str) -> list[tuple[int, str]]:
             raise argparse.ArgumentTypeError(
                 f"label {item.strip()!r} must be VALUE:NAME with VALUE >= 1, e.g. '1:RV,2:Myo,3:LV'"
             )
-        out.append((v, name.strip()))
+        name = name.strip()
+        if any(ch in name for ch in ":;"):
+            raise argparse.ArgumentTypeError(
+                f"label name {name!r} (in {item.strip()!r}) holds ':' or ';'; separate labels with commas, "
+                "e.g. '1:RV,2:Myo,3:LV'"
+            )
+        if any(v == seen for seen, _ in out):
+            raise argparse.ArgumentTypeError(f"label value {v} is given twice in {text!r}; each value names one label")
+        if any(name.lower() == seen.lower() for _, seen in out):
+            raise argparse.ArgumentTypeError(f"label name {name!r} is given twice in {text!r}; names must be unique")
+        out.append((v, name))
     if not out:
         raise argparse.ArgumentTypeError("give at least one label, e.g. '1:RV,2:Myo,3:LV'")
     return out
