@@ -231,6 +231,17 @@ def test_select_on_given_embeddings_hits_every_cluster_first() -> None:
     assert sorted(cluster[p.index] for p in select_slices(emb, bank, 3)) == [1, 3, 4]
 
 
+def test_without_a_bank_the_first_pick_is_the_medoid() -> None:
+    degrees = np.array([0, 30, 40, 10, 20])  # on an arc: 20 degrees is nearest to all the others
+    emb = np.stack([np.cos(np.radians(degrees)), np.sin(np.radians(degrees))], axis=1)
+    picks = select_slices(emb, np.zeros((0, 2)), 2)
+    assert picks[0].index == 4 and picks[0].gap is None
+    assert picks[0].mean_distance == pytest.approx(cosine_distances(emb, emb)[4].mean())
+    # Then the farthest from it: 0 and 40 degrees are both 20 away, a tie that goes to the slice
+    # farther along the axis from the pick (index 0, 4 slices away, not index 2).
+    assert picks[1].index == 0
+
+
 def test_ties_are_broken_along_the_axis_and_deterministically() -> None:
     emb = np.tile(np.eye(4)[:1], (7, 1))  # seven identical slices
     bank = np.eye(4)[1:2]  # one entry, equally far from all of them
