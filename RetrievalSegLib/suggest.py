@@ -255,6 +255,21 @@ class Suggestion:
     reasons: list[str] = field(default_factory=list)
 
 
+    def summary(self) -> str:
+        """One line for a list: slice, distance to the bank, confidence, what it covers."""
+        parts = [f"{self.rank}. slice {self.index}"]
+        if self.distance_to_bank is not None:
+            parts.append(f"distance to bank {self.distance_to_bank:.3f}")
+        if self.confidence is not None:
+            parts.append(f"confidence {self.confidence:.2f}")
+        elif self.status is not None and self.status.startswith("not segmented"):
+            parts.append("not segmented")
+        parts.append(f"covers {ranges_text(self.covers)}")
+        if self.empty:
+            parts.append("EMPTY")
+        return ", ".join(parts)
+
+
 @dataclass
 class Suggestions:
     """The picks, best first, and the coverage before and after adding them."""
