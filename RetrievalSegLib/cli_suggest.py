@@ -100,8 +100,8 @@ def cmd_suggest(args: argparse.Namespace, make_embedder: Callable[[argparse.Name
         print(f"{s.rank:>4}  {s.index:>5}  {dist:>7}  {conf:>5}  {ranges_text(s.covers)}{flag}")
         for reason in s.reasons:
             print(f"{'':>13}- {reason}")
-    before = f"{result.coverage_before:.3f}" if result.coverage_before is not None else "none (empty bank)"
-    after = f"{result.coverage_after:.3f}" if result.coverage_after is not None else "-"
+    before = f"{result.coverage_before:.4f}" if result.coverage_before is not None else "none (empty bank)"
+    after = f"{result.coverage_after:.4f}" if result.coverage_after is not None else "-"
     print(f"coverage (mean cosine distance of the slices to the nearest bank entry, lower is better): "
           f"{before} now, {after} with these {len(result.picks)} slice(s) added")
     for note in result.notes:
