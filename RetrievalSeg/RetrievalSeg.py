@@ -82,7 +82,8 @@ SAM 2 segments the slice from them (memory attention, no prompt). Correct what i
 Editor, add the corrected slices to the bank, and the next volume is better.
 <ol>
 <li>First use: <i>Install dependencies</i> and <i>Download weights</i> (Settings).</li>
-<li>Draw a few slices of one volume (all structures on each slice) in the Segment Editor, then
+<li>Draw a few slices of one volume (all structures on each slice; <i>Suggest slices to annotate</i>
+says which) in the Segment Editor, then
 <i>New bank from segmentation</i> and <i>Add annotated slices to bank</i>.</li>
 <li>Select another volume and press <i>Segment</i>.</li>
 <li>Correct slices (<i>Go to next low-confidence slice</i> helps), then <i>Add all edited slices</i>
@@ -120,6 +121,7 @@ class RetrievalSegParameterNode:
     dinov2Size: Annotated[str, Choice(["small", "base", "large"])] = "small"
     imageSize: Annotated[int, Choice([1024, 512])] = 1024
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    suggestCount: Annotated[int, WithinRange(1, 50)] = 3
 
 
 #
@@ -139,6 +141,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = None
         self._segmentAfterDownload = False
         self._resegmentAfterAdd = False
+        self._suggestAfterJob = False
         self._jobVolumeNode = None
         self._thumbnailWidgets = []
 
@@ -174,6 +177,11 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
         self.ui.nextLowConfidenceButton.connect("clicked(bool)", self.onNextLowConfidenceSlice)
         self.ui.whyThisMaskButton.connect("clicked(bool)", self.onWhyThisMask)
+        self.ui.suggestSlicesButton.connect("clicked(bool)", self.onSuggestSlices)
+        self.ui.suggestionsListWidget.connect("currentRowChanged(int)", self.onSuggestionSelected)
+        self.ui.suggestionsListWidget.connect(
+            "itemClicked(QListWidgetItem*)", lambda item: self.onSuggestionSelected(self.ui.suggestionsListWidget.row(item))
+        )
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.weightsPathLineEdit.connect("currentPathChanged(QString)", self._updateWeightsStatus)
@@ -280,6 +288,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             (self.ui.newBankButton, not running and bool(p and p.outputSegmentation)),
             (self.ui.verifyBankButton, not running and haveBank),
             (self.ui.addAnnotatedSlicesButton, not running and haveBank and haveInputs),
+            (self.ui.suggestSlicesButton, not running and bool(p and p.inputVolume)),
             (self.ui.addCurrentSliceButton, not running and haveBank and haveInputs),
             (self.ui.addEditedSlicesButton, not running and haveBank and haveResult),
             (self.ui.resegmentButton, not running and haveBank and haveResult),
@@ -585,7 +594,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The worker's job ended: write or report its result on the main thread."""
         segmenting = kind == "segment"
         if event.kind == "failed":
-            self._segmentAfterDownload = self._resegmentAfterAdd = False
+            self._segmentAfterDownload = self._resegmentAfterAdd = self._suggestAfterJob = False
             self.ui.statusLabel.text = _("Failed: {error}").format(error=event.message)
             logging.error("RetrievalSeg %s failed: %s\n%s", kind, event.message, event.traceback)
             slicer.util.errorDisplay(
@@ -593,7 +602,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 detailedText=event.traceback,
             )
         elif event.kind == "cancelled":
-            self._segmentAfterDownload = self._resegmentAfterAdd = False
+            self._segmentAfterDownload = self._resegmentAfterAdd = self._suggestAfterJob = False
             self.ui.statusLabel.text = {
                 "segment": _("Cancelled; the segmentation was not changed."),
                 "download": _("Download cancelled; it resumes where it stopped next time."),
@@ -610,6 +619,8 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = result["summary"].splitlines()[0] if result["summary"] else ""
             show = slicer.util.infoDisplay if result["ok"] else slicer.util.warningDisplay
             show(result["summary"], windowTitle=_("Support bank check"))
+        elif kind == "suggest":
+            self._showSuggestions(event.result)
         elif kind == "create_bank":
             self.ui.bankPathLineEdit.addCurrentPathToHistory()
             self.ui.statusLabel.text = _("Support bank created.")
@@ -619,6 +630,12 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._resegmentAfterAdd = False
                 with slicer.util.tryWithErrorDisplay(_("Failed to re-segment the remaining slices."), waitCursor=True):
                     self._startResegmentRemaining()
+        if event.kind == "finished" and kind in ("add_slices", "add_volume") and self._suggestionsShown():
+            self._suggestAfterJob = True  # the bank changed: refresh the list (after a chained re-segment)
+        if self._suggestAfterJob and not self._jobRunning():
+            self._suggestAfterJob = False
+            with slicer.util.tryWithErrorDisplay(_("Failed to refresh the suggested slices."), waitCursor=True):
+                self._startSuggest(_("The bank changed: finding the slices to annotate next..."))
         if kind == "download":
             self._updateWeightsStatus()
         if kind not in ("segment", "download", "load"):
@@ -673,6 +690,62 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("The last result was undone.")
             self._updateReviewInfo()
         self._checkCanApply()
+
+    # ------------------------------------------------------------------ what to annotate next
+    def onSuggestSlices(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Failed to suggest slices to annotate."), waitCursor=True):
+            if not self._prepareEngine():
+                return
+            self._startSuggest(_("Finding the slices to annotate next..."))
+
+    def _startSuggest(self, message: str) -> None:
+        p = self._parameterNode
+        self.logic.core.start_suggest(p.inputVolume, n=p.suggestCount, axis=p.axis, case_id=self._caseId())
+        self._onJobStarted(message)
+
+    def _suggestionsShown(self) -> bool:
+        """True when the list shows suggestions for the current input volume."""
+        core = self.logic.core
+        volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
+        return core.suggestions is not None and volumeNode is not None and core.suggestions_volume_id == volumeNode.GetID()
+
+    def _showSuggestions(self, suggestions) -> None:
+        listWidget = self.ui.suggestionsListWidget
+        wasBlocked = listWidget.blockSignals(True)  # filling the list must not move the slice views
+        try:
+            listWidget.clear()
+            for pick in suggestions.picks:
+                item = qt.QListWidgetItem(pick.summary())
+                item.setToolTip("\n".join(pick.reasons))
+                listWidget.addItem(item)
+        finally:
+            listWidget.blockSignals(wasBlocked)
+        if suggestions.coverage_before is None:
+            coverage = _("Coverage with these slices in the bank: {after:.3f}").format(after=suggestions.coverage_after or 0.0)
+        else:
+            coverage = _("Coverage: {before:.3f} now, {after:.3f} with these slices added").format(
+                before=suggestions.coverage_before, after=suggestions.coverage_after
+            )
+        self.ui.suggestionsLabel.text = " ".join(
+            [coverage + _(" (mean cosine distance of the slices to the nearest bank slice; lower is better).")]
+            + list(suggestions.notes)
+        )
+        self.ui.statusLabel.text = _("Suggested {count} slice(s) to annotate; click one to show it.").format(
+            count=len(suggestions.picks)
+        )
+
+    def onSuggestionSelected(self, row: int) -> None:
+        """Show the suggested slice in the slice views."""
+        core = self.logic.core
+        if not self._suggestionsShown() or not 0 <= row < len(core.suggestions.picks):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to show the suggested slice."), waitCursor=True):
+            pick = core.suggestions.picks[row]
+            x, y, z = mrml_bridge.slice_center_ras(self._parameterNode.inputVolume, core.suggestions.axis, pick.index)
+            slicer.modules.markups.logic().JumpSlicesToLocation(x, y, z, True)
+            self.ui.currentSliceLabel.text = _("Slice {index}: {reasons}").format(
+                index=pick.index, reasons="; ".join(pick.reasons)
+            )
 
     # ------------------------------------------------------------------ review and correct
     def _alignedSliceNode(self, volumeNode, axis: int):

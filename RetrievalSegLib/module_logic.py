@@ -1,8 +1,9 @@
 """The Slicer module's logic without Qt: bank, jobs in the worker process, results, corrections.
 
 Runs in Slicer's process on the main thread and never touches a model: everything that needs
-SAM 2 or DINOv2 (segment, re-segment, create a bank, add slices, verify, download weights) is a
-job for the worker process (`worker_client`), polled without blocking. MRML <-> numpy conversion
+SAM 2 or DINOv2 (segment, re-segment, create a bank, add slices, verify, suggest slices to
+annotate, download weights) is a job for the worker process (`worker_client`), polled without
+blocking. MRML <-> numpy conversion
 happens here, before a job is sent and after its result arrives.
 
 Typical use on the main thread::
@@ -128,6 +129,8 @@ class RetrievalSegLogic:
         self._pending: list[Any] | None = None  # finished VolumeSegmentations not yet written
         self.state: SegmentationState | None = None
         self._undo: _Undo | None = None
+        self.suggestions: Any = None  # suggest.Suggestions of the last suggest job
+        self.suggestions_volume_id: str | None = None  # ... and the volume node they are for
 
     # ------------------------------------------------------------------ bank
     def open_bank(self, path: str | Path) -> Any:
@@ -638,6 +641,43 @@ class RetrievalSegLogic:
         now = snapshot_segmentation(segmentation_node, volume_node, state.labels, state.axis)
         return [i for i in edited if state.banked.get(i) != _digest(now.slice_codes(i))]
 
+    # ------------------------------------------------------------------ what to annotate next
+    def start_suggest(self, volume_node: Any, n: int = 3, axis: int | str | None = None,
+                      case_id: str | None = None) -> WorkerJob:
+        """Which slices of the volume to annotate next, in the worker; result: a suggest.Suggestions.
+
+        Uses the open bank (none open: the slices that best cover the volume) and, when the last
+        result is of this volume, its per-slice confidence (slices it did not segment are gaps).
+        This volume's slices already in the bank (its case id) are never suggested.
+        """
+        from .segment import window_for_volume
+        from .suggest import Suggestions
+
+        self._require_idle()
+        volume = volume_from_node(volume_node)
+        state = self.state if self.state is not None and self.state.volume_node_id == volume_node.GetID() else None
+        folder = self.client.new_job_folder()
+        params = {
+            "bank": str(self.bank.path) if self.bank is not None else None,
+            "volume": volume_spec(folder, "volume", volume), "n": int(n),
+            "axis": parse_axis(axis), "window": list(state.window if state else window_for_volume(volume)),
+            "case_id": self._case_for(volume_node, case_id),
+            "last": _last_segmentation(state).to_json() if state else None,
+        }
+
+        def keep(event: JobEvent) -> None:
+            if event.kind == "finished":
+                self.suggestions, self.suggestions_volume_id = event.result, volume_node.GetID()
+
+        return self._submit("suggest", params, folder, on_result=lambda result, _: Suggestions.from_json(result),
+                            after=keep)
+
+    def suggest_slices(self, volume_node: Any, n: int = 3, axis: int | str | None = None,
+                       case_id: str | None = None) -> Any:
+        """Blocking `start_suggest`; returns the Suggestions."""
+        self.start_suggest(volume_node, n, axis, case_id)
+        return self._wait_result()
+
     # ------------------------------------------------------------------ review
     def slice_result(self, index: int) -> Any:
         """The SliceResult of slice `index` of the last result, or None."""
@@ -661,6 +701,21 @@ class RetrievalSegLogic:
         if sr is None or self.bank is None:
             return []
         return support_thumbnails(self.bank, sr.retrieved, size)
+
+
+def _last_segmentation(state: SegmentationState) -> Any:
+    """The automatic result as `suggest.LastSegmentation`: slices it did not segment are gaps."""
+    from .provenance import OUTSIDE_RANGE, SEGMENTED
+    from .suggest import LastSegmentation
+    from .volume import array_axis
+
+    n = num_slices(state.labelmap.array, state.axis)
+    other = tuple(a for a in range(3) if a != array_axis(state.axis))
+    has_label = (state.labelmap.array != 0).any(axis=other)
+    status = [SEGMENTED if i in state.slices else OUTSIDE_RANGE for i in range(n)]
+    confidence = np.array([state.slices[i].confidence if i in state.slices else np.nan for i in range(n)])
+    return LastSegmentation(status, confidence, np.array([i in state.slices and not has_label[i] for i in range(n)]),
+                            axis=state.axis)
 
 
 def _save(folder: Path, name: str, array: np.ndarray) -> str:

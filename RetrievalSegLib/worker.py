@@ -298,6 +298,28 @@ def job_download(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
     return {"paths": [str(p) for p in paths]}
 
 
+def job_suggest(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
+    """The slices to annotate next (`suggest.suggest_slices`): DINOv2 over the volume, bank optional."""
+    from .suggest import LastSegmentation, suggest_slices
+
+    volume = _volume(ctx, params["volume"])
+    engine = ctx.engine(params["settings"])
+    bank = _open_bank(ctx, params) if params.get("bank") else None  # suggest_slices checks its DINOv2
+    last = LastSegmentation.from_json(params["last"]) if params.get("last") else None
+    ctx.restart_clock()
+
+    def progress(done: int, total: int) -> None:
+        ctx.check_cancelled()
+        ctx.progress(done, total, "slices embedded")
+
+    result = suggest_slices(
+        volume, bank, engine.embedder, n=int(params.get("n", 3)), axis=params.get("axis"),
+        window=tuple(params["window"]) if params.get("window") is not None else None, last=last,
+        case_id=params.get("case_id"), progress=progress,
+    )
+    return result.to_json()
+
+
 HANDLERS: dict[str, Callable[[JobContext, dict[str, Any]], dict[str, Any]]] = {
     "load": job_load,
     "segment": job_segment,
@@ -306,6 +328,7 @@ HANDLERS: dict[str, Callable[[JobContext, dict[str, Any]], dict[str, Any]]] = {
     "add_volume": job_add_volume,
     "verify": job_verify,
     "download": job_download,
+    "suggest": job_suggest,
 }
 assert set(HANDLERS) == set(wp.JOB_KINDS)
 

@@ -37,7 +37,7 @@ import numpy as np
 PROTOCOL_VERSION = 1
 #: Longest line either side accepts (a result's diagnostics for a 2,000-slice volume fit easily).
 MAX_LINE_BYTES = 64 * 1024 * 1024
-JOB_KINDS = ("load", "segment", "create_bank", "add_slices", "add_volume", "verify", "download")
+JOB_KINDS = ("load", "segment", "create_bank", "add_slices", "add_volume", "verify", "download", "suggest")
 #: Message types each side may send.
 TO_WORKER = ("job", "cancel", "shutdown")
 FROM_WORKER = (

@@ -574,6 +574,75 @@ def test_slicer_module_panel_drives_the_loop_through_the_worker(monkeypatch, sce
     assert errors == []
 
 
+def test_slicer_module_panel_suggests_slices_jumps_and_refreshes(monkeypatch, scene, cases, bank, client) -> None:  # type: ignore[no-untyped-def]
+    """Suggest slices to annotate: the list with reasons, a click jumps the views, adding a slice refreshes it."""
+    import importlib
+    import sys
+    import xml.etree.ElementTree as ET
+
+    ui_file = Path(__file__).resolve().parents[1] / "RetrievalSeg" / "Resources" / "UI" / "RetrievalSeg.ui"
+    ui, red, errors = _fake_slicer_gui(monkeypatch, scene, [w.get("name") for w in ET.parse(ui_file).iter("widget")])
+    module = importlib.import_module("RetrievalSeg")
+    monkeypatch.setattr(module.RetrievalSegLogic, "engineSettings", staticmethod(lambda node, folder=None: SETTINGS))
+    monkeypatch.setattr(module.RetrievalSegLogic, "workerClient", staticmethod(lambda: client))
+    widget = module.RetrievalSegWidget()
+    widget.setup()
+    ui.bankPathLineEdit.currentPath = str(bank.path)
+    ui.weightsPathLineEdit.currentPath = ""
+    widget.onOpenBank()
+    volume_node = mb.volume_to_node(cases[1].image, scene, "suggest")
+    params = widget._parameterNode
+    params.inputVolume, params.suggestCount = volume_node, 2
+    widget._checkCanApply()
+    assert ui.suggestSlicesButton.enabled
+
+    def pump() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            widget._onPollTimer()
+            job = widget.logic.core.job
+            if job.outcome and not widget._jobRunning():
+                assert job.outcome == "finished", errors
+                return
+            time.sleep(0.05)
+        raise TimeoutError("the worker job did not end")
+
+    widget.onSuggestSlices()
+    assert widget.logic.core.job.kind == "suggest" and not ui.suggestSlicesButton.enabled
+    pump()
+    first = widget.logic.core.suggestions
+    assert len(first.picks) == 2 and first.bank_entries == len(bank)
+    qt = sys.modules["qt"]
+    texts = [c.args[0] for c in qt.QListWidgetItem.call_args_list]
+    assert texts == [p.summary() for p in first.picks] and texts[0].startswith(f"1. slice {first.picks[0].index}, distance to bank")
+    assert ui.suggestionsListWidget.addItem.call_count == 2
+    assert ui.suggestionsLabel.text.startswith("Coverage: ") and ui.statusLabel.text.startswith("Suggested 2 slice(s)")
+
+    # A click shows the slice: the views jump to its centre.
+    jump = slicer.modules.markups.logic.return_value.JumpSlicesToLocation
+    widget.onSuggestionSelected(1)
+    pick = first.picks[1]
+    assert jump.call_args.args[:3] == pytest.approx(mb.slice_center_ras(volume_node, first.axis, pick.index))
+    assert ui.currentSliceLabel.text.startswith(f"Slice {pick.index}: ")
+
+    # The user annotates the first suggestion and adds it: the list refreshes without it.
+    segmentation = mb.labelmap_to_segmentation((cases[1].labels, bank.labels), scene, volume_node)
+    params.outputSegmentation = segmentation
+    widget.logic.core.start_add_slices(volume_node, segmentation, first.axis, [first.picks[0].index], widget._caseId())
+    widget._onJobStarted("adding")
+    add_job, deadline = widget.logic.core.job, time.monotonic() + 180
+    while add_job.running and time.monotonic() < deadline:
+        widget._onPollTimer()
+        time.sleep(0.05)
+    assert add_job.outcome == "finished" and widget.logic.core.job.kind == "suggest"  # the refresh started by itself
+    pump()
+    second = widget.logic.core.suggestions
+    assert second is not first and second.bank_entries == first.bank_entries + 1
+    assert first.picks[0].index in second.in_bank and first.picks[0].index not in [p.index for p in second.picks]
+    widget.cleanup()
+    assert errors == []
+
+
 def _module_with_fake_gui(monkeypatch, scene):  # type: ignore[no-untyped-def]
     import importlib
     import xml.etree.ElementTree as ET

@@ -142,6 +142,37 @@ def test_worker_job_errors_reach_the_user(client, tmp_path) -> None:  # type: ig
     assert client.run("load", {"settings": SETTINGS.to_json()})["sam2_identity"].startswith("sam2.1-tiny@256")
 
 
+def test_worker_suggest_job(client, bank_path, cases, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The slices to annotate next, computed in the worker with the job's bank and last segmentation."""
+    from RetrievalSegLib.bank import SupportBank
+    from RetrievalSegLib.provenance import BEYOND_EXTENT, SEGMENTED
+    from RetrievalSegLib.suggest import Suggestions
+
+    folder = client.new_job_folder()
+    status = [SEGMENTED] * 4 + [BEYOND_EXTENT] * 2
+    last = {"status": status, "confidence": [0.9, 0.1, 0.9, 0.9, None, None],
+            "found_nothing": [True, False, False, False, False, False], "axis": 2}
+    job = client.submit("suggest", {
+        "settings": SETTINGS.to_json(), "bank": str(bank_path), "volume": volume_spec(folder, "volume", cases[1].image),
+        "n": SHAPE[0], "axis": None, "window": [0.0, 1000.0], "case_id": cases[1].case_id, "last": last,
+    }, folder, on_result=lambda result, _: Suggestions.from_json(result))
+    events = job.wait(180)
+    assert job.outcome == "finished", [(e.kind, e.message) for e in events]
+    assert [(e.done, e.total) for e in events if e.kind == "progress"][-1] == (SHAPE[0], SHAPE[0])
+    result = job.result
+    assert result.axis == 2 and result.n_slices == SHAPE[0] and result.bank_entries == len(SupportBank.open(bank_path))
+    assert sorted(s.index for s in result.picks) == list(range(SHAPE[0]))
+    assert result.picks[-1].index == 0 and result.picks[-1].empty  # the last run found nothing there
+    assert [s.status for s in sorted(result.picks, key=lambda s: s.index)] == status
+    assert not folder.exists()
+    # A bank made with another DINOv2 is refused, with the command that re-embeds it.
+    other = SupportBank.create(tmp_path / "other", [LabelInfo(1, "x", (1.0, 0.0, 0.0))], "dinov2-base:sha256-0123456789abcdef@224")
+    folder = client.new_job_folder()
+    with pytest.raises(RuntimeError, match="rseg bank verify --reembed"):
+        client.run("suggest", {"settings": SETTINGS.to_json(), "bank": str(other.path),
+                               "volume": volume_spec(folder, "volume", cases[1].image)}, folder)
+
+
 # ------------------------------------------------------------------------------- cancel and crash
 def test_worker_cancel_mid_volume_writes_nothing(client, bank_path, cases) -> None:  # type: ignore[no-untyped-def]
     before = _bank_files(bank_path)
