@@ -95,14 +95,27 @@ def test_bank_create_add_segment_evaluate(study, tmp_path, capsys, slicer_scene)
             np.testing.assert_allclose(got, want, atol=1e-6)
 
     rc = main(["evaluate", "--test", str(root / "test"), "--bank", str(bank), "--labels", "1:RV,2:Myo,3:LV",
-               "--k", "2", "--out", str(tmp_path / "eval"), "--json", "--fill-hole-area", "8", *FAST])
+               "--k", "2", "--out", str(tmp_path / "eval"), "--json", "--fill-hole-area", "8",
+               "--save-predictions", *FAST])
     assert rc == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["summary"]) == {"RV", "Myo", "LV"}
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["precision"] == "fp32"
     rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
     assert len(rows) == 3 and {r["name"] for r in rows} == {"RV", "Myo", "LV"}
-    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    # Values, not only keys: Dice recomputed here from the saved prediction and the ground truth,
+    # and the summary's mean is the mean of the rows (one test case).
+    pred = read_volume(tmp_path / "eval" / "predictions" / f"{cases[2].case_id}.nii.gz").array
+    truth = read_volume(root / "test/labels" / f"{cases[2].case_id}.nii.gz").array
+    for r in rows:
+        v = int(r["label"])
+        p, t = pred == v, truth == v
+        want = 1.0 if p.sum() + t.sum() == 0 else 2.0 * (p & t).sum() / (p.sum() + t.sum())
+        assert float(r["dice"]) == pytest.approx(want, abs=1e-6), r["name"]
+        assert int(r["pred_voxels"]) == int(p.sum()) and int(r["truth_voxels"]) == int(t.sum())
+        summary_dice = result["summary"][r["name"]]["dice_mean"]
+        assert summary_dice == pytest.approx(float(r["dice"]), abs=1e-6)
+    assert any(float(r["dice"]) > 0 for r in rows)  # not vacuous: some overlap to compare
 
 
 def test_evaluate_builds_a_capped_bank_from_training_cases(study, tmp_path, capsys):

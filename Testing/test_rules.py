@@ -155,3 +155,17 @@ def test_embeddings_replaced_after_bank_json_are_detected(tmp_path):
     reopened = SupportBank.open(tmp_path / "bank")
     with pytest.raises(BankCorruptError, match="does not match bank.json"):
         reopened.search(rows[:1], 1)
+
+
+# ----------------------------------------------------------------------------- evaluation pool
+def test_pool_spreads_over_the_annotated_slices_of_every_case():
+    from RetrievalSegLib.evaluate import choose_pool
+
+    annotated = [(f"case{c}", i) for c in range(4) for i in range(10)]
+    pool = choose_pool(annotated, 8)
+    assert len(pool) == 8
+    assert {c for c, _ in pool} == {"case0", "case1", "case2", "case3"}  # every case contributes
+    assert pool[0] == ("case0", 0) and pool[-1] == ("case3", 9)  # first and last included
+    # Evenly spaced positions over the 40 annotated slices: round(j * 39 / 7).
+    assert [annotated.index(p) for p in pool] == [round(j * 39 / 7) for j in range(8)]
+    assert choose_pool(annotated, None) == annotated and choose_pool(annotated, 100) == annotated
