@@ -173,7 +173,7 @@ def _validate_segments(labelmap: Volume, segments: list[SegmentInfo]) -> None:
     array = labelmap.array
     if not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
         raise ValueError(f"a label map needs an integer array, got dtype {array.dtype}")
-    present = {int(v) for v in np.unique(array)} - {0}
+    present = _values_present(array) - {0}
     unknown = sorted(present - set(values))
     if unknown:
         raise ValueError(
@@ -182,13 +182,28 @@ def _validate_segments(labelmap: Volume, segments: list[SegmentInfo]) -> None:
         )
 
 
+def _values_present(array: np.ndarray) -> set[int]:
+    """The distinct values of an integer array (a histogram for 8/16-bit ones: no sort)."""
+    if array.dtype == np.bool_ or (array.dtype.kind == "u" and array.dtype.itemsize <= 2):
+        counts = np.zeros(1 << (8 * array.dtype.itemsize), dtype=np.int64)
+        step = max(1, (1 << 22) // max(1, array[0].size))  # ~4M voxels at a time: bounded memory
+        for start in range(0, array.shape[0], step):
+            chunk = array[start : start + step].ravel()
+            counts[: 1 + int(chunk.max(initial=0))] += np.bincount(chunk)
+        return {int(v) for v in np.flatnonzero(counts)}
+    return {int(v) for v in np.unique(array)}
+
+
 def _extent(mask_ijk: np.ndarray) -> list[int]:
     """Slicer extent [i0, i1, j0, j1, k0, k1] of an [i, j, k] mask ([0, -1, ...] when empty)."""
-    idx = np.argwhere(mask_ijk)
-    if idx.size == 0:
-        return list(_EMPTY_EXTENT)
-    lo, hi = idx.min(axis=0), idx.max(axis=0)
-    return [int(v) for axis in range(3) for v in (lo[axis], hi[axis])]
+    out: list[int] = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(mask_ijk.any(axis=others))
+        if hit.size == 0:
+            return list(_EMPTY_EXTENT)
+        out += [int(hit[0]), int(hit[-1])]
+    return out
 
 
 def _smallest_unsigned(max_value: int) -> type[np.unsignedinteger]:
