@@ -537,7 +537,8 @@ class _BankLock:
             raise BankError(
                 f"RetrievalSeg needs filelock >= {FILELOCK_MINIMUM} to lock a support bank safely, "
                 f"found {getattr(filelock, '__version__', 'an older one')} ({e}); update it with "
-                "`pip install -U filelock` (in Slicer: Settings > Install dependencies)"
+                f"`pip install 'filelock>={FILELOCK_MINIMUM}'` (in Slicer's Python console: "
+                f"`slicer.util.pip_install('filelock>={FILELOCK_MINIMUM}')`)"
             ) from e
         try:
             lock.acquire()

@@ -321,6 +321,23 @@ def test_a_lock_file_with_another_hard_link_is_refused_untouched(tmp_path):
     assert bank.remove(e.id).retired  # a fresh lock file is fine
 
 
+def test_an_old_filelock_is_a_clear_error(tmp_path, monkeypatch):
+    """filelock 3.x has no on_acquired hook and opens lock files through links: refuse it, say what to do."""
+    import filelock
+
+    class OldFileLock:  # filelock 3.x's constructor: no fallback_to_soft, no on_acquired
+        def __init__(self, lock_file, timeout=-1, mode=0o644, thread_local=True, *, blocking=True,
+                     is_singleton=False, poll_interval=0.05):
+            raise AssertionError("not reached: the keyword arguments are checked first")
+
+    emb = HashEmbedder()
+    bank = new_bank(tmp_path, emb)
+    (e,) = bank.add_volume(*make_case(5), "p01", emb, slices=[2])
+    monkeypatch.setattr(filelock, "FileLock", OldFileLock)
+    with pytest.raises(BankError, match=r"needs filelock >= 4\.3 .*pip install 'filelock>=4\.3'"):
+        bank.remove(e.id)
+
+
 # ----------------------------------------------------------------------------- damage
 def test_verify_finds_corrupt_and_missing_entries_and_never_drops_them(tmp_path):
     emb = HashEmbedder()
