@@ -503,7 +503,8 @@ class _BankLock:
         info = f"pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode()
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
-            os.pwrite(fd, info, 0)
+            os.lseek(fd, 0, os.SEEK_SET)  # (no os.pwrite on Windows)
+            os.write(fd, info)
 
     def _holder(self) -> str:
         try:
