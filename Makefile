@@ -1,5 +1,5 @@
 # RetrievalSeg developer entry points.
-#   make test   create .venv if missing, install pinned dependencies, run the test suite
+#   make test   create .venv if missing, install the hash-pinned lock, run the test suite
 #   make bench  engine vs official SAM2VideoPredictor latency (random weights, CPU unless cuda)
 #   make bench-volume  whole-volume slices/s: per-slice fp32 path vs batched path (random weights)
 #   make mutants  apply Testing/mutants.txt one by one to a copy; every mutant must be killed (~10 min)
@@ -8,7 +8,6 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.rseg-installed
-SAM2_VERSION := 1.1.0
 # Tests and CI never reach a model hub.
 OFFLINE := RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
@@ -18,11 +17,14 @@ $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "RetrievalSeg needs Python >= 3.10 (sam2 does)"'
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) requirements.txt pyproject.toml
-	$(PY) -m pip install -r requirements.txt
-	SAM2_BUILD_CUDA=0 $(PY) -m pip install --no-deps --no-build-isolation sam2==$(SAM2_VERSION)
+# Every package comes from the hash-pinned lock (pip refuses any file whose SHA-256 is not listed);
+# sam2 (a source upload) from its own hash-pinned file; the project itself last, without dependencies.
+# requirements.txt is the lock's input: regenerate the lock after editing it (README, "Dependencies").
+$(STAMP): $(PY) requirements.lock requirements-sam2.lock pyproject.toml
+	$(PY) -m pip install --require-hashes -r requirements.lock
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --require-hashes --no-deps --no-build-isolation -r requirements-sam2.lock
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
-	$(PY) -c 'import torch, sam2, transformers, faiss, SimpleITK, slicer, vtk; print("dependencies ok, torch", torch.__version__)'
+	$(PY) -c 'import torch, sam2, transformers, faiss, SimpleITK, slicer, vtk, slicerio, filelock; print("dependencies ok, torch", torch.__version__)'
 	touch $(STAMP)
 
 install: $(STAMP)

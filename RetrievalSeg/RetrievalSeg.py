@@ -41,6 +41,7 @@ REQUIREMENTS = {
     "transformers": "transformers>=4.47",
     "faiss": "faiss-cpu>=1.8",
     "safetensors": "safetensors>=0.4",
+    "filelock": "filelock>=4.3",  # the support bank's writer lock (usually installed with torch)
     "hydra": "hydra-core>=1.3.2",
     "iopath": "iopath>=0.1.10",
     "tqdm": "tqdm>=4.66",

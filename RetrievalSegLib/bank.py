@@ -488,123 +488,100 @@ def _lock_timeout(value: float | None) -> float:
 
 
 # ----------------------------------------------------------------------------- locking
-class _OsLock:
-    """Exclusive OS-level lock on a file: fcntl.flock on POSIX, msvcrt.locking on Windows."""
+FILELOCK_MINIMUM = "4.3"  # the first release read and tested here with on_acquired and O_NOFOLLOW
+
+
+class _BankLock:
+    """The bank's exclusive writer lock: `filelock` (fcntl.flock on POSIX, LockFileEx on Windows).
+
+    What this adds to filelock: the lock file is never opened through a link and must be a plain
+    file with one hard link before anything is written into it; the holder ("pid N on HOST since
+    T") is written into it for the timeout message; no soft (marker-file) fallback, so a lock
+    cannot go stale: it dies with its process; errors say what to do.
+    """
 
     def __init__(self, lock_path: Path, timeout: float, bank_path: Path) -> None:
         self.lock_path = lock_path
         self.timeout = timeout
         self.bank_path = bank_path
-        self.fd: int | None = None
+        self._lock: Any = None
 
-    def _try_lock(self, fd: int) -> bool:
-        try:
-            import fcntl
-        except ImportError:
-            fcntl = None  # type: ignore[assignment]
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except (BlockingIOError, PermissionError):
-                return False
-            except OSError as e:
-                raise BankError(
-                    f"cannot lock {self.lock_path}: {e}. The support bank must be on a file "
-                    "system that supports file locks (a local disk, not some network shares)."
-                ) from e
-        try:
-            import msvcrt
-        except ImportError:
-            raise BankError(
-                "this platform offers neither fcntl nor msvcrt file locks; the support bank "
-                "cannot be modified safely here"
-            ) from None
-        os.lseek(fd, 0, os.SEEK_SET)
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
-            return True
-        except OSError:
-            return False
-
-    def _holder(self, fd: int) -> str:
-        try:
-            text = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip()
-        except (OSError, AttributeError):
-            return ""
-        return f" (held by {text})" if text else ""
-
-    def _open(self) -> int:
-        """Open (or create, mode 0666 & ~umask) the lock file, never through a link."""
-        check_no_links(self.bank_path, self.lock_path)
-        try:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-        except OSError as e:
-            if is_link(self.lock_path):
-                check_no_links(self.bank_path, self.lock_path)  # raises, naming the link
-            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise BankReadOnlyError(
-                    f"support bank at {self.bank_path} is read-only for you (cannot open its lock "
-                    f"file {self.lock_path}: {e.strerror}); changing it needs write access. Reading, "
-                    "segmenting and exporting work without it; to change a copy, "
-                    f"`rseg bank export {self.bank_path} COPY.zip` and `rseg bank import COPY.zip NEWBANK`"
-                ) from e
-            raise
+    def _check_and_record(self, fd: int) -> None:
+        """filelock's on_acquired hook: refuse a lock file that may live elsewhere, then sign it."""
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            os.close(fd)
             raise BankError(
                 f"{self.lock_path} is not a plain file of its own (it is a special file or has "
                 f"{st.st_nlink} hard links); RetrievalSeg writes into it, so it refuses to touch a "
                 "file that may live elsewhere too. Delete it (no writer may be running) and retry"
             )
-        return fd
-
-    def acquire(self) -> None:
-        fd = self._open()
-        deadline = time.monotonic() + self.timeout
-        delay = 0.01
-        while True:
-            try:
-                if self._try_lock(fd):
-                    break
-            except BaseException:
-                os.close(fd)
-                raise
-            if time.monotonic() >= deadline:
-                holder = self._holder(fd)
-                os.close(fd)
-                raise BankLockTimeout(
-                    f"support bank at {self.bank_path} is busy: another process kept its lock "
-                    f"{self.lock_path}{holder} for more than {self.timeout:g} s. Wait for it to "
-                    f"finish and retry, or raise the wait with {ENV_LOCK_TIMEOUT}=SECONDS. The "
-                    "lock is released automatically when that process exits."
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
-        self.fd = fd
         info = f"pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode()
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
+            os.lseek(fd, 0, os.SEEK_SET)  # (no os.pwrite on Windows)
             os.write(fd, info)
 
-    def release(self) -> None:
-        fd, self.fd = self.fd, None
-        if fd is None:
-            return
+    def _holder(self) -> str:
         try:
-            try:
-                import fcntl
+            text = read_bytes(self.lock_path, self.bank_path)[:4096].decode("utf-8", errors="replace").strip()
+        except OSError:
+            return ""
+        return f" (held by {text})" if text else ""
 
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            except ImportError:
-                import msvcrt
+    def _read_only_error(self, e: OSError) -> BankReadOnlyError:
+        return BankReadOnlyError(
+            f"support bank at {self.bank_path} is read-only for you (cannot open its lock "
+            f"file {self.lock_path}: {e.strerror or e}); changing it needs write access. Reading, "
+            "segmenting and exporting work without it; to change a copy, "
+            f"`rseg bank export {self.bank_path} COPY.zip` and `rseg bank import COPY.zip NEWBANK`"
+        )
 
-                os.lseek(fd, 0, os.SEEK_SET)
-                msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]
-        finally:
-            os.close(fd)
+    def acquire(self) -> None:
+        import filelock
+
+        check_no_links(self.bank_path, self.lock_path)
+        try:
+            lock = filelock.FileLock(
+                self.lock_path,
+                timeout=self.timeout,
+                thread_local=False,  # SupportBank.locked counts re-entry itself, across its threads
+                poll_interval=0.05,
+                fallback_to_soft=False,  # a marker file could outlive a killed writer
+                on_acquired=self._check_and_record,
+            )
+        except TypeError as e:  # filelock 3.x: no on_acquired, and it opens lock files through links
+            raise BankError(
+                f"RetrievalSeg needs filelock >= {FILELOCK_MINIMUM} to lock a support bank safely, "
+                f"found {getattr(filelock, '__version__', 'an older one')} ({e}); update it with "
+                f"`pip install 'filelock>={FILELOCK_MINIMUM}'` (in Slicer's Python console: "
+                f"`slicer.util.pip_install('filelock>={FILELOCK_MINIMUM}')`)"
+            ) from e
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise BankLockTimeout(
+                f"support bank at {self.bank_path} is busy: another process kept its lock "
+                f"{self.lock_path}{self._holder()} for more than {self.timeout:g} s. Wait for it to "
+                f"finish and retry, or raise the wait with {ENV_LOCK_TIMEOUT}=SECONDS. The "
+                "lock is released automatically when that process exits."
+            ) from None
+        except BankError:
+            raise
+        except OSError as e:
+            if is_link(self.lock_path):
+                check_no_links(self.bank_path, self.lock_path)  # raises, naming the link
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise self._read_only_error(e) from e
+            raise BankError(
+                f"cannot lock {self.lock_path}: {e}. The support bank must be on a file "
+                "system that supports file locks (a local disk, not some network shares)."
+            ) from e
+        self._lock = lock
+
+    def release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -753,7 +730,7 @@ class SupportBank:
         self._state, self._key, _ = _read_state(self.path)
         self._mutex = threading.RLock()
         self._lock_depth = 0
-        self._os_lock: _OsLock | None = None
+        self._os_lock: _BankLock | None = None
         self._emb_cache: tuple[tuple[int, int, int], str | None, np.ndarray] | None = None
         self._index_cache: tuple[Any, ...] | None = None
 
@@ -1048,7 +1025,7 @@ class SupportBank:
         """Hold the bank's exclusive write lock (re-entrant within this object)."""
         with self._mutex:
             if self._lock_depth == 0:
-                lock = _OsLock(self.path / LOCK_FILE, self.lock_timeout, self.path)
+                lock = _BankLock(self.path / LOCK_FILE, self.lock_timeout, self.path)
                 lock.acquire()
                 self._os_lock = lock
             self._lock_depth += 1

@@ -26,6 +26,7 @@ import pytest
 
 from RetrievalSegLib.bank import (
     BankCorruptError,
+    BankError,
     BankLockTimeout,
     BankModelMismatchError,
     BankNotFoundError,
@@ -302,6 +303,39 @@ def test_lock_timeout_is_a_clear_error(tmp_path):
         with pytest.raises(BankLockTimeout, match=r"is busy.*held by pid"):
             other.remove(e.id)
     assert other.remove(e.id).retired  # free again once released
+
+
+def test_a_lock_file_with_another_hard_link_is_refused_untouched(tmp_path):
+    """The writer signs .lock (pid, host): it must not do that to a file that also lives elsewhere."""
+    emb = HashEmbedder()
+    bank = new_bank(tmp_path, emb)
+    (e,) = bank.add_volume(*make_case(5), "p01", emb, slices=[2])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's notes")
+    (bank.path / ".lock").unlink()
+    os.link(notes, bank.path / ".lock")
+    with pytest.raises(BankError, match=r"\.lock is not a plain file of its own .*2 hard links"):
+        bank.remove(e.id)
+    assert notes.read_text() == "the user's notes" and not bank.entry(e.id).retired
+    (bank.path / ".lock").unlink()
+    assert bank.remove(e.id).retired  # a fresh lock file is fine
+
+
+def test_an_old_filelock_is_a_clear_error(tmp_path, monkeypatch):
+    """filelock 3.x has no on_acquired hook and opens lock files through links: refuse it, say what to do."""
+    import filelock
+
+    class OldFileLock:  # filelock 3.x's constructor: no fallback_to_soft, no on_acquired
+        def __init__(self, lock_file, timeout=-1, mode=0o644, thread_local=True, *, blocking=True,
+                     is_singleton=False, poll_interval=0.05):
+            raise AssertionError("not reached: the keyword arguments are checked first")
+
+    emb = HashEmbedder()
+    bank = new_bank(tmp_path, emb)
+    (e,) = bank.add_volume(*make_case(5), "p01", emb, slices=[2])
+    monkeypatch.setattr(filelock, "FileLock", OldFileLock)
+    with pytest.raises(BankError, match=r"needs filelock >= 4\.3 .*pip install 'filelock>=4\.3'"):
+        bank.remove(e.id)
 
 
 # ----------------------------------------------------------------------------- damage
