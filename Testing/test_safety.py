@@ -297,7 +297,12 @@ def test_a_full_disk_never_replaces_a_good_output(seg_study, tmp_path):
     assert a.array.shape == (4, 32, 32)
     np.testing.assert_array_equal(a.array, b.array)
     np.testing.assert_array_equal(a.array, c.array)
-    assert sorted(p.name for p in out.iterdir()) == ["seg.nii.gz", "seg.nrrd", "seg.seg.nrrd"]
+    # The good run's sidecar (provenance) is intact too; the failed run wrote none.
+    from RetrievalSegLib.provenance import read_sidecar
+
+    assert read_sidecar(out / "seg.nii.gz")["provenance"]["k"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["seg.nii.gz", "seg.nii.gz.json", "seg.nrrd", "seg.seg.nrrd",
+                                                 "seg.seg.nrrd.json"]
 
 
 def test_an_output_that_is_the_input_is_refused_before_models_load(seg_study, tmp_path, capsys, monkeypatch):
