@@ -253,3 +253,68 @@ def test_extent_cli_stop_0_equals_the_full_run_and_the_stop_reports_what_it_skip
     assert not got[sorted(set(range(N_SLICES)) - set(expect))].any()
     assert main(["segment", str(image), "--bank", str(bank.path), "--out", str(out), "--extent-stop", "-1",
                  *FAST]) == 2
+
+
+# ----------------------------------------------------------------------------- worker and panel logic
+def test_extent_stop_and_estimate_through_the_worker(worker_client, study, tmp_path):
+    """The segment job: the estimate arrives (a status event) after the first batch's slices and
+    before the next batch's; the slices beyond the extent come back in the result.
+
+    Presence threshold 1e9: every slice is 'absent', so from start slice 5 with N = 3 the rule
+    segments exactly 3..7 (5 and two more each way), in two batches of the speculative walk."""
+    from RetrievalSegLib import worker_protocol as wp
+    from RetrievalSegLib.module_logic import _segmentation_from_result
+    from RetrievalSegLib.worker_client import labels_json, volume_spec
+
+    settings = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)
+    bank_path = tmp_path / "bank"
+    labels = [LabelInfo(v, name, rgb) for v, (name, rgb) in sorted(LABELS.items())]
+    worker_client.run("create_bank", {"settings": settings.to_json(), "bank": str(bank_path),
+                                      "labels": labels_json(labels)})
+    folder = worker_client.new_job_folder()
+    worker_client.run("add_volume", {
+        "settings": settings.to_json(), "bank": str(bank_path), "volume": volume_spec(folder, "volume", study[0].image),
+        "labelmap": wp.save_array(folder, "labels", study[0].labels.array), "case_id": study[0].case_id,
+        "axis": None, "window": [0.0, 1000.0],
+    }, folder=folder)
+    folder = worker_client.new_job_folder()
+    params = {
+        "settings": settings.to_json(), "bank": str(bank_path), "volume": volume_spec(folder, "volume", study[1].image),
+        "runs": [[0, N_SLICES]], "axis": 2, "k": 1, "window": None, "batch_size": 1,
+        "extent_stop": 3, "presence_threshold": 1e9, "start_slice": [5],
+    }
+    job = worker_client.submit("segment", params, folder, on_result=_segmentation_from_result(study[1].image))
+    events = job.wait(600)
+    assert job.outcome == "finished", [(e.kind, e.message) for e in events]
+    at = [i for i, e in enumerate(events) if e.kind == "status" and e.estimate]
+    assert len(at) == 1
+    est = events[at[0]].estimate
+    assert est["first_batch_slices"] == 4 and est["upper_bound"] is True and est["device"] == "cpu"
+    assert est["slices_left"] == 3  # 7, 8, 9: what the upward walk may still reach
+    assert "s/slice" in events[at[0]].message
+    before = [(e.done, e.total) for e in events[: at[0]] if e.kind == "progress"]
+    after = [(e.done, e.total) for e in events[at[0]:] if e.kind == "progress"]
+    assert before[-1] == (4, 7) and after and after[0][0] == 5  # between the first and the second batch
+    assert after[-1] == (5, 5)  # the stop ended the run: the bar completes
+    seg = job.result[0]
+    assert sorted(seg.slices) == [3, 4, 5, 6, 7] and seg.beyond_extent == {0, 1, 2, 8, 9}
+    assert seg.extent_stop == 3 and seg.start_slices == [5] and seg.start_reason == "given"
+    assert not seg.labelmap.array[[0, 1, 2, 8, 9]].any()
+
+
+def test_extent_estimate_advice_offers_512_px_only_for_a_long_measured_cpu_run():
+    from RetrievalSegLib.module_logic import LONG_CPU_ESTIMATE_S, estimate_advice
+    from RetrievalSegLib.segment import TimeEstimate
+
+    def est(seconds_per_slice, left, device="cpu", size=1024):
+        return TimeEstimate(4, 4 * seconds_per_slice, 4, left, True, device, size, "fp32", 4).to_json()
+
+    long_run = est(6.3, 296)  # the issue's measurement: 6.3 s per slice at 1024 px on a 2-core CPU
+    text = estimate_advice(long_run)
+    assert text and "31 min" in text and "6.3 s per slice at 1024 px" in text and "512 px" in text
+    assert "goes on unless you choose" in text  # never switches by itself
+    assert estimate_advice(est(6.3, 10)) is None  # short: nothing to offer
+    assert estimate_advice(est(6.3, 296, size=512)) is None  # already 512 px
+    assert estimate_advice(est(6.3, 296, device="cuda:0")) is None  # GPU: no CPU advice
+    assert estimate_advice(None) is None
+    assert estimate_advice(est(LONG_CPU_ESTIMATE_S / 100 + 0.01, 100)) is not None
