@@ -263,7 +263,7 @@ def ct_like_volume(n_slices: int, hw: int, seed: int):
     slices with fresh noise: the same body without the structure."""
     from .synthetic import make_synthetic_study
 
-    m = max(3, round(0.2 * n_slices))
+    m = max(4, round(0.2 * n_slices))
     case = make_synthetic_study(1, shape=(m, hw, hw), spacing=(1.2, 1.2, 5.0), seed=seed)[0]
     img, lab = case.image.array, case.labels.array
     rng = np.random.default_rng(seed)
@@ -278,7 +278,9 @@ def ct_like_volume(n_slices: int, hw: int, seed: int):
             base = img[0] if z < a0 else img[m - 1]
             noise = rng.normal(0.0, 8.0, size=base.shape)
             out[z] = np.clip(base + noise, np.iinfo(img.dtype).min, np.iinfo(img.dtype).max).astype(img.dtype)
-    return case.image.with_array(out), truth
+    from .volume import Volume
+
+    return Volume(out, case.image.spacing, case.image.origin, case.image.direction), truth
 
 
 def presence_threshold_from(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:

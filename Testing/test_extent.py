@@ -256,6 +256,7 @@ def test_extent_cli_stop_0_equals_the_full_run_and_the_stop_reports_what_it_skip
 
 
 # ----------------------------------------------------------------------------- worker and panel logic
+@pytest.mark.slow  # a bank and a segmentation in the worker: ~1 min on 2 idle cores, 3.5 min under load
 def test_extent_stop_and_estimate_through_the_worker(worker_client, study, tmp_path):
     """The segment job: the estimate arrives (a status event) after the first batch's slices and
     before the next batch's; the slices beyond the extent come back in the result.
@@ -318,3 +319,54 @@ def test_extent_estimate_advice_offers_512_px_only_for_a_long_measured_cpu_run()
     assert estimate_advice(est(6.3, 296, device="cuda:0")) is None  # GPU: no CPU advice
     assert estimate_advice(None) is None
     assert estimate_advice(est(LONG_CPU_ESTIMATE_S / 100 + 0.01, 100)) is not None
+
+
+def test_extent_panel_shows_the_estimate_and_switches_to_512_px_only_when_asked(monkeypatch, slicer_scene):
+    """RetrievalSeg.py's Widget (mocked Qt): the Extent stop setting reaches the logic; a long CPU
+    estimate is shown with the offer; only the button cancels and segments again at 512 px."""
+    from unittest.mock import MagicMock
+
+    from RetrievalSegLib.segment import TimeEstimate
+    from RetrievalSegLib.worker_protocol import JobEvent
+    from test_mrml_bridge import _module_with_fake_gui
+
+    module, ui, errors = _module_with_fake_gui(monkeypatch, slicer_scene[1])
+    widget = module.RetrievalSegWidget()
+    widget.setup()
+    params, core = widget._parameterNode, widget.logic.core
+    assert params.extentStop == 5 == core.extent_stop  # the documented default
+    params.extentStop = 0
+    monkeypatch.setattr(widget, "_ensureDependencies", lambda: True)
+    monkeypatch.setattr(widget, "_engineSettings", lambda: core.settings)
+    monkeypatch.setattr(widget, "_ensureWeights", lambda settings, thenSegment=False: True)
+    assert widget._prepareEngine() and core.extent_stop == 0
+
+    job = MagicMock(kind="segment", running=True, outcome=None)
+    core.job = job
+    events: list = []
+    monkeypatch.setattr(core, "poll", lambda: list(events))
+    cancel = MagicMock()
+    monkeypatch.setattr(core, "cancel", cancel)
+
+    def estimate(per_slice: float, left: int) -> dict:
+        return TimeEstimate(4, 4 * per_slice, 4, left, True, "cpu", 1024, "fp32", 4).to_json()
+
+    events[:] = [JobEvent("status", "Estimate: short", estimate=estimate(6.3, 20))]
+    widget._onPollTimer()
+    assert ui.statusLabel.text == "Estimate: short"
+    ui.tryLowerResolutionButton.show.assert_not_called()
+    events[:] = [JobEvent("status", "Estimate: long", estimate=estimate(6.3, 296))]
+    widget._onPollTimer()
+    assert "about 31 min" in ui.statusLabel.text and "512 px" in ui.statusLabel.text
+    ui.tryLowerResolutionButton.show.assert_called_once()
+    assert params.imageSize == 1024 and not cancel.called  # offered, never switched by itself
+
+    widget.onTryLowerResolution()  # the user chooses
+    cancel.assert_called_once()
+    assert params.imageSize == 512
+    job.running, job.outcome = False, "cancelled"
+    events[:] = [JobEvent("cancelled", "segmentation cancelled")]
+    module.qt.QTimer.singleShot.reset_mock()
+    widget._onPollTimer()
+    module.qt.QTimer.singleShot.assert_called_once_with(0, widget.onApplyButton)  # segments again
+    assert errors == []
