@@ -121,6 +121,7 @@ class RetrievalSegParameterNode:
     sam2Size: Annotated[str, Choice(["tiny", "small", "base_plus", "large"])] = "tiny"
     dinov2Size: Annotated[str, Choice(["small", "base", "large"])] = "small"
     imageSize: Annotated[int, Choice([1024, 512])] = 1024
+    extentStop: Annotated[int, WithinRange(0, 1000)] = 5  # RetrievalSegLib.extent.DEFAULT_EXTENT_STOP
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     suggestCount: Annotated[int, WithinRange(1, 50)] = 3
 
@@ -143,6 +144,8 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._segmentAfterDownload = False
         self._resegmentAfterAdd = False
         self._suggestAfterJob = False
+        self._segmentAfterCancel = False
+        self._estimateAdvice = None
         self._jobVolumeNode = None
         self._thumbnailWidgets = []
 
@@ -159,6 +162,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # ctkPathLineEdit keeps a history only when told to; the folder in use is restored here.
         self.ui.weightsPathLineEdit.currentPath = str(qt.QSettings().value(WEIGHTS_FOLDER_SETTING, "") or "")
         self.ui.progressBar.hide()
+        self.ui.tryLowerResolutionButton.hide()
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(200)
@@ -176,6 +180,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addEditedSlicesButton.connect("clicked(bool)", self.onAddEditedSlices)
         self.ui.resegmentButton.connect("clicked(bool)", self.onResegmentRemaining)
         self.ui.undoButton.connect("clicked(bool)", self.onUndo)
+        self.ui.tryLowerResolutionButton.connect("clicked(bool)", self.onTryLowerResolution)
         self.ui.nextLowConfidenceButton.connect("clicked(bool)", self.onNextLowConfidenceSlice)
         self.ui.whyThisMaskButton.connect("clicked(bool)", self.onWhyThisMask)
         self.ui.suggestSlicesButton.connect("clicked(bool)", self.onSuggestSlices)
@@ -485,6 +490,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         self.logic.core.settings = settings
         self.logic.core.precision = self._parameterNode.precision
+        self.logic.core.extent_stop = int(self._parameterNode.extentStop)
         return True
 
     # ------------------------------------------------------------------ segmenting
@@ -545,7 +551,19 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         self._onJobStarted(_("Re-segmenting the slices you have not edited..."))
 
+    def onTryLowerResolution(self) -> None:
+        """The user chose 512 px after a long CPU estimate: cancel, then segment again at 512 px."""
+        self.ui.tryLowerResolutionButton.hide()
+        if not self._jobRunning():
+            return
+        self._segmentAfterCancel = True
+        self._parameterNode.imageSize = 512
+        self.logic.core.cancel()
+        self.ui.statusLabel.text = _("Cancelling; then segmenting at 512 px (its time is measured on its first batch)...")
+
     def _onJobStarted(self, message: str) -> None:
+        self._estimateAdvice = None
+        self.ui.tryLowerResolutionButton.hide()
         self._jobVolumeNode = self._parameterNode.inputVolume
         self.ui.progressBar.show()
         self.ui.progressBar.setRange(0, 0)  # busy until the first progress report
@@ -567,6 +585,12 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for event in core.poll():
             if event.kind == "status":
                 self.ui.statusLabel.text = event.message
+                if event.estimate and kind == "segment":
+                    # Measured on this run's first batch; a long CPU run offers 512 px, never switches.
+                    self._estimateAdvice = module_logic.estimate_advice(event.estimate)
+                    if self._estimateAdvice and int(self._parameterNode.imageSize) > 512:
+                        self.ui.statusLabel.text = self._estimateAdvice
+                        self.ui.tryLowerResolutionButton.show()
             elif event.kind == "progress":
                 if kind == "download":
                     self._showProgress(event, _("MB"), scale=1e6)
@@ -589,19 +613,26 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             text += " " + _("(about {time} left)").format(time=self._humanReadableTime(event.remaining_s))
         if event.message:
             text = f"{event.message}: {text}"
+        if self._estimateAdvice and self.ui.tryLowerResolutionButton.visible:
+            text += "\n" + self._estimateAdvice
         self.ui.statusLabel.text = text
 
     def _onJobEnded(self, kind, event) -> None:
         """The worker's job ended: write or report its result on the main thread."""
         segmenting = kind == "segment"
+        self.ui.tryLowerResolutionButton.hide()
         if event.kind == "failed":
             self._segmentAfterDownload = self._resegmentAfterAdd = self._suggestAfterJob = False
+            self._segmentAfterCancel = False
             self.ui.statusLabel.text = _("Failed: {error}").format(error=event.message)
             logging.error("RetrievalSeg %s failed: %s\n%s", kind, event.message, event.traceback)
             slicer.util.errorDisplay(
                 _("RetrievalSeg failed ({job}): {error}").format(job=kind, error=event.message),
                 detailedText=event.traceback,
             )
+        elif event.kind == "cancelled" and self._segmentAfterCancel and segmenting:
+            self._segmentAfterCancel = False
+            qt.QTimer.singleShot(0, self.onApplyButton)  # the user asked for 512 px
         elif event.kind == "cancelled":
             self._segmentAfterDownload = self._resegmentAfterAdd = self._suggestAfterJob = False
             self.ui.statusLabel.text = {
@@ -668,6 +699,12 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _(
                 "Done in {time}. {low} slice(s) have low confidence."
             ).format(time=self._humanReadableTime(event.elapsed_s), low=len(low))
+            beyond = core.state.beyond_extent if core.state is not None else set()
+            if beyond:
+                self.ui.statusLabel.text += " " + _(
+                    "{count} slice(s) beyond the structure's extent were not segmented (Extent stop; "
+                    "0 segments every slice)."
+                ).format(count=len(beyond))
             self._updateReviewInfo()
 
     @staticmethod
@@ -838,6 +875,12 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showSliceInfo(self, index: int) -> None:
         result = self.logic.core.slice_result(index)
         if result is None:
+            state = self.logic.core.state
+            if state is not None and index in state.beyond_extent:
+                self.ui.currentSliceLabel.text = _(
+                    "Slice {index} was not segmented: beyond the structure's extent (Extent stop)."
+                ).format(index=index)
+                return
             self.ui.currentSliceLabel.text = _("Slice {index} was not segmented automatically.").format(index=index)
             return
         self.ui.currentSliceLabel.text = _("Slice {index}: confidence {confidence:.2f}").format(

@@ -16,8 +16,20 @@ volume from the same bank). Mask agreement is per label (each label's foreground
 the argmax label maps: with random weights the labels are near-tied and argmax flips.
 
     python -m RetrievalSegLib.bench_volume [--device auto] [--image-size N] [--slices N] [--k 8]
+                                           [--extent-slices 120]
 
-The last two lines are `volume_speedup_<device> X` and `volume_agreement_<device> Y`.
+Then, in the same run, the extent stop (`extent.py`) on a synthetic CT-like volume: 120 slices
+(`--extent-slices`; 0 skips this part) of which the middle 20% hold the structure (a synthetic
+cardiac case) and the rest the same body without it. The whole volume is segmented once (stop
+off, timed), then again with the stop (timed). With random weights SAM 2's object scores are
+positive everywhere, so SAM 2's own threshold (0) would never stop; the presence threshold is
+set from the full run's recorded scores: the value that best separates the slices with the
+structure from those without (an oracle on this volume, standing in for what trained weights
+do; it says nothing about accuracy). Reported: slices segmented and seconds with and without
+the stop, the structure slices covered, and whether every segmented slice equals the full run's.
+
+The last lines are `volume_speedup_<device> X`, `volume_agreement_<device> Y` and, with the
+extent part, `extent_slices_<device> A/B` and `extent_speedup_<device> Z`.
 The bank is an in-memory stand-in with exact inner-product search in numpy (the GPU machine has
 no faiss); this module imports neither SimpleITK nor faiss.
 """
@@ -173,7 +185,8 @@ def _agreement(a, b) -> tuple[float, list[float], list[float]]:
 
 def run(device: str = "auto", image_size: int | None = None, slices: int | None = None, k: int = 8,
         hw: int = 256, bank_cases: int | None = None, sam2: str = "tiny", compile: bool = False,
-        batch_size: int | None = None, precision: str = "auto", seed: int = 0) -> dict:
+        batch_size: int | None = None, precision: str = "auto", seed: int = 0, extent_slices: int = 0,
+        extent_stop: int | None = None) -> dict:
     from .engine import resolve_precision
     from .models import resolve_device
     from .pipeline import RetrievalEngine
@@ -231,9 +244,87 @@ def run(device: str = "auto", image_size: int | None = None, slices: int | None 
         r["slices_per_s"] = slices / r["seconds"]
         r["ms_per_slice"] = 1000.0 * r["seconds"] / slices
         r["agreement"], r["per_label"], r["fg"] = _agreement(r["seg"], base)
+    extent = None
+    if extent_slices:
+        from .extent import DEFAULT_EXTENT_STOP
+
+        print(f"  extent stop: CT-like volume of {extent_slices} slices, full run then stop run...",
+              file=sys.stderr, flush=True)
+        extent = run_extent(engine, bank, extent_slices, hw, k, new_prec, batch_size,
+                            DEFAULT_EXTENT_STOP if extent_stop is None else extent_stop, seed)
     return dict(device=dev.type, machine=_machine(dev), image_size=image_size, slices=slices, hw=hw, k=k,
                 bank=len(bank), rows=rows, compile_s=compile_s, speedup=rows[1]["slices_per_s"] / rows[0]["slices_per_s"],
-                agreement=rows[1]["agreement"])
+                agreement=rows[1]["agreement"], extent=extent)
+
+
+def ct_like_volume(n_slices: int, hw: int, seed: int):
+    """(Volume, structure slice flags): the middle 20% of `n_slices` is a synthetic cardiac case
+    (every slice but its first and last labelled), the other slices repeat its unlabelled end
+    slices with fresh noise: the same body without the structure."""
+    from .synthetic import make_synthetic_study
+
+    m = max(4, round(0.2 * n_slices))
+    case = make_synthetic_study(1, shape=(m, hw, hw), spacing=(1.2, 1.2, 5.0), seed=seed)[0]
+    img, lab = case.image.array, case.labels.array
+    rng = np.random.default_rng(seed)
+    a0 = (n_slices - m) // 2
+    out = np.empty((n_slices, hw, hw), dtype=img.dtype)
+    truth = np.zeros(n_slices, dtype=bool)
+    for z in range(n_slices):
+        if a0 <= z < a0 + m:
+            out[z] = img[z - a0]
+            truth[z] = bool(lab[z - a0].any())
+        else:
+            base = img[0] if z < a0 else img[m - 1]
+            noise = rng.normal(0.0, 8.0, size=base.shape)
+            out[z] = np.clip(base + noise, np.iinfo(img.dtype).min, np.iinfo(img.dtype).max).astype(img.dtype)
+    from .volume import Volume
+
+    return Volume(out, case.image.spacing, case.image.origin, case.image.direction), truth
+
+
+def presence_threshold_from(scores: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(threshold, accuracy): the midpoint between two sorted scores that best separates
+    `truth` (present where score > threshold); ties go to the lowest threshold."""
+    values = np.unique(scores)
+    best = (float(values[0]) - 1.0, float(((scores > values[0] - 1.0) == truth).mean()))
+    for a, b in zip(values, values[1:]):
+        t = float((a + b) / 2)
+        acc = float(((scores > t) == truth).mean())
+        if acc > best[1]:
+            best = (t, acc)
+    return best
+
+
+def run_extent(engine, bank, n_slices: int, hw: int, k: int, precision: str, batch_size, stop: int,
+               seed: int) -> dict:
+    """Full run vs extent-stop run on `ct_like_volume`, same engine, bank and settings."""
+    from .extent import extent_slices
+    from .segment import segment_volume
+
+    volume, truth = ct_like_volume(n_slices, hw, seed + 2000)
+    dev = engine.sam.device
+    kw = dict(k=k, precision=precision, batch_size=batch_size, keep_label_masks=True)
+    full, full_s, _ = _run(volume, bank, engine, k, precision, batch_size)
+    scores = np.array([max(full.slices[i].object_score.values()) for i in range(n_slices)])
+    threshold, accuracy = presence_threshold_from(scores, truth)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    seg = segment_volume(volume, bank, engine, extent_stop=stop, presence_threshold=threshold, **kw)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    stop_s = time.perf_counter() - t
+    done = sorted(seg.slices)
+    expect = extent_slices(list(scores > threshold), seg.start_slices, stop)
+    same = all(np.array_equal(full.label_masks[:, i], seg.label_masks[:, i]) for i in done)
+    return dict(
+        slices=n_slices, structure=int(truth.sum()), stop=stop, threshold=threshold, accuracy=accuracy,
+        score_range=(float(scores.min()), float(scores.max())), start=seg.start_slices, reason=seg.start_reason,
+        full_slices=len(full.slices), full_s=full_s, stop_slices=len(done), stop_s=stop_s,
+        covered=int(truth[done].sum()), rule_matches=done == expect, identical=same,
+        beyond=len(seg.beyond_extent), speedup=full_s / stop_s,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,9 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="batched path precision")
     p.add_argument("--compile", action="store_true", help="also time the batched path with torch.compile")
     p.add_argument("--sam2", default="tiny")
+    p.add_argument("--extent-slices", type=int, default=120,
+                   help="slices of the CT-like volume for the extent-stop comparison (default 120; 0 skips it)")
+    p.add_argument("--extent-stop", type=int, default=None, help="N for that comparison (default: rseg's default)")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
-    r = run(a.device, a.image_size, a.slices, a.k, a.hw, a.bank_cases, a.sam2, a.compile, a.batch_size, a.precision)
+    r = run(a.device, a.image_size, a.slices, a.k, a.hw, a.bank_cases, a.sam2, a.compile, a.batch_size, a.precision,
+            extent_slices=a.extent_slices, extent_stop=a.extent_stop)
     print(f"machine: {r['machine']}")
     print(f"volume {r['slices']} x {r['hw']} x {r['hw']}, SAM 2.1 {a.sam2} at {r['image_size']} px, k={r['k']}, "
           f"bank of {r['bank']} slices, random weights, support memories cached before timing")
@@ -266,8 +361,25 @@ def main(argv: list[str] | None = None) -> int:
     if r["compile_s"] is not None:
         print(f"compile + first batch: {r['compile_s']:.1f} s (not counted above)")
     # The two closing lines describe the default batched path (without --compile) vs today's path.
+    x = r.get("extent")
+    if x is not None:
+        print(f"extent stop on a CT-like volume: {x['slices']} slices x {r['hw']} x {r['hw']}, structure on "
+              f"{x['structure']} ({100.0 * x['structure'] / x['slices']:.0f}%); N = {x['stop']}; start slice {x['start']} "
+              f"({x['reason']}); presence threshold {x['threshold']:.6f} (object scores of the full run "
+              f"{x['score_range'][0]:.4f}..{x['score_range'][1]:.4f}, all > 0 with random weights; the threshold is "
+              f"the one that best separates structure slices, {100.0 * x['accuracy']:.0f}% of slices agree)")
+        print("| run | slices segmented | seconds | slices/s |")
+        print("|---|---|---|---|")
+        print(f"| every slice (--extent-stop 0) | {x['full_slices']} | {x['full_s']:.1f} | {x['full_slices'] / x['full_s']:.2f} |")
+        print(f"| extent stop {x['stop']} | {x['stop_slices']} | {x['stop_s']:.1f} | {x['stop_slices'] / x['stop_s']:.2f} |")
+        print(f"structure slices segmented: {x['covered']} of {x['structure']}; slices beyond the extent: {x['beyond']}; "
+              f"segmented slices identical to the full run's: {x['identical']}; slices = the rule on the full run's "
+              f"scores: {x['rule_matches']}")
     print(f"volume_speedup_{r['device']} {r['speedup']:.2f}")
     print(f"volume_agreement_{r['device']} {r['agreement']:.5f}")
+    if x is not None:
+        print(f"extent_slices_{r['device']} {x['stop_slices']}/{x['full_slices']}")
+        print(f"extent_speedup_{r['device']} {x['speedup']:.2f}")
     return 0
 
 

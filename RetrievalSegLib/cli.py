@@ -115,12 +115,14 @@ def make_engine(args: argparse.Namespace):
     return RetrievalEngine(embedder, engine)
 
 
-def _progress_bar(enabled: bool, desc: str):
+def _progress_bar(enabled: bool, desc: str, bars: list | None = None):
     if not enabled:
         return None, lambda: None
     from tqdm import tqdm
 
     bar = tqdm(total=0, desc=desc, unit="slice", file=sys.stderr, dynamic_ncols=True)
+    if bars is not None:
+        bars.append(bar)
 
     def update(done: int, total: int) -> None:
         bar.total = total
@@ -226,12 +228,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
     image = read_volume(args.image)
     bank = SupportBank.open(args.bank)
     engine = make_engine(args)
-    update, close = _progress_bar(not args.no_progress and not args.json, "segmenting")
+    bars: list = []
+    update, close = _progress_bar(not args.no_progress and not args.json, "segmenting", bars)
+
+    def estimate(e) -> None:  # after the first batch, before the second: what the rest should take
+        if bars:
+            bars[0].write(f"rseg: estimate: {e.describe()}", file=sys.stderr)
+
     try:
         seg = segment_volume(
             image, bank, engine, labels=args.labels, k=args.k, axis=args.axis, slice_range=args.slices,
             case_id=args.case, case_policy=args.case_policy, window=window,
             encoder_batch=args.batch, progress=update, precision=args.precision, batch_size=args.batch_size,
+            extent_stop=args.extent_stop, presence_threshold=args.presence_threshold, start_slice=args.start_slice,
+            estimate=estimate,
         )
     finally:
         close()
@@ -239,7 +249,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .provenance import segmentation_provenance, slice_records, write_sidecar
 
     prov = segmentation_provenance(seg, engine, bank, k=args.k,
-                                   extra={"image": str(args.image), "compile": bool(args.compile)})
+                                   extra={"image": str(args.image), "compile": bool(args.compile),
+                                          "extent": _extent_json(seg)})
     records = slice_records(seg, args.slices)
     sidecars = [write_sidecar(p, prov, records) for p in written]
     import numpy as np
@@ -250,6 +261,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "sidecars": [str(p) for p in sidecars],
         "axis": "ijk"[seg.axis],
         "slices_segmented": len(seg.slices),
+        "slices_beyond_extent": len(seg.beyond_extent),
+        "extent": _extent_json(seg),
+        "estimate": seg.estimate.to_json() if seg.estimate is not None else None,
         "seconds": round(seg.seconds, 3),
         "labels": {lab.name: int((seg.labelmap.array == lab.value).sum()) for lab in seg.labels},
         "mean_confidence": float(np.nanmean(seg.confidence)) if len(seg.slices) else None,
@@ -266,6 +280,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
     else:
         print(f"segmented {summary['slices_segmented']} slices along {summary['axis']} in {summary['seconds']} s "
               f"({summary['precision']}, batch {summary['batch_size']})")
+        if seg.extent_stop:
+            x = summary["extent"]
+            print(f"extent stop {x['stop']} (presence threshold {x['presence_threshold']:g}), started at slice(s) "
+                  f"{x['start_slices']} ({x['start_reason']}): {summary['slices_beyond_extent']} slices beyond the "
+                  f"extent not segmented (background; --extent-stop 0 segments every slice)")
         for name, n in summary["labels"].items():
             print(f"  {name}: {n} voxels")
         if summary["random_weights"]:
@@ -277,7 +296,35 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _extent_json(seg) -> dict:
+    """The extent stop as it ran (in the summary and the sidecar's provenance)."""
+    return {
+        "stop": int(seg.extent_stop), "presence_threshold": float(seg.presence_threshold),
+        "start_slices": [int(i) for i in seg.start_slices], "start_reason": seg.start_reason,
+        "beyond_extent": sorted(int(i) for i in seg.beyond_extent),
+    }
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _parse_slice_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--start-slice takes slice indices like 40 or 40,95, got {text!r}") from None
+
+
 def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
+    from .extent import DEFAULT_EXTENT_STOP
+
     p = sub.add_parser(
         "segment", parents=[models], help="segment a volume from a support bank",
         description="Segment every slice of IMAGE from the k most similar slices of the support bank.",
@@ -292,6 +339,17 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", type=_parse_labels_arg, default=None, help="label values to segment, e.g. 1,3 (default all)")
     p.add_argument("--slices", type=_parse_range, default=None, metavar="START:STOP",
                    help="only these slices (stop exclusive); others stay background")
+    p.add_argument("--extent-stop", type=_non_negative_int, default=DEFAULT_EXTENT_STOP, metavar="N",
+                   help="segment outwards from the start slice(s) and stop each direction after N consecutive "
+                        "slices where every label is predicted absent; slices beyond stay background and are "
+                        f"reported as 'not segmented (beyond extent)' (default {DEFAULT_EXTENT_STOP}; 0 = every slice). "
+                        "A gap of N or more slices needs a second --start-slice beyond it, or 0")
+    p.add_argument("--presence-threshold", type=float, default=0.0, metavar="T",
+                   help="a label counts as present on a slice when its SAM 2 object score is > T "
+                        "(default 0, SAM 2's own rule)")
+    p.add_argument("--start-slice", type=_parse_slice_list, default=None, metavar="I[,I...]",
+                   help="where the extent stop starts (default: the annotated slices of --case in the bank, "
+                        "else the middle of --slices, else the slice most similar to the bank)")
     p.add_argument("--case", default=None, help="case id of IMAGE in the bank (for --case-policy)")
     p.add_argument("--case-policy", default="ignore", choices=["ignore", "exclude", "prefer"],
                    help="entries of --case: ignore (default), exclude (evaluation), prefer (corrections)")

@@ -45,11 +45,39 @@ from .mrml_bridge import (
     support_thumbnails,
     volume_from_node,
 )
+from .extent import DEFAULT_EXTENT_STOP
 from .volume import AXIS_NAMES, Volume, in_plane_spacing, num_slices, parse_axis, slice_view, through_plane_axis
 from .worker_client import WorkerClient, WorkerJob, labels_json, volume_spec
 from .worker_protocol import EngineSettings, JobEvent
 
-__all__ = ["EngineSettings", "JobEvent", "RetrievalSegLogic", "SegmentationState"]
+__all__ = ["EngineSettings", "JobEvent", "RetrievalSegLogic", "SegmentationState", "estimate_advice"]
+
+#: On a CPU, a segmentation expected (from its own first batch) to need longer than this for the
+#: rest gets the offer to cancel and try 512 px; nothing switches unless the user asks.
+LONG_CPU_ESTIMATE_S = 300.0
+
+
+def estimate_advice(estimate: dict[str, Any] | None, long_s: float = LONG_CPU_ESTIMATE_S) -> str | None:
+    """What the panel says when a run measured on a CPU will take long, else None.
+
+    Only this run's measurement is quoted (`segment.TimeEstimate.to_json()`); the time at 512 px
+    is not guessed: it is measured on that run's own first batch if the user tries it.
+    """
+    if not estimate or not str(estimate.get("device", "")).startswith("cpu"):
+        return None
+    seconds = float(estimate["seconds_left"])
+    if seconds <= long_s or int(estimate.get("image_size", 0)) <= 512:
+        return None
+    from .segment import format_seconds
+
+    bound = "up to " if estimate.get("upper_bound") else ""
+    return (
+        f"On this CPU the rest of this run will take {bound}about {format_seconds(seconds)} "
+        f"(first batch: {float(estimate['seconds_per_slice']):.1f} s per slice at {int(estimate['image_size'])} px). "
+        "You may cancel and try 512 px (several times less work per slice; its time is measured on its own "
+        "first batch, and its accuracy is lower than 1024 px's until measured), or run on a CUDA GPU "
+        "(Settings > Device) if this computer has one. The run goes on unless you choose."
+    )
 
 
 @dataclass
@@ -67,6 +95,7 @@ class SegmentationState:
     confidence: np.ndarray = field(default_factory=lambda: np.zeros(0))
     snapshot: SegmentationSnapshot | None = None
     banked: dict[int, str] = field(default_factory=dict)  # slice -> digest of masks put in the bank
+    beyond_extent: set[int] = field(default_factory=set)  # slices the extent stop left out
 
     def low_confidence_slices(self, threshold: float) -> list[int]:
         """Segmented slices with confidence below `threshold`, in order."""
@@ -95,6 +124,8 @@ class _Request:
     window: tuple[float, float]
     labels: list[int] | None
     resegment: bool
+    extent_stop: int = 0
+    start_slice: list[int] | None = None
 
 
 def _digest(codes: np.ndarray) -> str:
@@ -122,6 +153,8 @@ class RetrievalSegLogic:
         self.settings = settings or EngineSettings()
         self.precision = "auto"  # 'auto' (bf16 autocast on a CUDA GPU that has it), 'fp32' or 'bf16'
         self.batch_size: int | None = None  # slices per memory-attention call; None: by device
+        self.extent_stop = DEFAULT_EXTENT_STOP  # 0: segment every slice (see extent.py)
+        self.presence_threshold = 0.0  # SAM 2's own: a label is present where its object score > 0
         self.client = client or WorkerClient()
         self.job: WorkerJob | None = None
         self._after: Callable[[JobEvent], None] | None = None  # main-thread bookkeeping at the job's end
@@ -270,8 +303,14 @@ class RetrievalSegLogic:
         case_policy: str = "ignore",
         window: tuple[float, float] | None = None,
         labels: Sequence[int] | None = None,
+        extent_stop: int | None = None,
+        start_slice: int | Sequence[int] | None = None,
     ) -> WorkerJob:
-        """Segment the volume (or a slice range) in the worker; poll() for its events."""
+        """Segment the volume (or a slice range) in the worker; poll() for its events.
+
+        extent_stop None: this logic's `extent_stop` (0 = every slice); start_slice None: the
+        worker picks it (annotated slices of `case_id`, else the middle of the range, else the
+        slice most similar to the bank)."""
         from .segment import window_for_volume
 
         self._require_idle()
@@ -289,6 +328,9 @@ class RetrievalSegLogic:
         request = _Request(
             volume_node.GetID(), [(start, stop)], ax_resolved, int(k), case_id, case_policy,
             window_for_volume(volume, window), list(labels) if labels is not None else None, False,
+            int(self.extent_stop if extent_stop is None else extent_stop),
+            None if start_slice is None else [int(start_slice)] if isinstance(start_slice, (int, np.integer))
+            else [int(i) for i in start_slice],
         )
         return self._start(request, volume)
 
@@ -333,6 +375,8 @@ class RetrievalSegLogic:
             "axis": request.axis, "k": request.k, "case_id": request.case_id, "case_policy": request.case_policy,
             "window": list(request.window), "labels": request.labels,
             "precision": self.precision, "batch_size": self.batch_size,
+            "extent_stop": request.extent_stop, "presence_threshold": float(self.presence_threshold),
+            "start_slice": request.start_slice,
         }
         self._request = request
         self._pending = None
@@ -369,6 +413,7 @@ class RetrievalSegLogic:
                 request.volume_node_id, None, first.labelmap.with_array(np.zeros_like(first.labelmap.array)),
                 list(first.labels), first.axis, request.window, request.case_id,
                 confidence=np.full(num_slices(first.labelmap.array, first.axis), np.nan, np.float32),
+                beyond_extent=set().union(*(r.beyond_extent for r in results)),
             )
         assert state is not None
         written: list[int] = []
@@ -741,7 +786,12 @@ def _segmentation_from_result(volume: Volume) -> Callable[[dict[str, Any], Path]
             labelmap=volume.with_array(array), labels=labels, axis=axis,
             confidence=np.full(num_slices(array, axis), np.nan, dtype=np.float32), seconds=float(result["seconds"]),
             precision=str(result["precision"]), batch_size=int(result["batch_size"]),
+            beyond_extent={int(i) for i in result.get("beyond_extent", [])},
         )
+        extent = result.get("extent") or {}
+        if extent:
+            out.extent_stop, out.presence_threshold = int(extent["stop"]), float(extent["presence_threshold"])
+            out.start_slices, out.start_reason = [int(i) for i in extent["start_slices"]], str(extent["start_reason"])
         for d in result["slices"]:
             sr = SliceResult(
                 int(d["index"]), [(str(e), float(s)) for e, s in d["retrieved"]],

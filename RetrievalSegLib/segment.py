@@ -12,6 +12,13 @@ fidelity tests compare with the official predictor); batch_size > 1 runs B slice
 through one memory-attention + mask-decoder call (`Sam2MemoryEngine.query_batch`). precision
 'bf16' runs SAM 2 under bfloat16 autocast (DINOv2 retrieval always runs in float32, so the
 supports retrieved do not depend on the precision).
+
+extent_stop N > 0 segments outwards from start slices and stops each direction after N
+consecutive slices with every label absent (`extent.py`); the slices it leaves out are in
+`VolumeSegmentation.beyond_extent`. The default 0 segments every slice (evaluation keeps that);
+`rseg segment` and the Slicer panel turn the stop on (`extent.DEFAULT_EXTENT_STOP`).
+`estimate` is called once, after the first batch, with the time the rest should take
+(`TimeEstimate`, measured on this run only).
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .engine import QueryResult, autocast, resolve_precision
+from .extent import ExtentWalker
 from .preprocess import robust_window, to_uint8
 from .volume import AXIS_NAMES, Volume, num_slices, parse_axis, slice_view, through_plane_axis
 
@@ -41,6 +49,58 @@ class SliceResult:
 
 
 @dataclass
+class TimeEstimate:
+    """How long the rest of a run should take, from its own first batch (never a stored figure)."""
+
+    first_batch_slices: int
+    first_batch_seconds: float  # SAM 2 time of the first batch (image encoder + queries)
+    slices_done: int
+    slices_left: int  # with the extent stop: at most this many (the stop usually ends sooner)
+    upper_bound: bool  # True when slices_left is a bound (extent stop on), not a count
+    device: str
+    image_size: int
+    precision: str
+    batch_size: int
+
+    @property
+    def seconds_per_slice(self) -> float:
+        return self.first_batch_seconds / max(1, self.first_batch_slices)
+
+    @property
+    def seconds_left(self) -> float:
+        return self.seconds_per_slice * self.slices_left
+
+    def to_json(self) -> dict:
+        return {
+            "first_batch_slices": self.first_batch_slices, "first_batch_seconds": self.first_batch_seconds,
+            "seconds_per_slice": self.seconds_per_slice, "slices_done": self.slices_done,
+            "slices_left": self.slices_left, "seconds_left": self.seconds_left, "upper_bound": self.upper_bound,
+            "device": self.device, "image_size": self.image_size, "precision": self.precision,
+            "batch_size": self.batch_size,
+        }
+
+    def describe(self) -> str:
+        """One line for a person: the measurement and what it implies."""
+        left = f"at most {self.slices_left}" if self.upper_bound else f"{self.slices_left}"
+        tail = " (the extent stop usually ends sooner)" if self.upper_bound else ""
+        return (
+            f"first batch: {self.first_batch_slices} slices in {self.first_batch_seconds:.1f} s "
+            f"({self.seconds_per_slice:.2f} s/slice, {self.device}, {self.image_size} px, {self.precision}); "
+            f"{left} slices left: about {format_seconds(self.seconds_left)}{tail}"
+        )
+
+
+def format_seconds(seconds: float) -> str:
+    """'42 s', '7 min 5 s', '1 h 3 min'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {(s % 3600) // 60} min"
+
+
+@dataclass
 class VolumeSegmentation:
     """A label map with the input's geometry plus per-slice diagnostics."""
 
@@ -54,6 +114,12 @@ class VolumeSegmentation:
     label_masks: np.ndarray | None = None  # [L, *volume shape] bool, logit > 0 per label, if kept
     precision: str = "fp32"  # as resolved for the device: 'fp32' or 'bf16'
     batch_size: int = 1  # slices per memory-attention call (1 = the per-slice reference path)
+    extent_stop: int = 0  # 0: every slice of the range was asked for
+    presence_threshold: float = 0.0
+    start_slices: list[int] = field(default_factory=list)  # where the extent walks began
+    start_reason: str = ""  # 'given', 'annotated', 'middle of the slice range', 'most similar to the bank'
+    beyond_extent: set[int] = field(default_factory=set)  # slices the extent stop left out
+    estimate: TimeEstimate | None = None
 
     def low_confidence_slices(self, threshold: float = 0.5) -> list[int]:
         """Segmented slices whose confidence is below `threshold`, in slice order."""
@@ -189,6 +255,10 @@ def segment_volume(
     precision: str = "auto",
     batch_size: int | None = None,
     keep_label_masks: bool = False,
+    extent_stop: int = 0,
+    presence_threshold: float = 0.0,
+    start_slice: int | Sequence[int] | None = None,
+    estimate: Callable[[TimeEstimate], None] | None = None,
 ) -> VolumeSegmentation:
     """Segment `volume` slice by slice from the support `bank`; partial result if cancelled.
 
@@ -198,6 +268,13 @@ def segment_volume(
     (`auto_batch_size`), 1 is the per-slice reference path. encoder_batch: slices per image
     encoder call (None: batch_size, at least 4). keep_label_masks: also return each label's own
     foreground mask (logit > 0, overlaps kept) as `label_masks`.
+    extent_stop: 0 (default) segments every slice of the range; N > 0 walks out from the start
+    slices and stops a direction after N consecutive slices where every label's object score is
+    <= presence_threshold (see `extent.py`). start_slice: the slice(s) to start from; None picks,
+    in this order, the annotated slices of this volume in the bank (entries of `case_id` along
+    this axis), the middle of `slice_range` if given, else the slice most similar to the bank
+    (highest DINOv2 top-1 score). estimate: called once, after the first batch, with a
+    `TimeEstimate` of the rest (before the second batch starts).
     """
     t0 = time.perf_counter()
     if case_policy not in CASE_POLICIES:
@@ -209,6 +286,10 @@ def segment_volume(
     for name, value in (("batch_size", batch_size), ("encoder_batch", encoder_batch)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1 (or None for automatic), got {value!r}")
+    if isinstance(extent_stop, bool) or not isinstance(extent_stop, (int, np.integer)) or extent_stop < 0:
+        raise ValueError(f"extent_stop must be an integer >= 0 (0 = every slice), got {extent_stop!r}")
+    if not math.isfinite(float(presence_threshold)):
+        raise ValueError(f"presence_threshold must be a finite number, got {presence_threshold!r}")
     prec = resolve_precision(precision, engine.sam.device)
     bank.check_models(engine.embedder.identity)
     ax = parse_axis(axis)
@@ -221,6 +302,8 @@ def segment_volume(
             f"slice range {slice_range} is outside 0..{n} along axis {AXIS_NAMES[ax]} "
             "(start inclusive, stop exclusive)"
         )
+    if extent_stop and start_slice is not None:
+        _start_slices(start_slice, bank, None, ax, start, stop, True, [])  # checks it before any work
     bank_labels = {lab.value: lab for lab in bank.labels}
     if labels is None:
         chosen = list(bank_labels)
@@ -308,41 +391,108 @@ def segment_volume(
             mem = on_device[entry_id] = memory(entry_id).select(chosen).to(engine.sam.device)
         return mem
 
-    for b0 in range(0, total, encoder_batch):
+    def cancelled() -> bool:
         if cancel is not None and cancel():
             result.cancelled = True
-            break
-        batch_idx = list(range(b0, min(total, b0 + encoder_batch)))
+        return result.cancelled
+
+    def compute(batch_idx: list[int]):
+        """(position, QueryResult) of each position in turn; stops early once cancelled."""
         if batch_size == 1:  # the per-slice reference path
             with ctx:
                 feats = engine.sam.encode_images([images[j] for j in batch_idx])
             for j, f in zip(batch_idx, feats):
-                if cancel is not None and cancel():
-                    result.cancelled = True
-                    break
+                if cancelled():
+                    return
                 mems = [memory(entry_id) for entry_id, _ in hits[j]]
                 with ctx:
                     res = engine.sam.query(images[j], mems, chosen, features=f)
-                record(j, res)
+                yield j, res
         else:
             with ctx:
                 feats = engine.sam.encode_batch([images[j] for j in batch_idx])
             for q0 in range(0, len(batch_idx), batch_size):
-                if cancel is not None and cancel():
-                    result.cancelled = True
-                    break
+                if cancelled():
+                    return
                 sub = batch_idx[q0 : q0 + batch_size]
                 ids: dict[str, int] = {}  # distinct supports of this batch -> position
                 index = [[ids.setdefault(eid, len(ids)) for eid, _ in hits[j]] for j in sub]
                 mems = [device_memory(eid) for eid in ids]
                 with ctx:
-                    batch = engine.sam.query_batch(feats, mems, index, chosen, items=[j - b0 for j in sub])
+                    batch = engine.sam.query_batch(feats, mems, index, chosen, items=list(range(q0, q0 + len(sub))))
                 for j, res in zip(sub, batch.to_numpy()):
-                    if cancel is not None and cancel():  # computed but cancelled: discarded
-                        result.cancelled = True
-                        break
-                    record(j, res)
-        if result.cancelled:
-            break
+                    if cancelled():  # computed but cancelled: discarded
+                        return
+                    yield j, res
+
+    def report_estimate(n_computed: int, seconds: float, left: int) -> None:
+        result.estimate = TimeEstimate(
+            n_computed, seconds, done, left, bool(extent_stop), str(engine.sam.device),
+            int(engine.sam.image_size), prec, batch_size,
+        )
+        if estimate is not None:
+            estimate(result.estimate)
+
+    if not extent_stop:
+        for b0 in range(0, total, encoder_batch):
+            if cancelled():
+                break
+            batch_idx = list(range(b0, min(total, b0 + encoder_batch)))
+            tb = time.perf_counter()
+            for j, res in compute(batch_idx):
+                record(j, res)
+            if result.cancelled:
+                break
+            if b0 == 0:
+                report_estimate(len(batch_idx), time.perf_counter() - tb, total - done)
+    else:
+        starts, result.start_reason = _start_slices(start_slice, bank, case_id, ax, start, stop, slice_range is not None, hits)
+        result.start_slices = list(starts)
+        result.extent_stop, result.presence_threshold = int(extent_stop), float(presence_threshold)
+        walker = ExtentWalker(starts, int(extent_stop), (start, stop))
+        first = True
+        while not walker.finished and not cancelled():
+            batch_slices = walker.next_slices(encoder_batch)
+            tb = time.perf_counter()
+            computed = {indices[j]: res for j, res in compute([i - start for i in batch_slices])}
+            if result.cancelled:
+                break  # what this batch computed is discarded, as on the full path
+            for i in batch_slices:
+                walker.record(i, max(computed[i].object_score) > presence_threshold)
+            # Slices computed past a walk's stop are never accepted: discarded, so the slices
+            # segmented do not depend on the batch size.
+            accepted = walker.take_accepted()
+            total = done + len(accepted) + len(walker.reachable())
+            for i in accepted:
+                record(i - start, computed[i])
+            if first:
+                first = False
+                report_estimate(len(batch_slices), time.perf_counter() - tb, len(walker.reachable()))
+        result.beyond_extent = walker.beyond()
+        if not result.cancelled and progress is not None:
+            progress(done, done)  # the stop ended the run: the bar is complete
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _start_slices(start_slice, bank, case_id, axis: int, start: int, stop: int, user_range: bool,
+                  hits: list) -> tuple[list[int], str]:
+    """Where the extent walks begin, and why (see `segment_volume`)."""
+    if start_slice is not None:
+        given = [int(start_slice)] if isinstance(start_slice, (int, np.integer)) else [int(s) for s in start_slice]
+        bad = [s for s in given if not start <= s < stop]
+        if not given or bad:
+            raise ValueError(f"start slice(s) {bad or given} must lie in the slice range {start}..{stop - 1}")
+        return sorted(set(given)), "given"
+    if case_id is not None:
+        own = sorted({
+            int(e.index) for e in bank.entries()
+            if getattr(e, "case_id", None) == case_id and getattr(e, "axis", None) == axis
+            and getattr(e, "index", None) is not None and start <= int(e.index) < stop
+        })
+        if own:
+            return own, "annotated"
+    if user_range:
+        return [(start + stop - 1) // 2], "middle of the slice range"
+    top1 = [h[0][1] if h else -math.inf for h in hits]  # hits[j]: slice start + j
+    return [start + int(np.argmax(top1))], "most similar to the bank"  # first of equals

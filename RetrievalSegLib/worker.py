@@ -88,9 +88,10 @@ class JobContext:
     def elapsed(self) -> float:
         return time.monotonic() - self._t0
 
-    def status(self, message: str) -> None:
-        """Report what the job is doing now."""
-        self.worker.channel.send({"type": "status", "id": self.id, "message": message, "elapsed_s": self.elapsed})
+    def status(self, message: str, estimate: dict[str, Any] | None = None) -> None:
+        """Report what the job is doing now (with a segment job's measured `estimate`, once)."""
+        self.worker.channel.send({"type": "status", "id": self.id, "message": message, "elapsed_s": self.elapsed,
+                                  **({"estimate": estimate} if estimate is not None else {})})
 
     def progress(self, done: int, total: int, message: str = "") -> None:
         """Report `done` of `total` units; the time left is extrapolated from the rate so far."""
@@ -182,13 +183,30 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
     slices: list[dict[str, Any]] = []
     seconds = 0.0
     done_before = 0
+    # The extent stop applies to a single run (a first segmentation); re-segmenting runs of
+    # unedited slices segments them all.
+    extent_stop = int(params.get("extent_stop") or 0) if len(runs) == 1 else 0
+    beyond: set[int] = set()
+    extent: dict[str, Any] = {}
+    estimate: dict[str, Any] = {}
+
+    def progress(d: int, t: int, o: int, size: int) -> None:
+        ctx.progress(o + d, total - size + t)  # the extent stop shrinks the total as it goes
+
+    def first_batch(e: Any) -> None:  # before the second batch starts
+        if not estimate:
+            estimate.update(e.to_json())
+            ctx.status(f"Estimate: {e.describe()}", estimate=estimate)
+
     for a, b in runs:
         r = segment_volume(
             volume, bank, engine, labels=params.get("labels"), k=int(params["k"]), axis=axis,
             slice_range=(a, b), case_id=params.get("case_id"), case_policy=params.get("case_policy", "ignore"),
             window=tuple(params["window"]) if params.get("window") is not None else None,
-            progress=lambda d, t, o=done_before: ctx.progress(o + d, total),
+            progress=lambda d, t, o=done_before, size=b - a: progress(d, t, o, size),
             cancel=ctx.cancelled, precision=params.get("precision", "auto"), batch_size=params.get("batch_size"),
+            extent_stop=extent_stop, presence_threshold=float(params.get("presence_threshold") or 0.0),
+            start_slice=params.get("start_slice"), estimate=first_batch,
         )
         if r.cancelled:
             raise JobCancelled("segmentation cancelled")
@@ -199,6 +217,10 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
         else:
             for i in r.slices:
                 slice_view(merged, axis, i)[...] = slice_view(r.labelmap.array, axis, i)
+        beyond |= r.beyond_extent
+        if r.extent_stop:
+            extent = {"stop": r.extent_stop, "presence_threshold": r.presence_threshold,
+                      "start_slices": list(r.start_slices), "start_reason": r.start_reason}
         run_slices = [_slice_json(r.slices[i]) for i in sorted(r.slices)]
         ctx.send({"type": "diagnostics", "slices": run_slices})
         slices += run_slices
@@ -212,6 +234,9 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
         "seconds": seconds,
         "precision": precision,
         "batch_size": batch_size,
+        "beyond_extent": sorted(int(i) for i in beyond),
+        "extent": extent,
+        "estimate": estimate or None,
     }
 
 

@@ -356,7 +356,8 @@ class WorkerClient:
         if kind == "started":
             job.started = True
         elif kind == "status":
-            job._add(JobEvent("status", str(message.get("message", "")), elapsed_s=elapsed))
+            job._add(JobEvent("status", str(message.get("message", "")), elapsed_s=elapsed,
+                              estimate=message.get("estimate")))
         elif kind == "progress":
             job._add(JobEvent(
                 "progress", str(message.get("message", "")), int(message.get("done", 0)), int(message.get("total", 0)),

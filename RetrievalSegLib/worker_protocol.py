@@ -16,6 +16,7 @@ library that prints cannot corrupt the channel)::
     {"type": "ready", "pid": N, "protocol": 1, "log": PATH}
     {"type": "started", "id": ID}
     {"type": "status", "id": ID, "message": TEXT, "elapsed_s": S}
+        (+ "estimate": {...} once per segment job, after its first batch: `segment.TimeEstimate.to_json()`)
     {"type": "progress", "id": ID, "done": N, "total": N, "message": TEXT, "elapsed_s": S, "remaining_s": S|null}
     {"type": "diagnostics", "id": ID, "slices": [SLICE, ...]}
     {"type": "result", "id": ID, "result": {...}, "elapsed_s": S}
@@ -118,6 +119,7 @@ class JobEvent:
     total: int = 0
     elapsed_s: float = 0.0
     remaining_s: float | None = None  # estimated, once some progress is made
+    estimate: dict | None = None  # a segment job's first-batch TimeEstimate (JSON), on one status event
     result: Any = None
     error: BaseException | None = None
     traceback: str = ""

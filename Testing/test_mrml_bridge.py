@@ -373,7 +373,7 @@ def test_cancelled_segmentation_writes_nothing(scene, cases, bank, client) -> No
             break
         time.sleep(0.02)
     assert job.outcome == "cancelled" and not logic.has_result and not logic.busy
-    assert statuses[-1] == f"Segmenting {SHAPE[0]} slices..."
+    assert f"Segmenting {SHAPE[0]} slices..." in statuses  # (then the first batch's time estimate)
     assert 1 <= max(slices_seen) < SHAPE[0]
     assert scene.GetFirstNodeByName("cancelled RetrievalSeg") is None
     with pytest.raises(RuntimeError, match="no finished segmentation"):
