@@ -513,7 +513,7 @@ def test_a_refused_import_names_no_deleted_temp_folder(tmp_path, capsys):
 
 
 def test_import_writes_only_what_the_bank_lists_and_refuses_bombs(tmp_path, capsys, monkeypatch):
-    from RetrievalSegLib import bank as bank_module
+    from RetrievalSegLib import bank_transfer
 
     rseg = bank_cli()
     bank = filled_bank(tmp_path)
@@ -547,7 +547,7 @@ def test_import_writes_only_what_the_bank_lists_and_refuses_bombs(tmp_path, caps
     assert f"declares {len(zeros)} bytes, more than the" in err and "nothing was written" in err
     assert not (tmp_path / "dest").exists() and not list(tmp_path.glob(".tmp-*"))
 
-    monkeypatch.setattr(bank_module, "MAX_ARCHIVE_MEMBERS", 20)
+    monkeypatch.setattr(bank_transfer, "MAX_ARCHIVE_MEMBERS", 20)
     assert rseg("import", cluttered, tmp_path / "dest") == 1
     assert "more than the 20 a support bank export can hold" in capsys.readouterr().err
 

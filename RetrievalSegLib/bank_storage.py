@@ -1,0 +1,537 @@
+"""Support bank storage: the writer lock, reading bank.json, snapshots, entry files, atomic
+commits and the memory cache folders (the base every bank job builds on)."""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import errno
+import io
+import json
+import os
+import shutil
+import socket
+import stat
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .bank_format import (
+    BANK_FILE,
+    DEFAULT_LOCK_TIMEOUT,
+    EMBEDDINGS_FILE,
+    ENTRIES_DIR,
+    ENV_LOCK_TIMEOUT,
+    LOCK_FILE,
+    MEMORIES_DIR,
+    BankCorruptError,
+    BankEntry,
+    BankError,
+    BankLockTimeout,
+    BankModelMismatchError,
+    BankNotFoundError,
+    BankReadOnlyError,
+    EntryData,
+    LabelInfo,
+    UnknownEntryError,
+    _nonfinite_ids,
+    _now,
+    _npy_bytes,
+    _parse_entry_file,
+    _reembed_hint,
+    _rows_sha256,
+    _sanitise,
+    _sha256,
+    _State,
+    _state_from_json,
+    memory_cache_name,
+)
+from .fileio import UnsafeLinkError, atomic_write_bytes, check_no_links, is_link, read_bytes
+from .volume import AXIS_NAMES, parse_axis
+
+
+def _lock_timeout(value: float | None) -> float:
+    if value is not None:
+        return float(value)
+    env = os.environ.get(ENV_LOCK_TIMEOUT)
+    if env:
+        try:
+            return float(env)
+        except ValueError:
+            raise ValueError(f"{ENV_LOCK_TIMEOUT} must be a number of seconds, got {env!r}") from None
+    return DEFAULT_LOCK_TIMEOUT
+
+
+# ----------------------------------------------------------------------------- locking
+FILELOCK_MINIMUM = "4.3"  # the first release read and tested here with on_acquired and O_NOFOLLOW
+
+
+class _BankLock:
+    """The bank's exclusive writer lock: `filelock` (fcntl.flock on POSIX, LockFileEx on Windows).
+
+    What this adds to filelock: the lock file is never opened through a link and must be a plain
+    file with one hard link before anything is written into it; the holder ("pid N on HOST since
+    T") is written into it for the timeout message; no soft (marker-file) fallback, so a lock
+    cannot go stale: it dies with its process; errors say what to do.
+    """
+
+    def __init__(self, lock_path: Path, timeout: float, bank_path: Path) -> None:
+        self.lock_path = lock_path
+        self.timeout = timeout
+        self.bank_path = bank_path
+        self._lock: Any = None
+
+    def _check_and_record(self, fd: int) -> None:
+        """filelock's on_acquired hook: refuse a lock file that may live elsewhere, then sign it."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise BankError(
+                f"{self.lock_path} is not a plain file of its own (it is a special file or has "
+                f"{st.st_nlink} hard links); RetrievalSeg writes into it, so it refuses to touch a "
+                "file that may live elsewhere too. Delete it (no writer may be running) and retry"
+            )
+        info = f"pid {os.getpid()} on {socket.gethostname()} since {_now()}".encode()
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)  # (no os.pwrite on Windows)
+            os.write(fd, info)
+
+    def _holder(self) -> str:
+        try:
+            text = read_bytes(self.lock_path, self.bank_path)[:4096].decode("utf-8", errors="replace").strip()
+        except OSError:
+            return ""
+        return f" (held by {text})" if text else ""
+
+    def _read_only_error(self, e: OSError) -> BankReadOnlyError:
+        return BankReadOnlyError(
+            f"support bank at {self.bank_path} is read-only for you (cannot open its lock "
+            f"file {self.lock_path}: {e.strerror or e}); changing it needs write access. Reading, "
+            "segmenting and exporting work without it; to change a copy, "
+            f"`rseg bank export {self.bank_path} COPY.zip` and `rseg bank import COPY.zip NEWBANK`"
+        )
+
+    def acquire(self) -> None:
+        import filelock
+
+        check_no_links(self.bank_path, self.lock_path)
+        try:
+            lock = filelock.FileLock(
+                self.lock_path,
+                timeout=self.timeout,
+                thread_local=False,  # SupportBank.locked counts re-entry itself, across its threads
+                poll_interval=0.05,
+                fallback_to_soft=False,  # a marker file could outlive a killed writer
+                on_acquired=self._check_and_record,
+            )
+        except TypeError as e:  # filelock 3.x: no on_acquired, and it opens lock files through links
+            raise BankError(
+                f"RetrievalSeg needs filelock >= {FILELOCK_MINIMUM} to lock a support bank safely, "
+                f"found {getattr(filelock, '__version__', 'an older one')} ({e}); update it with "
+                f"`pip install 'filelock>={FILELOCK_MINIMUM}'` (in Slicer's Python console: "
+                f"`slicer.util.pip_install('filelock>={FILELOCK_MINIMUM}')`)"
+            ) from e
+        try:
+            lock.acquire()
+        except filelock.Timeout:
+            raise BankLockTimeout(
+                f"support bank at {self.bank_path} is busy: another process kept its lock "
+                f"{self.lock_path}{self._holder()} for more than {self.timeout:g} s. Wait for it to "
+                f"finish and retry, or raise the wait with {ENV_LOCK_TIMEOUT}=SECONDS. The "
+                "lock is released automatically when that process exits."
+            ) from None
+        except BankError:
+            raise
+        except OSError as e:
+            if is_link(self.lock_path):
+                check_no_links(self.bank_path, self.lock_path)  # raises, naming the link
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise self._read_only_error(e) from e
+            raise BankError(
+                f"cannot lock {self.lock_path}: {e}. The support bank must be on a file "
+                "system that supports file locks (a local disk, not some network shares)."
+            ) from e
+        self._lock = lock
+
+    def release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+
+# ----------------------------------------------------------------------------- reading files
+def _nofollow_opener(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
+
+
+def _read_state(bank_path: Path) -> tuple[_State, tuple[int, int, int], bytes]:
+    """Parse bank.json; also returns its (inode, mtime_ns, size) and raw bytes."""
+    f = bank_path / BANK_FILE
+    if bank_path.exists() and not bank_path.is_dir():
+        raise BankNotFoundError(
+            f"no support bank at {bank_path}: it is a file, not a folder. A support bank is a "
+            "folder (with bank.json inside); give the folder's path"
+            + (" (to unpack an exported bank, use `rseg bank import ARCHIVE NEWBANK`)"
+               if bank_path.name.lower().endswith((".zip", ".tar.gz", ".tgz")) else "")
+        )
+    if not bank_path.is_dir():
+        raise BankNotFoundError(
+            f"no support bank at {bank_path}: the folder does not exist. Create one with "
+            f"`rseg bank create {bank_path} --labels 1:NAME,...` or check the path."
+        )
+    check_no_links(bank_path, f)
+    try:
+        with open(f, "rb", opener=_nofollow_opener) as fh:
+            st = os.fstat(fh.fileno())
+            data = fh.read()
+    except FileNotFoundError:
+        hint = (
+            " It has an entries/ folder, so bank.json was lost: restore it from a backup or an "
+            "export."
+            if (bank_path / ENTRIES_DIR).is_dir()
+            else f" Create one with `rseg bank create {bank_path} --labels 1:NAME,...`."
+        )
+        raise BankNotFoundError(f"{bank_path} is not a support bank: it has no {BANK_FILE}.{hint}") from None
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BankCorruptError(
+            f"{f} is not valid JSON ({e}); restore it from a backup or an export "
+            "(the entry files in entries/ are not affected)",
+            f,
+        ) from e
+    return _state_from_json(raw, f), (st.st_ino, st.st_mtime_ns, st.st_size), data
+
+
+class BankStore:
+    """A bank folder's state on disk: snapshots, entry files, the writer lock and commits."""
+
+    def __init__(self, path: Path, lock_timeout: float | None = None) -> None:
+        """Use `SupportBank.open` or `SupportBank.create`."""
+        self.path = Path(path)
+        self.lock_timeout = _lock_timeout(lock_timeout)
+        self._state, self._key, _ = _read_state(self.path)
+        self._mutex = threading.RLock()
+        self._lock_depth = 0
+        self._os_lock: _BankLock | None = None
+        self._emb_cache: tuple[tuple[int, int, int], str | None, np.ndarray] | None = None
+        self._index_cache: tuple[Any, ...] | None = None
+
+    # ---------------------------------------------------------------- snapshot
+    def _current(self) -> _State:
+        """The latest committed bank.json (re-read only when the file changed)."""
+        try:
+            st = os.stat(self.path / BANK_FILE)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = None
+        if key != self._key:
+            self._state, self._key, _ = _read_state(self.path)
+        return self._state
+
+    def reload(self) -> None:
+        """Re-read bank.json now."""
+        self._state, self._key, _ = _read_state(self.path)
+
+    def __repr__(self) -> str:
+        return f"SupportBank({str(self.path)!r}, {len(self)} active entries)"
+
+    def __len__(self) -> int:
+        """Number of active (not retired) entries."""
+        return sum(1 for e in self._current().entries if e.active)
+
+    @property
+    def labels(self) -> tuple[LabelInfo, ...]:
+        """The bank's labels."""
+        return self._current().labels
+
+    @property
+    def label_values(self) -> tuple[int, ...]:
+        """Values of the bank's labels."""
+        return tuple(lab.value for lab in self.labels)
+
+    @property
+    def dinov2_identity(self) -> str:
+        """Identity of the embedder that made embeddings.npy."""
+        return self._current().dinov2
+
+    @property
+    def sam2_identities(self) -> tuple[str, ...]:
+        """SAM 2 identities with a memory cache folder."""
+        return tuple(self._current().sam2)
+
+    @property
+    def embedding_dim(self) -> int | None:
+        """Embedding size (None until the first entry is added)."""
+        return self._current().embedding_dim
+
+    @property
+    def bank_id(self) -> str:
+        """A stable id of this bank (banks made before ids existed: derived from path and creation)."""
+        state = self._current()
+        if state.bank_id:
+            return state.bank_id
+        return "legacy-" + _sha256(f"{os.path.realpath(self.path)}|{state.created}".encode())[:16]
+
+    def writable(self) -> bool:
+        """Whether this process may change the bank (folder, memories/ and .lock writable)."""
+        need = os.W_OK | os.X_OK
+        if not os.access(self.path, need):
+            return False
+        mem, lock = self.path / MEMORIES_DIR, self.path / LOCK_FILE
+        if mem.exists() and not os.access(mem, need):
+            return False
+        return not lock.exists() or os.access(lock, os.W_OK)
+
+    @property
+    def revision(self) -> int:
+        """Counter bumped on every committed change."""
+        return self._current().revision
+
+    def entries(self, include_retired: bool = False) -> list[BankEntry]:
+        """Entries in bank order (the order of embeddings.npy rows), active ones unless asked."""
+        return [e for e in self._current().entries if include_retired or e.active]
+
+    def list_entries(
+        self,
+        include_retired: bool = False,
+        case_id: str | None = None,
+        axis: int | str | None = None,
+        origin: str | None = None,
+    ) -> list[BankEntry]:
+        """Entries filtered by case, slice axis and origin."""
+        ax = parse_axis(axis) if axis is not None else None
+        return [
+            e
+            for e in self.entries(include_retired)
+            if (case_id is None or e.case_id == case_id)
+            and (ax is None or e.axis == ax)
+            and (origin is None or e.origin == origin)
+        ]
+
+    def entry(self, entry_id: str) -> BankEntry:
+        """The entry with this id (retired ones included)."""
+        return self._find(self._current(), entry_id)[1]
+
+    def _find(self, state: _State, entry_id: str) -> tuple[int, BankEntry]:
+        for n, e in enumerate(state.entries):
+            if e.id == entry_id:
+                return n, e
+        close = difflib.get_close_matches(str(entry_id), [e.id for e in state.entries], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownEntryError(
+            f"support bank at {self.path} has no entry {entry_id!r}{hint} "
+            f"(list them with `rseg bank list {self.path} --all`)"
+        )
+
+    # ---------------------------------------------------------------- reading entries
+    def entry_path(self, entry_id: str) -> Path:
+        """Path of an entry's NPZ file."""
+        return self.path / ENTRIES_DIR / f"{self.entry(entry_id).id}.npz"
+
+    def load_entry(self, entry_id: str) -> EntryData:
+        """Arrays of an entry; BankCorruptError naming the file when it is missing or altered."""
+        state = self._current()
+        _, e = self._find(state, entry_id)
+        return self._load(e, state.labels)
+
+    def _load(self, e: BankEntry, labels: Sequence[LabelInfo]) -> EntryData:
+        f = self.path / ENTRIES_DIR / f"{e.id}.npz"
+        try:
+            data = read_bytes(f, self.path)
+        except UnsafeLinkError as e2:
+            raise BankCorruptError(
+                f"entry {e.id} (case {e.case_id}, {AXIS_NAMES[e.axis]}={e.index}): {e2.strerror}; "
+                f"`rseg bank verify {self.path} --repair` marks the entry damaged until then",
+                f,
+            ) from None
+        except FileNotFoundError:
+            raise BankCorruptError(
+                f"entry {e.id} (case {e.case_id}, {AXIS_NAMES[e.axis]}={e.index}) has lost its file "
+                f"{f}; restore it from a backup, or run `rseg bank verify {self.path} --repair` to "
+                "mark the entry damaged",
+                f,
+                missing=True,
+            ) from None
+        except OSError as e2:
+            raise BankCorruptError(f"cannot read entry file {f}: {e2}", f) from e2
+        digest = _sha256(data)
+        if digest != e.sha256:
+            raise BankCorruptError(
+                f"entry file {f} was changed after it was written (sha256 {digest[:12]}... but "
+                f"bank.json recorded {e.sha256[:12]}...); restore it from a backup, or run "
+                f"`rseg bank verify {self.path} --repair` to mark the entry damaged",
+                f,
+            )
+        return _parse_entry_file(data, f, e, labels)
+
+    def embeddings(self) -> np.ndarray:
+        """[N, dim] float32 rows aligned with `entries(include_retired=True)`."""
+        return self._state_and_rows()[1]
+
+    def _state_and_rows(self) -> tuple[_State, np.ndarray]:
+        """A bank.json snapshot and the embedding rows that belong to it."""
+        try:
+            state = self._current()
+            return state, self._embeddings(state)
+        except BankCorruptError:
+            self.reload()  # a writer may have replaced embeddings.npy after our bank.json read
+            state = self._current()
+            return state, self._embeddings(state)
+
+    def _embeddings(self, state: _State) -> np.ndarray:
+        if self._emb_cache is not None and self._emb_cache[:2] == (self._key, state.embeddings_sha256):
+            return self._emb_cache[2]
+        rows, kind, message = self._embeddings_status(state)
+        if rows is None:
+            raise BankCorruptError(str(message), self.path / EMBEDDINGS_FILE)
+        rows.setflags(write=False)
+        self._emb_cache = (self._key, state.embeddings_sha256, rows)  # type: ignore[assignment]
+        return rows
+
+    def _embeddings_status(self, state: _State) -> tuple[np.ndarray | None, str | None, str | None]:
+        """(rows or None, problem kind or None, message).
+
+        Kinds: missing/unreadable/short/dim/sha/link (no usable rows), nonfinite (rows returned;
+        the entries whose row holds NaN or Inf are never searched), extra (harmless).
+        """
+        n = len(state.entries)
+        f = self.path / EMBEDDINGS_FILE
+        fix = (
+            f"rebuild it with `rseg bank verify {self.path} --repair` (same DINOv2 model) "
+            f"or `--reembed` (another model)"
+        )
+        if n == 0:
+            return np.zeros((0, state.embedding_dim or 0), dtype=np.float32), None, None
+        if is_link(f):
+            return None, "link", f"{f} is a link; RetrievalSeg never reads through a link inside a bank: {fix}"
+        if not f.is_file():
+            return None, "missing", f"{f} is missing but bank.json lists {n} entries; {fix}"
+        try:
+            arr = np.load(io.BytesIO(read_bytes(f, self.path)), allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the same problem
+            return None, "unreadable", f"{f} cannot be read ({type(e).__name__}: {e}); {fix}"
+        if arr.ndim != 2 or arr.dtype != np.float32:
+            return None, "unreadable", f"{f} holds {arr.dtype} {arr.shape}, not float32 [N, dim]; {fix}"
+        if state.embedding_dim is not None and arr.shape[1] != state.embedding_dim:
+            return None, "dim", f"{f} rows have {arr.shape[1]} values, bank.json says {state.embedding_dim}; {fix}"
+        if arr.shape[0] < n:
+            return None, "short", f"{f} has {arr.shape[0]} rows but bank.json lists {n} entries; {fix}"
+        rows = np.ascontiguousarray(arr[:n])
+        if state.embeddings_sha256 is not None and _rows_sha256(rows) != state.embeddings_sha256:
+            return None, "sha", (
+                f"{f} does not match bank.json (its rows changed after bank.json was written, e.g. "
+                f"an interrupted re-embed); {fix}"
+            )
+        bad = _nonfinite_ids(state, rows)
+        if bad:
+            return rows, "nonfinite", (
+                f"{f} holds non-finite values (NaN or Inf) in the rows of {len(bad)} entries "
+                f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); they are never retrieved "
+                f"until the rows are recomputed: {fix}"
+            )
+        if arr.shape[0] > n:
+            return rows, "extra", (
+                f"{f} has {arr.shape[0] - n} extra rows left by an interrupted add (ignored; "
+                "verify --repair trims them)"
+            )
+        return rows, None, None
+
+    # ---------------------------------------------------------------- model identity
+    def check_models(self, embedder_identity: str) -> None:
+        """Raise BankModelMismatchError unless the bank was embedded with `embedder_identity`."""
+        made_with = self._current().dinov2
+        if embedder_identity != made_with:
+            raise BankModelMismatchError(
+                f"support bank at {self.path} was made with {made_with}, engine uses "
+                f"{embedder_identity}: re-embed it with {_reembed_hint(self.path, embedder_identity)}"
+            )
+
+    # ---------------------------------------------------------------- locking
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the bank's exclusive write lock (re-entrant within this object)."""
+        with self._mutex:
+            if self._lock_depth == 0:
+                lock = _BankLock(self.path / LOCK_FILE, self.lock_timeout, self.path)
+                lock.acquire()
+                self._os_lock = lock
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+                if self._lock_depth == 0 and self._os_lock is not None:
+                    self._os_lock.release()
+                    self._os_lock = None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[_State]:
+        """Lock, re-read bank.json, yield it for modification; `_commit` writes it."""
+        with self.locked():
+            self.reload()
+            yield self._state
+
+    def _commit(self, state: _State) -> None:
+        state.revision += 1
+        if state.bank_id is None:
+            state.bank_id = uuid.uuid4().hex
+        atomic_write_bytes(self.path / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"), self.path)
+        self.reload()
+
+    def _write_embeddings(self, state: _State, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        atomic_write_bytes(self.path / EMBEDDINGS_FILE, _npy_bytes(rows), self.path)
+        state.embeddings_sha256 = _rows_sha256(rows)
+        if rows.shape[1]:
+            state.embedding_dim = int(rows.shape[1])
+
+    # ---------------------------------------------------------------- memory caches
+    def memory_cache_dir(self, sam2_identity: str, create: bool = True) -> Path:
+        """Folder for the SAM 2 memory cache of `sam2_identity`.
+
+        Inside the bank (`memories/<slug>-<hash8>/`, recorded in bank.json) when the bank is
+        writable; otherwise (read-only folder or file system, another user's bank) a per-user
+        folder `<user cache>/memories/<bank id>-r<revision>/<slug>-<hash8>/`, so that reading a
+        bank never needs write access to it. With create=False, the in-bank path, untouched.
+        """
+        if not isinstance(sam2_identity, str) or not sam2_identity:
+            raise ValueError(f"sam2_identity must be a non-empty string, got {sam2_identity!r}")
+        name = memory_cache_name(sam2_identity)
+        d = self.path / MEMORIES_DIR / name
+        check_no_links(self.path, d)  # a linked memories/ would receive (and lose) files elsewhere
+        if not create:
+            return d
+        if self.writable():
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                check_no_links(self.path, d)
+                if sam2_identity not in self._current().sam2:
+                    with self._transaction() as state:
+                        if sam2_identity not in state.sam2:
+                            state.sam2.append(sam2_identity)
+                            self._commit(state)
+                return d
+            except UnsafeLinkError:
+                raise
+            except (BankReadOnlyError, PermissionError) as e:
+                _ = e  # not writable after all: use the per-user cache below
+            except OSError as e:
+                if e.errno != errno.EROFS:
+                    raise
+        return self._user_memory_dir(name)
+
+    def _user_memory_dir(self, name: str) -> Path:
+        """Per-user memory cache folder for this bank's id and revision (older revisions pruned)."""
+        from .memory import user_cache_root
+
+        root = user_cache_root() / MEMORIES_DIR
+        this = f"{_sanitise(self.bank_id, 64)}-r{self.revision}"
+        with contextlib.suppress(OSError):
+            for old in root.iterdir():
+                if old.name.startswith(this.rsplit("-r", 1)[0] + "-r") and old.name != this:
+                    if not is_link(old) and old.is_dir():
+                        shutil.rmtree(old, ignore_errors=True)
+        return root / this / name
