@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .bank import BankError, BankEntry, LabelInfo, SupportBank
+from .cli_common import _UsageError, _window  # one --window/--level rule for every command
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -28,10 +29,6 @@ DEFAULT_COLORS: tuple[tuple[float, float, float], ...] = tuple(
 )
 
 MakeEmbedder = Callable[[argparse.Namespace], Any]
-
-
-class _UsageError(Exception):
-    """Wrong combination of options: reported with exit code 2."""
 
 
 def parse_labels(text: str) -> list[tuple[int, str]]:
@@ -145,16 +142,6 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
     run.__name__ = handler.__name__
     return run
-
-
-def _window(args: argparse.Namespace) -> tuple[float, float] | None:
-    if (args.window is None) != (args.level is None):
-        raise _UsageError("give --window and --level together (or neither for a robust automatic window)")
-    if args.window is None:
-        return None
-    from .preprocess import window_from_level
-
-    return window_from_level(args.window, args.level)
 
 
 def _entry_row(e: BankEntry) -> str:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .cli_bank import _window
+from .cli_common import _window
 
 EXIT_OK = 0
 

@@ -702,8 +702,7 @@ def _skipped_lines(what: str, study: Study) -> list[str]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Handler of `rseg evaluate`."""
     from .bank import SupportBank, same_subject
-    from .cli import _window, make_embedder, make_engine
-    from .cli_bank import _UsageError
+    from .cli_common import _UsageError, _window, make_embedder, make_engine
 
     def usage(e: Exception) -> _UsageError:
         return _UsageError(str(e))

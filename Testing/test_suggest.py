@@ -131,10 +131,10 @@ def from_empty_bank(groups, embedder):  # type: ignore[no-untyped-def]
 @pytest.fixture()
 def cli_embedder(monkeypatch, embedder):  # type: ignore[no-untyped-def]
     """The CLI's DINOv2 for CLI_MODEL is this module's embedder (same seeded random weights: one load)."""
-    from RetrievalSegLib import cli
+    from RetrievalSegLib import cli_common
 
     key = ("dino", "small", "None", "cpu", True, 0, DINO_SIZE)
-    monkeypatch.setitem(cli._loaded, key, embedder)
+    monkeypatch.setitem(cli_common._loaded, key, embedder)
     return embedder
 
 

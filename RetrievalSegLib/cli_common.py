@@ -1,0 +1,141 @@
+"""What every `rseg` command shares: exit codes, the model options and the models they build
+(`make_embedder`, `make_engine`, loaded once per process), the --window/--level rule, usage
+errors and the progress bar. `cli`, `cli_bank`, `cli_suggest` and `evaluate` import it; it
+imports none of them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class WeightsUnavailable(Exception):
+    """Model weights are missing locally; the message says how to get them."""
+
+
+def model_options() -> argparse.ArgumentParser:
+    """Options shared by every command that loads a model."""
+    from .registry import DINOV2_MODELS, SAM2_MODELS
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("models")
+    g.add_argument("--sam2", default="tiny", choices=list(SAM2_MODELS), help="SAM 2.1 size (default: tiny)")
+    g.add_argument("--dinov2", default="small", choices=list(DINOV2_MODELS), help="DINOv2 size (default: small)")
+    g.add_argument("--sam2-checkpoint", type=Path, default=None, metavar="FILE",
+                   help="SAM 2.1 checkpoint (default: $RSEG_SAM2_CHECKPOINT or the weights folder)")
+    g.add_argument("--dinov2-path", type=Path, default=None, metavar="DIR",
+                   help="DINOv2 folder with config.json + model.safetensors (default: weights folder / HF cache)")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument("--image-size", type=int, default=1024,
+                   help="SAM 2 input size, a multiple of 32 (default 1024, as SAM 2 was trained)")
+    g.add_argument("--dinov2-input-size", type=int, default=224, help="DINOv2 input size (default 224)")
+    g.add_argument("--fill-hole-area", type=int, default=0, metavar="PX",
+                   help="fill background holes up to PX low-res pixels, SAM 2's optional post-processing "
+                        "(default 0: off)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="SAM 2 arithmetic: auto (default: bf16 autocast on a CUDA GPU that supports it, "
+                        "fp32 on CPU and MPS), fp32, or bf16 (autocast)")
+    g.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="query slices per SAM 2 memory-attention + decoder call (default: chosen for the "
+                        "device; 1 = the per-slice fp32 reference path)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the SAM 2 image encoder and memory attention (slow first batch)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="use seeded RANDOM weights (tests/benchmarks only: the output is meaningless)")
+    g.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _warn_random(args: argparse.Namespace) -> None:
+    if getattr(args, "random_weights", False):
+        print("rseg: WARNING: --random-weights: models have random weights, the output is meaningless",
+              file=sys.stderr)
+
+
+_loaded: dict[tuple, Any] = {}
+
+
+def make_embedder(args: argparse.Namespace):
+    """The DINOv2 slice embedder the options describe (loaded once per process)."""
+    from .models import MissingWeightsError, load_dinov2
+    from .retrieval import SliceEmbedder
+
+    key = ("dino", args.dinov2, str(args.dinov2_path), args.device, args.random_weights, args.seed,
+           args.dinov2_input_size)
+    if key not in _loaded:
+        _warn_random(args)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                dino = load_dinov2(args.dinov2, args.dinov2_path, device=args.device,
+                                   random_weights=args.random_weights, seed=args.seed)
+        except MissingWeightsError as e:
+            raise WeightsUnavailable(str(e)) from None
+        _loaded[key] = SliceEmbedder(dino, input_size=args.dinov2_input_size)
+    return _loaded[key]
+
+
+def make_engine(args: argparse.Namespace):
+    """The RetrievalEngine (DINOv2 + SAM 2) the options describe."""
+    from .engine import Sam2MemoryEngine
+    from .models import MissingWeightsError, load_sam2
+    from .pipeline import RetrievalEngine
+
+    embedder = make_embedder(args)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            sam = load_sam2(args.sam2, args.sam2_checkpoint, device=args.device, image_size=args.image_size,
+                            random_weights=args.random_weights, seed=args.seed)
+    except MissingWeightsError as e:
+        raise WeightsUnavailable(str(e)) from None
+    engine = Sam2MemoryEngine(sam, fill_hole_area=args.fill_hole_area)
+    if getattr(args, "compile", False):
+        engine.compile()
+    return RetrievalEngine(embedder, engine)
+
+
+def _progress_bar(enabled: bool, desc: str, bars: list | None = None):
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="slice", file=sys.stderr, dynamic_ncols=True)
+    if bars is not None:
+        bars.append(bar)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return update, bar.close
+
+
+class _UsageError(Exception):
+    """Wrong combination of options: reported with exit code 2."""
+
+
+def _window(args: argparse.Namespace) -> tuple[float, float] | None:
+    if (args.window is None) != (args.level is None):
+        raise _UsageError("give --window and --level together (or neither for a robust automatic window)")
+    if args.window is None:
+        return None
+    from .preprocess import window_from_level
+
+    return window_from_level(args.window, args.level)
