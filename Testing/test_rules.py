@@ -159,7 +159,7 @@ def test_embeddings_replaced_after_bank_json_are_detected(tmp_path):
 
 # ----------------------------------------------------------------------------- evaluation pool
 def test_pool_spreads_over_the_annotated_slices_of_every_case():
-    from RetrievalSegLib.evaluate import choose_pool
+    from RetrievalSegLib.evaluate_study import choose_pool
 
     annotated = [(f"case{c}", i) for c in range(4) for i in range(10)]
     pool = choose_pool(annotated, 8)
