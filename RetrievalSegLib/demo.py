@@ -28,9 +28,9 @@ def _ensure_weights(sam2: str, dinov2: str, assume_yes: bool) -> bool:
     names = ", ".join(f"{it.name} ({w._mb(it.approx_mb)})" for it in missing)
     how = (
         f"Get them with `.venv/bin/rseg weights download --sam2 {sam2} --dinov2 {dinov2}` "
-        f"(into {w.weights_dir()}), or copy the files "
-        "there by hand, or set RSEG_WEIGHTS_MIRROR to your hospital's mirror, or RSEG_SAM2_CHECKPOINT / "
-        "RSEG_DINOV2_PATH to local copies. Then run `make demo` again."
+        f"(into {w.weights_location()}), or copy the files into a folder and set RSEG_WEIGHTS_DIR "
+        "to it, or set RSEG_WEIGHTS_MIRROR to your hospital's Hugging Face Hub mirror, or "
+        "RSEG_SAM2_CHECKPOINT / RSEG_DINOV2_PATH to local copies. Then run `make demo` again."
     )
     if is_offline():
         print(f"demo: missing weights: {names}. RSEG_OFFLINE is set, so nothing is downloaded. {how}",
