@@ -2,7 +2,7 @@
 
 Builds two synthetic cardiac-like cases (anisotropic spacing, oblique direction), makes a bank from
 three annotated slices of the first, segments the second with the real SAM 2.1 and DINOv2 weights
-from the weights folder, writes NIfTI and Slicer .seg.nrrd, and prints Dice per label.
+(Hugging Face cache or $RSEG_WEIGHTS_DIR), writes NIfTI and Slicer .seg.nrrd, and prints Dice per label.
 Without weights it says how to get them and exits 3; it never runs on random weights.
 """
 from __future__ import annotations

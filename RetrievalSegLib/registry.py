@@ -128,8 +128,12 @@ def weights_dir() -> Path | None:
 
 def hub_cache_dir() -> Path:
     """The Hugging Face hub cache ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)."""
-    from huggingface_hub import constants  # reads the environment once, at its first import
-
+    try:
+        from huggingface_hub import constants  # reads the environment once, at its first import
+    except ImportError:  # Slicer before its dependencies are installed: the library's rule
+        home = os.environ.get("HF_HOME") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "huggingface")
+        return Path(os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub")).expanduser()
     return Path(constants.HF_HUB_CACHE)
 
 

@@ -215,7 +215,10 @@ def plan_downloads(
 
 def cached_hub_file(repo_id: str, filename: str) -> Path | None:
     """The file in the Hugging Face cache (revision `main`), or None; never touches the network."""
-    from huggingface_hub import try_to_load_from_cache
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # Slicer before its dependencies are installed: nothing can be cached
+        return None
 
     found = try_to_load_from_cache(repo_id, filename, revision=HUB_REVISION)
     return Path(found) if isinstance(found, str) else None
