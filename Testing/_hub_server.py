@@ -9,6 +9,7 @@ LFS files, also as `X-Linked-Etag` / `X-Linked-Size`), `Content-Length`, HTTP Ra
         hub.add("facebook/sam2.1-hiera-tiny", "sam2.1_hiera_tiny.pt", data)   # bytes or a Path
         hub.base_url           # http://127.0.0.1:PORT  (the HF_ENDPOINT / RSEG_WEIGHTS_MIRROR)
         hub.cut[path] = (offset, times)   # cut the next `times` GET bodies at `offset`
+        hub.delay = 0.01       # seconds per 64 KiB block sent (a slow link)
         hub.requests           # [{"method", "path", "headers" (lower-case), "status", "sent"}]
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -128,6 +130,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(chunk)
                 record["sent"] += len(chunk)
                 pos += len(chunk)
+                if self.server.owner.delay:
+                    time.sleep(self.server.owner.delay)
 
 
 class _NoFile:
@@ -152,6 +156,7 @@ class HubServer:
     def __init__(self) -> None:
         self.repos: dict[str, dict[str, HubFile]] = {}
         self.cut: dict[str, tuple[int, int]] = {}
+        self.delay = 0.0
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self._httpd: _Server | None = None

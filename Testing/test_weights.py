@@ -386,3 +386,44 @@ def test_missing_weights_name_the_hugging_face_cache(monkeypatch: pytest.MonkeyP
     assert "rseg weights download --sam2 tiny" in msg and registry.ENV_WEIGHTS_DIR in msg
     with pytest.raises(models.MissingWeightsError, match="facebook/dinov2-small"):
         models.load_dinov2("small", device="cpu")
+
+
+def test_worker_download_job_reports_progress_cancels_and_refuses_a_bad_file(
+    hub: HubServer, tmp_path: Path
+) -> None:
+    """The Slicer panel's path: a `download` job in the worker process, progress, cancel, errors."""
+    import time
+
+    from RetrievalSegLib import worker_protocol as wp
+    from RetrievalSegLib.worker_client import WorkerClient
+
+    big = os.urandom(24 * 2**20)  # three of huggingface_hub's 10 MiB chunks
+    hub.add(SAM2.repo_id, SAM2.filename, big)
+    hub.add(DINO.repo_id, "config.json", DINO_CONFIG, lfs=False)
+    hub.add(DINO.repo_id, "model.safetensors", DINO_WEIGHTS)
+    hub.delay = 0.01  # ~4 s for the checkpoint: the cancel arrives while it is being sent
+    folder = tmp_path / "weights"
+    settings = wp.EngineSettings(device="cpu", weights_dir=str(folder)).to_json()
+    client = WorkerClient(env=child_env(tmp_path, RSEG_WEIGHTS_MIRROR=hub.base_url),
+                          log_dir=tmp_path, cancel_grace_s=60.0)
+    try:
+        job = client.submit("download", {"settings": settings})
+        events: list[Any] = []
+        deadline = time.monotonic() + 180
+        while not any(e.kind == "progress" and e.total == len(big) for e in events):
+            assert time.monotonic() < deadline and job.outcome is None, [e.kind for e in events]
+            events += job.wait(0.05)
+        job.cancel()
+        events += job.wait(120)
+        assert job.outcome == "cancelled", events[-1].message
+        done = max(e.done for e in events if e.kind == "progress" and e.total == len(big))
+        assert done < len(big) and not (folder / SAM2.filename).exists()
+        assert hub.requests_for(hub.path(SAM2.repo_id, SAM2.filename), "GET")[0]["sent"] < len(big)
+        # a complete transfer of a file that is no SAM 2.1 checkpoint: the job fails and says why
+        hub.delay = 0.0
+        job = client.submit("download", {"settings": settings})
+        events = job.wait(240)
+        assert job.outcome == "failed" and "does not load as SAM 2.1 tiny" in events[-1].message
+        assert not (folder / SAM2.filename).exists()
+    finally:
+        client.stop()
