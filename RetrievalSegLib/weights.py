@@ -409,8 +409,15 @@ def _discard(item: DownloadItem, path: Path) -> None:
 
 def _hub_error(item: DownloadItem, e: BaseException) -> DownloadError:
     """One message for every way the Hub or the mirror can fail to deliver a file."""
-    cause = str(e).strip().splitlines()
-    cause_text = " ".join(line.strip() for line in cause if line.strip())[:400]
+    def text(err: BaseException) -> str:
+        return " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:400]
+
+    cause_text = text(e)
+    root = e
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    if root is not e:  # e.g. LocalEntryNotFoundError <- ConnectError: say what really failed
+        cause_text += f"; cause: {type(root).__name__}: {text(root)}"
     hint = (
         f" Check the network or proxy, or set {ENV_MIRROR} to your Hub mirror; the file is "
         f"{item.repo_id}/{item.filename} on {item.endpoint}."
