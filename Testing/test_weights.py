@@ -49,15 +49,16 @@ def child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         "http_proxy", "https_proxy", "all_proxy", "no_proxy", "rseg_offline", "hf_hub_offline",
         "transformers_offline", "rseg_weights_mirror", "rseg_weights_dir", "hf_endpoint",
         "hf_hub_cache", "huggingface_hub_cache", "rseg_sam2_checkpoint", "rseg_dinov2_path")}
-    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1",
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1", PYTHONIOENCODING="utf-8",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
     env.update(extra)
     return env
 
 
 def run_child(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    # UTF-8 whatever the locale (make may run with LANG unset): bars and names carry "…"
     proc = subprocess.run([sys.executable, str(CHILD), json.dumps(spec)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["stdout"], out["stderr"] = proc.stdout, proc.stderr
