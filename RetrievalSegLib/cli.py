@@ -32,9 +32,9 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--sam2", default="tiny", choices=list(SAM2_MODELS), help="SAM 2.1 size (default: tiny)")
     g.add_argument("--dinov2", default="small", choices=list(DINOV2_MODELS), help="DINOv2 size (default: small)")
     g.add_argument("--sam2-checkpoint", type=Path, default=None, metavar="FILE",
-                   help="SAM 2.1 checkpoint (default: $RSEG_SAM2_CHECKPOINT or the weights folder)")
+                   help="SAM 2.1 checkpoint (default: $RSEG_SAM2_CHECKPOINT, $RSEG_WEIGHTS_DIR or the HF cache)")
     g.add_argument("--dinov2-path", type=Path, default=None, metavar="DIR",
-                   help="DINOv2 folder with config.json + model.safetensors (default: weights folder / HF cache)")
+                   help="DINOv2 folder with config.json + model.safetensors (default: $RSEG_DINOV2_PATH, $RSEG_WEIGHTS_DIR or the HF cache)")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     g.add_argument("--image-size", type=int, default=1024,
                    help="SAM 2 input size, a multiple of 32 (default 1024, as SAM 2 was trained)")
@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "annotated slices (DINOv2 retrieval + SAM 2 memory attention), no training.",
         epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 weights unavailable/offline, 130 interrupted. "
                "Environment: RSEG_WEIGHTS_DIR, RSEG_SAM2_CHECKPOINT, RSEG_DINOV2_PATH, RSEG_WEIGHTS_MIRROR, "
-               "RSEG_OFFLINE=1, HF_HUB_OFFLINE=1.",
+               "RSEG_OFFLINE=1, HF_HOME (the Hugging Face cache the weights go to by default).",
     )
     parser.add_argument("--version", action="version", version=f"rseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
