@@ -94,7 +94,7 @@ and <i>Re-segment remaining slices</i>.</li>
         self.parent.acknowledgementText = _("""
 Method: {citation}<br>
 Models: SAM 2.1 (Meta AI, Apache-2.0 licence) and DINOv2 (Meta AI, Apache-2.0 licence); their weights
-are downloaded from their official locations only after you agree.
+are downloaded from their official Hugging Face repositories (or your mirror) only after you agree.
 """).format(citation=CITATION)
 
 
@@ -397,9 +397,9 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Ask, then download `items` in the background; True when the download started."""
         totalMb = sum(item.approx_mb for item in items)
         detail = "\n".join(f"{item.name}  ({item.approx_mb:.0f} MB)  {item.url}" for item in items)
-        from RetrievalSegLib.registry import weights_dir
+        from RetrievalSegLib.registry import weights_location
 
-        folder = self._weightsDir() or str(weights_dir())
+        folder = weights_location(self._weightsDir())
         if not slicer.util.confirmOkCancelDisplay(
             _(
                 "RetrievalSeg needs model weights that are not on this computer yet:\n"
@@ -637,7 +637,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._segmentAfterDownload = self._resegmentAfterAdd = self._suggestAfterJob = False
             self.ui.statusLabel.text = {
                 "segment": _("Cancelled; the segmentation was not changed."),
-                "download": _("Download cancelled; it resumes where it stopped next time."),
+                "download": _("Download cancelled; the partial file was discarded."),
             }.get(kind, _("Cancelled."))
         elif segmenting:
             self._writeResult(event)

@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "annotated slices (DINOv2 retrieval + SAM 2 memory attention), no training.",
         epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 weights unavailable/offline, 130 interrupted. "
                "Environment: RSEG_WEIGHTS_DIR, RSEG_SAM2_CHECKPOINT, RSEG_DINOV2_PATH, RSEG_WEIGHTS_MIRROR, "
-               "RSEG_OFFLINE=1, HF_HUB_OFFLINE=1.",
+               "RSEG_OFFLINE=1, HF_HOME (the Hugging Face cache the weights go to by default).",
     )
     parser.add_argument("--version", action="version", version=f"rseg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -27,9 +27,9 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--sam2", default="tiny", choices=list(SAM2_MODELS), help="SAM 2.1 size (default: tiny)")
     g.add_argument("--dinov2", default="small", choices=list(DINOV2_MODELS), help="DINOv2 size (default: small)")
     g.add_argument("--sam2-checkpoint", type=Path, default=None, metavar="FILE",
-                   help="SAM 2.1 checkpoint (default: $RSEG_SAM2_CHECKPOINT or the weights folder)")
+                   help="SAM 2.1 checkpoint (default: $RSEG_SAM2_CHECKPOINT, $RSEG_WEIGHTS_DIR or the HF cache)")
     g.add_argument("--dinov2-path", type=Path, default=None, metavar="DIR",
-                   help="DINOv2 folder with config.json + model.safetensors (default: weights folder / HF cache)")
+                   help="DINOv2 folder with config.json + model.safetensors (default: $RSEG_DINOV2_PATH, $RSEG_WEIGHTS_DIR or the HF cache)")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     g.add_argument("--image-size", type=int, default=1024,
                    help="SAM 2 input size, a multiple of 32 (default 1024, as SAM 2 was trained)")

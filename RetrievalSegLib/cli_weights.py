@@ -1,7 +1,8 @@
 """`rseg weights ...`: download, list and verify the SAM 2.1 / DINOv2 weights.
 
-Exit codes: 0 ok, 1 failure (corrupt file, cancelled, declined), 2 usage error,
-3 offline or the source is unavailable.
+Downloads go through huggingface_hub into its cache ($HF_HOME/hub), or into a plain weights folder
+(`--dir`, $RSEG_WEIGHTS_DIR). Exit codes: 0 ok, 1 failure (corrupt file, cancelled, declined),
+2 usage error, 3 offline or the source is unavailable, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -11,12 +12,20 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .registry import DINOV2_MODELS, ENV_MIRROR, ENV_WEIGHTS_DIR, SAM2_MODELS, weights_dir
+from .registry import (
+    DINOV2_MODELS,
+    ENV_MIRROR,
+    ENV_WEIGHTS_DIR,
+    SAM2_MODELS,
+    weights_dir,
+    weights_location,
+)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
 
 
 def _size_list(catalogue: dict[str, Any], what: str) -> Callable[[str], list[str]]:
@@ -46,7 +55,8 @@ def add_weights_parser(subparsers: Any) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--dir", type=Path, default=None,
-        help=f"weights folder (default: ${ENV_WEIGHTS_DIR} or {weights_dir()})",
+        help=f"plain weights folder (default: ${ENV_WEIGHTS_DIR}, else the Hugging Face cache, "
+        "$HF_HOME/hub)",
     )
     weights = subparsers.add_parser(
         "weights", help="download, list or verify model weights",
@@ -56,9 +66,10 @@ def add_weights_parser(subparsers: Any) -> argparse.ArgumentParser:
     sub.required = True
 
     dl = sub.add_parser(
-        "download", parents=[common], help="fetch checkpoints (resumable, checked)",
-        description="Fetch checkpoints into the weights folder. Interrupted downloads resume; "
-        "every file is checked (length, SHA-256 where known, strict load) before it is placed.",
+        "download", parents=[common], help="fetch checkpoints (checked) with huggingface_hub",
+        description="Fetch checkpoints from the Hugging Face Hub (or a mirror) into its cache or "
+        "a plain weights folder. A dropped connection resumes within the download; every file is "
+        "checked (length, SHA-256 where the Hub announces it, strict load) and removed if bad.",
     )
     dl.add_argument(
         "--sam2", type=_size_list(SAM2_MODELS, "SAM 2.1"), default=["tiny"], metavar="SIZES",
@@ -70,8 +81,8 @@ def add_weights_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     dl.add_argument(
         "--mirror", default=None, metavar="URL",
-        help=f"base URL or folder laid out like the weights folder (default: ${ENV_MIRROR}, "
-        "else the official locations)",
+        help=f"URL of a Hugging Face Hub mirror (default: ${ENV_MIRROR}, else $HF_ENDPOINT, "
+        "else https://huggingface.co)",
     )
     dl.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     dl.add_argument("--force", action="store_true", help="download again files already present.")
@@ -124,7 +135,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     except w.OfflineError as e:
         _err(str(e))
         return EXIT_UNAVAILABLE
-    print(f"Weights folder: {root}")
+    print(f"Weights go to: {weights_location(root)}")
     for it in items:
         state = "to download" if it in todo else "already present"
         size = "<1 MB" if it.approx_mb < 1 else f"~{it.approx_mb:.0f} MB"
@@ -152,9 +163,9 @@ def cmd_download(args: argparse.Namespace) -> int:
         _err(str(e))
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        _err("interrupted; partial files are kept and the next download resumes them")
-        return EXIT_FAILURE
-    print(f"Done: {len(todo)} file(s) downloaded and checked into {root}.")
+        _err("interrupted; nothing partial was kept, run the download again")
+        return EXIT_INTERRUPTED
+    print(f"Done: {len(todo)} file(s) downloaded and checked into {weights_location(root)}.")
     return EXIT_OK
 
 
@@ -164,17 +175,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     root = args.dir.expanduser() if args.dir is not None else weights_dir()
     entries = w.list_weights(root)
+    where = weights_location(root)
     if args.json:
-        print(json.dumps({"dir": str(root), "weights": [e.to_json() for e in entries]}, indent=2))
+        print(json.dumps({"dir": where, "weights": [e.to_json() for e in entries]}, indent=2))
         return EXIT_OK
-    print(f"Weights folder: {root}")
+    print(f"Weights in: {where}")
     for e in entries:
-        if e.present:
-            state = f"present  {e.size / 2**20:8.1f} MB"
-        elif e.partial:
-            state = f"partial  {e.partial / 2**20:8.1f} MB (download resumes it)"
-        else:
-            state = "missing"
+        state = f"present  {e.size / 2**20:8.1f} MB" if e.present else "missing"
         print(f"  {e.kind:<6} {e.model:<9} {e.name:<28} {state}")
     return EXIT_OK
 
@@ -191,12 +198,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         (args.dinov2 or []) if explicit else None,
     )
     ok = bool(results) and all(r.ok for r in results)
+    where = weights_location(root)
     if args.json:
         print(json.dumps(
-            {"dir": str(root), "ok": ok, "results": [r.to_json() for r in results]}, indent=2
+            {"dir": where, "ok": ok, "results": [r.to_json() for r in results]}, indent=2
         ))
     else:
-        print(f"Weights folder: {root}")
+        print(f"Weights in: {where}")
         if not results:
             print("  no weights found; run `rseg weights download`")
         for r in results:

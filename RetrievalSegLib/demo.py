@@ -2,7 +2,7 @@
 
 Builds two synthetic cardiac-like cases (anisotropic spacing, oblique direction), makes a bank from
 three annotated slices of the first, segments the second with the real SAM 2.1 and DINOv2 weights
-from the weights folder, writes NIfTI and Slicer .seg.nrrd, and prints Dice per label.
+(Hugging Face cache or $RSEG_WEIGHTS_DIR), writes NIfTI and Slicer .seg.nrrd, and prints Dice per label.
 Without weights it says how to get them and exits 3; it never runs on random weights.
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ def _ensure_weights(sam2: str, dinov2: str, assume_yes: bool) -> bool:
     names = ", ".join(f"{it.name} ({w._mb(it.approx_mb)})" for it in missing)
     how = (
         f"Get them with `.venv/bin/rseg weights download --sam2 {sam2} --dinov2 {dinov2}` "
-        f"(into {w.weights_dir()}), or copy the files "
-        "there by hand, or set RSEG_WEIGHTS_MIRROR to your hospital's mirror, or RSEG_SAM2_CHECKPOINT / "
-        "RSEG_DINOV2_PATH to local copies. Then run `make demo` again."
+        f"(into {w.weights_location()}), or copy the files into a folder and set RSEG_WEIGHTS_DIR "
+        "to it, or set RSEG_WEIGHTS_MIRROR to your hospital's Hugging Face Hub mirror, or "
+        "RSEG_SAM2_CHECKPOINT / RSEG_DINOV2_PATH to local copies. Then run `make demo` again."
     )
     if is_offline():
         print(f"demo: missing weights: {names}. RSEG_OFFLINE is set, so nothing is downloaded. {how}",

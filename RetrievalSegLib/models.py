@@ -1,9 +1,11 @@
 """Loading SAM 2.1 and DINOv2: real checkpoints from local files, random weights only on request.
 
 Nothing here downloads: `RetrievalSegLib.weights` (or `rseg weights download`) fetches files into
-the weights folder; these functions only read local files (`torch.load(weights_only=True)`,
-safetensors), load strictly, and name the file, the download command and the environment variable
-when something is missing.
+the Hugging Face cache or a plain weights folder; these functions only read local files
+(`torch.load(weights_only=True)`, safetensors), load strictly, and name the file, the download
+command and the environment variable when something is missing. Where a model is looked for: the
+explicit file ($RSEG_SAM2_CHECKPOINT, $RSEG_DINOV2_PATH or an argument), else the plain weights
+folder when one is set ($RSEG_WEIGHTS_DIR), else the Hugging Face cache (offline lookup).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .registry import (
     dinov2_spec,
     sam2_spec,
     weights_dir,
+    weights_location,
 )
 
 RANDOM_WEIGHTS_WARNING = (
@@ -155,19 +158,26 @@ def _load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path
     model.load_state_dict(sd, strict=True)
 
 
-def default_sam2_checkpoint(size: str) -> Path:
-    """Where we look for the SAM 2.1 checkpoint of `size` when no path is given."""
+def default_sam2_checkpoint(size: str) -> Path | None:
+    """The SAM 2.1 checkpoint of `size` when no path is given (None: not in the HF cache)."""
     env = os.environ.get(ENV_SAM2_CHECKPOINT)
     if env:
         return Path(env).expanduser()
-    return weights_dir() / sam2_spec(size).filename
+    root = weights_dir()
+    if root is not None:
+        return root / sam2_spec(size).filename
+    from .registry import cached_hub_file
+
+    spec = sam2_spec(size)
+    return cached_hub_file(spec.repo_id, spec.filename)
 
 
-def missing_sam2_message(size: str, path: Path) -> str:
+def missing_sam2_message(size: str, path: Path | None) -> str:
     """What to tell a user whose SAM 2 checkpoint is absent."""
     spec = sam2_spec(size)
+    where = str(path) if path is not None else f"{weights_location()} ({spec.repo_id})"
     return (
-        f"SAM 2.1 {size} checkpoint not found at {path}. Download it with "
+        f"SAM 2.1 {size} checkpoint not found in {where}. Download it with "
         f"`rseg weights download --sam2 {size} --dinov2 none` (or from {spec.url}), or point "
         f"{ENV_SAM2_CHECKPOINT} to the file, or {ENV_WEIGHTS_DIR} to a folder holding "
         f"{spec.filename}."
@@ -195,7 +205,7 @@ def load_sam2(
         identity = f"sam2.1-{size}@{image_size}:random-seed{seed}"
         return LoadedSam2(model, size, image_size, dev, identity, None)
     path = Path(checkpoint).expanduser() if checkpoint else default_sam2_checkpoint(size)
-    if not path.is_file():
+    if path is None or not path.is_file():
         raise MissingWeightsError(missing_sam2_message(size, path))
     sd = _read_sam2_state_dict(path)
     model = build_sam2_architecture(size, image_size, "cpu")
@@ -239,22 +249,32 @@ def dinov2_config(size: str) -> Any:
     )
 
 
-def default_dinov2_folder(size: str) -> Path:
-    """Where we look for DINOv2 `size` when no path is given."""
+def default_dinov2_folder(size: str) -> Path | None:
+    """The DINOv2 `size` folder when no path is given (None: not in the HF cache)."""
     env = os.environ.get(ENV_DINOV2_PATH)
     if env:
         return Path(env).expanduser()
-    return weights_dir() / dinov2_spec(size).folder_name
+    root = weights_dir()
+    if root is not None:
+        return root / dinov2_spec(size).folder_name
+    from .registry import cached_hub_file
+
+    spec = dinov2_spec(size)
+    files = [cached_hub_file(spec.repo_id, f) for f in DINOV2_FILES]
+    if all(f is not None for f in files) and len({f.parent for f in files}) == 1:  # type: ignore[union-attr]
+        return files[0].parent  # type: ignore[union-attr]  # the cache snapshot holding both
+    return None
 
 
-def missing_dinov2_message(size: str, path: Path) -> str:
+def missing_dinov2_message(size: str, path: Path | None) -> str:
     """What to tell a user whose DINOv2 weights are absent."""
     spec = dinov2_spec(size)
+    where = str(path) if path is not None else f"{weights_location()} ({spec.repo_id})"
     return (
-        f"DINOv2 {size} weights not found at {path} (expected {', '.join(DINOV2_FILES)}) nor in "
-        f"the Hugging Face cache ({spec.repo_id}). Download them with "
-        f"`rseg weights download --sam2 none --dinov2 {size}`, or point {ENV_DINOV2_PATH} to a folder "
-        f"holding them, or {ENV_WEIGHTS_DIR} to a folder holding {spec.folder_name}/."
+        f"DINOv2 {size} weights not found in {where} (expected {', '.join(DINOV2_FILES)}). "
+        f"Download them with `rseg weights download --sam2 none --dinov2 {size}`, or point "
+        f"{ENV_DINOV2_PATH} to a folder holding them, or {ENV_WEIGHTS_DIR} to a folder holding "
+        f"{spec.folder_name}/."
     )
 
 
@@ -311,23 +331,12 @@ def load_dinov2(
         model = Dinov2Model(dinov2_config(size)).eval().to(dev)
         return LoadedDinov2(model, size, dev, f"dinov2-{size}:random-seed{seed}", spec.hidden_size, None)
     folder = Path(path).expanduser() if path else default_dinov2_folder(size)
-    if (folder / "config.json").is_file():
+    if folder is not None and (folder / "config.json").is_file():
         model = _load_dinov2_checked(folder, size)
         weights = folder / "model.safetensors"
         digest = file_sha256(weights)[:16] if weights.is_file() else "unknown"
         identity = f"dinov2-{size}:sha256-{digest}"
         return LoadedDinov2(model.eval().to(dev), size, dev, identity, spec.hidden_size, folder)
-    if path is None:
-        try:  # the Hugging Face cache, never the network
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(spec.repo_id, "model.safetensors")
-            if isinstance(cached, str):
-                model = _load_dinov2_checked(spec.repo_id, size)
-                identity = f"dinov2-{size}:sha256-{file_sha256(Path(cached))[:16]}"
-                return LoadedDinov2(model.eval().to(dev), size, dev, identity, spec.hidden_size, Path(cached).parent)
-        except OSError:
-            pass
     raise MissingWeightsError(missing_dinov2_message(size, folder))
 
 

@@ -1,68 +1,65 @@
 """Download, list and verify the model weights RetrievalSeg uses (SAM 2.1 and DINOv2).
 
-Layout of the weights folder (`registry.weights_dir()`, or `dest_dir=`)::
+Downloads go through `huggingface_hub.hf_hub_download`; this module holds no HTTP code. Files come
+from the Hub repositories in `registry` (`facebook/sam2.1-hiera-<size>`, `facebook/dinov2-<size>`)
+and land in one of two places:
+
+* the Hugging Face cache (`$HF_HOME/hub`, shared with transformers and other tools), by default;
+* a plain weights folder, when one is given (`dest_dir=`, `--dir`, $RSEG_WEIGHTS_DIR, the Slicer
+  *Weights folder*), laid out for air-gapped sites that copy files by hand::
 
     <dir>/sam2.1_hiera_tiny.pt
     <dir>/dinov2-small/config.json
     <dir>/dinov2-small/model.safetensors
 
-A mirror ($RSEG_WEIGHTS_MIRROR or `mirror=`) is a base URL (http, https, file) or a local folder
-laid out exactly like the weights folder. Without a mirror the official URLs are used.
-
-Every download streams into `<file>.part` (resumed with an HTTP Range request when a partial file
-exists), is checked against the announced length and, where known, its SHA-256 (the registry, or a
-64-hex `X-Linked-Etag` / `ETag` header as Hugging Face sends for LFS files), is then loaded strictly
-into the real architecture (`models.check_sam2_checkpoint` / `models.check_dinov2_folder`) and only
-then moved into place with an atomic `os.replace`. Only the standard library touches the network;
-nothing does when offline mode is on ($RSEG_OFFLINE=1 or `offline=True`).
+What the library does: the endpoint ($HF_ENDPOINT, which $RSEG_WEIGHTS_MIRROR sets), offline mode
+($HF_HUB_OFFLINE, which $RSEG_OFFLINE sets), locking of its cache, a process-unique temporary file
+renamed into place, resuming within a download when the connection drops (HTTP Range), the length
+check, and Xet transfers where the server offers them (a plain HTTP mirror does not need them).
+What we add: consent and sizes before anything is fetched (`plan_downloads`), progress and cancel
+(`progress=`, `cancel=`), a SHA-256 check against the Hub's ETag where it is one (LFS files), the
+strict load of every file into its real architecture (`models.check_sam2_checkpoint`,
+`models.check_dinov2_folder`, `torch.load(weights_only=True)`), and removal of a file that fails.
 """
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import pickle
-import re
-import shutil
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, Union
 
-from .fileio import file_sha256, fsync_dir
 from . import __version__
+from .fileio import file_sha256
 from .registry import (
     DINOV2_FILES,
     DINOV2_MODELS,
     ENV_MIRROR,
     ENV_OFFLINE,
+    ENV_WEIGHTS_DIR,
+    HUB_REVISION,
     SAM2_MODELS,
+    cached_hub_file,
     dinov2_spec,
+    hub_cache_dir,
+    hub_endpoint,
+    hub_url,
     is_offline,
+    offline_reason,
+    resolve_mirror,
     sam2_spec,
     weights_dir,
+    weights_location,
 )
 
 DEFAULT_SAM2_SIZES: tuple[str, ...] = ("tiny",)
 DEFAULT_DINOV2_SIZES: tuple[str, ...] = ("small",)
-USER_AGENT = f"RetrievalSeg/{__version__} (+urllib)"
-PART_SUFFIX = ".part"
-CHUNK_SIZE = 1 << 20
-#: Bytes kept free on the target disk beyond the file itself.
-DISK_MARGIN = 64 << 20
 
 #: callback(done_bytes, total_bytes or None when the server does not say, item name)
 ProgressCallback = Callable[[int, Union[int, None], str], None]
 SizesArg = Union[str, Iterable[str], None]
-
-_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
-_CONTENT_RANGE_UNSAT = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -88,45 +85,54 @@ class IntegrityError(WeightsError):
 
 
 class DownloadCancelled(WeightsError):
-    """The caller's cancel() returned True; the partial file is kept for a later resume."""
+    """The caller's cancel() returned True; the partial file is discarded."""
 
 
 # ----------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class DownloadItem:
-    """One file to fetch: where from, where to, and how to check it."""
+    """One file to fetch: which Hub file, where it goes, and how to check it."""
 
-    name: str  # path inside the weights folder, e.g. "dinov2-small/model.safetensors"
-    url: str
-    destination: Path
-    sha256: str | None
+    name: str  # path inside a weights folder, e.g. "dinov2-small/model.safetensors"
+    repo_id: str  # e.g. "facebook/dinov2-small"
+    filename: str  # file inside the repository, e.g. "model.safetensors"
+    url: str  # the resolve URL on the endpoint in use (shown to the user)
+    endpoint: str
+    local_dir: Path | None  # plain weights folder of this file (None: the Hugging Face cache)
+    sha256: str | None  # published SHA-256 where the registry knows it
     approx_mb: float
     kind: str  # "sam2" or "dinov2"
     model: str  # size key in the registry, e.g. "tiny"
-    official_url: str
 
     @property
-    def part_path(self) -> Path:
-        """The partial file a download streams into."""
-        return self.destination.with_name(self.destination.name + PART_SUFFIX)
+    def destination(self) -> Path | None:
+        """The file in the plain weights folder, or None when the item goes to the cache."""
+        return self.local_dir / self.filename if self.local_dir is not None else None
+
+    @property
+    def where(self) -> str:
+        """Where the file lands, in words (for plans and messages)."""
+        if self.destination is not None:
+            return str(self.destination)
+        return f"{hub_cache_dir()} ({self.repo_id})"
 
 
 @dataclass(frozen=True)
 class WeightStatus:
-    """Whether one model's weights are in the weights folder."""
+    """Whether one model's weights are present (plain folder or Hugging Face cache)."""
 
     name: str  # file name (SAM 2) or folder name (DINOv2)
     kind: str
     model: str
-    path: Path
+    path: Path | None  # the file or folder when present (a cache snapshot path for the cache)
     present: bool
     size: int  # bytes on disk of the complete files (0 when absent)
-    partial: int  # bytes in leftover .part files (a download that can be resumed)
+    location: str  # "folder" or "cache"
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
         d = asdict(self)
-        d["path"] = str(self.path)
+        d["path"] = str(self.path) if self.path is not None else None
         return d
 
 
@@ -137,7 +143,7 @@ class VerifyResult:
     name: str
     kind: str
     model: str
-    path: Path
+    path: Path | None
     status: str  # "ok", "failed" or "missing"
     message: str
 
@@ -149,7 +155,7 @@ class VerifyResult:
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
         d = asdict(self)
-        d["path"] = str(self.path)
+        d["path"] = str(self.path) if self.path is not None else None
         d["ok"] = self.ok
         return d
 
@@ -167,28 +173,8 @@ def _sizes(value: SizesArg) -> list[str]:
     return out
 
 
-def resolve_mirror(mirror: str | None = None) -> str | None:
-    """Base URL of the mirror to use: `mirror`, else $RSEG_WEIGHTS_MIRROR, else None (official)."""
-    raw = mirror if mirror is not None else os.environ.get(ENV_MIRROR, "")
-    raw = raw.strip()
-    if not raw:
-        return None
-    if "://" not in raw:  # a local folder laid out like the weights folder
-        folder = Path(raw).expanduser()
-        if not folder.is_dir():
-            raise ValueError(
-                f"weights mirror {raw!r} is neither a URL (http://, https://, file://) nor an "
-                f"existing folder; fix {ENV_MIRROR} or the --mirror option"
-            )
-        return folder.resolve().as_uri()
-    scheme = urllib.parse.urlsplit(raw).scheme.lower()
-    if scheme not in ("http", "https", "file"):
-        raise ValueError(f"weights mirror {raw!r} must be an http, https or file URL")
-    return raw.rstrip("/")
-
-
-def _join(base: str, name: str) -> str:
-    return f"{base}/{urllib.parse.quote(name)}"
+def _root(dest_dir: str | Path | None) -> Path | None:
+    return Path(dest_dir).expanduser() if dest_dir is not None else weights_dir()
 
 
 def plan_downloads(
@@ -197,90 +183,84 @@ def plan_downloads(
     mirror: str | None = None,
     dest_dir: str | Path | None = None,
 ) -> list[DownloadItem]:
-    """The files to fetch for these sizes (None or () for none), in download order."""
-    base = resolve_mirror(mirror)
-    root = Path(dest_dir).expanduser() if dest_dir is not None else weights_dir()
+    """The files to fetch for these sizes (None or () for none), in download order; no network.
+
+    `dest_dir` (else $RSEG_WEIGHTS_DIR) selects a plain weights folder; without one the files go to
+    the Hugging Face cache. `mirror` (else $RSEG_WEIGHTS_MIRROR, else $HF_ENDPOINT) is the Hub
+    endpoint.
+    """
+    endpoint = hub_endpoint(mirror)
+    root = _root(dest_dir)
     items: list[DownloadItem] = []
     for size in _sizes(sam2_sizes):
         spec = sam2_spec(size)
-        name = spec.filename
-        items.append(
-            DownloadItem(
-                name=name,
-                url=_join(base, name) if base else spec.url,
-                destination=root / name,
-                sha256=None,
-                approx_mb=float(spec.approx_mb),
-                kind="sam2",
-                model=size,
-                official_url=spec.url,
-            )
-        )
+        items.append(DownloadItem(
+            name=spec.filename, repo_id=spec.repo_id, filename=spec.filename,
+            url=hub_url(spec.repo_id, spec.filename, endpoint), endpoint=endpoint,
+            local_dir=root, sha256=None, approx_mb=float(spec.approx_mb), kind="sam2", model=size,
+        ))
     for size in _sizes(dinov2_sizes):
         dspec = dinov2_spec(size)
         for filename in DINOV2_FILES:  # config.json first: the weights check needs it
-            name = f"{dspec.folder_name}/{filename}"
             is_weights = filename.endswith(".safetensors")
-            items.append(
-                DownloadItem(
-                    name=name,
-                    url=_join(base, name) if base else dspec.url(filename),
-                    destination=root / dspec.folder_name / filename,
-                    sha256=dspec.safetensors_sha256 if is_weights else None,
-                    approx_mb=float(dspec.approx_mb) if is_weights else 0.001,
-                    kind="dinov2",
-                    model=size,
-                    official_url=dspec.url(filename),
-                )
-            )
+            items.append(DownloadItem(
+                name=f"{dspec.folder_name}/{filename}", repo_id=dspec.repo_id, filename=filename,
+                url=hub_url(dspec.repo_id, filename, endpoint), endpoint=endpoint,
+                local_dir=root / dspec.folder_name if root is not None else None,
+                sha256=dspec.safetensors_sha256 if is_weights else None,
+                approx_mb=float(dspec.approx_mb) if is_weights else 0.001,
+                kind="dinov2", model=size,
+            ))
     return items
 
 
+def local_path(item: DownloadItem) -> Path | None:
+    """Where the item's file is now (plain folder or cache), or None when it is not there."""
+    if item.destination is not None:
+        try:
+            ok = item.destination.is_file() and item.destination.stat().st_size > 0
+        except OSError:
+            ok = False
+        return item.destination if ok else None
+    return cached_hub_file(item.repo_id, item.filename)
+
+
 def is_complete(item: DownloadItem) -> bool:
-    """True when the item's final file exists (a finished, checked download)."""
-    try:
-        return item.destination.is_file() and item.destination.stat().st_size > 0
-    except OSError:
-        return False
+    """True when the item's file is present (a finished, checked download)."""
+    return local_path(item) is not None
 
 
 def sam2_checkpoint_path(size: str, dest_dir: str | Path | None = None) -> Path:
-    """Where the SAM 2.1 checkpoint of `size` lives in the weights folder."""
-    root = Path(dest_dir).expanduser() if dest_dir is not None else weights_dir()
+    """Where the SAM 2.1 checkpoint of `size` lives in a plain weights folder."""
+    root = _root(dest_dir)
+    if root is None:
+        raise ValueError("no weights folder: pass dest_dir or set " + ENV_WEIGHTS_DIR)
     return root / sam2_spec(size).filename
 
 
 def dinov2_folder_path(size: str, dest_dir: str | Path | None = None) -> Path:
-    """Where the DINOv2 folder of `size` lives in the weights folder."""
-    root = Path(dest_dir).expanduser() if dest_dir is not None else weights_dir()
+    """Where the DINOv2 folder of `size` lives in a plain weights folder."""
+    root = _root(dest_dir)
+    if root is None:
+        raise ValueError("no weights folder: pass dest_dir or set " + ENV_WEIGHTS_DIR)
     return root / dinov2_spec(size).folder_name
 
 
 # ----------------------------------------------------------------------------- messages
 def offline_message(items: Sequence[DownloadItem], reason: str | None = None) -> str:
     """What to tell a user whose weights are missing while offline mode is on."""
-    root = _common_root(items)
-    reason = reason or f"{ENV_OFFLINE}={os.environ.get(ENV_OFFLINE, '1')}"
+    reason = reason or offline_reason() or f"{ENV_OFFLINE}=1"
     lines = [f"offline mode is on ({reason}) and these weights are missing:"]
     for it in items:
-        lines.append(f"  {it.destination}  ({_mb(it.approx_mb)}) from {it.url}")
+        lines.append(f"  {it.name}  ({_mb(it.approx_mb)}) from {it.url}, into {it.where}")
     lines.append(
-        "To get them: copy the files into "
-        f"{root} with the same layout, or set {ENV_MIRROR} to a local folder laid out like it "
-        f"(or to an intranet URL, and unset {ENV_OFFLINE}), or unset {ENV_OFFLINE} and run "
-        "`rseg weights download`."
+        f"To get them: copy the files into a folder laid out like `{ENV_WEIGHTS_DIR}` expects "
+        f"(sam2.1_hiera_<size>.pt, dinov2-<size>/config.json + model.safetensors) and set "
+        f"{ENV_WEIGHTS_DIR} to it, or copy a Hugging Face cache that holds them (HF_HOME), or "
+        f"unset {ENV_OFFLINE} (and HF_HUB_OFFLINE) and run `rseg weights download`, with "
+        f"{ENV_MIRROR} set to your Hub mirror if you have one."
     )
     return "\n".join(lines)
-
-
-def _common_root(items: Sequence[DownloadItem]) -> Path:
-    for it in items:
-        parts = Path(it.name).parts
-        root = it.destination
-        for _ in parts:
-            root = root.parent
-        return root
-    return weights_dir()
 
 
 def download_command(kind: str, model: str, force: bool = False) -> str:
@@ -293,232 +273,55 @@ def _mb(mb: float) -> str:
     return "<1 MB" if mb < 1 else f"about {mb:.0f} MB"
 
 
-def _host(url: str) -> str:
-    return urllib.parse.urlsplit(url).netloc or url
+# ----------------------------------------------------------------------------- progress
+def _progress_class(
+    progress: bool | ProgressCallback, cancel: Callable[[], bool] | None, name: str
+) -> type:
+    """A tqdm class for hf_hub_download's `tqdm_class`: draws (or not), reports, and cancels.
+
+    huggingface_hub calls `update(n)` for every chunk it writes (HTTP) or reconstructs (Xet);
+    raising DownloadCancelled there stops the transfer, and the library deletes its temporary file.
+    """
+    from tqdm import tqdm as _tqdm
+
+    callback = progress if callable(progress) else None
+    draw = bool(progress) and callback is None
+
+    class _Bar(_tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.pop("name", None)
+            kwargs["disable"] = not draw
+            kwargs["file"] = sys.stderr
+            kwargs["desc"] = name
+            self._done = int(kwargs.get("initial") or 0)
+            self._total = kwargs.get("total")
+            super().__init__(*args, **kwargs)
+            self._report()
+
+        def _report(self) -> None:
+            if cancel is not None and cancel():
+                raise DownloadCancelled(
+                    f"download of {name} cancelled after {self._done} bytes; the partial file was "
+                    "discarded (huggingface_hub keeps no partial downloads between runs)"
+                )
+            if callback is not None:
+                callback(self._done, self._total, name)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            self._done += int(n or 0)
+            self._report()
+            return super().update(n)
+
+        def update_transfer(self, n: int) -> None:
+            """Xet's network-byte counter: progress is reported from `update` (bytes written)."""
+
+        def set_transfer_postfix_str(self, *args: Any, **kwargs: Any) -> None:
+            """Xet's transfer-rate text: not shown."""
+
+    return _Bar
 
 
 # ----------------------------------------------------------------------------- download
-class _Retry(Exception):
-    """Internal: a transient failure (truncated body, dropped connection); resume may help."""
-
-    def __init__(self, error: WeightsError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-class _Restart(Exception):
-    """Internal: the partial file cannot be resumed; start again from zero."""
-
-
-class _RedirectRecorder(urllib.request.HTTPRedirectHandler):
-    """Follows redirects like urllib does and remembers a SHA-256 announced on the way."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sha256: str | None = None
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
-        """Record an `X-Linked-Etag` (Hugging Face LFS) before following the redirect."""
-        digest = _sha_from_headers(headers)
-        if digest and self.sha256 is None:
-            self.sha256 = digest
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _sha_from_headers(headers: Any) -> str | None:
-    if headers is None:
-        return None
-    for key in ("X-Linked-Etag", "ETag"):
-        value = headers.get(key)
-        if not value:
-            continue
-        value = value.strip()
-        if value.startswith("W/"):  # weak validators say nothing about the bytes
-            continue
-        value = value.strip('"')
-        if _HEX64.match(value):
-            return value.lower()
-    return None
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-class _Progress:
-    """tqdm bar on stderr, a user callback, or nothing."""
-
-    def __init__(self, progress: bool | ProgressCallback, name: str) -> None:
-        self.callback = progress if callable(progress) else None
-        self.enabled = bool(progress) and self.callback is None
-        self.name = name
-        self.bar: Any = None
-
-    def start(self, done: int, total: int | None) -> None:
-        if self.callback is not None:
-            self.callback(done, total, self.name)
-        elif self.enabled:
-            try:
-                from tqdm import tqdm
-            except ImportError:  # pragma: no cover - tqdm is a declared dependency
-                self.enabled = False
-                return
-            self.bar = tqdm(
-                total=total, initial=done, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=self.name, file=sys.stderr, leave=True, dynamic_ncols=True,
-            )
-
-    def update(self, done: int, total: int | None, step: int) -> None:
-        if self.callback is not None:
-            self.callback(done, total, self.name)
-        elif self.bar is not None:
-            self.bar.update(step)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def _open(url: str, offset: int, timeout: float) -> tuple[Any, _RedirectRecorder]:
-    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    recorder = _RedirectRecorder()
-    opener = urllib.request.build_opener(recorder)
-    return opener.open(urllib.request.Request(url, headers=headers), timeout=timeout), recorder
-
-
-def _fetch_to_part(
-    item: DownloadItem,
-    progress: bool | ProgressCallback,
-    cancel: Callable[[], bool] | None,
-    timeout: float,
-    chunk_size: int,
-) -> str | None:
-    """Stream the item into its .part file; return a SHA-256 the server announced, if any."""
-    part = item.part_path
-    offset = part.stat().st_size if part.is_file() else 0
-    if cancel is not None and cancel():
-        raise DownloadCancelled(f"download of {item.name} cancelled before it started")
-    try:
-        resp, recorder = _open(item.url, offset, timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and offset:
-            m = _CONTENT_RANGE_UNSAT.match(e.headers.get("Content-Range", "") or "")
-            if m and int(m.group(1)) == offset:  # the .part already holds the whole file
-                return _sha_from_headers(e.headers)
-            raise _Restart() from e
-        hint = ""
-        if e.code in (401, 403, 404):
-            hint = (
-                f" Check the URL (a mirror must be laid out like the weights folder: "
-                f"<mirror>/{item.name}); the official location is {item.official_url}."
-            )
-        err = DownloadError(
-            f"{item.name}: the server answered HTTP {e.code} {e.reason} for {item.url}.{hint}",
-            unavailable=True,
-        )
-        if e.code >= 500 or e.code == 429:
-            raise _Retry(err) from e
-        raise err from e
-    except urllib.error.URLError as e:
-        if item.url.lower().startswith("file:"):
-            raise DownloadError(
-                f"{item.name}: not in the mirror folder ({item.url}: {e.reason}). A mirror must "
-                f"be laid out like the weights folder: <mirror>/{item.name}",
-                unavailable=True,
-            ) from e
-        raise _Retry(DownloadError(
-            f"{item.name}: could not reach {_host(item.url)} ({e.reason}). Check the network or "
-            f"proxy, or set {ENV_MIRROR} to a reachable mirror or local folder.",
-            unavailable=True,
-        )) from e
-    except (OSError, http.client.HTTPException) as e:  # timeouts, resets during the handshake
-        raise _Retry(DownloadError(
-            f"{item.name}: connection to {_host(item.url)} failed ({type(e).__name__}: {e})",
-            unavailable=True,
-        )) from e
-
-    bar = _Progress(progress, item.name)
-    with resp:
-        status = resp.status if getattr(resp, "status", None) else (resp.getcode() or 200)
-        headers = resp.headers
-        announced = recorder.sha256 or _sha_from_headers(headers)
-        length_header = headers.get("Content-Length")
-        body_len = int(length_header) if length_header and length_header.isdigit() else None
-        if status == 206:
-            m = _CONTENT_RANGE.match(headers.get("Content-Range", "") or "")
-            if not offset or not m or int(m.group(1)) != offset:
-                raise _Restart()  # a range we did not ask for: do not splice it in
-            total = int(m.group(3)) if m.group(3) != "*" else None
-        else:  # 200: the server ignored the Range header (or none was sent); start from zero
-            offset = 0
-            total = body_len
-        _check_disk(item, total, offset)
-        done = offset
-        bar.start(done, total)
-        try:
-            with open(part, "ab" if offset else "wb") as f:
-                truncated = False
-                while True:
-                    if cancel is not None and cancel():
-                        f.flush()
-                        os.fsync(f.fileno())
-                        raise DownloadCancelled(
-                            f"download of {item.name} cancelled after {done} bytes; the partial "
-                            f"file {part} is kept and the next download resumes from it"
-                        )
-                    try:
-                        chunk = resp.read(chunk_size)
-                    except http.client.IncompleteRead as e:
-                        chunk, truncated = e.partial, True
-                    except (OSError, http.client.HTTPException):  # reset or timeout mid-body
-                        chunk, truncated = b"", True
-                    if chunk:
-                        f.write(chunk)
-                        done += len(chunk)
-                        bar.update(done, total, len(chunk))
-                    if truncated or not chunk:
-                        break
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            bar.close()
-    if total is not None and done > total:
-        _unlink(part)
-        raise IntegrityError(
-            f"{item.name}: {item.url} sent {done} bytes but announced {total}; the partial file "
-            "was deleted"
-        )
-    if (total is not None and done < total) or (total is None and truncated):
-        expected = f"{total}" if total is not None else "an unknown number of"
-        raise _Retry(DownloadError(
-            f"{item.name}: the connection to {_host(item.url)} ended early: received {done} of "
-            f"{expected} bytes. The partial file {part} is kept; run the download again to resume."
-        ))
-    return announced
-
-
-def _check_disk(item: DownloadItem, total: int | None, offset: int) -> None:
-    if total is None:
-        return
-    need = total - offset
-    try:
-        free = shutil.disk_usage(item.destination.parent).free
-    except OSError:
-        return
-    if need + DISK_MARGIN > free:
-        raise DownloadError(
-            f"{item.name}: not enough disk space in {item.destination.parent}: need "
-            f"{need / 2**20:.0f} MB (+{DISK_MARGIN >> 20} MB margin), {free / 2**20:.0f} MB free. "
-            f"Free some space or choose another folder (--dir or RSEG_WEIGHTS_DIR)."
-        )
-
-
 # Errors the strict loaders raise for a bad file (models.CheckpointError is a ValueError).
 _LOAD_ERRORS = (ValueError, RuntimeError, pickle.UnpicklingError, EOFError, KeyError)
 
@@ -539,138 +342,118 @@ def _check_dinov2_config(path: Path, size: str) -> None:
         )
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
-def _check_loadable(item: DownloadItem, candidate: Path) -> None:
-    """Raise one of _LOAD_ERRORS unless `candidate` (the .part of `item`) loads strictly."""
+def _check_loadable(item: DownloadItem, path: Path) -> None:
+    """Raise one of _LOAD_ERRORS unless the downloaded `path` of `item` loads strictly."""
     from . import models  # torch, sam2 and transformers load only when a check runs
 
     if item.kind == "sam2":
-        models.check_sam2_checkpoint(candidate, item.model)
+        models.check_sam2_checkpoint(path, item.model)
         return
-    folder = item.destination.parent
-    filename = item.destination.name
-    if filename == "config.json":
-        _check_dinov2_config(candidate, item.model)
-    others = [f for f in DINOV2_FILES if f != filename]
-    if not all((folder / f).is_file() for f in others):
-        if filename == "config.json":
-            return  # the weights are checked with this config when they arrive
+    if item.filename == "config.json":
+        _check_dinov2_config(path, item.model)
+        return
+    folder = path.parent  # the plain folder, or the cache snapshot holding both files
+    if not (folder / "config.json").is_file():
         raise WeightsError(
-            f"{item.name} cannot be checked: {folder} lacks "
-            f"{', '.join(f for f in others if not (folder / f).is_file())}; download the whole "
+            f"{item.name} cannot be checked: {folder} lacks config.json; download the whole "
             f"DINOv2 folder (`{download_command('dinov2', item.model)}`)"
         )
-    with tempfile.TemporaryDirectory(prefix=".verify-", dir=folder) as tmp:
-        staging = Path(tmp)
-        _link_or_copy(candidate, staging / filename)
-        for f in others:
-            _link_or_copy(folder / f, staging / f)
-        models.check_dinov2_folder(staging, item.model)
+    models.check_dinov2_folder(folder, item.model)
 
 
-class _DownloadLock:
-    """An exclusive, non-blocking lock on `<file>.lock` (released if the process dies)."""
+def _announced_sha256(item: DownloadItem, path: Path) -> str | None:
+    """The SHA-256 the Hub announced for the file (its ETag, for LFS files), where we can see it.
 
-    def __init__(self, item: DownloadItem) -> None:
-        self.item = item
-        self.path = item.destination.with_name(item.destination.name + ".lock")
-        self.fd: int | None = None
-
-    def __enter__(self) -> "_DownloadLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    In the cache a blob is named by its ETag; in a plain folder huggingface_hub records the ETag in
+    `.cache/huggingface/download/<file>.metadata`.
+    """
+    if item.sha256:
+        return item.sha256.lower()
+    if item.local_dir is None:
+        etag = Path(os.path.realpath(path)).name
+    else:
         try:
-            if os.name == "nt":
-                import msvcrt
+            from huggingface_hub._local_folder import read_download_metadata
 
-                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
+            meta = read_download_metadata(item.local_dir, item.filename)
+        except (ImportError, OSError):  # pragma: no cover - a future huggingface_hub layout
+            meta = None
+        etag = meta.etag if meta is not None else ""
+    etag = (etag or "").lower()
+    return etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag) else None
 
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise DownloadError(
-                f"{self.item.name}: another download of this file is in progress (lock "
-                f"{self.path}); wait for it to finish, then run the download again"
-            ) from None
-        self.fd = fd
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
-        if self.fd is None:
-            return
+def _discard(item: DownloadItem, path: Path) -> None:
+    """Remove a downloaded file that failed its check (and its cache blob), so it is fetched anew."""
+    targets = [path]
+    if item.local_dir is None:
+        blob = Path(os.path.realpath(path))
+        if blob != path:
+            targets.append(blob)
+    for target in targets:
         try:
-            self.path.unlink()  # while still held, so nobody else is using it
-        except OSError:
-            pass  # Windows cannot delete an open file; an unlocked leftover is harmless
-        if os.name == "nt":
-            import msvcrt
-
-            try:
-                msvcrt.locking(self.fd, msvcrt.LK_UNLCK, 1)
-            except OSError:
-                pass
-        os.close(self.fd)
-        self.fd = None
+            target.unlink()
+        except FileNotFoundError:
+            pass
 
 
-def _download_one(
-    item: DownloadItem,
-    progress: bool | ProgressCallback,
-    cancel: Callable[[], bool] | None,
-    retries: int,
-    retry_delay: float,
-    timeout: float,
-    chunk_size: int,
+def _hub_error(item: DownloadItem, e: BaseException) -> DownloadError:
+    """One message for every way the Hub or the mirror can fail to deliver a file."""
+    def text(err: BaseException) -> str:
+        return " ".join(line.strip() for line in str(err).splitlines() if line.strip())[:400]
+
+    cause_text = text(e)
+    root = e
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    if root is not e:  # e.g. LocalEntryNotFoundError <- ConnectError: say what really failed
+        cause_text += f"; cause: {type(root).__name__}: {text(root)}"
+    hint = (
+        f" Check the network or proxy, or set {ENV_MIRROR} to your Hub mirror; the file is "
+        f"{item.repo_id}/{item.filename} on {item.endpoint}."
+    )
+    return DownloadError(
+        f"{item.name}: could not fetch {item.url} ({type(e).__name__}: {cause_text}).{hint}",
+        unavailable=True,
+    )
+
+
+def _fetch(
+    item: DownloadItem, progress: bool | ProgressCallback, cancel: Callable[[], bool] | None,
     force: bool,
 ) -> Path:
-    item.destination.parent.mkdir(parents=True, exist_ok=True)
-    with _DownloadLock(item):
-        if not force and is_complete(item):  # another process finished it meanwhile
-            return item.destination
-        return _download_locked(item, progress, cancel, retries, retry_delay, timeout, chunk_size)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    import httpx2  # huggingface_hub's HTTP client: its transport errors surface unchanged
+
+    if cancel is not None and cancel():
+        raise DownloadCancelled(f"download of {item.name} cancelled before it started")
+    kwargs: dict[str, Any] = {}
+    if item.local_dir is not None:
+        item.local_dir.mkdir(parents=True, exist_ok=True)
+        kwargs["local_dir"] = item.local_dir
+    try:
+        path = hf_hub_download(
+            item.repo_id, item.filename, revision=HUB_REVISION, endpoint=item.endpoint,
+            force_download=force, tqdm_class=_progress_class(progress, cancel, item.name),
+            library_name="RetrievalSeg", library_version=__version__, **kwargs,
+        )
+    except (HfHubHTTPError, LocalEntryNotFoundError, httpx2.HTTPError) as e:
+        raise _hub_error(item, e) from e
+    except OSError as e:  # the library's length check ("Consistency check failed"), disk errors
+        raise DownloadError(
+            f"{item.name}: the download from {item.url} failed: {e}. Run the download again."
+        ) from e
+    return Path(path)
 
 
-def _download_locked(
-    item: DownloadItem,
-    progress: bool | ProgressCallback,
-    cancel: Callable[[], bool] | None,
-    retries: int,
-    retry_delay: float,
-    timeout: float,
-    chunk_size: int,
-) -> Path:
-    part = item.part_path
-    failures = restarts = 0
-    while True:
-        try:
-            announced = _fetch_to_part(item, progress, cancel, timeout, chunk_size)
-            break
-        except _Restart:
-            _unlink(part)
-            restarts += 1
-            if restarts > 2:
-                raise DownloadError(
-                    f"{item.name}: {item.url} keeps answering with a range that does not continue "
-                    f"the partial file; download it by hand into {item.destination}"
-                ) from None
-        except _Retry as r:
-            failures += 1
-            if failures > retries:
-                raise r.error from r.__cause__
-            time.sleep(retry_delay * 2 ** (failures - 1))
-
-    expected = (item.sha256 or announced or "").lower() or None
+def _check(item: DownloadItem, path: Path) -> None:
+    expected = _announced_sha256(item, path)
     if expected:
-        actual = file_sha256(part)
+        actual = file_sha256(path)
         if actual != expected:
-            _unlink(part)
+            _discard(item, path)
             source = "the registry" if item.sha256 else "the server's ETag"
             raise IntegrityError(
                 f"{item.name} from {item.url} is corrupt: SHA-256 {actual}, expected {expected} "
@@ -678,28 +461,23 @@ def _download_locked(
                 "fails the same way, check the mirror's copy."
             )
     try:
-        _check_loadable(item, part)
+        _check_loadable(item, path)
     except _LOAD_ERRORS as e:
-        _unlink(part)
+        _discard(item, path)
         what = f"SAM 2.1 {item.model}" if item.kind == "sam2" else f"DINOv2 {item.model}"
         raise IntegrityError(
             f"{item.name} from {item.url} does not load as {what}: {str(e).rstrip('.')}. "
-            "The file was deleted; "
-            "run the download again, and if it fails the same way, check the mirror's copy."
+            "The file was deleted; run the download again, and if it fails the same way, check "
+            "the mirror's copy."
         ) from e
-    os.replace(part, item.destination)
-    fsync_dir(item.destination.parent)
-    return item.destination
 
 
 def check_offline(items: Sequence[DownloadItem], offline: bool | None = None) -> None:
-    """Raise OfflineError naming the files if offline mode is on and any item needs the network."""
+    """Raise OfflineError naming the files if offline mode is on and any item must be fetched."""
     reason = "offline=True" if offline else None
     offline = is_offline() if offline is None else offline
-    if offline:
-        remote = [it for it in items if not it.url.lower().startswith("file:")]
-        if remote:
-            raise OfflineError(offline_message(remote, reason))
+    if offline and items:
+        raise OfflineError(offline_message(items, reason))
 
 
 def download(
@@ -713,10 +491,6 @@ def download(
     cancel: Callable[[], bool] | None = None,
     offline: bool | None = None,
     force: bool = False,
-    retries: int = 2,
-    retry_delay: float = 1.0,
-    timeout: float = 30.0,
-    chunk_size: int = CHUNK_SIZE,
 ) -> list[Path]:
     """Fetch, check and place the weights (`items`, else those of the sizes); return their paths."""
     if items is None:
@@ -725,45 +499,58 @@ def download(
         raise ValueError("dest_dir and mirror apply when planning; pass them to plan_downloads()")
     todo = [it for it in items if force or not is_complete(it)]
     # A DINOv2 config.json goes before its weights: the weights are checked by loading with it.
-    todo.sort(key=lambda it: 0 if it.destination.name == "config.json" else 1)
+    todo.sort(key=lambda it: 0 if it.filename == "config.json" else 1)
     check_offline(todo, offline)
     for it in todo:
-        _download_one(it, progress, cancel, retries, retry_delay, timeout, chunk_size, force)
-    return [it.destination for it in items]
-
-
-# ----------------------------------------------------------------------------- list / verify
-def _all_entries(
-    dest_dir: str | Path | None, sam2_sizes: Iterable[str], dinov2_sizes: Iterable[str]
-) -> list[tuple[str, str, str, Path, list[Path]]]:
-    root = Path(dest_dir).expanduser() if dest_dir is not None else weights_dir()
-    out = []
-    for size in sam2_sizes:
-        spec = sam2_spec(size)
-        path = root / spec.filename
-        out.append((spec.filename, "sam2", size, path, [path]))
-    for size in dinov2_sizes:
-        dspec = dinov2_spec(size)
-        folder = root / dspec.folder_name
-        out.append((dspec.folder_name, "dinov2", size, folder, [folder / f for f in DINOV2_FILES]))
+        _check(it, _fetch(it, progress, cancel, force))
+    out: list[Path] = []
+    for it in items:
+        path = local_path(it)
+        if path is None:  # pragma: no cover - hf_hub_download returned, so the file is there
+            raise DownloadError(f"{it.name}: downloaded but not found in {it.where}")
+        out.append(path)
     return out
 
 
-def _size_of(path: Path) -> int:
+# ----------------------------------------------------------------------------- list / verify
+def _model_files(
+    kind: str, size: str, dest_dir: str | Path | None
+) -> tuple[str, Path | None, list[Path | None], str]:
+    """(display name, path of the model, each file's path or None, location) for one model."""
+    root = _root(dest_dir)
+    if kind == "sam2":
+        spec = sam2_spec(size)
+        if root is not None:
+            path = root / spec.filename
+            return spec.filename, path, [path if path.is_file() else None], "folder"
+        cached = cached_hub_file(spec.repo_id, spec.filename)
+        return spec.filename, cached, [cached], "cache"
+    dspec = dinov2_spec(size)
+    if root is not None:
+        folder = root / dspec.folder_name
+        files = [folder / f if (folder / f).is_file() else None for f in DINOV2_FILES]
+        return dspec.folder_name, folder, files, "folder"
+    files = [cached_hub_file(dspec.repo_id, f) for f in DINOV2_FILES]
+    folder = next((f.parent for f in files if f is not None), None)
+    return dspec.folder_name, folder, files, "cache"
+
+
+def _size_of(path: Path | None) -> int:
     try:
-        return path.stat().st_size if path.is_file() else 0
+        return path.stat().st_size if path is not None and path.is_file() else 0
     except OSError:
         return 0
 
 
 def list_weights(dest_dir: str | Path | None = None) -> list[WeightStatus]:
-    """Every model in the catalogue with whether its files are in the weights folder."""
+    """Every model in the catalogue with whether its files are present (folder or cache)."""
     out = []
-    for name, kind, model, path, files in _all_entries(dest_dir, SAM2_MODELS, DINOV2_MODELS):
-        present = all(_size_of(f) > 0 for f in files)
-        size = sum(_size_of(f) for f in files)
-        partial = sum(_size_of(f.with_name(f.name + PART_SUFFIX)) for f in files)
-        out.append(WeightStatus(name, kind, model, path, present, size, partial))
+    for kind, sizes in (("sam2", SAM2_MODELS), ("dinov2", DINOV2_MODELS)):
+        for model in sizes:
+            name, path, files, location = _model_files(kind, model, dest_dir)
+            present = all(_size_of(f) > 0 for f in files)
+            size = sum(_size_of(f) for f in files)
+            out.append(WeightStatus(name, kind, model, path, present, size, location))
     return out
 
 
@@ -776,25 +563,27 @@ def verify(
 ) -> list[VerifyResult]:
     """Strictly load weights: the named sizes (absent ones reported), else every present model."""
     explicit = sam2_sizes is not None or dinov2_sizes is not None
-    s_sizes = _sizes(sam2_sizes) if explicit else list(SAM2_MODELS)
-    d_sizes = _sizes(dinov2_sizes) if explicit else list(DINOV2_MODELS)
+    wanted = [("sam2", s) for s in (_sizes(sam2_sizes) if explicit else list(SAM2_MODELS))]
+    wanted += [("dinov2", s) for s in (_sizes(dinov2_sizes) if explicit else list(DINOV2_MODELS))]
     results: list[VerifyResult] = []
-    for name, kind, model, path, files in _all_entries(dest_dir, s_sizes, d_sizes):
+    for kind, model in wanted:
+        name, path, files, _ = _model_files(kind, model, dest_dir)
         have = [f for f in files if _size_of(f) > 0]
         if not have:
             if explicit:
                 results.append(VerifyResult(
                     name, kind, model, path, "missing",
-                    f"not found; run `{download_command(kind, model)}`",
+                    f"not found in {weights_location(dest_dir)}; run `{download_command(kind, model)}`",
                 ))
             continue
         if len(have) < len(files):
-            lacking = ", ".join(f.name for f in files if f not in have)
+            lacking = ", ".join(f for f, p in zip(DINOV2_FILES, files) if p is None or p not in have)
             results.append(VerifyResult(
                 name, kind, model, path, "failed",
                 f"incomplete: {lacking} missing; run `{download_command(kind, model)}`",
             ))
             continue
+        assert path is not None
         results.append(_verify_one(name, kind, model, path, check_sha))
     return results
 
@@ -838,12 +627,14 @@ __all__ = [
     "VerifyResult",
     "WeightStatus",
     "WeightsError",
+    "cached_hub_file",
     "check_offline",
     "dinov2_folder_path",
     "download_command",
     "download",
     "is_complete",
     "list_weights",
+    "local_path",
     "offline_message",
     "plan_downloads",
     "resolve_mirror",

@@ -306,7 +306,7 @@ def job_verify(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_download(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
-    """Download the weights the settings need (resume, integrity check: `weights.download`)."""
+    """Download the weights the settings need (huggingface_hub, integrity check: `weights.download`)."""
     from . import weights
 
     settings = wp.EngineSettings.from_json(params["settings"])

@@ -138,7 +138,7 @@ class EngineSettings:
     dinov2_size: str = "small"
     device: str = "auto"
     image_size: int = 1024
-    weights_dir: str | None = None  # None: $RSEG_WEIGHTS_DIR or the per-user cache
+    weights_dir: str | None = None  # a plain weights folder; None: $RSEG_WEIGHTS_DIR or the HF cache
     random_weights: bool = False  # tests and demos only: meaningless output
     seed: int = 0
 

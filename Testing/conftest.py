@@ -22,6 +22,11 @@ if "RSEG_CACHE_DIR" not in os.environ:
     _cache_dir = tempfile.mkdtemp(prefix="rseg-test-cache-")
     os.environ["RSEG_CACHE_DIR"] = _cache_dir
     atexit.register(shutil.rmtree, _cache_dir, True)
+# The Hugging Face cache too: tests never read (or fill) the developer's real one.
+_hf_home = tempfile.mkdtemp(prefix="rseg-test-hf-home-")
+os.environ["HF_HOME"] = _hf_home
+os.environ.pop("HF_HUB_CACHE", None)
+atexit.register(shutil.rmtree, _hf_home, True)
 # Keep torch from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

@@ -1,519 +1,364 @@
-"""Weights downloader: real HTTP on 127.0.0.1 (Range, truncation, ETag), strict-load integrity.
+"""Weights downloader on huggingface_hub: a loopback Hub mirror, real HTTP, strict-load integrity.
 
-The HTTP mechanics tests replace the strict load with a recorder (their payloads are random
-bytes); every integrity test loads real files into the real architectures with random weights.
+Every download runs in a subprocess (`_weights_child.py`) because huggingface_hub reads
+HF_ENDPOINT / HF_HUB_OFFLINE once, at import: the subprocess starts with RSEG_WEIGHTS_MIRROR /
+RSEG_OFFLINE and shows that RetrievalSegLib maps them before the library loads. The server
+(`_hub_server.py`) speaks the Hub's resolve protocol on 127.0.0.1 and never offers Xet. Tests of
+HTTP mechanics replace the strict load with a recorder (their payloads are random bytes); the
+integrity tests load real files into the real architectures with random weights.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from _http_server import FileServer
+from _hub_server import COMMIT, HubServer
 from RetrievalSegLib import cli_weights, registry, weights
-from RetrievalSegLib.weights import (
-    DownloadCancelled,
-    DownloadError,
-    DownloadItem,
-    IntegrityError,
-    OfflineError,
-)
 
-SAM2_TINY = registry.SAM2_MODELS["tiny"].filename  # sam2.1_hiera_tiny.pt
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CHILD = HERE / "_weights_child.py"
+SAM2 = registry.SAM2_MODELS["tiny"]  # facebook/sam2.1-hiera-tiny, sam2.1_hiera_tiny.pt
+DINO = registry.DINOV2_MODELS["small"]  # facebook/dinov2-small
 PAYLOAD = os.urandom(300_000) + b"end"
+DINO_CONFIG = json.dumps({"model_type": "dinov2", "hidden_size": 384}).encode()
+DINO_WEIGHTS = os.urandom(50_000)
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
-                registry.ENV_MIRROR, registry.ENV_WEIGHTS_DIR):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(weights.time, "sleep", lambda s: None)  # retries without waiting
-
-
 @pytest.fixture
-def server() -> FileServer:
-    with FileServer() as srv:
+def hub() -> HubServer:
+    with HubServer() as srv:
         yield srv
 
 
-@pytest.fixture
-def dest(tmp_path: Path) -> Path:
-    return tmp_path / "weights"
+def child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A clean environment: no proxies, no offline switches, a private HF_HOME."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in (
+        "http_proxy", "https_proxy", "all_proxy", "no_proxy", "rseg_offline", "hf_hub_offline",
+        "transformers_offline", "rseg_weights_mirror", "rseg_weights_dir", "hf_endpoint",
+        "hf_hub_cache", "huggingface_hub_cache", "rseg_sam2_checkpoint", "rseg_dinov2_path")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1", PYTHONIOENCODING="utf-8",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
+    env.update(extra)
+    return env
 
 
-@pytest.fixture
-def fake_load(monkeypatch: pytest.MonkeyPatch) -> list[tuple[DownloadItem, Path, bool]]:
-    """Replace the strict load by a recorder: (item, candidate, final file existed at check)."""
-    calls: list[tuple[DownloadItem, Path, bool]] = []
-
-    def record(item: DownloadItem, candidate: Path) -> None:
-        assert candidate.is_file()
-        calls.append((item, candidate, item.destination.exists()))
-
-    monkeypatch.setattr(weights, "_check_loadable", record)
-    return calls
+def run_child(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    # UTF-8 whatever the locale (make may run with LANG unset): bars and names carry "…"
+    proc = subprocess.run([sys.executable, str(CHILD), json.dumps(spec)], env=env, cwd=ROOT,
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["stdout"], out["stderr"] = proc.stdout, proc.stderr
+    return out
 
 
-def sam2_item(
-    server: FileServer, dest: Path, data: bytes = PAYLOAD, **headers: str
-) -> DownloadItem:
-    server.add(f"/{SAM2_TINY}", data, {k.replace("_", "-"): v for k, v in headers.items()})
-    (item,) = weights.plan_downloads("tiny", None, mirror=server.base_url, dest_dir=dest)
-    return item
+def serve_defaults(hub: HubServer) -> None:
+    """SAM 2.1 tiny and DINOv2 small as the Hub publishes them (LFS weights, plain config)."""
+    hub.add(SAM2.repo_id, SAM2.filename, PAYLOAD)
+    hub.add(DINO.repo_id, "config.json", DINO_CONFIG, lfs=False)
+    hub.add(DINO.repo_id, "model.safetensors", DINO_WEIGHTS)
 
 
-# ----------------------------------------------------------------------------- planning
-def test_plan_official_urls_layout_and_order(dest: Path) -> None:
-    items = weights.plan_downloads("tiny,large", ["small"], mirror="", dest_dir=dest)
-    assert [i.name for i in items] == [
-        SAM2_TINY, "sam2.1_hiera_large.pt", "dinov2-small/config.json",
-        "dinov2-small/model.safetensors",
-    ]
-    assert items[0].url == registry.SAM2_MODELS["tiny"].url
-    assert items[0].destination == dest / SAM2_TINY and items[0].kind == "sam2"
-    hf = "https://huggingface.co/facebook/dinov2-small/resolve/main/"
-    assert items[3].url == hf + "model.safetensors"
-    assert items[3].destination == dest / "dinov2-small" / "model.safetensors"
-    assert items[3].sha256 == registry.DINOV2_MODELS["small"].safetensors_sha256
-    assert items[2].sha256 is None and items[1].approx_mb == 898
-    with pytest.raises(ValueError, match="choose one of"):
-        weights.plan_downloads("huge", None)
+def snapshot(tmp_path: Path, repo_id: str) -> Path:
+    return tmp_path / "hf" / "hub" / ("models--" + repo_id.replace("/", "--")) / "snapshots" / COMMIT
 
 
-def test_plan_mirror_argument_env_and_local_folder(
-    dest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert weights.plan_downloads(None, None, dest_dir=dest) == []
-    items = weights.plan_downloads("tiny", "small", mirror="http://m.example/w/", dest_dir=dest)
-    assert [i.url for i in items] == [
-        f"http://m.example/w/{SAM2_TINY}", "http://m.example/w/dinov2-small/config.json",
-        "http://m.example/w/dinov2-small/model.safetensors",
-    ]
-    assert items[0].official_url == registry.SAM2_MODELS["tiny"].url
-    monkeypatch.setenv(registry.ENV_MIRROR, str(tmp_path))
-    (item,) = weights.plan_downloads("tiny", None, dest_dir=dest)
-    assert item.url == tmp_path.resolve().as_uri() + f"/{SAM2_TINY}"
-    monkeypatch.setenv(registry.ENV_MIRROR, str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match="neither a URL"):
+def gets(hub: HubServer) -> list[dict[str, Any]]:
+    return [r for r in hub.requests if r["method"] == "GET"]
+
+
+# ----------------------------------------------------------------------------- catalogue, plan
+def test_catalogue_is_the_repositories_sam2_itself_reads() -> None:
+    from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES
+
+    for spec in registry.SAM2_MODELS.values():
+        assert HF_MODEL_ID_TO_FILENAMES[spec.repo_id] == (spec.config, spec.filename)
+    assert [d.repo_id for d in registry.DINOV2_MODELS.values()] == [
+        "facebook/dinov2-small", "facebook/dinov2-base", "facebook/dinov2-large"]
+
+
+def test_plan_cache_folder_and_mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in (registry.ENV_MIRROR, registry.ENV_WEIGHTS_DIR, registry.HF_ENV_ENDPOINT):
+        monkeypatch.delenv(var, raising=False)
+    items = weights.plan_downloads("tiny,large", ["small"])
+    assert [(i.repo_id, i.filename) for i in items] == [
+        ("facebook/sam2.1-hiera-tiny", "sam2.1_hiera_tiny.pt"),
+        ("facebook/sam2.1-hiera-large", "sam2.1_hiera_large.pt"),
+        ("facebook/dinov2-small", "config.json"), ("facebook/dinov2-small", "model.safetensors")]
+    assert items[0].url == "https://huggingface.co/facebook/sam2.1-hiera-tiny/resolve/main/sam2.1_hiera_tiny.pt"
+    assert all(i.local_dir is None and i.destination is None for i in items)  # the HF cache
+    assert items[1].approx_mb == 898 and items[3].sha256 == DINO.safetensors_sha256
+    # a plain weights folder: the layout air-gapped sites copy by hand
+    folder = tmp_path / "w"
+    items = weights.plan_downloads("tiny", "small", dest_dir=folder, mirror="http://m.example/hub/")
+    assert [i.destination for i in items] == [
+        folder / SAM2.filename, folder / "dinov2-small" / "config.json",
+        folder / "dinov2-small" / "model.safetensors"]
+    assert items[2].url == "http://m.example/hub/facebook/dinov2-small/resolve/main/model.safetensors"
+    monkeypatch.setenv(registry.ENV_WEIGHTS_DIR, str(folder))
+    monkeypatch.setenv(registry.ENV_MIRROR, "https://intranet/hf")
+    (item,) = weights.plan_downloads("tiny", None)
+    assert item.destination == folder / SAM2.filename and item.endpoint == "https://intranet/hf"
+    monkeypatch.setenv(registry.ENV_MIRROR, str(tmp_path))  # a folder is not a mirror
+    with pytest.raises(ValueError, match=f"not a URL.*set {registry.ENV_WEIGHTS_DIR}"):
         weights.plan_downloads("tiny", None)
-    with pytest.raises(ValueError, match="http, https or file"):
+    with pytest.raises(ValueError, match="http or https"):
         weights.plan_downloads("tiny", None, mirror="ftp://x/")
-    monkeypatch.setenv(registry.ENV_WEIGHTS_DIR, str(tmp_path / "wd"))
-    (item,) = weights.plan_downloads("tiny", None, mirror="")
-    assert item.destination == tmp_path / "wd" / SAM2_TINY
+    with pytest.raises(ValueError, match="choose one of"):
+        weights.plan_downloads("huge", None, mirror="")
 
 
-# ----------------------------------------------------------------------------- HTTP mechanics
-def test_full_download_sha_from_etag_atomic(
-    server: FileServer, dest: Path, fake_load, monkeypatch
+# ----------------------------------------------------------------------------- environment
+def test_rseg_switches_reach_huggingface_hub_and_offline_refuses(
+    hub: HubServer, tmp_path: Path
 ) -> None:
-    item = sam2_item(server, dest, ETag=f'"{sha(PAYLOAD)}"')
-    seen: list[tuple[int, int | None, str]] = []
-    replaced: list[tuple[str, str]] = []
-    real_replace = os.replace
-    monkeypatch.setattr(weights.os, "replace",
-                        lambda a, b: (replaced.append((str(a), str(b))), real_replace(a, b))[1])
-    paths = weights.download([item], progress=lambda d, t, n: seen.append((d, t, n)),
-                             offline=False, chunk_size=65536)
-    assert paths == [dest / SAM2_TINY]
-    assert (dest / SAM2_TINY).read_bytes() == PAYLOAD
-    assert not item.part_path.exists() and sorted(os.listdir(dest)) == [SAM2_TINY]
-    assert replaced == [(str(item.part_path), str(item.destination))]
-    # checked by loading while still a .part, before anything was at the final path
-    assert fake_load == [(item, item.part_path, False)]
-    n = len(PAYLOAD)
-    assert seen[0] == (0, n, SAM2_TINY) and seen[-1] == (n, n, SAM2_TINY)
-    (req,) = server.requests
-    assert "Range" not in req["headers"] and req["status"] == 200
-    # present files are not fetched again (even offline), unless forced
-    assert weights.download([item], progress=False, offline=True) == [item.destination]
-    assert len(server.requests) == 1
-    weights.download([item], progress=False, offline=False, force=True)
-    assert len(server.requests) == 2
+    serve_defaults(hub)
+    plain = run_child({"op": "env"}, child_env(tmp_path))
+    assert plain["hub"]["endpoint"] == "https://huggingface.co" and not plain["hub"]["offline"]
+    assert plain["hub"]["cache"] == str(tmp_path / "hf" / "hub")
+    env = child_env(tmp_path, RSEG_OFFLINE="1", RSEG_WEIGHTS_MIRROR=hub.base_url + "/")
+    out = run_child({"op": "download", "kwargs": {}}, env)
+    assert out["hub"] == {"endpoint": hub.base_url, "offline": True, "cache": plain["hub"]["cache"]}
+    assert out["error"] == "OfflineError"
+    for needle in (SAM2.filename, "dinov2-small/model.safetensors", "RSEG_OFFLINE=1",
+                   "RSEG_WEIGHTS_DIR", "rseg weights download", hub.base_url):
+        assert needle in out["message"]
+    # the library itself, called directly, is offline too: the mapping happened before its import
+    direct = run_child({"op": "hub_download", "repo_id": SAM2.repo_id, "filename": SAM2.filename},
+                       env)
+    assert direct["error"] in ("LocalEntryNotFoundError", "OfflineModeIsEnabled")
+    cli = run_child({"op": "cli", "argv": ["download", "--yes"]}, env)
+    assert cli["exit"] == 3 and "offline mode is on (RSEG_OFFLINE=1)" in cli["stderr"]
+    assert "Weights go to" not in cli["stdout"]  # no plan shown for a download that cannot run
+    assert hub.requests == []
 
 
-def test_resume_partial_with_range(server: FileServer, dest: Path, fake_load) -> None:
-    item = sam2_item(server, dest)
-    dest.mkdir()
-    item.part_path.write_bytes(PAYLOAD[:100_000])
-    weights.download([item], progress=False, offline=False)
-    assert item.destination.read_bytes() == PAYLOAD and not item.part_path.exists()
-    (req,) = server.requests
-    assert req["headers"]["Range"] == "bytes=100000-"
-    assert req["status"] == 206 and req["sent"] == len(PAYLOAD) - 100_000
+# ----------------------------------------------------------------------------- downloads
+def test_download_into_the_shared_cache_through_a_mirror(hub: HubServer, tmp_path: Path) -> None:
+    serve_defaults(hub)
+    env = child_env(tmp_path, RSEG_WEIGHTS_MIRROR=hub.base_url)
+    spec = {"op": "download", "kwargs": {}, "fake_load": True,
+            "dinov2_sha": {"small": sha(DINO_WEIGHTS)}}
+    out = run_child(spec, env)
+    assert out["error"] is None, out["message"]
+    sam_snap, dino_snap = snapshot(tmp_path, SAM2.repo_id), snapshot(tmp_path, DINO.repo_id)
+    assert out["paths"] == [str(sam_snap / SAM2.filename), str(dino_snap / "config.json"),
+                            str(dino_snap / "model.safetensors")]
+    assert Path(out["paths"][0]).read_bytes() == PAYLOAD
+    assert Path(out["paths"][2]).read_bytes() == DINO_WEIGHTS
+    # the cache's blob of an LFS file is named by its SHA-256, as huggingface_hub lays it out
+    assert Path(os.path.realpath(out["paths"][0])).name == sha(PAYLOAD)
+    # every file strictly checked at its final path, a DINOv2 config before its weights
+    assert [c[0] for c in out["checked"]] == [
+        "dinov2-small/config.json", SAM2.filename, "dinov2-small/model.safetensors"]
+    assert all(c[2] for c in out["checked"])
+    # plain HTTP through the mirror: HEAD then GET of each resolve URL, no Range, no Xet
+    # (hf_xet is installed; the mirror offers no Xet headers, so it is never needed)
+    assert out["hf_xet_installed"]
+    sam_path = hub.path(SAM2.repo_id, SAM2.filename)
+    assert [r["method"] for r in hub.requests_for(sam_path)] == ["HEAD", "GET"]
+    assert {r["path"] for r in hub.requests} == {
+        sam_path, hub.path(DINO.repo_id, "config.json"), hub.path(DINO.repo_id, "model.safetensors")}
+    assert all("Range" not in r["headers"] for r in gets(hub))
+    assert "RetrievalSeg/" in hub.requests[0]["headers"]["user-agent"]
+    # progress: per file, from 0 to the full size
+    sam_progress = [p for p in out["progress"] if p[2] == SAM2.filename]
+    assert sam_progress[0][:2] == [0, len(PAYLOAD)] and sam_progress[-1][:2] == [len(PAYLOAD)] * 2
+    # present now: nothing fetched again, and the loaders find the cache (no network)
+    before = len(hub.requests)
+    found = run_child({**spec, "locate": True}, env)
+    assert found["paths"] == out["paths"] and len(hub.requests) == before
+    assert found["sam2"] == str(sam_snap / SAM2.filename) and found["dinov2"] == str(dino_snap)
+    listed = {e["name"]: e for e in found["list"]}
+    assert listed[SAM2.filename]["present"] and listed[SAM2.filename]["location"] == "cache"
+    assert listed["dinov2-small"]["size"] == len(DINO_CONFIG) + len(DINO_WEIGHTS)
+    assert not listed["sam2.1_hiera_small.pt"]["present"]
 
 
-def test_server_ignoring_range_restarts_from_zero(
-    server: FileServer, dest: Path, fake_load
-) -> None:
-    item = sam2_item(server, dest)
-    server.ignore_range = True
-    dest.mkdir()
-    item.part_path.write_bytes(b"x" * 100_000)  # wrong bytes: must not survive the restart
-    weights.download([item], progress=False, offline=False)
-    assert item.destination.read_bytes() == PAYLOAD
-    (req,) = server.requests
-    assert req["headers"]["Range"] == "bytes=100000-" and req["status"] == 200
-    assert req["sent"] == len(PAYLOAD)
+def test_cli_download_into_a_plain_folder(hub: HubServer, tmp_path: Path) -> None:
+    serve_defaults(hub)
+    folder = tmp_path / "weights"
+    env = child_env(tmp_path)
+    argv = ["download", "--dir", str(folder), "--mirror", hub.base_url, "--yes"]
+    out = run_child({"op": "cli", "argv": argv, "fake_load": True,
+                     "dinov2_sha": {"small": sha(DINO_WEIGHTS)}}, env)
+    assert out["exit"] == 0, out["stderr"]
+    # the size is shown before the download, with where each file comes from
+    assert "~156 MB" in out["stdout"] and "~88 MB" in out["stdout"]
+    assert hub.base_url + hub.path(SAM2.repo_id, SAM2.filename) in out["stdout"]
+    assert f"Weights go to: {folder}" in out["stdout"]
+    assert SAM2.filename in out["stderr"]  # the tqdm bar goes to stderr
+    assert (folder / SAM2.filename).read_bytes() == PAYLOAD
+    assert (folder / "dinov2-small" / "model.safetensors").read_bytes() == DINO_WEIGHTS
+    assert not (tmp_path / "hf" / "hub" / ("models--" + SAM2.repo_id.replace("/", "--"))).exists()
+    listed = run_child({"op": "cli", "argv": ["list", "--json", "--dir", str(folder)]}, env)
+    report = json.loads(listed["stdout"].strip().rsplit("\n\n", 1)[0])
+    assert report["dir"] == str(folder)
+    assert {w["name"] for w in report["weights"] if w["present"]} == {SAM2.filename, "dinov2-small"}
 
 
-def test_part_already_complete_gets_416_and_is_placed(
-    server: FileServer, dest: Path, fake_load
-) -> None:
-    item = sam2_item(server, dest)
-    dest.mkdir()
-    item.part_path.write_bytes(PAYLOAD)
-    weights.download([item], progress=False, offline=False)
-    assert item.destination.read_bytes() == PAYLOAD
-    assert [r["status"] for r in server.requests] == [416]
+def test_resume_after_a_cut_connection(hub: HubServer, tmp_path: Path) -> None:
+    # huggingface_hub writes in 10 MiB chunks and resumes from the last chunk it wrote, so the
+    # file must be larger than one chunk for a cut to leave something to resume from.
+    chunk = 10 * 2**20
+    big = os.urandom(chunk + 2 * 2**20)
+    hub.add(SAM2.repo_id, SAM2.filename, big)
+    path = hub.path(SAM2.repo_id, SAM2.filename)
+    hub.cut[path] = (chunk + 2**20, 1)  # the first body stops 1 MiB into the second chunk
+    out = run_child({"op": "download", "kwargs": {"dinov2_sizes": None}, "fake_load": True},
+                    child_env(tmp_path, RSEG_WEIGHTS_MIRROR=hub.base_url))
+    assert out["error"] is None, out["message"]
+    assert Path(out["paths"][0]).read_bytes() == big
+    first, second = hub.requests_for(path, "GET")
+    assert first["status"] == 200 and first["sent"] == chunk + 2**20
+    assert second["headers"]["range"] == f"bytes={chunk}-"
+    assert second["status"] == 206 and second["sent"] == len(big) - chunk
 
 
-def test_truncated_response_clear_error_then_resume(
-    server: FileServer, dest: Path, fake_load
-) -> None:
-    item = sam2_item(server, dest)
-    server.truncate[f"/{SAM2_TINY}"] = (120_000, None)  # always cut, Content-Length says all
-    with pytest.raises(DownloadError, match=r"ended early: received 120000 of 300003 bytes") as ei:
-        weights.download([item], progress=False, offline=False, retries=1)
-    assert "run the download again to resume" in str(ei.value)
-    assert not ei.value.unavailable
-    assert not item.destination.exists() and fake_load == []
-    assert item.part_path.stat().st_size == 120_000  # kept for resume
-    assert len(server.requests) == 2  # one retry, which resumed (and was cut again)
-    assert server.requests[1]["headers"]["Range"] == "bytes=120000-"
-    del server.truncate[f"/{SAM2_TINY}"]
-    weights.download([item], progress=False, offline=False)
-    assert item.destination.read_bytes() == PAYLOAD
-    assert server.requests[-1]["headers"]["Range"] == "bytes=120000-"
+def test_corrupt_copy_is_refused_and_removed(hub: HubServer, tmp_path: Path) -> None:
+    bad = bytearray(PAYLOAD)
+    bad[1000] ^= 0xFF  # same length, one byte flipped: only the SHA-256 can tell
+    hub.add(SAM2.repo_id, SAM2.filename, bytes(bad), etag=sha(PAYLOAD))
+    env = child_env(tmp_path, RSEG_WEIGHTS_MIRROR=hub.base_url)
+    spec = {"op": "download", "kwargs": {"dinov2_sizes": None}, "fake_load": True}
+    out = run_child(spec, env)
+    assert out["error"] == "IntegrityError" and "is corrupt: SHA-256" in out["message"]
+    assert sha(PAYLOAD) in out["message"] and out["checked"] == []  # refused before loading
+    repo = tmp_path / "hf" / "hub" / ("models--" + SAM2.repo_id.replace("/", "--"))
+    assert list((repo / "blobs").iterdir()) == [] and list((repo / "snapshots" / COMMIT).iterdir()) == []
+    cli = run_child({"op": "cli", "argv": ["download", "--dinov2", "none", "--yes"],
+                     "fake_load": True}, env)
+    assert cli["exit"] == 1 and "is corrupt" in cli["stderr"]
+    hub.add(SAM2.repo_id, SAM2.filename, PAYLOAD)  # the mirror is repaired: fetched anew
+    assert run_child(spec, env)["error"] is None
 
 
-def test_transient_truncation_is_retried(server: FileServer, dest: Path, fake_load) -> None:
-    item = sam2_item(server, dest)
-    server.truncate[f"/{SAM2_TINY}"] = (50_000, 1)  # only the first response is cut
-    weights.download([item], progress=False, offline=False, retries=2)
-    assert item.destination.read_bytes() == PAYLOAD
-    assert [r["status"] for r in server.requests] == [200, 206]
+def test_cancel_discards_the_partial_file(hub: HubServer, tmp_path: Path) -> None:
+    serve_defaults(hub)
+    out = run_child({"op": "download", "kwargs": {"dinov2_sizes": None}, "fake_load": True,
+                     "cancel_after": 1}, child_env(tmp_path, RSEG_WEIGHTS_MIRROR=hub.base_url))
+    assert out["error"] == "DownloadCancelled" and out["checked"] == []
+    repo = tmp_path / "hf" / "hub" / ("models--" + SAM2.repo_id.replace("/", "--"))
+    assert [p.name for p in repo.rglob("*") if p.is_file() and "blobs" in p.parts] == []
+    assert not (snapshot(tmp_path, SAM2.repo_id) / SAM2.filename).exists()
 
 
-def test_wrong_sha_from_etag_deletes_part(server: FileServer, dest: Path, fake_load) -> None:
-    wrong = sha(b"something else")
-    item = sam2_item(server, dest, ETag=f'"{wrong}"')
-    with pytest.raises(IntegrityError) as ei:
-        weights.download([item], progress=False, offline=False)
-    msg = str(ei.value)
-    assert wrong in msg and sha(PAYLOAD) in msg and "corrupt" in msg
-    assert not item.destination.exists() and not item.part_path.exists() and fake_load == []
+def test_file_missing_on_the_mirror_is_unavailable(hub: HubServer, tmp_path: Path) -> None:
+    hub.add(SAM2.repo_id, "other.pt", PAYLOAD)  # the repository exists, the file does not
+    out = run_child({"op": "cli", "argv": ["download", "--dinov2", "none", "--yes"]},
+                    child_env(tmp_path, RSEG_WEIGHTS_MIRROR=hub.base_url))
+    assert out["exit"] == 3
+    assert hub.base_url + hub.path(SAM2.repo_id, SAM2.filename) in out["stderr"]
+    assert "RemoteEntryNotFoundError" in out["stderr"]
 
 
-def test_weak_or_short_etags_are_not_checksums(server: FileServer, dest: Path, fake_load) -> None:
-    item = sam2_item(server, dest, ETag=f'W/"{sha(b"x")}"')
-    weights.download([item], progress=False, offline=False)
-    server.headers[f"/{SAM2_TINY}"] = {"ETag": '"d41d8cd98f00b204e9800998ecf8427e"'}  # md5 (S3)
-    weights.download([item], progress=False, offline=False, force=True)
-    assert item.destination.read_bytes() == PAYLOAD
-
-
-def test_registry_sha_mismatch_for_dinov2(server: FileServer, dest: Path, fake_load) -> None:
-    server.add("/dinov2-small/config.json", b'{"model_type": "dinov2", "hidden_size": 384}')
-    server.add("/dinov2-small/model.safetensors", PAYLOAD)
-    items = weights.plan_downloads(None, "small", mirror=server.base_url, dest_dir=dest)
-    with pytest.raises(IntegrityError, match="from the registry"):
-        weights.download(items, progress=False, offline=False)
-    assert (dest / "dinov2-small" / "config.json").is_file()
-    assert sorted(os.listdir(dest / "dinov2-small")) == ["config.json"]
-
-
-def test_hugging_face_redirect_with_linked_etag(server: FileServer, dest: Path, fake_load) -> None:
-    server.add("/cdn/blob", PAYLOAD, {"ETag": '"not-a-sha"'})
-    for tag, ok in ((sha(PAYLOAD), True), (sha(b"other"), False)):
-        server.redirects["/repo/resolve/main/file.pt"] = (
-            server.url("/cdn/blob"), {"X-Linked-Etag": f'"{tag}"', "X-Linked-Size": "300003"}
-        )
-        (base,) = weights.plan_downloads("tiny", None, mirror=server.base_url, dest_dir=dest)
-        item = dataclasses.replace(base, url=server.url("/repo/resolve/main/file.pt"))
-        if ok:
-            weights.download([item], progress=False, offline=False, force=True)
-            assert item.destination.read_bytes() == PAYLOAD
-        else:
-            with pytest.raises(IntegrityError, match=tag):
-                weights.download([item], progress=False, offline=False, force=True)
-    assert [r["path"] for r in server.requests] == ["/repo/resolve/main/file.pt", "/cdn/blob"] * 2
-
-
-def test_http_404_names_url_and_layout(server: FileServer, dest: Path, fake_load) -> None:
-    (item,) = weights.plan_downloads("tiny", None, mirror=server.base_url, dest_dir=dest)
-    with pytest.raises(DownloadError, match="HTTP 404") as ei:
-        weights.download([item], progress=False, offline=False)
-    assert ei.value.unavailable and item.url in str(ei.value) and item.official_url in str(ei.value)
-
-
-def test_unreachable_server_is_unavailable(dest: Path, fake_load) -> None:
+@pytest.mark.slow  # huggingface_hub retries a dead endpoint with backoff (about 25 s)
+def test_unreachable_mirror_is_unavailable(tmp_path: Path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    (item,) = weights.plan_downloads("tiny", None, mirror=f"http://127.0.0.1:{port}", dest_dir=dest)
-    with pytest.raises(DownloadError, match="could not reach 127.0.0.1") as ei:
-        weights.download([item], progress=False, offline=False, retries=1)
-    assert ei.value.unavailable and not dest.joinpath(SAM2_TINY).exists()
-
-
-def test_offline_raises_before_any_socket(server: FileServer, dest: Path, monkeypatch) -> None:
-    item = sam2_item(server, dest)
-
-    def no_socket(*a, **k):  # noqa: ANN002, ANN003
-        raise AssertionError("a socket was opened while offline")
-
-    monkeypatch.setattr(socket.socket, "connect", no_socket)
-    monkeypatch.setattr(socket, "create_connection", no_socket)
-    monkeypatch.setenv(registry.ENV_OFFLINE, "1")
-    with pytest.raises(OfflineError) as ei:
-        weights.download([item], progress=False)
-    msg = str(ei.value)
-    for needle in (SAM2_TINY, item.url, str(dest), "RSEG_WEIGHTS_MIRROR", "RSEG_OFFLINE",
-                   "rseg weights download"):
-        assert needle in msg
-    monkeypatch.delenv(registry.ENV_OFFLINE)
-    with pytest.raises(OfflineError):
-        weights.download(sam2_sizes="tiny", dinov2_sizes="small", dest_dir=dest, offline=True)
-    assert server.requests == [] and not dest.exists()
-
-
-def test_offline_allows_a_local_folder_mirror(
-    tmp_path: Path, dest: Path, fake_load, monkeypatch
-) -> None:
-    mirror = tmp_path / "mirror"
-    mirror.mkdir()
-    (mirror / SAM2_TINY).write_bytes(PAYLOAD)
-    monkeypatch.setenv(registry.ENV_OFFLINE, "1")
-    monkeypatch.setenv(registry.ENV_MIRROR, str(mirror))
-    weights.download(sam2_sizes="tiny", dinov2_sizes=None, dest_dir=dest, progress=False)
-    assert (dest / SAM2_TINY).read_bytes() == PAYLOAD
-    with pytest.raises(DownloadError, match="not in the mirror folder") as ei:
-        weights.download(sam2_sizes="small", dinov2_sizes=None, dest_dir=dest, progress=False)
-    assert ei.value.unavailable and "sam2.1_hiera_small.pt" in str(ei.value)
-
-
-def test_mirror_env_var_is_honoured(server: FileServer, dest: Path, fake_load, monkeypatch) -> None:
-    server.add(f"/mirror/{SAM2_TINY}", PAYLOAD)
-    monkeypatch.setenv(registry.ENV_MIRROR, server.url("/mirror/"))
-    monkeypatch.setenv(registry.ENV_WEIGHTS_DIR, str(dest))
-    paths = weights.download(sam2_sizes=["tiny"], dinov2_sizes=(), progress=False, offline=False)
-    assert paths == [dest / SAM2_TINY] and paths[0].read_bytes() == PAYLOAD
-    assert [r["path"] for r in server.requests] == [f"/mirror/{SAM2_TINY}"]
-
-
-def test_cancel_keeps_part_and_resumes(server: FileServer, dest: Path, fake_load) -> None:
-    item = sam2_item(server, dest)
-    progress: list[int] = []
-    with pytest.raises(DownloadCancelled, match="kept"):
-        weights.download([item], offline=False, chunk_size=16384,
-                         progress=lambda d, t, n: progress.append(d),
-                         cancel=lambda: bool(progress) and progress[-1] >= 32768)
-    kept = item.part_path.stat().st_size
-    assert kept == 32768 and not item.destination.exists() and fake_load == []
-    weights.download([item], progress=False, offline=False)
-    assert item.destination.read_bytes() == PAYLOAD
-    assert server.requests[-1]["headers"]["Range"] == f"bytes={kept}-"
-    assert server.requests[-1]["sent"] == len(PAYLOAD) - kept
-
-
-def test_concurrent_download_of_the_same_file_is_refused(
-    server: FileServer, dest: Path, fake_load
-) -> None:
-    item = sam2_item(server, dest)
-    dest.mkdir()
-    with weights._DownloadLock(item):  # another process (or thread) is downloading it
-        with pytest.raises(DownloadError, match="another download of this file is in progress"):
-            weights.download([item], progress=False, offline=False)
-    assert server.requests == []
-    weights.download([item], progress=False, offline=False)
-    assert sorted(os.listdir(dest)) == [SAM2_TINY]  # no .part, no .lock left
-
-
-def test_tqdm_bar_goes_to_stderr(server: FileServer, dest: Path, fake_load, capsys) -> None:
-    item = sam2_item(server, dest)
-    weights.download([item], progress=True, offline=False)
-    out, err = capsys.readouterr()
-    assert out == "" and SAM2_TINY in err
+    out = run_child({"op": "download", "kwargs": {"dinov2_sizes": None}},
+                    child_env(tmp_path, RSEG_WEIGHTS_MIRROR=f"http://127.0.0.1:{port}"))
+    assert out["error"] == "DownloadError" and out["unavailable"]
+    assert f"127.0.0.1:{port}" in out["message"] and "RSEG_WEIGHTS_MIRROR" in out["message"]
 
 
 # ----------------------------------------------------------------------------- strict loading
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Real-architecture files with random weights: SAM 2.1 tiny (valid, DINOv2-as-SAM2, cut)."""
+    """Small real files: DINOv2-small (random weights) and two SAM 2 checkpoints that must fail."""
     import torch
-    from sam2.build_sam import build_sam2
     from transformers import Dinov2Config, Dinov2Model
 
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    sam = build_sam2(registry.SAM2_MODELS["tiny"].config, None, device="cpu")
-    torch.save({"model": sam.state_dict()}, root / "sam2_ok.pt")
-    del sam
     dino = Dinov2Model(Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6))
     dino.save_pretrained(root / "dinov2-small")  # config.json + model.safetensors
-    torch.save({"model": dino.state_dict()}, root / "sam2_is_dinov2.pt")
-    del dino
-    data = (root / "sam2_ok.pt").read_bytes()
-    (root / "sam2_cut.pt").write_bytes(data[: len(data) // 2])
-    safet = (root / "dinov2-small" / "model.safetensors").read_bytes()
-    (root / "dinov2_cut.safetensors").write_bytes(safet[: len(safet) // 2])
-    return {
-        "sam2_ok": root / "sam2_ok.pt", "sam2_is_dinov2": root / "sam2_is_dinov2.pt",
-        "sam2_cut": root / "sam2_cut.pt", "dinov2": root / "dinov2-small",
-        "dinov2_cut": root / "dinov2_cut.safetensors",
-    }
+    # a DINOv2-like state dict saved as a SAM 2 checkpoint: loads, but into the wrong model
+    torch.save({"model": {"embeddings.cls_token": torch.zeros(1, 1, 384)}}, root / "not_sam2.pt")
+    # a checkpoint that needs pickle (an arbitrary object): refused by weights_only=True
+    torch.save({"model": {"x": torch.zeros(1)}, "extra": Path("pickled")}, root / "pickle.pt")
+    return {"dinov2": root / "dinov2-small", "not_sam2": root / "not_sam2.pt",
+            "pickle": root / "pickle.pt"}
 
 
-def test_real_sam2_checkpoint_downloads_lists_and_verifies(
-    server: FileServer, dest: Path, model_files: dict[str, Path]
+def test_checkpoints_that_do_not_load_strictly_are_refused(
+    hub: HubServer, tmp_path: Path, model_files: dict[str, Path]
 ) -> None:
-    server.add(f"/{SAM2_TINY}", model_files["sam2_ok"])
-    weights.download(sam2_sizes="tiny", dinov2_sizes=None, dest_dir=dest,
-                     mirror=server.base_url, progress=False, offline=False)
-    placed = dest / SAM2_TINY
-    assert placed.stat().st_size == model_files["sam2_ok"].stat().st_size
-    status = {s.name: s for s in weights.list_weights(dest)}
-    assert status[SAM2_TINY].present and status[SAM2_TINY].size == placed.stat().st_size
-    assert not status["dinov2-small"].present and not status["sam2.1_hiera_small.pt"].present
-    (res,) = weights.verify(dest)  # only what is present
-    assert res.ok and res.name == SAM2_TINY, res.message
-    # a size asked for by name but absent is reported, not skipped
-    (small,) = weights.verify(dest, sam2_sizes="small")
-    assert small.status == "missing"
+    # complete, honest transfers (the SHA-256 matches) of files that are not SAM 2.1 checkpoints
+    hub.add(SAM2.repo_id, SAM2.filename, model_files["not_sam2"])
+    small = registry.SAM2_MODELS["small"]
+    hub.add(small.repo_id, small.filename, model_files["pickle"])
+    out = run_child({"op": "download", "each": [
+        {"sam2_sizes": "tiny", "dinov2_sizes": None}, {"sam2_sizes": "small", "dinov2_sizes": None},
+    ]}, child_env(tmp_path, RSEG_WEIGHTS_MIRROR=hub.base_url))
+    (tiny, pickled) = out["each"]
+    assert tiny["error"] == "IntegrityError" and "does not load as SAM 2.1 tiny" in tiny["message"]
+    assert "DINOv2 checkpoint, not a SAM 2" in tiny["message"]
+    assert pickled["error"] == "IntegrityError" and "weights_only=True failed" in pickled["message"]
+    for spec in (SAM2, small):  # removed from the cache: the next download fetches it anew
+        repo = tmp_path / "hf" / "hub" / ("models--" + spec.repo_id.replace("/", "--"))
+        assert [p for p in repo.rglob("*") if p.is_file() and "refs" not in p.parts] == []
 
 
-@pytest.mark.parametrize("variant, needle", [
-    ("sam2_is_dinov2", "DINOv2 checkpoint, not a SAM 2"),
-    ("sam2_cut", "cannot be read"),
-])
-def test_corrupt_sam2_checkpoint_is_refused(
-    server: FileServer, dest: Path, model_files: dict[str, Path], variant: str, needle: str
-) -> None:
-    server.add(f"/{SAM2_TINY}", model_files[variant])  # complete transfer, bad content
-    with pytest.raises(IntegrityError, match="does not load as SAM 2.1 tiny") as ei:
-        weights.download(sam2_sizes="tiny", dinov2_sizes=None, dest_dir=dest,
-                         mirror=server.base_url, progress=False, offline=False)
-    assert needle in str(ei.value)
-    assert os.listdir(dest) == []  # neither the final file nor a .part
-    # the same bad file put there by hand is reported by verify
-    dest.joinpath(SAM2_TINY).write_bytes(model_files[variant].read_bytes())
-    (res,) = weights.verify(dest)
-    assert res.status == "failed" and needle in res.message
-
-
-def test_real_dinov2_folder_downloads_and_verifies(
-    server: FileServer, dest: Path, model_files: dict[str, Path], monkeypatch
+def test_real_dinov2_downloads_loads_and_verifies(
+    hub: HubServer, tmp_path: Path, model_files: dict[str, Path]
 ) -> None:
     folder = model_files["dinov2"]
-    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
-    spec = registry.DINOV2_MODELS["small"]
-    monkeypatch.setitem(registry.DINOV2_MODELS, "small",
-                        dataclasses.replace(spec, safetensors_sha256=digest))
     for f in registry.DINOV2_FILES:
-        server.add(f"/dinov2-small/{f}", folder / f)
-    weights.download(sam2_sizes=None, dinov2_sizes="small", dest_dir=dest,
-                     mirror=server.base_url, progress=False, offline=False)
-    assert sorted(os.listdir(dest / "dinov2-small")) == ["config.json", "model.safetensors"]
-    (res,) = weights.verify(dest, dinov2_sizes="small")
-    assert res.ok and "matches the published" in res.message
-    monkeypatch.setitem(registry.DINOV2_MODELS, "small", spec)  # the real published hash
-    (res,) = weights.verify(dest)
-    assert res.ok and "differs from the published" in res.message
+        hub.add(DINO.repo_id, f, folder / f, lfs=f.endswith(".safetensors"))
+    digest = sha((folder / "model.safetensors").read_bytes())
+    out = run_child({"op": "download", "kwargs": {"sam2_sizes": None}, "verify": True,
+                     "dinov2_sha": {"small": digest}},
+                    child_env(tmp_path, RSEG_WEIGHTS_MIRROR=hub.base_url))
+    assert out["error"] is None, out["message"]
+    (res,) = out["verify"]  # only what is present: DINOv2 small, in the cache
+    assert res["ok"] and res["name"] == "dinov2-small", res["message"]
+    assert res["path"] == str(snapshot(tmp_path, DINO.repo_id))
+    assert "SHA-256 matches the published file" in res["message"]
 
 
-def test_corrupt_dinov2_weights_are_refused(
-    server: FileServer, dest: Path, model_files: dict[str, Path], monkeypatch
-) -> None:
-    spec = registry.DINOV2_MODELS["small"]
-    monkeypatch.setitem(registry.DINOV2_MODELS, "small",
-                        dataclasses.replace(spec, safetensors_sha256=None))
-    server.add("/dinov2-small/config.json", model_files["dinov2"] / "config.json")
-    server.add("/dinov2-small/model.safetensors", model_files["dinov2_cut"])
-    with pytest.raises(IntegrityError, match="does not load as DINOv2 small"):
-        weights.download(sam2_sizes=None, dinov2_sizes="small", dest_dir=dest,
-                         mirror=server.base_url, progress=False, offline=False)
-    assert sorted(os.listdir(dest / "dinov2-small")) == ["config.json"]  # no .part, no staging
-    (res,) = weights.verify(dest)
-    assert res.status == "failed" and "model.safetensors missing" in res.message
-
-
-def test_dinov2_config_of_another_model_is_refused(server: FileServer, dest: Path) -> None:
-    config = {"model_type": "vit", "hidden_size": 384}
-    server.add("/dinov2-small/config.json", json.dumps(config).encode())
-    items = weights.plan_downloads(None, "small", mirror=server.base_url, dest_dir=dest)
-    with pytest.raises(IntegrityError, match="model_type 'vit'"):
-        weights.download(items[:1], progress=False, offline=False)
-    assert os.listdir(dest / "dinov2-small") == []
-
-
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- CLI (no network)
 def run_cli(*argv: str) -> int:
     return cli_weights.main(["weights", *argv])
 
 
-def test_cli_download_list_verify(
-    server: FileServer, dest: Path, fake_load, capsys, monkeypatch
+def test_cli_usage_errors_and_consent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.delenv(registry.ENV_OFFLINE, raising=False)
-    server.add(f"/{SAM2_TINY}", PAYLOAD)
-    code = run_cli("download", "--sam2", "tiny", "--dinov2", "none", "--dir", str(dest),
-                   "--mirror", server.base_url, "--yes")
-    out = capsys.readouterr().out
-    assert code == 0 and "~156 MB" in out and server.url(f"/{SAM2_TINY}") in out
-    assert (dest / SAM2_TINY).read_bytes() == PAYLOAD
-    assert run_cli("download", "--sam2", "tiny", "--dinov2", "none", "--dir", str(dest)) == 0
-    assert "already present" in capsys.readouterr().out
-    assert run_cli("list", "--json", "--dir", str(dest)) == 0
-    listing = json.loads(capsys.readouterr().out)
-    present = {w["name"] for w in listing["weights"] if w["present"]}
-    assert listing["dir"] == str(dest) and present == {SAM2_TINY}
-    empty = dest.parent / "empty"
-    assert run_cli("verify", "--json", "--dir", str(empty)) == 1
-    assert json.loads(capsys.readouterr().out) == {"dir": str(empty), "ok": False, "results": []}
-
-
-def test_cli_exit_codes(server: FileServer, dest: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setenv(registry.ENV_OFFLINE, "1")
-    assert run_cli("download", "--dir", str(dest), "--yes") == 3
-    captured = capsys.readouterr()
-    assert "offline mode is on (RSEG_OFFLINE=1)" in captured.err and server.requests == []
-    assert captured.out == ""  # no plan shown for a download that cannot run
-    monkeypatch.delenv(registry.ENV_OFFLINE)
-    assert run_cli("download", "--sam2", "tiny", "--dinov2", "none", "--dir", str(dest),
-                   "--mirror", server.base_url, "--yes") == 3  # 404: unavailable
-    assert "HTTP 404" in capsys.readouterr().err
     with pytest.raises(SystemExit) as ei:
         run_cli("download", "--sam2", "huge")
     assert ei.value.code == 2 and "choose from tiny" in capsys.readouterr().err
     assert run_cli("download", "--sam2", "none", "--dinov2", "none") == 2
-    assert run_cli("download", "--mirror", "gopher://x", "--yes", "--dir", str(dest)) == 2
-
-
-def test_cli_asks_on_a_tty_and_respects_no(
-    server: FileServer, dest: Path, fake_load, monkeypatch, capsys
-) -> None:
-    monkeypatch.delenv(registry.ENV_OFFLINE, raising=False)
-    server.add(f"/{SAM2_TINY}", PAYLOAD)
+    assert run_cli("download", "--mirror", "gopher://x", "--yes", "--dir", str(tmp_path)) == 2
+    assert run_cli("download", "--mirror", str(tmp_path), "--yes", "--dir", str(tmp_path)) == 2
+    assert "set RSEG_WEIGHTS_DIR to it instead" in capsys.readouterr().err
+    for var in ("RSEG_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
     prompts: list[str] = []
     monkeypatch.setattr(cli_weights.sys.stdin, "isatty", lambda: True, raising=False)
     monkeypatch.setattr("builtins.input", lambda p: prompts.append(p) or "n")
-    argv = ("download", "--sam2", "tiny", "--dinov2", "none", "--dir", str(dest),
-            "--mirror", server.base_url)
-    assert run_cli(*argv) == 1
-    assert prompts == ["Download now? [y/N] "] and server.requests == []
-    assert "Nothing downloaded" in capsys.readouterr().out
-    assert run_cli(*argv, "--yes") == 0 and len(prompts) == 1  # --yes skips the question
+    fetched: list[Any] = []
+    monkeypatch.setattr(weights, "download", lambda *a, **k: fetched.append(a))
+    assert run_cli("download", "--dir", str(tmp_path / "w")) == 1
+    assert prompts == ["Download now? [y/N] "] and fetched == []
+    out = capsys.readouterr().out
+    assert "Nothing downloaded" in out and "about 244 MB in all" in out
+    assert run_cli("verify", "--json", "--dir", str(tmp_path / "empty")) == 1
+    assert json.loads(capsys.readouterr().out)["results"] == []
 
 
 def test_cli_is_wired_through_add_weights_parser() -> None:
@@ -527,3 +372,59 @@ def test_cli_is_wired_through_add_weights_parser() -> None:
     assert args.dinov2 == ["small"] and not args.yes
     args = parser.parse_args(["weights", "verify", "--sam2", "tiny,base+", "--json"])
     assert args.func is cli_weights.cmd_verify and args.sam2 == ["tiny", "base_plus"]
+
+
+def test_missing_weights_name_the_hugging_face_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    from RetrievalSegLib import models
+
+    for var in (registry.ENV_WEIGHTS_DIR, registry.ENV_SAM2_CHECKPOINT, registry.ENV_DINOV2_PATH):
+        monkeypatch.delenv(var, raising=False)
+    cache = str(registry.hub_cache_dir())  # conftest's throwaway HF_HOME: empty
+    with pytest.raises(models.MissingWeightsError) as ei:
+        models.load_sam2("tiny", device="cpu")
+    msg = str(ei.value)
+    assert f"the Hugging Face cache ({cache}) (facebook/sam2.1-hiera-tiny)" in msg
+    assert "rseg weights download --sam2 tiny" in msg and registry.ENV_WEIGHTS_DIR in msg
+    with pytest.raises(models.MissingWeightsError, match="facebook/dinov2-small"):
+        models.load_dinov2("small", device="cpu")
+
+
+def test_worker_download_job_reports_progress_cancels_and_refuses_a_bad_file(
+    hub: HubServer, tmp_path: Path
+) -> None:
+    """The Slicer panel's path: a `download` job in the worker process, progress, cancel, errors."""
+    import time
+
+    from RetrievalSegLib import worker_protocol as wp
+    from RetrievalSegLib.worker_client import WorkerClient
+
+    big = os.urandom(24 * 2**20)  # three of huggingface_hub's 10 MiB chunks
+    hub.add(SAM2.repo_id, SAM2.filename, big)
+    hub.add(DINO.repo_id, "config.json", DINO_CONFIG, lfs=False)
+    hub.add(DINO.repo_id, "model.safetensors", DINO_WEIGHTS)
+    hub.delay = 0.01  # ~4 s for the checkpoint: the cancel arrives while it is being sent
+    folder = tmp_path / "weights"
+    settings = wp.EngineSettings(device="cpu", weights_dir=str(folder)).to_json()
+    client = WorkerClient(env=child_env(tmp_path, RSEG_WEIGHTS_MIRROR=hub.base_url),
+                          log_dir=tmp_path, cancel_grace_s=60.0)
+    try:
+        job = client.submit("download", {"settings": settings})
+        events: list[Any] = []
+        deadline = time.monotonic() + 180
+        while not any(e.kind == "progress" and e.total == len(big) for e in events):
+            assert time.monotonic() < deadline and job.outcome is None, [e.kind for e in events]
+            events += job.wait(0.05)
+        job.cancel()
+        events += job.wait(120)
+        assert job.outcome == "cancelled", events[-1].message
+        done = max(e.done for e in events if e.kind == "progress" and e.total == len(big))
+        assert done < len(big) and not (folder / SAM2.filename).exists()
+        assert hub.requests_for(hub.path(SAM2.repo_id, SAM2.filename), "GET")[0]["sent"] < len(big)
+        # a complete transfer of a file that is no SAM 2.1 checkpoint: the job fails and says why
+        hub.delay = 0.0
+        job = client.submit("download", {"settings": settings})
+        events = job.wait(240)
+        assert job.outcome == "failed" and "does not load as SAM 2.1 tiny" in events[-1].message
+        assert not (folder / SAM2.filename).exists()
+    finally:
+        client.stop()
