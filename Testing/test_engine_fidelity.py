@@ -13,7 +13,7 @@ What is compared (``_fidelity.compare_paths``; forward pre-hooks on both paths, 
 * ``output.max_abs_logit_diff`` / ``output.pixel_disagreement``: the final logits (kept).
 
 Tolerances. Intermediates: max |engine - predictor| / max |predictor| <= 1e-5 per tensor; counts,
-shapes and flags exactly. Observed on the 2-core CPU, fp32 (256 px seeds 0-2 x k 1/3/8, non-square,
+shapes and flags exactly. Observed on the 2-core CPU, fp32 (256 px seeds 0, 2, 4 x k 1/3/8, non-square,
 1024 px, and the slow 512/1024 px sweep): 0 (bit-identical) for the memory-encoder inputs, the
 spatial memories and every positional encoding; <= 6.6e-7 for the object pointers, the query's
 memory-conditioned features and the decoder's dense prompt (batching the labels reorders float
@@ -142,6 +142,13 @@ def _run_case(
     return Case(errors, eng_inputs, ref_inputs, ours.object_score, ref_logits)
 
 
+#: "Object present" must hold with a margin, not by a hair: SAM 2 gates the memory and pointer on
+#: object score > 0, so a case at +0.005 (seeds 1, 3 and 5 of the random weights give 0.005-0.02 on
+#: these slices; seeds 0, 2 and 4 give 0.10-0.17 at 256, 512 and 1024 px) says little about the
+#: present-object path. 0.05 is far above the engine-vs-predictor noise (< 1e-6).
+OBJECT_SCORE_MARGIN = 0.05
+
+
 def _assert_not_vacuous(case: Case, k: int) -> None:
     ref = case.reference_inputs
     n = len(LABELS)
@@ -149,7 +156,9 @@ def _assert_not_vacuous(case: Case, k: int) -> None:
     assert ref["#support.decoder_rows"] == k * n
     assert ref["#query.memory_attention_rows"] == n and ref["#query.decoder_rows"] == n
     assert ref["memory_attention.num_obj_ptr_tokens"] == (4 * k,)  # 256-d pointer = 4 tokens of 64
-    assert (case.object_score > 0).all(), f"object predicted absent ({case.object_score}): vacuous case"
+    assert (case.object_score > OBJECT_SCORE_MARGIN).all(), (
+        f"object scores {case.object_score} not clearly present (> {OBJECT_SCORE_MARGIN}): vacuous case"
+    )
     for li in range(n):
         fg = (case.reference_logits[li] > 0).mean()
         assert 0.001 < fg < 0.999, f"reference mask of label {LABELS[li]} is empty or full ({fg:.4f})"
@@ -162,14 +171,14 @@ def _assert_same(case: Case, k: int) -> None:
     assert not bad, f"engine differs from the official predictor at: {report}"
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 2, 4])
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_fidelity_matches_official_predictor_256(tmp_path, seed, k):
     _assert_same(_run_case(tmp_path, 256, seed, k), k)
 
 
 def test_fidelity_matches_official_predictor_non_square(tmp_path):
-    _assert_same(_run_case(tmp_path, 256, 3, 3, hw=(72, 120)), 3)
+    _assert_same(_run_case(tmp_path, 256, 4, 3, hw=(72, 120)), 3)
 
 
 def test_fidelity_matches_official_predictor_1024(tmp_path):
@@ -177,7 +186,7 @@ def test_fidelity_matches_official_predictor_1024(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("image_size,seed,k", [(512, 0, 8), (512, 1, 1), (512, 3, 3), (1024, 0, 3), (1024, 1, 8)])
+@pytest.mark.parametrize("image_size,seed,k", [(512, 0, 8), (512, 4, 1), (512, 2, 3), (1024, 0, 3), (1024, 4, 8)])
 def test_fidelity_matches_official_predictor_full_sweep(tmp_path, image_size, seed, k):
     _assert_same(_run_case(tmp_path, image_size, seed, k), k)
 

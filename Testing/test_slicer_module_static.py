@@ -347,8 +347,8 @@ def test_no_python_thread_in_slicer_process_code() -> None:
     """Code that runs inside Slicer starts no Python thread: model work goes to the worker process."""
     for path in (MODULE, LIB / "mrml_bridge.py", LIB / "module_logic.py", LIB / "module_results.py",
                  LIB / "worker_client.py"):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
         modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert not ({"threading", "concurrent.futures", "_thread"} & (imported | modules)), path.name
-        assert "threading.Thread" not in path.read_text(), path.name
+        assert "threading.Thread" not in path.read_text(encoding="utf-8"), path.name

@@ -18,7 +18,7 @@ HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})")
 
 def lock_entries(path: Path) -> dict[str, tuple[Version, list[str]]]:
     """{canonical name: (pinned version, sha256 list)} of a pip-compile style lock file."""
-    text = re.sub(r"\\\n", " ", path.read_text())  # join continuation lines
+    text = re.sub(r"\\\n", " ", path.read_text(encoding="utf-8"))  # join continuation lines
     entries: dict[str, tuple[Version, list[str]]] = {}
     for line in text.splitlines():
         line = line.strip()
@@ -34,7 +34,7 @@ def lock_entries(path: Path) -> dict[str, tuple[Version, list[str]]]:
 
 def pins(path: Path) -> dict[str, Version]:
     out = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             req = Requirement(line)
@@ -66,7 +66,7 @@ def test_sam2_source_upload_is_pinned_by_hash() -> None:
 
 def test_project_dependencies_are_satisfied_by_the_lock() -> None:
     lock = lock_entries(ROOT / "requirements.lock")
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     declared = [Requirement(d) for d in project["dependencies"]]
     declared += [Requirement(d) for extra in project["optional-dependencies"].values() for d in extra]
     names = {canonicalize_name(r.name) for r in declared}
@@ -80,7 +80,7 @@ def test_project_dependencies_are_satisfied_by_the_lock() -> None:
 
 
 def _install_recipe() -> str:
-    makefile = (ROOT / "Makefile").read_text()
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     m = re.search(r"^\$\(STAMP\):.*\n((?:\t.*\n)+)", makefile, re.M)
     assert m, "Makefile: no $(STAMP) install recipe"
     return m.group(1)
@@ -94,19 +94,19 @@ def test_make_install_uses_only_the_hash_pinned_files() -> None:
         "SAM2_BUILD_CUDA=0 $(PY) -m pip install --require-hashes --no-deps --no-build-isolation -r requirements-sam2.lock",
         "$(PY) -m pip install --no-deps --no-build-isolation -e .",
     ]
-    header = re.search(r"^(\$\(STAMP\):.*)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    header = re.search(r"^(\$\(STAMP\):.*)$", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M).group(1)
     assert "requirements.lock" in header and "requirements-sam2.lock" in header
 
 
 def test_readme_gives_the_command_that_made_the_lock() -> None:
-    lock_header = (ROOT / "requirements.lock").read_text().split("\n\n", 1)[0]
+    lock_header = (ROOT / "requirements.lock").read_text(encoding="utf-8").split("\n\n", 1)[0]
     m = re.search(r"^#\s+(pip-compile .*)$", lock_header, re.M)
     assert m, "requirements.lock was not written by pip-compile"
     command = m.group(1).strip()
     assert "--generate-hashes" in command and "--allow-unsafe" in command
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert command in readme, f"README.md should show how the lock was made: {command}"
-    ci = (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd ", "export "))] == [
         "make test"
     ]
@@ -114,7 +114,7 @@ def test_readme_gives_the_command_that_made_the_lock() -> None:
 
 @pytest.mark.parametrize("name", ["requirements.lock", "requirements-sam2.lock"])
 def test_hashes_are_well_formed(name: str) -> None:
-    text = (ROOT / name).read_text()
+    text = (ROOT / name).read_text(encoding="utf-8")
     assert "--hash=" in text
     bad = [h for h in re.findall(r"--hash=(\S+)", text) if not re.fullmatch(r"sha256:[0-9a-f]{64}", h)]
     assert not bad, bad
