@@ -272,7 +272,7 @@ def test_worker_refuses_arrays_that_need_pickle(client, bank_path, tmp_path) -> 
 
 def test_worker_protocol_has_no_pickle() -> None:
     for name in ("worker.py", "worker_client.py", "worker_protocol.py", "module_logic.py", "module_results.py"):
-        source = (LIB / name).read_text()
+        source = (LIB / name).read_text(encoding="utf-8")
         for forbidden in ("import pickle", "multiprocessing", "allow_pickle=True", "torch.load("):
             assert forbidden not in source, f"{name} uses {forbidden}"
     # Every message is JSON: a non-JSON value cannot be sent.
