@@ -19,6 +19,7 @@ from .cli_common import (  # shared with cli_bank, cli_suggest and evaluate
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     WeightsUnavailable,
+    _non_negative_int,
     _positive_int,
     _progress_bar,
     _UsageError,
@@ -200,16 +201,6 @@ def _extent_json(seg) -> dict:
         "start_slices": [int(i) for i in seg.start_slices], "start_reason": seg.start_reason,
         "beyond_extent": sorted(int(i) for i in seg.beyond_extent),
     }
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def _parse_slice_list(text: str) -> list[int]:

@@ -14,19 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .cli_common import _window
-
-EXIT_OK = 0
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+from .cli_common import EXIT_OK, _positive_int, _window
 
 
 def read_last_segmentation(path: Path, shape: tuple[int, ...]) -> Any:

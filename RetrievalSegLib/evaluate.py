@@ -27,13 +27,13 @@ import argparse
 import csv
 import io
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .provenance import finite_or_none as _finite
 from .evaluate_study import (  # study folders and building the bank
     BUILD_FILE,
     CaseFiles,
@@ -57,13 +57,6 @@ CASES_DIR = "cases"
 
 RANDOM_BANNER = ("RANDOM WEIGHTS: these results come from models with random weights "
                  "(--random-weights); they are meaningless as a measure of RetrievalSeg")
-
-
-def _finite(x: Any) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 def _sd(values: list[float]) -> float | None:

@@ -44,7 +44,7 @@ def sidecar_path(output: str | Path) -> Path:
     return output.with_name(output.name + ".json")
 
 
-def _finite(x: Any) -> Any:
+def finite_or_none(x: Any) -> float | None:
     """float -> float or None (NaN/inf are not JSON)."""
     if x is None:
         return None
@@ -75,7 +75,7 @@ def segmentation_provenance(seg, engine, bank, *, k: int, extra: dict | None = N
         "bank": {"path": str(bank.path), "bank_id": bank.bank_id, "revision": int(bank.revision)},
         "labels": {str(lab.value): lab.name for lab in seg.labels},
         "axis": "ijk"[seg.axis],
-        "seconds": _finite(round(seg.seconds, 3)),
+        "seconds": finite_or_none(round(seg.seconds, 3)),
         "cancelled": bool(seg.cancelled),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
@@ -100,10 +100,10 @@ def slice_records(seg, slice_range: tuple[int, int] | None = None) -> list[dict]
             records.append({
                 "index": i,
                 "status": SEGMENTED,
-                "confidence": _finite(r.confidence),
-                "object_score": {str(k): _finite(v) for k, v in r.object_score.items()},
-                "iou": {str(k): _finite(v) for k, v in r.iou.items()},
-                "retrieved": [[str(eid), _finite(s)] for eid, s in r.retrieved],
+                "confidence": finite_or_none(r.confidence),
+                "object_score": {str(k): finite_or_none(v) for k, v in r.object_score.items()},
+                "iou": {str(k): finite_or_none(v) for k, v in r.iou.items()},
+                "retrieved": [[str(eid), finite_or_none(s)] for eid, s in r.retrieved],
             })
             continue
         if slice_range is not None and not (slice_range[0] <= i < slice_range[1]):
