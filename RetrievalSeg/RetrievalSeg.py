@@ -94,7 +94,10 @@ and <i>Re-segment remaining slices</i>.</li>
         self.parent.acknowledgementText = _("""
 Method: {citation}<br>
 Models: SAM 2.1 (Meta AI, Apache-2.0 licence) and DINOv2 (Meta AI, Apache-2.0 licence); their weights
-are downloaded from their official Hugging Face repositories (or your mirror) only after you agree.
+are downloaded from their official Hugging Face repositories (or your mirror) only after you agree.<br>
+Optional backbone: MedSAM2 (Ma et al., arXiv:2504.03600, 2025; Bo Wang lab), SAM 2.1 tiny fine-tuned on
+medical images and videos. Its code is Apache-2.0; we found no licence for its weights
+(Hugging Face wanglab/MedSAM2): the download shows this before you agree, and it is never the default.
 """).format(citation=CITATION)
 
 
@@ -118,9 +121,10 @@ class RetrievalSegParameterNode:
     casePolicy: Annotated[str, Choice(["ignore", "prefer", "exclude"])] = "ignore"
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
-    sam2Size: Annotated[str, Choice(["tiny", "small", "base_plus", "large"])] = "tiny"
+    # SAM 2 backbones: RetrievalSegLib.registry.SAM2_MODELS (a static test keeps the two equal).
+    sam2Size: Annotated[str, Choice(["sam2.1-tiny", "sam2.1-small", "sam2.1-base-plus", "sam2.1-large", "medsam2"])] = "sam2.1-tiny"
     dinov2Size: Annotated[str, Choice(["small", "base", "large"])] = "small"
-    imageSize: Annotated[int, Choice([1024, 512])] = 1024
+    imageSize: Annotated[int, Choice([1024, 512])] = 1024  # follows the backbone's native size when it changes
     extentStop: Annotated[int, WithinRange(0, 1000)] = 5  # RetrievalSegLib.extent.DEFAULT_EXTENT_STOP
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     suggestCount: Annotated[int, WithinRange(1, 50)] = 3
@@ -237,6 +241,8 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
+            self._migrateBackboneName()
+            self._lastSam2Size = self._parameterNode.sam2Size
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
         self._checkCanApply()
@@ -251,7 +257,33 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         core = self.logic.core if self.logic else None
         return core.job.kind if core is not None and core.job is not None else None
 
+    def _migrateBackboneName(self) -> None:
+        """Scenes saved before the backbone names ('tiny', 'base_plus') get the canonical name."""
+        from RetrievalSegLib.registry import canonical_sam2
+
+        raw = self._parameterNode.parameterNode.GetParameter("sam2Size")
+        if raw:
+            try:
+                name = canonical_sam2(raw)
+            except ValueError:
+                name = "sam2.1-tiny"
+            if name != raw:
+                self._parameterNode.parameterNode.SetParameter("sam2Size", name)
+
+    def _followBackboneImageSize(self) -> None:
+        """A newly chosen backbone sets its native image size (the user may change it afterwards)."""
+        p = self._parameterNode
+        if p is None or getattr(self, "_lastSam2Size", None) == p.sam2Size:
+            return
+        self._lastSam2Size = p.sam2Size
+        from RetrievalSegLib.registry import sam2_spec
+
+        native = sam2_spec(p.sam2Size).image_size
+        if int(p.imageSize) != native:
+            p.imageSize = native
+
     def _checkCanApply(self, caller=None, event=None) -> None:
+        self._followBackboneImageSize()
         p = self._parameterNode
         core = self.logic.core if self.logic else None
         running = self._jobRunning()
@@ -397,14 +429,23 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Ask, then download `items` in the background; True when the download started."""
         totalMb = sum(item.approx_mb for item in items)
         detail = "\n".join(f"{item.name}  ({item.approx_mb:.0f} MB)  {item.url}" for item in items)
-        from RetrievalSegLib.registry import weights_location
+        from RetrievalSegLib.registry import sam2_spec, weights_location
+
+        # Licence terms before consent: MedSAM2's weights have none we could find.
+        specs = {item.model: sam2_spec(item.model) for item in items if item.kind == "sam2"}
+        terms = "".join(
+            "\n\n" + _("{model}: {licence}. Note on its weights: {terms}").format(
+                model=s.display, licence=s.licence, terms=s.weights_terms)
+            for s in specs.values() if s.weights_terms
+        )
+        detail += "".join(f"\n{s.display}: {s.licence}; cite {s.citation}" for s in specs.values())
 
         folder = weights_location(self._weightsDir())
         if not slicer.util.confirmOkCancelDisplay(
             _(
                 "RetrievalSeg needs model weights that are not on this computer yet:\n"
-                "about {size:.0f} MB in {count} file(s), saved into\n{folder}\n\nDownload them now?"
-            ).format(size=totalMb, count=len(items), folder=folder),
+                "about {size:.0f} MB in {count} file(s), saved into\n{folder}{terms}\n\nDownload them now?"
+            ).format(size=totalMb, count=len(items), folder=folder, terms=terms),
             windowTitle=_("Download model weights"),
             detailedText=detail,
         ):

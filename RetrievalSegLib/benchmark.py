@@ -81,7 +81,7 @@ def run(image_size: int = 512, ks=(1, 4, 16), device: str = "auto", queries: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sam = load_sam2(size, random_weights=True, seed=seed, device=dev, image_size=image_size)
-        extra = [o for o in sam2_hydra_overrides(image_size) if "image_size" in o or "feat_sizes" in o]
+        extra = [o for o in sam2_hydra_overrides(image_size, size) if "image_size" in o or "feat_sizes" in o]
         pred = build_sam2_video_predictor(sam2_spec(size).config, None, device=str(dev), hydra_overrides_extra=extra)
     pred.load_state_dict(sam.model.state_dict())
     pred.eval()

@@ -20,19 +20,23 @@ class WeightsUnavailable(Exception):
 
 def model_options() -> argparse.ArgumentParser:
     """Options shared by every command that loads a model."""
-    from .registry import DINOV2_MODELS, SAM2_MODELS
+    from .registry import DEFAULT_SAM2, DINOV2_MODELS, SAM2_MODELS
 
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("models")
-    g.add_argument("--sam2", default="tiny", choices=list(SAM2_MODELS), help="SAM 2.1 size (default: tiny)")
+    g.add_argument("--sam2", default=DEFAULT_SAM2, type=_sam2_backbone, metavar="BACKBONE",
+                   help=f"SAM 2 backbone: {', '.join(SAM2_MODELS)} (default: {DEFAULT_SAM2}; the old "
+                        "names tiny, small, base_plus, large still work). Each sets its native --image-size")
     g.add_argument("--dinov2", default="small", choices=list(DINOV2_MODELS), help="DINOv2 size (default: small)")
     g.add_argument("--sam2-checkpoint", type=Path, default=None, metavar="FILE",
-                   help="SAM 2.1 checkpoint (default: $RSEG_SAM2_CHECKPOINT, $RSEG_WEIGHTS_DIR or the HF cache)")
+                   help="checkpoint of the --sam2 backbone, e.g. another MedSAM2 release for medsam2 "
+                        "(default: $RSEG_SAM2_CHECKPOINT, $RSEG_WEIGHTS_DIR or the HF cache)")
     g.add_argument("--dinov2-path", type=Path, default=None, metavar="DIR",
                    help="DINOv2 folder with config.json + model.safetensors (default: $RSEG_DINOV2_PATH, $RSEG_WEIGHTS_DIR or the HF cache)")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    g.add_argument("--image-size", type=int, default=1024,
-                   help="SAM 2 input size, a multiple of 32 (default 1024, as SAM 2 was trained)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="SAM 2 input size, a multiple of 32 (default: the backbone's native size, "
+                        "1024 for SAM 2.1, 512 for MedSAM2; another value is used with a warning)")
     g.add_argument("--dinov2-input-size", type=int, default=224, help="DINOv2 input size (default 224)")
     g.add_argument("--fill-hole-area", type=int, default=0, metavar="PX",
                    help="fill background holes up to PX low-res pixels, SAM 2's optional post-processing "
@@ -49,6 +53,34 @@ def model_options() -> argparse.ArgumentParser:
                    help="use seeded RANDOM weights (tests/benchmarks only: the output is meaningless)")
     g.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
     return p
+
+
+def _sam2_backbone(text: str) -> str:
+    """An argparse type: a SAM 2 backbone name or alias -> its canonical name."""
+    from .registry import canonical_sam2
+
+    try:
+        return canonical_sam2(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def sam2_image_size(args: argparse.Namespace) -> int:
+    """The SAM 2 input size: --image-size, else the backbone's native one (a warning when they differ)."""
+    from .models import check_image_size, image_size_message
+    from .registry import sam2_spec
+
+    spec = sam2_spec(args.sam2)
+    if args.image_size is None:
+        return spec.image_size
+    try:
+        check_image_size(args.image_size)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    if args.image_size != spec.image_size:
+        print(f"rseg: WARNING: --image-size {args.image_size}: {image_size_message(spec.name, args.image_size)}",
+              file=sys.stderr)
+    return int(args.image_size)
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -109,8 +141,9 @@ def make_engine(args: argparse.Namespace):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            sam = load_sam2(args.sam2, args.sam2_checkpoint, device=args.device, image_size=args.image_size,
-                            random_weights=args.random_weights, seed=args.seed)
+            sam = load_sam2(args.sam2, args.sam2_checkpoint, device=args.device,
+                            image_size=sam2_image_size(args), random_weights=args.random_weights,
+                            seed=args.seed)
     except MissingWeightsError as e:
         raise WeightsUnavailable(str(e)) from None
     engine = Sam2MemoryEngine(sam, fill_hole_area=args.fill_hole_area)

@@ -1,4 +1,4 @@
-"""`rseg weights ...`: download, list and verify the SAM 2.1 / DINOv2 weights.
+"""`rseg weights ...`: download, list and verify the SAM 2 (SAM 2.1, MedSAM2) / DINOv2 weights.
 
 Downloads go through huggingface_hub into its cache ($HF_HOME/hub), or into a plain weights folder
 (`--dir`, $RSEG_WEIGHTS_DIR). Exit codes: 0 ok, 1 failure (corrupt file, cancelled, declined),
@@ -17,6 +17,8 @@ from .registry import (
     ENV_MIRROR,
     ENV_WEIGHTS_DIR,
     SAM2_MODELS,
+    canonical_sam2,
+    sam2_spec,
     weights_dir,
     weights_location,
 )
@@ -28,18 +30,26 @@ EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
 
 
-def _size_list(catalogue: dict[str, Any], what: str) -> Callable[[str], list[str]]:
-    """An argparse type: comma-separated sizes from `catalogue` ("none" for none)."""
+def _size_list(
+    catalogue: dict[str, Any], what: str, resolve: Callable[[str], str] | None = None
+) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names from `catalogue` ("none" for none); `resolve` maps
+    an alias to its catalogue name (SAM 2: 'tiny' -> 'sam2.1-tiny')."""
 
     def parse(text: str) -> list[str]:
         sizes: list[str] = []
         for raw in text.split(","):
-            s = raw.strip().lower().replace("+", "_plus") if raw.strip() else ""
+            s = raw.strip().lower() if raw.strip() else ""
             if s in ("", "none"):
                 continue
+            if resolve is not None:
+                try:
+                    s = resolve(s)
+                except ValueError:
+                    pass
             if s not in catalogue:
                 raise argparse.ArgumentTypeError(
-                    f"unknown {what} size {raw.strip()!r}; choose from {', '.join(catalogue)} "
+                    f"unknown {what} {raw.strip()!r}; choose from {', '.join(catalogue)} "
                     "(comma-separated) or none"
                 )
             if s not in sizes:
@@ -60,7 +70,7 @@ def add_weights_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     weights = subparsers.add_parser(
         "weights", help="download, list or verify model weights",
-        description="Download, list or verify the SAM 2.1 and DINOv2 weights RetrievalSeg uses.",
+        description="Download, list or verify the SAM 2 (SAM 2.1, MedSAM2) and DINOv2 weights RetrievalSeg uses.",
     )
     sub = weights.add_subparsers(dest="weights_command", metavar="{download,list,verify}")
     sub.required = True
@@ -72,8 +82,11 @@ def add_weights_parser(subparsers: Any) -> argparse.ArgumentParser:
         "checked (length, SHA-256 where the Hub announces it, strict load) and removed if bad.",
     )
     dl.add_argument(
-        "--sam2", type=_size_list(SAM2_MODELS, "SAM 2.1"), default=["tiny"], metavar="SIZES",
-        help=f"SAM 2.1 sizes, comma-separated ({', '.join(SAM2_MODELS)}, none); default tiny",
+        "--sam2", type=_size_list(SAM2_MODELS, "SAM 2 backbone", canonical_sam2),
+        default=["sam2.1-tiny"], metavar="NAMES",
+        help=f"SAM 2 backbones, comma-separated ({', '.join(SAM2_MODELS)}, none; the old names "
+        "tiny, small, base_plus, large still work); default sam2.1-tiny. MedSAM2's weights "
+        "have no licence we could find: its terms are shown before the download",
     )
     dl.add_argument(
         "--dinov2", type=_size_list(DINOV2_MODELS, "DINOv2"), default=["small"], metavar="SIZES",
@@ -95,8 +108,8 @@ def add_weights_parser(subparsers: Any) -> argparse.ArgumentParser:
     vf = sub.add_parser(
         "verify", parents=[common], help="strictly load the weights that are present",
     )
-    vf.add_argument("--sam2", type=_size_list(SAM2_MODELS, "SAM 2.1"), default=None,
-                    metavar="SIZES", help="only these SAM 2.1 sizes (absent ones fail)")
+    vf.add_argument("--sam2", type=_size_list(SAM2_MODELS, "SAM 2 backbone", canonical_sam2),
+                    default=None, metavar="NAMES", help="only these SAM 2 backbones (absent ones fail)")
     vf.add_argument("--dinov2", type=_size_list(DINOV2_MODELS, "DINOv2"), default=None,
                     metavar="SIZES", help="only these DINOv2 sizes (absent ones fail)")
     vf.add_argument("--json", action="store_true", help="machine-readable output")
@@ -114,6 +127,23 @@ def _confirm(prompt: str) -> bool:
     except EOFError:
         return False
     return answer.strip().lower() in ("y", "yes")
+
+
+def _print_terms(items: list[Any]) -> None:
+    """The licence of each model to download, and any terms notice, before consent is asked."""
+    shown: set[str] = set()
+    for it in items:
+        if it.model in shown:
+            continue
+        shown.add(it.model)
+        if it.kind != "sam2":
+            print(f"Licence of DINOv2 {it.model}: Apache-2.0 (code and weights; facebookresearch/dinov2)")
+            continue
+        spec = sam2_spec(it.model)
+        print(f"Licence of {spec.display}: {spec.licence}")
+        if spec.weights_terms:
+            print(f"  NOTE on the {spec.display} weights: {spec.weights_terms}")
+        print(f"  Cite: {spec.citation}")
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -145,6 +175,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     if not todo:
         print("Everything is already present (use --force to download again).")
         return EXIT_OK
+    _print_terms(todo)
     total = sum(it.approx_mb for it in todo)
     print(f"{len(todo)} file(s), about {total:.0f} MB in all.")
     if not args.yes and sys.stdin.isatty():
@@ -182,7 +213,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"Weights in: {where}")
     for e in entries:
         state = f"present  {e.size / 2**20:8.1f} MB" if e.present else "missing"
-        print(f"  {e.kind:<6} {e.model:<9} {e.name:<28} {state}")
+        print(f"  {e.kind:<6} {e.model:<16} {e.name:<28} {state}")
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from .engine import Sam2MemoryEngine
 from .memory import SupportMemoryCache
 from .models import load_dinov2, load_sam2
+from .registry import DEFAULT_SAM2
 from .retrieval import SliceEmbedder
 
 
@@ -21,20 +22,24 @@ class RetrievalEngine:
     @classmethod
     def load(
         cls,
-        sam2_size: str = "tiny",
+        sam2_size: str = DEFAULT_SAM2,
         dinov2_size: str = "small",
         *,
         sam2_checkpoint: str | Path | None = None,
         dinov2_path: str | Path | None = None,
         device: str = "auto",
-        image_size: int = 1024,
+        image_size: int | None = None,
         random_weights: bool = False,
         seed: int = 0,
         fill_hole_area: int = 0,
         dinov2_input_size: int = 224,
         compile: bool = False,
     ) -> "RetrievalEngine":
-        """Load both models from local weights (or random weights when explicitly asked)."""
+        """Load both models from local weights (or random weights when explicitly asked).
+
+        `sam2_size` is a SAM 2 backbone (registry.SAM2_MODELS, e.g. "sam2.1-tiny", "medsam2", or an
+        old size name); `image_size` None uses its native input size.
+        """
         sam = load_sam2(
             sam2_size, sam2_checkpoint, device=device, image_size=image_size,
             random_weights=random_weights, seed=seed,

@@ -1,9 +1,9 @@
 """Catalogue of the models RetrievalSeg knows: Hub repositories, file names, architectures.
 
 One place for every name a user may see in an error message, a command line or the Slicer panel,
-and for the project's environment switches. Both model families are published on the Hugging Face
-Hub (SAM 2.1 as `facebook/sam2.1-hiera-<size>`, the repositories sam2's own `build_sam2_hf` reads;
-DINOv2 as `facebook/dinov2-<size>`) and are fetched with `huggingface_hub` into its shared cache
+and for the project's environment switches. Every model is published on the Hugging Face Hub
+(SAM 2.1 as `facebook/sam2.1-hiera-<size>`, the repositories sam2's own `build_sam2_hf` reads;
+MedSAM2 as `wanglab/MedSAM2`; DINOv2 as `facebook/dinov2-<size>`) and are fetched with `huggingface_hub` into its shared cache
 (`$HF_HOME/hub`), unless a plain weights folder is configured ($RSEG_WEIGHTS_DIR).
 
 `RSEG_OFFLINE` and `RSEG_WEIGHTS_MIRROR` stay the project's switches; `apply_hub_environment()`
@@ -50,23 +50,77 @@ def cached_hub_file(repo_id: str, filename: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+#: Licence texts shown in `rseg weights download`, the README and the Slicer acknowledgement.
+SAM2_LICENCE = "Apache-2.0 (code and weights; facebookresearch/sam2)"
+MEDSAM2_CODE_LICENCE = "Apache-2.0 (code; github.com/bowang-lab/MedSAM2, LICENSE)"
+MEDSAM2_WEIGHTS_TERMS = (
+    "no licence for the MedSAM2 weights was found: the repository's LICENSE (Apache-2.0) is the "
+    "code's, and its README and checkpoints/README.md state no terms for the checkpoints (checked "
+    "at github.com/bowang-lab/MedSAM2, commit 332f30d, 2026-11-27; the Hugging Face model card "
+    "wanglab/MedSAM2 could not be read from here). The weights are a fine-tune of SAM 2.1 "
+    "hiera-tiny (Apache-2.0). Check the terms with the authors before clinical or commercial use."
+)
+SAM2_CITATION = (
+    "Ravi N. et al. SAM 2: Segment Anything in Images and Videos. ICLR 2025, arXiv:2408.00714"
+)
+MEDSAM2_CITATION = (
+    "Ma J., Yang Z., Kim S., Chen B., Baharoon M., Fallahpour A., Asakereh R., Lyu H., Wang B. "
+    "MedSAM2: Segment Anything in 3D Medical Images and Videos. arXiv:2504.03600, 2025"
+)
+
+
 @dataclass(frozen=True)
 class Sam2Spec:
-    """One SAM 2.1 size: packaged hydra config, Hub repository and checkpoint file in it."""
+    """One SAM 2 backbone: packaged sam2 config + its differences, native size, Hub file, terms.
 
-    size: str
+    `config` is a YAML packaged with the official `sam2` package; `config_overrides` are the only
+    differences the backbone applies to it (hydra `++key=value`), each stated against the published
+    config it reproduces. Backbones of one `architecture` have identical state-dict keys and shapes
+    (a file of one loads strictly into the other); only a file's digest can tell them apart.
+    """
+
+    name: str  # canonical name, e.g. "sam2.1-tiny", "medsam2"
     config: str  # path inside the sam2 package's hydra search path
     filename: str
     approx_mb: int  # shown before a download is confirmed; the server's length is authoritative
+    repo_id: str  # Hugging Face Hub repository of `filename`
+    image_size: int = 1024  # native input size: the default unless --image-size says otherwise
+    config_overrides: tuple[tuple[str, str], ...] = ()  # (hydra key under model., value)
+    architecture: str = ""  # e.g. "hiera-tiny": trunk embed dim x blocks (see trunk_signature)
+    trunk_signature: tuple[int, int] = (0, 0)  # (patch-embed channels, number of Hiera blocks)
+    licence: str = SAM2_LICENCE
+    weights_terms: str | None = None  # shown before download; None: the licence above covers them
+    citation: str = SAM2_CITATION
+    trained_on: str = "SA-V videos and SA-1B images (natural images)"
+    published_sha256: tuple[str, ...] = ()  # SHA-256 of the published file(s), where known
+    aliases: tuple[str, ...] = ()
 
     @property
-    def repo_id(self) -> str:
-        """The Hub repository (as in sam2's HF_MODEL_ID_TO_FILENAMES), e.g. facebook/sam2.1-hiera-tiny."""
-        return "facebook/sam2.1-hiera-" + self.size.replace("_", "-")
+    def size(self) -> str:
+        """The canonical name (kept for callers that knew backbones as SAM 2.1 sizes)."""
+        return self.name
+
+    @property
+    def display(self) -> str:
+        """How messages name it, e.g. 'SAM 2.1 tiny' or 'MedSAM2'."""
+        if self.name.startswith("sam2.1-"):
+            return "SAM 2.1 " + self.name[len("sam2.1-"):]
+        return "MedSAM2" if self.name == "medsam2" else self.name
 
     @property
     def url(self) -> str:
         return hub_url(self.repo_id, self.filename)
+
+    def hydra_overrides(self, image_size: int | None = None) -> list[str]:
+        """The backbone's config differences, then the input-size change when `image_size` is not native."""
+        values = dict(self.config_overrides)
+        if image_size is not None and image_size != self.image_size:
+            feat = image_size // 16  # stride-16 top-level feature map that RoPE attention runs on
+            values["image_size"] = str(image_size)
+            values["memory_attention.layer.self_attention.feat_sizes"] = f"[{feat},{feat}]"
+            values["memory_attention.layer.cross_attention.feat_sizes"] = f"[{feat},{feat}]"
+        out = [f"++model.{key}={value}" for key, value in values.items()]
+        return out
 
 
 @dataclass(frozen=True)
@@ -90,14 +144,47 @@ class Dinov2Spec:
         return hub_url(self.repo_id, filename)
 
 
+def _sam21(size: str, yaml: str, approx_mb: int, signature: tuple[int, int], aliases: tuple[str, ...]) -> Sam2Spec:
+    hub = size.replace("_", "-")
+    return Sam2Spec(
+        name=f"sam2.1-{hub}", config=f"configs/sam2.1/sam2.1_hiera_{yaml}.yaml",
+        filename=f"sam2.1_hiera_{size}.pt", approx_mb=approx_mb,
+        repo_id=f"facebook/sam2.1-hiera-{hub}", architecture=f"hiera-{hub}",
+        trunk_signature=signature, aliases=aliases,
+    )
+
+
+#: MedSAM2's published sam2.1_hiera_t512.yaml (github.com/bowang-lab/MedSAM2, sam2/configs/,
+#: commit 332f30d) differs from sam2 1.1.0's packaged configs/sam2.1/sam2.1_hiera_t.yaml in exactly
+#: these three lines (diffed line by line; everything else, the post-processing included, is equal):
+MEDSAM2_CONFIG_OVERRIDES: tuple[tuple[str, str], ...] = (
+    ("image_size", "512"),  # 1024 in sam2.1_hiera_t.yaml
+    ("memory_attention.layer.self_attention.feat_sizes", "[32,32]"),  # [64, 64]
+    ("memory_attention.layer.cross_attention.feat_sizes", "[32,32]"),  # [64, 64]
+)
+
 SAM2_MODELS: dict[str, Sam2Spec] = {
-    "tiny": Sam2Spec("tiny", "configs/sam2.1/sam2.1_hiera_t.yaml", "sam2.1_hiera_tiny.pt", 156),
-    "small": Sam2Spec("small", "configs/sam2.1/sam2.1_hiera_s.yaml", "sam2.1_hiera_small.pt", 184),
-    "base_plus": Sam2Spec(
-        "base_plus", "configs/sam2.1/sam2.1_hiera_b+.yaml", "sam2.1_hiera_base_plus.pt", 324
-    ),
-    "large": Sam2Spec("large", "configs/sam2.1/sam2.1_hiera_l.yaml", "sam2.1_hiera_large.pt", 898),
+    spec.name: spec
+    for spec in (
+        _sam21("tiny", "t", 156, (96, 12), ("tiny",)),
+        _sam21("small", "s", 184, (96, 16), ("small",)),
+        _sam21("base_plus", "b+", 324, (112, 24), ("base_plus", "base-plus", "base+", "b+")),
+        _sam21("large", "l", 898, (144, 48), ("large",)),
+        Sam2Spec(
+            name="medsam2", config="configs/sam2.1/sam2.1_hiera_t.yaml",
+            filename="MedSAM2_latest.pt", approx_mb=156, repo_id="wanglab/MedSAM2",
+            image_size=512, config_overrides=MEDSAM2_CONFIG_OVERRIDES,
+            architecture="hiera-tiny", trunk_signature=(96, 12),
+            licence=MEDSAM2_CODE_LICENCE, weights_terms=MEDSAM2_WEIGHTS_TERMS,
+            citation=MEDSAM2_CITATION,
+            trained_on="SAM 2.1 tiny fully fine-tuned on 455k 3D medical image-mask pairs and 76k "
+            "video frames (CT, MRI, PET, ultrasound, endoscopy)",
+            aliases=("medsam2_latest",),
+        ),
+    )
 }
+#: The backbone used when none is named (never one whose weights terms are unknown).
+DEFAULT_SAM2 = "sam2.1-tiny"
 
 DINOV2_MODELS: dict[str, Dinov2Spec] = {
     "small": Dinov2Spec(
@@ -111,14 +198,20 @@ DINOV2_MODELS: dict[str, Dinov2Spec] = {
 DINOV2_FILES = ("config.json", "model.safetensors")
 
 
-def sam2_spec(size: str) -> Sam2Spec:
-    """The SAM 2.1 spec for `size`, or a ValueError listing the valid sizes."""
-    try:
-        return SAM2_MODELS[size]
-    except KeyError:
-        raise ValueError(
-            f"unknown SAM 2.1 size {size!r}; choose one of {', '.join(SAM2_MODELS)}"
-        ) from None
+def canonical_sam2(name: str) -> str:
+    """The canonical backbone name for `name` or one of its aliases ('tiny' -> 'sam2.1-tiny')."""
+    key = str(name).strip().lower().replace("_", "-") if name is not None else ""
+    for spec in SAM2_MODELS.values():
+        if key == spec.name or key in {a.lower().replace("_", "-") for a in spec.aliases}:
+            return spec.name
+    names = ", ".join(SAM2_MODELS)
+    old = ", ".join(a for s in SAM2_MODELS.values() for a in s.aliases)
+    raise ValueError(f"unknown SAM 2 backbone {name!r}; choose one of {names} (or the old names {old})")
+
+
+def sam2_spec(name: str) -> Sam2Spec:
+    """The backbone spec for `name` (canonical or alias), or a ValueError listing the valid names."""
+    return SAM2_MODELS[canonical_sam2(name)]
 
 
 def dinov2_spec(size: str) -> Dinov2Spec:

@@ -1,7 +1,8 @@
-"""Download, list and verify the model weights RetrievalSeg uses (SAM 2.1 and DINOv2).
+"""Download, list and verify the model weights RetrievalSeg uses (SAM 2.1, MedSAM2, DINOv2).
 
 Downloads go through `huggingface_hub.hf_hub_download`; this module holds no HTTP code. Files come
-from the Hub repositories in `registry` (`facebook/sam2.1-hiera-<size>`, `facebook/dinov2-<size>`)
+from the Hub repositories in `registry` (`facebook/sam2.1-hiera-<size>`, `wanglab/MedSAM2`,
+`facebook/dinov2-<size>`)
 and land in one of two places:
 
 * the Hugging Face cache (`$HF_HOME/hub`, shared with transformers and other tools), by default;
@@ -54,7 +55,7 @@ from .registry import (
     weights_location,
 )
 
-DEFAULT_SAM2_SIZES: tuple[str, ...] = ("tiny",)
+DEFAULT_SAM2_SIZES: tuple[str, ...] = ("sam2.1-tiny",)
 DEFAULT_DINOV2_SIZES: tuple[str, ...] = ("small",)
 
 #: callback(done_bytes, total_bytes or None when the server does not say, item name)
@@ -102,7 +103,7 @@ class DownloadItem:
     sha256: str | None  # published SHA-256 where the registry knows it
     approx_mb: float
     kind: str  # "sam2" or "dinov2"
-    model: str  # size key in the registry, e.g. "tiny"
+    model: str  # name in the registry, e.g. "sam2.1-tiny", "medsam2", "small" (DINOv2)
 
     @property
     def destination(self) -> Path | None:
@@ -192,12 +193,12 @@ def plan_downloads(
     endpoint = hub_endpoint(mirror)
     root = _root(dest_dir)
     items: list[DownloadItem] = []
-    for size in _sizes(sam2_sizes):
-        spec = sam2_spec(size)
+    for name in dict.fromkeys(sam2_spec(s).name for s in _sizes(sam2_sizes)):  # aliases -> names
+        spec = sam2_spec(name)
         items.append(DownloadItem(
             name=spec.filename, repo_id=spec.repo_id, filename=spec.filename,
             url=hub_url(spec.repo_id, spec.filename, endpoint), endpoint=endpoint,
-            local_dir=root, sha256=None, approx_mb=float(spec.approx_mb), kind="sam2", model=size,
+            local_dir=root, sha256=None, approx_mb=float(spec.approx_mb), kind="sam2", model=name,
         ))
     for size in _sizes(dinov2_sizes):
         dspec = dinov2_spec(size)
@@ -255,7 +256,7 @@ def offline_message(items: Sequence[DownloadItem], reason: str | None = None) ->
         lines.append(f"  {it.name}  ({_mb(it.approx_mb)}) from {it.url}, into {it.where}")
     lines.append(
         f"To get them: copy the files into a folder laid out like `{ENV_WEIGHTS_DIR}` expects "
-        f"(sam2.1_hiera_<size>.pt, dinov2-<size>/config.json + model.safetensors) and set "
+        f"(sam2.1_hiera_<size>.pt, MedSAM2_latest.pt, dinov2-<size>/config.json + model.safetensors) and set "
         f"{ENV_WEIGHTS_DIR} to it, or copy a Hugging Face cache that holds them (HF_HOME), or "
         f"unset {ENV_OFFLINE} (and HF_HUB_OFFLINE) and run `rseg weights download`, with "
         f"{ENV_MIRROR} set to your Hub mirror if you have one."
@@ -464,7 +465,7 @@ def _check(item: DownloadItem, path: Path) -> None:
         _check_loadable(item, path)
     except _LOAD_ERRORS as e:
         _discard(item, path)
-        what = f"SAM 2.1 {item.model}" if item.kind == "sam2" else f"DINOv2 {item.model}"
+        what = sam2_spec(item.model).display if item.kind == "sam2" else f"DINOv2 {item.model}"
         raise IntegrityError(
             f"{item.name} from {item.url} does not load as {what}: {str(e).rstrip('.')}. "
             "The file was deleted; run the download again, and if it fails the same way, check "
@@ -563,7 +564,8 @@ def verify(
 ) -> list[VerifyResult]:
     """Strictly load weights: the named sizes (absent ones reported), else every present model."""
     explicit = sam2_sizes is not None or dinov2_sizes is not None
-    wanted = [("sam2", s) for s in (_sizes(sam2_sizes) if explicit else list(SAM2_MODELS))]
+    sam2_names = dict.fromkeys(sam2_spec(s).name for s in _sizes(sam2_sizes))
+    wanted = [("sam2", s) for s in (sam2_names if explicit else list(SAM2_MODELS))]
     wanted += [("dinov2", s) for s in (_sizes(dinov2_sizes) if explicit else list(DINOV2_MODELS))]
     results: list[VerifyResult] = []
     for kind, model in wanted:

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 
 from . import worker_protocol as wp
+from .registry import sam2_spec
 
 log = logging.getLogger("RetrievalSeg.worker")
 
@@ -380,7 +381,7 @@ class Worker:
         """The engine of these settings, loaded once and kept (with its memory caches)."""
         if self._engine is None or self._engine_settings != settings:
             if ctx is not None:
-                ctx.status(f"Loading SAM 2.1 {settings.sam2_size} and DINOv2 {settings.dinov2_size}...")
+                ctx.status(f"Loading {sam2_spec(settings.sam2_size).display} and DINOv2 {settings.dinov2_size}...")
             self._engine = None  # free the old models before loading new ones
             self._engine = settings.load()
             self._engine_settings = settings

@@ -134,10 +134,10 @@ class JobEvent:
 class EngineSettings:
     """Which models to load and where from; equal settings reuse the loaded engine."""
 
-    sam2_size: str = "tiny"
+    sam2_size: str = "sam2.1-tiny"  # a SAM 2 backbone (registry.SAM2_MODELS) or an old size name
     dinov2_size: str = "small"
     device: str = "auto"
-    image_size: int = 1024
+    image_size: int | None = None  # None: the backbone's native size (1024 SAM 2.1, 512 MedSAM2)
     weights_dir: str | None = None  # a plain weights folder; None: $RSEG_WEIGHTS_DIR or the HF cache
     random_weights: bool = False  # tests and demos only: meaningless output
     seed: int = 0
@@ -171,7 +171,7 @@ class EngineSettings:
             self.sam2_size,
             self.dinov2_size,
             device=self.device,
-            image_size=int(self.image_size),
+            image_size=None if self.image_size is None else int(self.image_size),
             random_weights=self.random_weights,
             seed=self.seed,
             **kwargs,

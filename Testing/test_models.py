@@ -77,7 +77,7 @@ def test_missing_sam2_checkpoint_names_file_command_and_variable(tmp_path, monke
         models.load_sam2("base_plus", device="cpu")
     msg = str(e.value)
     assert str(tmp_path / "sam2.1_hiera_base_plus.pt") in msg
-    assert "rseg weights download --sam2 base_plus" in msg
+    assert "rseg weights download --sam2 sam2.1-base-plus" in msg
     assert "RSEG_SAM2_CHECKPOINT" in msg and "RSEG_WEIGHTS_DIR" in msg
 
 
@@ -107,7 +107,7 @@ def test_random_weights_warn_and_are_seeded():
 
 
 def test_unknown_sizes_and_devices_are_clear_errors():
-    with pytest.raises(ValueError, match="tiny, small, base_plus, large"):
+    with pytest.raises(ValueError, match="sam2.1-tiny, sam2.1-small, sam2.1-base-plus, sam2.1-large, medsam2"):
         models.load_sam2("huge", random_weights=True, device="cpu")
     with pytest.raises(ValueError, match="multiple of 32"):
         models.sam2_hydra_overrides(500)

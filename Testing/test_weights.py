@@ -26,7 +26,7 @@ from RetrievalSegLib import cli_weights, registry, weights
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CHILD = HERE / "_weights_child.py"
-SAM2 = registry.SAM2_MODELS["tiny"]  # facebook/sam2.1-hiera-tiny, sam2.1_hiera_tiny.pt
+SAM2 = registry.sam2_spec("tiny")  # facebook/sam2.1-hiera-tiny, sam2.1_hiera_tiny.pt
 DINO = registry.DINOV2_MODELS["small"]  # facebook/dinov2-small
 PAYLOAD = os.urandom(300_000) + b"end"
 DINO_CONFIG = json.dumps({"model_type": "dinov2", "hidden_size": 384}).encode()
@@ -84,8 +84,12 @@ def gets(hub: HubServer) -> list[dict[str, Any]]:
 def test_catalogue_is_the_repositories_sam2_itself_reads() -> None:
     from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES
 
-    for spec in registry.SAM2_MODELS.values():
+    sam21 = [s for s in registry.SAM2_MODELS.values() if s.name.startswith("sam2.1-")]
+    assert len(sam21) == 4
+    for spec in sam21:
         assert HF_MODEL_ID_TO_FILENAMES[spec.repo_id] == (spec.config, spec.filename)
+    medsam2 = registry.sam2_spec("medsam2")  # not in sam2's table: MedSAM2's own download script
+    assert (medsam2.repo_id, medsam2.filename) == ("wanglab/MedSAM2", "MedSAM2_latest.pt")
     assert [d.repo_id for d in registry.DINOV2_MODELS.values()] == [
         "facebook/dinov2-small", "facebook/dinov2-base", "facebook/dinov2-large"]
 
@@ -300,7 +304,7 @@ def test_checkpoints_that_do_not_load_strictly_are_refused(
 ) -> None:
     # complete, honest transfers (the SHA-256 matches) of files that are not SAM 2.1 checkpoints
     hub.add(SAM2.repo_id, SAM2.filename, model_files["not_sam2"])
-    small = registry.SAM2_MODELS["small"]
+    small = registry.sam2_spec("small")
     hub.add(small.repo_id, small.filename, model_files["pickle"])
     out = run_child({"op": "download", "each": [
         {"sam2_sizes": "tiny", "dinov2_sizes": None}, {"sam2_sizes": "small", "dinov2_sizes": None},
@@ -341,7 +345,7 @@ def test_cli_usage_errors_and_consent(
 ) -> None:
     with pytest.raises(SystemExit) as ei:
         run_cli("download", "--sam2", "huge")
-    assert ei.value.code == 2 and "choose from tiny" in capsys.readouterr().err
+    assert ei.value.code == 2 and "choose from sam2.1-tiny" in capsys.readouterr().err
     assert run_cli("download", "--sam2", "none", "--dinov2", "none") == 2
     assert run_cli("download", "--mirror", "gopher://x", "--yes", "--dir", str(tmp_path)) == 2
     assert run_cli("download", "--mirror", str(tmp_path), "--yes", "--dir", str(tmp_path)) == 2
@@ -368,10 +372,10 @@ def test_cli_is_wired_through_add_weights_parser() -> None:
     sub = parser.add_subparsers(dest="command")
     cli_weights.add_weights_parser(sub)
     args = parser.parse_args(["weights", "download"])
-    assert args.func is cli_weights.cmd_download and args.sam2 == ["tiny"]
+    assert args.func is cli_weights.cmd_download and args.sam2 == ["sam2.1-tiny"]
     assert args.dinov2 == ["small"] and not args.yes
     args = parser.parse_args(["weights", "verify", "--sam2", "tiny,base+", "--json"])
-    assert args.func is cli_weights.cmd_verify and args.sam2 == ["tiny", "base_plus"]
+    assert args.func is cli_weights.cmd_verify and args.sam2 == ["sam2.1-tiny", "sam2.1-base-plus"]
 
 
 def test_missing_weights_name_the_hugging_face_cache(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -384,7 +388,7 @@ def test_missing_weights_name_the_hugging_face_cache(monkeypatch: pytest.MonkeyP
         models.load_sam2("tiny", device="cpu")
     msg = str(ei.value)
     assert f"the Hugging Face cache ({cache}) (facebook/sam2.1-hiera-tiny)" in msg
-    assert "rseg weights download --sam2 tiny" in msg and registry.ENV_WEIGHTS_DIR in msg
+    assert "rseg weights download --sam2 sam2.1-tiny" in msg and registry.ENV_WEIGHTS_DIR in msg
     with pytest.raises(models.MissingWeightsError, match="facebook/dinov2-small"):
         models.load_dinov2("small", device="cpu")
 
