@@ -27,12 +27,35 @@ def write_pseudo_video(folder: Path, frames_u8: Sequence[np.ndarray]) -> list[np
     return [np.array(Image.open(folder / f"{i:05d}.jpg").convert("RGB")) for i in range(len(frames_u8))]
 
 
+#: MedSAM2's published config (github.com/bowang-lab/MedSAM2, sam2/configs/sam2.1_hiera_t512.yaml,
+#: commit 332f30d), written down here from that file as its differences from sam2 1.1.0's packaged
+#: sam2.1_hiera_t.yaml (a line-by-line diff: exactly these three lines) and deliberately NOT taken
+#: from the registry, so that the fidelity test checks the registry's MedSAM2 entry against it.
+MEDSAM2_PUBLISHED_BASE = "configs/sam2.1/sam2.1_hiera_t.yaml"
+MEDSAM2_PUBLISHED_DIFF = {
+    "model.image_size": 512,
+    "model.memory_attention.layer.self_attention.feat_sizes": [32, 32],
+    "model.memory_attention.layer.cross_attention.feat_sizes": [32, 32],
+}
+
+
+def reference_config(size: str, image_size: int) -> tuple[str, list[str]]:
+    """(packaged YAML, hydra overrides) the official predictor is built from for this case."""
+    if sam2_spec(size).name == "medsam2":
+        assert image_size == 512, "the MedSAM2 reference is its published 512 px config"
+        return MEDSAM2_PUBLISHED_BASE, [
+            f"++{k}={str(v).replace(' ', '')}" for k, v in MEDSAM2_PUBLISHED_DIFF.items()
+        ]
+    extra = [o for o in sam2_hydra_overrides(image_size) if "image_size" in o or "feat_sizes" in o]
+    return sam2_spec(size).config, extra
+
+
 def build_reference_predictor(sam2_model: torch.nn.Module, size: str, image_size: int):
-    """The official video predictor with the same weights as `sam2_model`."""
+    """The official video predictor with the same weights as `sam2_model` (MedSAM2: its published config)."""
     from sam2.build_sam import build_sam2_video_predictor
 
-    extra = [o for o in sam2_hydra_overrides(image_size) if "image_size" in o or "feat_sizes" in o]
-    pred = build_sam2_video_predictor(sam2_spec(size).config, None, device="cpu", hydra_overrides_extra=extra)
+    config, extra = reference_config(size, image_size)
+    pred = build_sam2_video_predictor(config, None, device="cpu", hydra_overrides_extra=extra)
     pred.load_state_dict(sam2_model.state_dict(), strict=True)
     return pred.eval()
 

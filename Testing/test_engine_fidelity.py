@@ -80,13 +80,15 @@ _models: dict = {}
 _references: dict = {}
 
 
-def _engine_and_reference(image_size: int, seed: int):
-    key = (image_size, seed)
+def _engine_and_reference(image_size: int, seed: int, backbone: str = "tiny"):
+    key = (image_size, seed, backbone)
     if key not in _models:
         with pytest.warns(UserWarning, match="RANDOM weights"):
-            sam = load_sam2("tiny", random_weights=True, seed=seed, device="cpu", image_size=image_size)
+            size = None if backbone == "medsam2" else image_size  # MedSAM2: the entry's native size
+            sam = load_sam2(backbone, random_weights=True, seed=seed, device="cpu", image_size=size)
+        assert sam.image_size == image_size
         _models.clear()  # keep one pair alive: 2 cores, 24 GiB
-        _models[key] = (Sam2MemoryEngine(sam), build_reference_predictor(sam.model, "tiny", image_size))
+        _models[key] = (Sam2MemoryEngine(sam), build_reference_predictor(sam.model, backbone, image_size))
     return _models[key]
 
 
@@ -116,6 +118,7 @@ def _run_case(
     hw=(96, 80),
     engine: Sam2MemoryEngine | None = None,
     engine_masks: Callable[[dict], dict] = lambda m: m,
+    backbone: str = "tiny",
 ) -> Case:
     """Engine and predictor on the pseudo-video [support_1..support_k, query]; per-tensor errors.
 
@@ -125,9 +128,9 @@ def _run_case(
     """
     images, support_masks = _slices(seed, k, hw)
     decoded = write_pseudo_video(tmp_path / "video", images)
-    base_engine, predictor = _engine_and_reference(image_size, seed)
+    base_engine, predictor = _engine_and_reference(image_size, seed, backbone)
     engine = base_engine if engine is None else engine
-    key = (image_size, seed, k, tuple(hw))
+    key = (image_size, seed, k, tuple(hw), backbone)
     if key not in _references:
         with recording(predictor) as rec:
             ref_logits = reference_query_logits(predictor, tmp_path / "video", support_masks, LABELS)
@@ -189,6 +192,33 @@ def test_fidelity_matches_official_predictor_1024(tmp_path):
 @pytest.mark.parametrize("image_size,seed,k", [(512, 0, 8), (512, 4, 1), (512, 2, 3), (1024, 0, 3), (1024, 4, 8)])
 def test_fidelity_matches_official_predictor_full_sweep(tmp_path, image_size, seed, k):
     _assert_same(_run_case(tmp_path, image_size, seed, k), k)
+
+
+# ----------------------------------------------------------------------------- MedSAM2 backbone
+def _assert_medsam2_published_configuration(engine: Sam2MemoryEngine, predictor) -> None:
+    """The registry entry built exactly MedSAM2's published configuration, as the predictor did."""
+    from _reference import MEDSAM2_PUBLISHED_DIFF
+
+    assert engine.sam2.size == "medsam2" and engine.image_size == 512
+    feat = MEDSAM2_PUBLISHED_DIFF["model.memory_attention.layer.self_attention.feat_sizes"]
+    for model in (engine.model, predictor):
+        assert model.image_size == MEDSAM2_PUBLISHED_DIFF["model.image_size"]
+        assert model.sam_image_embedding_size == 32 and model.sam_prompt_encoder.image_embedding_size == (32, 32)
+        for layer in model.memory_attention.layers:
+            # RoPE tables are built from feat_sizes (sam2 rebuilds a wrong one silently at run time,
+            # so only the built table shows whether the config said [32, 32])
+            assert layer.self_attn.freqs_cis.shape[0] == feat[0] * feat[1]
+            assert layer.cross_attn_image.freqs_cis.shape[0] == feat[0] * feat[1]
+    assert engine.model.state_dict().keys() == predictor.state_dict().keys()
+
+
+@pytest.mark.parametrize("seed,k", [pytest.param(4, 1), pytest.param(0, 8, marks=pytest.mark.slow)])
+def test_fidelity_medsam2_matches_official_predictor_on_its_published_config(tmp_path, seed, k):
+    """MedSAM2 entry (random weights in its architecture) vs the official predictor built from
+    MedSAM2's published sam2.1_hiera_t512.yaml, at its native 512 px."""
+    case = _run_case(tmp_path, 512, seed, k, backbone="medsam2")
+    _assert_medsam2_published_configuration(*_engine_and_reference(512, seed, "medsam2"))
+    _assert_same(case, k)
 
 
 # ----------------------------------------------------------------------------- negative controls
