@@ -235,3 +235,16 @@ def test_weights_download_plans_medsam2_and_shows_its_terms_first(tmp_path, monk
     assert rc == 1 and fetched == [] and prompts == ["Download now? [y/N] "]
     assert "Licence of MedSAM2: Apache-2.0 (code" in out and "no licence for the MedSAM2 weights" in out
     assert out.index("no licence for the MedSAM2 weights") < out.index("Nothing downloaded")
+
+
+def test_slicer_settings_offer_exactly_the_registry_backbones():
+    import ast
+    from pathlib import Path
+
+    source = (Path(__file__).resolve().parents[1] / "RetrievalSeg" / "RetrievalSeg.py").read_text(encoding="utf-8")
+    node = next(n for n in ast.walk(ast.parse(source))
+                if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "sam2Size")
+    choices = next(c for c in ast.walk(node.annotation) if isinstance(c, ast.Call) and getattr(c.func, "id", "") == "Choice")
+    assert ast.literal_eval(choices.args[0]) == list(SAM2_MODELS)
+    assert ast.literal_eval(node.value) == registry.DEFAULT_SAM2
+    assert "MedSAM2" in source and "no licence for its weights" in source.replace("\n", " ")
