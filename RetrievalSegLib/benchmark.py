@@ -154,16 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=512, help="SAM 2 input size (512 default; 1024 = official)")
     p.add_argument("--ks", default="1,4,16", help="numbers of supports, comma separated")
     p.add_argument("--device", default="auto")
-    p.add_argument("--sam2", default="tiny", help="SAM 2.1 size")
+    p.add_argument("--sam2", default="sam2.1-tiny", help="SAM 2 backbone (sam2.1-tiny ... medsam2; old size names work)")
     p.add_argument("--queries", type=int, default=5, help="query slices timed on the engine path")
     p.add_argument("--ref-queries", type=int, default=2, help="query slices timed on the official path")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     a = p.parse_args(argv)
     ks = tuple(int(x) for x in a.ks.split(","))
-    print(f"RetrievalSeg benchmark: SAM 2.1 {a.sam2}, {a.image_size} px, random weights, k={ks}", file=sys.stderr)
+    from .registry import sam2_spec
+
+    name = sam2_spec(a.sam2).display
+    print(f"RetrievalSeg benchmark: {name}, {a.image_size} px, random weights, k={ks}", file=sys.stderr)
     r = run(a.image_size, ks, a.device, a.queries, a.ref_queries, a.sam2)
     print(f"machine: {r['machine']}; device: {r['device']}")
-    print(f"per-slice latency, SAM 2.1 {a.sam2} at {a.image_size} px, 1 label: best of {a.queries} query "
+    print(f"per-slice latency, {name} at {a.image_size} px, 1 label: best of {a.queries} query "
           f"slices for the engine, of {a.ref_queries} for the official path (median in brackets)")
     print("| k | engine (cached supports) ms | official predictor ms | speedup | mask agreement | max logit diff | peak MB engine / official |")
     print("|---|---|---|---|---|---|---|")
