@@ -261,14 +261,15 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Scenes saved before the backbone names ('tiny', 'base_plus') get the canonical name."""
         from RetrievalSegLib.registry import canonical_sam2
 
-        raw = self._parameterNode.parameterNode.GetParameter("sam2Size")
+        node = getattr(self._parameterNode, "parameterNode", None)  # the wrapped MRML node
+        raw = node.GetParameter("sam2Size") if node is not None else ""
         if raw:
             try:
                 name = canonical_sam2(raw)
             except ValueError:
                 name = "sam2.1-tiny"
             if name != raw:
-                self._parameterNode.parameterNode.SetParameter("sam2Size", name)
+                node.SetParameter("sam2Size", name)
 
     def _followBackboneImageSize(self) -> None:
         """A newly chosen backbone sets its native image size (the user may change it afterwards)."""
