@@ -27,7 +27,6 @@ module re-exports the public names (import them from here):
 """
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
@@ -37,6 +36,7 @@ from .bank_edit import BankEditing
 from .bank_format import (
     BANK_FILE,
     CASE_POLICIES,
+    DB_FILE,
     EMBEDDINGS_FILE,
     ENTRIES_DIR,
     ENV_LOCK_TIMEOUT,
@@ -72,10 +72,10 @@ from .bank_search import BankSearch
 from .bank_storage import FILELOCK_MINIMUM, BankStore
 from .bank_transfer import MAX_ARCHIVE_MEMBERS, MAX_BANK_JSON_BYTES, BankTransfer
 from .bank_verify import BankVerify
-from .fileio import atomic_write_bytes
+from .bank_upgrade import upgrade, write_new_bank
 
 __all__ = [
-    "BANK_FILE", "CASE_POLICIES", "DEFAULT_LOCK_TIMEOUT", "EMBEDDINGS_FILE", "ENTRIES_DIR",
+    "BANK_FILE", "CASE_POLICIES", "DB_FILE", "DEFAULT_LOCK_TIMEOUT", "EMBEDDINGS_FILE", "ENTRIES_DIR",
     "ENV_LOCK_TIMEOUT", "FILELOCK_MINIMUM", "INDEX_FILE", "LOCK_FILE", "MAX_ARCHIVE_MEMBERS",
     "MAX_BANK_JSON_BYTES", "MEMORIES_DIR", "ORIGINS", "RETIRED_BY_USER", "SCHEMA_VERSION",
     "SUBJECT_SEPARATORS", "BankCorruptError", "BankEditing", "BankEntry", "BankError",
@@ -137,11 +137,19 @@ class SupportBank(BankTransfer, BankSearch, BankEditing):
             created=_now(),
             bank_id=uuid.uuid4().hex,
         )
-        atomic_write_bytes(p / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"))
+        write_new_bank(p, state)
         return cls(p, lock_timeout)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], lock_timeout: float | None = None) -> "SupportBank":
         """Open an existing bank (clear errors for a missing folder, bad bank.json, newer schema)."""
         return cls(Path(path), lock_timeout)
+
+    def upgrade(self) -> Path | None:
+        """Upgrade a schema-1 bank to schema 2 (SQLite); the backup folder, None if already 2.
+
+        Also happens automatically on the first change; refused (with this command) on a bank
+        that is read-only for the user.
+        """
+        return upgrade(self)
 
