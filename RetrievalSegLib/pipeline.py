@@ -72,8 +72,8 @@ class RetrievalEngine:
         model identity plus '+autocast-bf16', so a float32 run never reads bf16 memories.
         `cache_dir` puts the files in `<cache_dir>/<bank id>/<model>/` instead (e.g. a cohort
         run's own folder beside a read-only bank); `max_bytes` caps RAM and disk use (default
-        `memory.memory_cache_cap()`: $RSEG_MEMORY_CACHE_GB or 4 GB). The first call for a bank
-        and identity decides both; later calls return that cache.
+        `memory.memory_cache_cap()`: $RSEG_MEMORY_CACHE_GB or 4 GB; a later call with `max_bytes`
+        changes the cap of the cache it returns).
         """
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16' here, got {precision!r}")
@@ -91,4 +91,6 @@ class RetrievalEngine:
             directory = bank.memory_cache_dir(identity)
         if key not in self._caches:
             self._caches[key] = SupportMemoryCache(identity, directory, max_bytes=max_bytes)
+        elif max_bytes is not None:
+            self._caches[key].max_bytes = int(max_bytes)  # applies from the next store on
         return self._caches[key]
