@@ -3,23 +3,27 @@
 A bank is a clinician's accumulated work, so it is handled like a small database (format:
 docs/BANK_FORMAT.md):
 
-* Every file is written atomically (temp file in the same folder, fsync, `os.replace`), entry
-  files before the `embeddings.npy` rows and `bank.json` that reference them, so a writer killed
-  at any point leaves a bank that opens with every committed entry.
+* The index (entries, labels, models, embeddings, provenance) is one SQLite database,
+  `bank.db`, in WAL mode (schema 2). Every change is one transaction that writes only what
+  changed, after the entry files it references (written atomically: temp file, fsync,
+  `os.replace`), so a writer killed at any point leaves the previous revision, whole.
 * Every mutating operation holds an OS-level exclusive lock on `<bank>/.lock` for its whole
-  read-modify-write and re-reads `bank.json` after taking it, so concurrent writers all land.
-  Readers take no lock: atomic replacement gives them a consistent snapshot.
+  read-modify-write (entry files + transaction) and takes the latest revision after taking it,
+  so concurrent writers all land. Readers take no lock and are never blocked (WAL snapshots).
 * Nothing is deleted behind the user's back: a correction retires (not deletes) the entry it
   replaces, `remove` retires, `verify --repair` marks damaged entries instead of dropping them.
-  Only rebuildable data (embeddings, index, memory caches, temp files) is ever rebuilt or deleted.
+  Only rebuildable data (embeddings, memory caches, temp files) is ever rebuilt or deleted.
+* Banks of schema 1 (bank.json + embeddings.npy) are read as they are and upgraded on their
+  first change, with a backup beside the index (`bank_upgrade`, `rseg bank upgrade`).
 
 The code lives in one module per job; `SupportBank` is the facade that joins them, and this
 module re-exports the public names (import them from here):
 
 * `bank_format`   schema constants, errors, `LabelInfo`/`BankEntry`/state, (de)serialisation,
                   `same_subject`
-* `bank_storage`  the writer lock, reading bank.json, snapshots, entry files, atomic commits,
-                  memory cache folders (`BankStore`, the base of every job below)
+* `bank_storage`  the writer lock, snapshots per revision, entry files, commits, memory cache
+                  folders (`BankStore`, the base of every job below)
+* `bank_db`       the SQLite index (schema 2); `bank_upgrade` schema 1 -> 2
 * `bank_edit`     adding slices and volumes, retiring and restoring (`BankEditing`)
 * `bank_search`   nearest-neighbour search and case policies (`BankSearch`)
 * `bank_verify`   verify, repair, re-embed (`BankVerify`)
