@@ -94,11 +94,13 @@ def test_first_write_upgrades_automatically_with_a_backup(tmp_path):
     path = v1_bank(tmp_path)
     bank = SupportBank.open(path)
     entries = bank.entries(include_retired=True)
+    problems = bank.verify().problems  # the damaged entry, nothing else
+    assert len(problems) == 1
     img = np.arange(256, dtype=np.uint8).reshape(16, 16)
     added = bank.add_slice(img, {1: img > 100}, "p03", "k", 0, (1.0, 1.0), HashEmbedder())
     assert bank.schema_version == 2 and len(list(path.glob("backup-v1-*"))) == 1
     assert SupportBank.open(path).entries(include_retired=True) == entries + [added]
-    assert SupportBank.open(path).verify().problems == SupportBank.open(path).verify().problems
+    assert SupportBank.open(path).verify().problems == problems
 
 
 def test_a_read_only_v1_bank_reads_and_refuses_changes_with_the_command(tmp_path, monkeypatch):
@@ -113,6 +115,18 @@ def test_a_read_only_v1_bank_reads_and_refuses_changes_with_the_command(tmp_path
         bank.remove(e.id)
     assert cli("upgrade", path) == 1
     assert files(path) == before  # nothing written
+
+
+def test_a_v1_bank_whose_embeddings_were_replaced_is_refused(tmp_path):
+    """Schema 1 keeps its own check: embeddings.npy rows that do not match embeddings_sha256 in
+    bank.json (an interrupted re-embed by the schema-1 code) are never searched."""
+    from RetrievalSegLib.bank import BankCorruptError
+
+    path = v1_bank(tmp_path)
+    rows = np.load(path / "embeddings.npy")
+    np.save(path / "embeddings.npy", rows[:, ::-1].copy())
+    with pytest.raises(BankCorruptError, match="does not match bank.json"):
+        SupportBank.open(path).search(rows[:1], 1)
 
 
 def test_export_and_import_across_versions(tmp_path):
