@@ -357,7 +357,7 @@ def add_bank_parser(
 
     # -- verify
     p = sub.add_parser("verify", parents=parents, help="check (and repair) a bank",
-                       description="Check every file against bank.json. --repair rebuilds what is "
+                       description="Check every file against the bank's index. --repair rebuilds what is "
                                    "rebuildable and marks damaged entries; --reembed recomputes all "
                                    "embeddings with the selected DINOv2 model (implies --repair).")
     p.add_argument("bank", type=Path, metavar="BANK")
