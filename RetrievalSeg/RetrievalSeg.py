@@ -52,6 +52,9 @@ TORCH_REQUIREMENT = f">={TORCH_MINIMUM}"
 SAM2_REQUIREMENT = "sam2==1.1.0"
 #: QSettings key of the weights folder in use (restored when the module opens).
 WEIGHTS_FOLDER_SETTING = "RetrievalSeg/WeightsFolder"
+#: QSettings key of the SAM 2 memory cache cap in GB (passed to the worker as RSEG_MEMORY_CACHE_GB
+#: unless that is set already); e.g. `qt.QSettings().setValue("RetrievalSeg/MemoryCacheGB", 8)`.
+MEMORY_CACHE_SETTING = "RetrievalSeg/MemoryCacheGB"
 #: Packages Slicer ships (or that another install must not replace): pinned while installing.
 PINNED_DISTRIBUTIONS = ("numpy", "SimpleITK", "torch", "torchvision")
 
@@ -1002,6 +1005,9 @@ class RetrievalSegLogic(ScriptedLoadableModuleLogic):
             env = dict(slicer.util.startupEnvironment())
             # Our own switches may have been set after Slicer started: pass them on.
             env.update({k: v for k, v in os.environ.items() if k.startswith(("RSEG_", "HF_", "TRANSFORMERS_"))})
+        cap = str(qt.QSettings().value(MEMORY_CACHE_SETTING, "") or "").strip()
+        if cap and "RSEG_MEMORY_CACHE_GB" not in env:
+            env["RSEG_MEMORY_CACHE_GB"] = cap  # the worker's memory caches evict beyond it
         logDir = getattr(getattr(slicer, "app", None), "temporaryPath", None)
         return WorkerClient(python, env, log_dir=logDir if isinstance(logDir, str) else None)
 

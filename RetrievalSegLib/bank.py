@@ -3,23 +3,27 @@
 A bank is a clinician's accumulated work, so it is handled like a small database (format:
 docs/BANK_FORMAT.md):
 
-* Every file is written atomically (temp file in the same folder, fsync, `os.replace`), entry
-  files before the `embeddings.npy` rows and `bank.json` that reference them, so a writer killed
-  at any point leaves a bank that opens with every committed entry.
+* The index (entries, labels, models, embeddings, provenance) is one SQLite database,
+  `bank.db`, in WAL mode (schema 2). Every change is one transaction that writes only what
+  changed, after the entry files it references (written atomically: temp file, fsync,
+  `os.replace`), so a writer killed at any point leaves the previous revision, whole.
 * Every mutating operation holds an OS-level exclusive lock on `<bank>/.lock` for its whole
-  read-modify-write and re-reads `bank.json` after taking it, so concurrent writers all land.
-  Readers take no lock: atomic replacement gives them a consistent snapshot.
+  read-modify-write (entry files + transaction) and takes the latest revision after taking it,
+  so concurrent writers all land. Readers take no lock and are never blocked (WAL snapshots).
 * Nothing is deleted behind the user's back: a correction retires (not deletes) the entry it
   replaces, `remove` retires, `verify --repair` marks damaged entries instead of dropping them.
-  Only rebuildable data (embeddings, index, memory caches, temp files) is ever rebuilt or deleted.
+  Only rebuildable data (embeddings, memory caches, temp files) is ever rebuilt or deleted.
+* Banks of schema 1 (bank.json + embeddings.npy) are read as they are and upgraded on their
+  first change, with a backup beside the index (`bank_upgrade`, `rseg bank upgrade`).
 
 The code lives in one module per job; `SupportBank` is the facade that joins them, and this
 module re-exports the public names (import them from here):
 
 * `bank_format`   schema constants, errors, `LabelInfo`/`BankEntry`/state, (de)serialisation,
                   `same_subject`
-* `bank_storage`  the writer lock, reading bank.json, snapshots, entry files, atomic commits,
-                  memory cache folders (`BankStore`, the base of every job below)
+* `bank_storage`  the writer lock, snapshots per revision, entry files, commits, memory cache
+                  folders (`BankStore`, the base of every job below)
+* `bank_db`       the SQLite index (schema 2); `bank_upgrade` schema 1 -> 2
 * `bank_edit`     adding slices and volumes, retiring and restoring (`BankEditing`)
 * `bank_search`   nearest-neighbour search and case policies (`BankSearch`)
 * `bank_verify`   verify, repair, re-embed (`BankVerify`)
@@ -27,7 +31,6 @@ module re-exports the public names (import them from here):
 """
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
@@ -37,6 +40,7 @@ from .bank_edit import BankEditing
 from .bank_format import (
     BANK_FILE,
     CASE_POLICIES,
+    DB_FILE,
     EMBEDDINGS_FILE,
     ENTRIES_DIR,
     ENV_LOCK_TIMEOUT,
@@ -72,10 +76,10 @@ from .bank_search import BankSearch
 from .bank_storage import FILELOCK_MINIMUM, BankStore
 from .bank_transfer import MAX_ARCHIVE_MEMBERS, MAX_BANK_JSON_BYTES, BankTransfer
 from .bank_verify import BankVerify
-from .fileio import atomic_write_bytes
+from .bank_upgrade import upgrade, write_new_bank
 
 __all__ = [
-    "BANK_FILE", "CASE_POLICIES", "DEFAULT_LOCK_TIMEOUT", "EMBEDDINGS_FILE", "ENTRIES_DIR",
+    "BANK_FILE", "CASE_POLICIES", "DB_FILE", "DEFAULT_LOCK_TIMEOUT", "EMBEDDINGS_FILE", "ENTRIES_DIR",
     "ENV_LOCK_TIMEOUT", "FILELOCK_MINIMUM", "INDEX_FILE", "LOCK_FILE", "MAX_ARCHIVE_MEMBERS",
     "MAX_BANK_JSON_BYTES", "MEMORIES_DIR", "ORIGINS", "RETIRED_BY_USER", "SCHEMA_VERSION",
     "SUBJECT_SEPARATORS", "BankCorruptError", "BankEditing", "BankEntry", "BankError",
@@ -137,11 +141,19 @@ class SupportBank(BankTransfer, BankSearch, BankEditing):
             created=_now(),
             bank_id=uuid.uuid4().hex,
         )
-        atomic_write_bytes(p / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"))
+        write_new_bank(p, state)
         return cls(p, lock_timeout)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], lock_timeout: float | None = None) -> "SupportBank":
         """Open an existing bank (clear errors for a missing folder, bad bank.json, newer schema)."""
         return cls(Path(path), lock_timeout)
+
+    def upgrade(self) -> Path | None:
+        """Upgrade a schema-1 bank to schema 2 (SQLite); the backup folder, None if already 2.
+
+        Also happens automatically on the first change; refused (with this command) on a bank
+        that is read-only for the user.
+        """
+        return upgrade(self)
 

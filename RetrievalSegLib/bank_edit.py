@@ -10,6 +10,8 @@ import numpy as np
 
 from .bank_format import (
     ENTRIES_DIR,
+    SCHEMA_VERSION,
+    _State,
     ORIGINS,
     RETIRED_BY_USER,
     BankEntry,
@@ -270,7 +272,7 @@ class BankEditing(BankStore):
             p.embedding = r
 
     def _add_prepared(self, prepared: list[_Prepared], origin: str, identity: str) -> list[BankEntry]:
-        with self._transaction() as state:
+        with self._transaction(f"add {len(prepared)} {origin} slice(s)") as state:
             self.check_models(identity)  # re-check: someone may have re-embedded meanwhile
             dim = int(prepared[0].embedding.shape[0])  # type: ignore[union-attr]
             if state.embedding_dim is not None and state.embedding_dim != dim:
@@ -278,8 +280,7 @@ class BankEditing(BankStore):
                     f"support bank at {self.path} holds {state.embedding_dim}-d embeddings but "
                     f"{identity} gives {dim}-d ones: re-embed it with {_reembed_hint(self.path, identity)}"
                 )
-            old_rows = self._embeddings(state) if state.entries else np.zeros((0, dim), np.float32)
-            taken = {e.id for e in state.entries}
+            taken: set[str] = set()  # ids of this add; the bank's own are looked up in its index
             new_entries: list[BankEntry] = []
             for p in prepared:
                 eid = self._new_id(p, taken)
@@ -304,28 +305,49 @@ class BankEditing(BankStore):
                         window=None if p.window is None else (float(p.window[0]), float(p.window[1])),
                     )
                 )
-            entries = list(state.entries)
+            entries = state.entries
             for ne in new_entries:  # newest wins: retire the active entry it replaces
-                for n, e in enumerate(entries):
-                    if e.active and e.key == ne.key:
-                        entries[n] = replace(e, retired=True, retired_by=ne.id)
+                for n in self._active_with_key(state, ne.key):
+                    entries[n] = replace(entries[n], retired=True, retired_by=ne.id)
                 entries.append(ne)
-            rows = np.concatenate([old_rows, np.stack([p.embedding for p in prepared])], axis=0)  # type: ignore[misc]
-            self._write_embeddings(state, rows)  # rows first: a longer file is still valid
-            state.entries = entries
+            for ne, p in zip(new_entries, prepared):
+                state.new_rows[ne.id] = np.asarray(p.embedding, dtype=np.float32)
+            if state.embedding_dim is None:
+                state.embedding_dim = dim
             self._commit(state)
         return new_entries
 
     def _new_id(self, p: _Prepared, taken: set[str]) -> str:
         while True:
             eid = f"{_sanitise(p.case_id, 40)}-{AXIS_NAMES[p.axis]}{p.index:04d}-{uuid.uuid4().hex[:6]}"
-            if eid not in taken and not (self.path / ENTRIES_DIR / f"{eid}.npz").exists():
+            if eid in taken or (self.path / ENTRIES_DIR / f"{eid}.npz").exists():
+                continue
+            if self._state.schema == SCHEMA_VERSION:  # the bank's ids: an indexed look-up
+                with self._db_mutex:
+                    if self._db().execute("SELECT 1 FROM entries WHERE id = ?", (eid,)).fetchone() is None:
+                        return eid
+            elif all(e.id != eid for e in self._state.entries):
                 return eid
+
+    def _active_with_key(self, state: _State, key: tuple[str, int, int]) -> list[int]:
+        """Positions of active entries with this (case, axis, index): an indexed query, plus the
+        entries appended in this transaction (a scan only for a schema-1 state)."""
+        start = len(state.base) if state.base is not None else 0
+        found: list[int] = []
+        if state.base is not None and state.schema == SCHEMA_VERSION:
+            with self._db_mutex:
+                found = [int(r[0]) for r in self._db().execute(
+                    "SELECT seq FROM entries WHERE case_id = ? AND axis = ? AND idx = ? AND retired = 0", key)]
+        else:
+            start = 0
+        return [n for n in found if state.entries[n].active] + [
+            n for n in range(start, len(state.entries)) if state.entries[n].active and state.entries[n].key == key
+        ]
 
     # ---------------------------------------------------------------- retire / restore
     def remove(self, entry_id: str) -> BankEntry:
         """Retire an entry (its file is kept; `restore` brings it back)."""
-        with self._transaction() as state:
+        with self._transaction(f"retire {entry_id}") as state:
             n, e = self._find(state, entry_id)
             if e.retired:
                 return e
@@ -335,13 +357,13 @@ class BankEditing(BankStore):
 
     def restore(self, entry_id: str) -> BankEntry:
         """Un-retire an entry; the active entry of the same case/axis/index, if any, is retired."""
-        with self._transaction() as state:
+        with self._transaction(f"restore {entry_id}") as state:
             n, e = self._find(state, entry_id)
             if e.active:
                 return e
-            for m, other in enumerate(state.entries):
-                if m != n and other.active and other.key == e.key:
-                    state.entries[m] = replace(other, retired=True, retired_by=e.id)
+            for m in self._active_with_key(state, e.key):
+                if m != n:
+                    state.entries[m] = replace(state.entries[m], retired=True, retired_by=e.id)
             state.entries[n] = replace(e, retired=False, retired_by=None)
             self._commit(state)
             return state.entries[n]

@@ -13,8 +13,11 @@ from typing import Any, Callable, Protocol, Sequence, Union
 
 import numpy as np
 
-SCHEMA_VERSION = 1
-BANK_FILE = "bank.json"
+SCHEMA_VERSION = 2  # 2: the index lives in bank.db (SQLite); 1: bank.json + embeddings.npy
+V1_SCHEMA = 1
+BANK_FILE = "bank.json"  # schema 2: a small descriptor (version, id, index file), never rewritten
+DB_FILE = "bank.db"
+V1_BACKUP_PREFIX = "backup-v1-"
 ENTRIES_DIR = "entries"
 EMBEDDINGS_FILE = "embeddings.npy"
 INDEX_FILE = "index.faiss"
@@ -337,10 +340,18 @@ class _State:
     revision: int
     created: str
     bank_id: str | None = None
+    schema: int = SCHEMA_VERSION
+    # What a commit writes (schema 2): the entries as read (changed ones are new objects, so the
+    # diff is by identity), embedding rows of new entries, or all rows (re-embed / rebuild).
+    base: list[BankEntry] | None = None
+    new_rows: dict[str, np.ndarray] = field(default_factory=dict)
+    all_rows: np.ndarray | None = None
+    action: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        """The schema-1 bank.json form (kept in the backup of an upgraded bank, and for tests)."""
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": V1_SCHEMA,
             "bank_id": self.bank_id,
             "created": self.created,
             "revision": self.revision,
@@ -437,6 +448,8 @@ def _state_from_json(raw: Any, f: Path) -> _State:
             f"support bank at {f.parent} has schema version {version}, but this RetrievalSeg reads "
             f"versions up to {SCHEMA_VERSION}: update RetrievalSeg to use it"
         )
+    if version == SCHEMA_VERSION:
+        raise BankSchemaError(f"{f} describes a schema-{version} bank: its index is {DB_FILE}")
     try:
         labels = tuple(
             LabelInfo(int(d["value"]), str(d["name"]), tuple(d["color"]))  # type: ignore[arg-type]
@@ -459,6 +472,7 @@ def _state_from_json(raw: Any, f: Path) -> _State:
             revision=int(raw.get("revision", 0)),
             created=str(raw.get("created", "")),
             bank_id=None if raw.get("bank_id") is None else _sanitise(str(raw["bank_id"]), 64),
+            schema=V1_SCHEMA,
         )
     except BankCorruptError:
         raise

@@ -1,11 +1,9 @@
 """Support bank search: the nearest usable entries to a query, with case policies."""
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from .bank_format import CASE_POLICIES, BankModelMismatchError, _nonfinite_ids, _State, same_subject
+from .bank_format import CASE_POLICIES, SUBJECT_SEPARATORS, BankModelMismatchError, _nonfinite_ids, _State
 from .bank_storage import BankStore
 
 
@@ -41,18 +39,14 @@ class BankSearch(BankStore):
                 f"query embeddings have {q.shape[1]} values, the support bank at {self.path} holds "
                 f"{state.embedding_dim}-d embeddings from {state.dinov2}; use the same DINOv2 model"
             )
-        if not any(e.usable for e in state.entries):
+        ix = self._index(state, rows)
+        if not len(ix.usable) and not any(e.usable for e in state.entries):
             raise ValueError(
                 f"k={k} supports requested but the support bank at {self.path} has no usable "
                 f"entries; add annotated slices with `rseg bank add {self.path} IMAGE LABELS --case ID`"
             )
-        index, usable, cases = self._index(state, rows)
-        if case_id is None:
-            in_case = np.zeros(len(usable), dtype=bool)
-        elif case_policy == "exclude":  # the whole subject: its other frames/series too
-            in_case = np.array([same_subject(c, case_id) for c in cases], dtype=bool)
-        else:
-            in_case = cases == case_id
+        usable = ix.usable
+        in_case = ix.case_mask(case_id, case_policy)
         n_case = int(in_case.sum())
         available = len(usable) - (n_case if case_policy == "exclude" else 0)
         if k > available:
@@ -75,36 +69,91 @@ class BankSearch(BankStore):
                 f"{available} usable entries" + (f" ({', '.join(why)})" if why else "")
                 + "; lower k or add annotated slices"
             )
-        results: list[list[tuple[str, float]]] = []
-        ids = [e.id for e in (state.entries[i] for i in usable)]
-        exclude_case = set(np.flatnonzero(in_case).tolist())
-        exclude_other = set(np.flatnonzero(~in_case).tolist())
-        for row in q:
-            pairs: list[tuple[int, float]] = []
-            if case_policy == "prefer" and n_case:
-                k1 = min(k, n_case)
-                s, i = index.search(row[None], k1, exclude=exclude_other)
-                pairs += list(zip(i[0].tolist(), s[0].tolist()))
-                if k > k1:
-                    s, i = index.search(row[None], k - k1, exclude=exclude_case)
-                    pairs += list(zip(i[0].tolist(), s[0].tolist()))
-            else:
-                excl = exclude_case if case_policy == "exclude" else None
-                s, i = index.search(row[None], k, exclude=excl)
-                pairs = list(zip(i[0].tolist(), s[0].tolist()))
-            results.append([(ids[j], float(sc)) for j, sc in pairs])
-        return results
+        q = np.ascontiguousarray(q)
+        if case_policy == "prefer" and n_case:
+            k1 = min(k, n_case)
+            s, i = ix.search(q, k1, keep=in_case)
+            if k > k1:
+                s2, i2 = ix.search(q, k - k1, keep=~in_case)
+                s, i = np.concatenate([s, s2], axis=1), np.concatenate([i, i2], axis=1)
+        else:
+            s, i = ix.search(q, k, keep=~in_case if case_policy == "exclude" and n_case else None)
+        ids = ix.ids
+        return [[(ids[j], float(sc)) for j, sc in zip(ri.tolist(), rs.tolist())] for rs, ri in zip(s, i)]
 
-    def _index(self, state: _State, rows: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+    def _index(self, state: _State, rows: np.ndarray) -> "_RevisionIndex":
+        """The faiss index and case tables of this revision (built once per revision)."""
         key = (self._key, state.embeddings_sha256)
         if self._index_cache is not None and self._index_cache[0] == key:
-            return self._index_cache[1:]  # type: ignore[return-value]
-        from .retrieval import InnerProductIndex
+            return self._index_cache[1]  # type: ignore[no-any-return]
+        ix = _RevisionIndex(state, rows)
+        self._index_cache = (key, ix)
+        return ix
+
+
+class _RevisionIndex:
+    """Exact inner-product index over the usable entries of one bank revision, with the case
+    tables that turn a case policy into a mask without a per-entry Python loop: each usable
+    entry carries the code of its case id; a query's subject is matched against the sorted
+    unique case ids (bisect on `subject + separator` prefixes, and the query's own prefixes cut
+    at a separator), and the mask is `np.isin(codes, matched)`. Exclusion is a faiss
+    `IDSelectorBitmap`, so excluded entries are never scored, let alone returned."""
+
+    def __init__(self, state: _State, rows: np.ndarray) -> None:
+        import faiss
 
         finite = np.isfinite(rows).all(axis=1) if rows.size else np.ones(len(state.entries), dtype=bool)
-        usable = np.array([n for n, e in enumerate(state.entries) if e.usable and finite[n]], dtype=np.int64)
+        self.usable = np.array([n for n, e in enumerate(state.entries) if e.usable and finite[n]], dtype=np.int64)
         dim = state.embedding_dim or (rows.shape[1] if rows.ndim == 2 else 0)
-        index = InnerProductIndex(rows[usable] if len(usable) else np.zeros((0, dim), np.float32))
-        cases = np.array([state.entries[n].case_id for n in usable], dtype=object)
-        self._index_cache = (key, index, usable, cases)
-        return index, usable, cases
+        self.index = faiss.IndexFlatIP(dim)
+        if len(self.usable):
+            self.index.add(np.ascontiguousarray(rows[self.usable], dtype=np.float32))
+        self.ids = [state.entries[n].id for n in self.usable]
+        cases = [state.entries[n].case_id for n in self.usable]
+        self.sorted_cases = sorted(set(cases))
+        self.code_of = {c: i for i, c in enumerate(self.sorted_cases)}
+        self.codes = np.array([self.code_of[c] for c in cases], dtype=np.int64)
+        self._masks: dict[tuple[str, bool], np.ndarray] = {}
+
+    def subject_codes(self, subject: str) -> list[int]:
+        """Codes of the case ids `same_subject` matches with `subject` (bisect, no scan)."""
+        import bisect
+
+        found = {self.code_of[subject]} if subject in self.code_of else set()
+        for sep in SUBJECT_SEPARATORS:  # longer ids: subject + separator + anything
+            prefix = subject + sep
+            lo = bisect.bisect_left(self.sorted_cases, prefix)
+            hi = bisect.bisect_left(self.sorted_cases, prefix + "\U0010ffff")
+            found.update(self.code_of[c] for c in self.sorted_cases[lo:hi])
+        for n, ch in enumerate(subject):  # shorter ids: subject cut before a separator
+            if n and ch in SUBJECT_SEPARATORS and subject[:n] in self.code_of:
+                found.add(self.code_of[subject[:n]])
+        return sorted(found)
+
+    def case_mask(self, case_id: str | None, policy: str) -> np.ndarray:
+        """Usable entries of `case_id`: its whole subject for "exclude", the exact id otherwise."""
+        if case_id is None or policy == "ignore":
+            return np.zeros(len(self.usable), dtype=bool)
+        key = (str(case_id), policy == "exclude")
+        mask = self._masks.get(key)
+        if mask is None:
+            if policy == "exclude":
+                matched = self.subject_codes(str(case_id))
+            else:
+                matched = [self.code_of[case_id]] if case_id in self.code_of else []
+            mask = np.isin(self.codes, np.array(matched, dtype=np.int64))
+            mask.setflags(write=False)
+            if len(self._masks) > 256:
+                self._masks.clear()
+            self._masks[key] = mask
+        return mask
+
+    def search(self, q: np.ndarray, k: int, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, positions) [Q, k], best first, among the entries `keep` marks (all if None)."""
+        import faiss
+
+        if keep is None:
+            return self.index.search(q, k)
+        bitmap = np.packbits(keep, bitorder="little")
+        params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(len(keep), faiss.swig_ptr(bitmap)))
+        return self.index.search(q, k, params=params)

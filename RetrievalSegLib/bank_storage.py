@@ -3,6 +3,7 @@ commits and the memory cache folders (the base every bank job builds on)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import errno
 import io
@@ -10,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import stat
 import threading
 import uuid
@@ -18,8 +20,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from . import bank_db
 from .bank_format import (
     BANK_FILE,
+    DB_FILE,
+    SCHEMA_VERSION,
+    V1_SCHEMA,
     DEFAULT_LOCK_TIMEOUT,
     EMBEDDINGS_FILE,
     ENTRIES_DIR,
@@ -166,8 +172,11 @@ def _nofollow_opener(path: str, flags: int) -> int:
     return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0))
 
 
-def _read_state(bank_path: Path) -> tuple[_State, tuple[int, int, int], bytes]:
-    """Parse bank.json; also returns its (inode, mtime_ns, size) and raw bytes."""
+def _read_state(bank_path: Path, store: "BankStore | None" = None) -> tuple[_State, tuple, bytes]:
+    """Parse bank.json (and, schema 2, the database it names); also a change key and its bytes.
+
+    The key is ("db", revision) for schema 2, bank.json's (inode, mtime_ns, size) for schema 1.
+    """
     f = bank_path / BANK_FILE
     if bank_path.exists() and not bank_path.is_dir():
         raise BankNotFoundError(
@@ -202,6 +211,17 @@ def _read_state(bank_path: Path) -> tuple[_State, tuple[int, int, int], bytes]:
             "(the entry files in entries/ are not affected)",
             f,
         ) from e
+    if isinstance(raw, dict) and raw.get("schema_version") == SCHEMA_VERSION:
+        if store is not None:
+            with store._db_mutex:
+                state = bank_db.read_state(store._db(), bank_path / DB_FILE)
+        else:
+            con = bank_db.connect(bank_path, write=False)
+            try:
+                state = bank_db.read_state(con, bank_path / DB_FILE)
+            finally:
+                con.close()
+        return state, ("db", state.revision), data
     return _state_from_json(raw, f), (st.st_ino, st.st_mtime_ns, st.st_size), data
 
 
@@ -212,7 +232,10 @@ class BankStore:
         """Use `SupportBank.open` or `SupportBank.create`."""
         self.path = Path(path)
         self.lock_timeout = _lock_timeout(lock_timeout)
-        self._state, self._key, _ = _read_state(self.path)
+        self._db_mutex = threading.RLock()
+        self._con: sqlite3.Connection | None = None
+        self._con_writes = False
+        self._state, self._key, _ = _read_state(self.path, None)
         self._mutex = threading.RLock()
         self._lock_depth = 0
         self._os_lock: _BankLock | None = None
@@ -220,20 +243,58 @@ class BankStore:
         self._index_cache: tuple[Any, ...] | None = None
 
     # ---------------------------------------------------------------- snapshot
-    def _current(self) -> _State:
-        """The latest committed bank.json (re-read only when the file changed)."""
+    def _db(self, write: bool = False) -> sqlite3.Connection:
+        """This object's connection to bank.db (schema 2), opened once; read-write when allowed."""
+        with self._db_mutex:
+            if self._con is not None and (self._con_writes or not write):
+                return self._con
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+            writes = write or self.writable()
+            try:
+                con = bank_db.connect(self.path, write=writes, timeout=self.lock_timeout)
+            except BankReadOnlyError:
+                if write:
+                    raise
+                writes, con = False, bank_db.connect(self.path, write=False)
+            self._con, self._con_writes = con, writes
+            return con
+
+    def close(self) -> None:
+        """Close the database connection (reopened on next use)."""
+        with self._db_mutex:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+
+    def _probe(self) -> tuple | None:
+        if self._state.schema == SCHEMA_VERSION:
+            try:
+                with self._db_mutex:
+                    return ("db", bank_db.revision(self._db()))
+            except (sqlite3.Error, BankError, OSError):
+                return None
         try:
             st = os.stat(self.path / BANK_FILE)
-            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            return (st.st_ino, st.st_mtime_ns, st.st_size)
         except OSError:
-            key = None
-        if key != self._key:
-            self._state, self._key, _ = _read_state(self.path)
+            return None
+
+    def _current(self) -> _State:
+        """The latest committed state (re-read only when the revision or bank.json changed)."""
+        if self._probe() != self._key:
+            self.reload()
         return self._state
 
     def reload(self) -> None:
-        """Re-read bank.json now."""
-        self._state, self._key, _ = _read_state(self.path)
+        """Re-read the bank's index now."""
+        self._state, self._key, _ = _read_state(self.path, self if self._state.schema == SCHEMA_VERSION else None)
+
+    @property
+    def schema_version(self) -> int:
+        """1 (bank.json + embeddings.npy, read as is; upgraded on first write) or 2 (SQLite)."""
+        return self._current().schema
 
     def __repr__(self) -> str:
         return f"SupportBank({str(self.path)!r}, {len(self)} active entries)"
@@ -316,6 +377,12 @@ class BankStore:
         return self._find(self._current(), entry_id)[1]
 
     def _find(self, state: _State, entry_id: str) -> tuple[int, BankEntry]:
+        if state.schema == SCHEMA_VERSION:  # an indexed look-up instead of a scan
+            with contextlib.suppress(sqlite3.Error, BankError, OSError):
+                with self._db_mutex:
+                    row = self._db().execute("SELECT seq FROM entries WHERE id = ?", (str(entry_id),)).fetchone()
+                if row is not None and row[0] < len(state.entries) and state.entries[row[0]].id == entry_id:
+                    return int(row[0]), state.entries[row[0]]
         for n, e in enumerate(state.entries):
             if e.id == entry_id:
                 return n, e
@@ -391,12 +458,17 @@ class BankStore:
         self._emb_cache = (self._key, state.embeddings_sha256, rows)  # type: ignore[assignment]
         return rows
 
-    def _embeddings_status(self, state: _State) -> tuple[np.ndarray | None, str | None, str | None]:
+    def _embeddings_status(
+        self, state: _State, check_sha: bool = True
+    ) -> tuple[np.ndarray | None, str | None, str | None]:
         """(rows or None, problem kind or None, message).
 
         Kinds: missing/unreadable/short/dim/sha/link (no usable rows), nonfinite (rows returned;
-        the entries whose row holds NaN or Inf are never searched), extra (harmless).
+        the entries whose row holds NaN or Inf are never searched), extra (harmless, schema 1).
+        Schema 2 checks each row's SHA-256 when `check_sha` (verify), its size always.
         """
+        if state.schema == SCHEMA_VERSION:
+            return self._db_rows_status(state, check_sha)
         n = len(state.entries)
         f = self.path / EMBEDDINGS_FILE
         fix = (
@@ -439,6 +511,38 @@ class BankStore:
             )
         return rows, None, None
 
+    def _db_rows_status(self, state: _State, check_sha: bool) -> tuple[np.ndarray | None, str | None, str | None]:
+        n, dim = len(state.entries), state.embedding_dim or 0
+        f = self.path / DB_FILE
+        fix = (
+            f"rebuild them with `rseg bank verify {self.path} --repair` (same DINOv2 model) "
+            f"or `--reembed` (another model)"
+        )
+        if n == 0:
+            return np.zeros((0, dim), dtype=np.float32), None, None
+        try:
+            with self._db_mutex:
+                rows, have, bad = bank_db.read_rows(self._db(), n, dim, check_sha)
+        except sqlite3.Error as e:
+            return None, "unreadable", f"the embeddings in {f} cannot be read ({e}); {fix}"
+        if bad:
+            shown = ", ".join(state.entries[s].id for s in bad[:5])
+            return None, "sha", (
+                f"{f} holds {len(bad)} embedding rows that do not match their recorded size or "
+                f"SHA-256 ({shown}{', ...' if len(bad) > 5 else ''}); {fix}"
+            )
+        missing = int((~have).sum())
+        if missing:
+            return None, "missing", f"{f} has no embedding row for {missing} of its {n} entries; {fix}"
+        bad_ids = _nonfinite_ids(state, rows)
+        if bad_ids:
+            return rows, "nonfinite", (
+                f"{f} holds non-finite values (NaN or Inf) in the rows of {len(bad_ids)} entries "
+                f"({', '.join(bad_ids[:5])}{', ...' if len(bad_ids) > 5 else ''}); they are never "
+                f"retrieved until the rows are recomputed: {fix}"
+            )
+        return rows, None, None
+
     # ---------------------------------------------------------------- model identity
     def check_models(self, embedder_identity: str) -> None:
         """Raise BankModelMismatchError unless the bank was embedded with `embedder_identity`."""
@@ -468,23 +572,65 @@ class BankStore:
                     self._os_lock = None
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[_State]:
-        """Lock, re-read bank.json, yield it for modification; `_commit` writes it."""
+    def _transaction(self, action: str = "change") -> Iterator[_State]:
+        """Lock, take the latest state (a copy), yield it for modification; `_commit` writes it.
+
+        A schema-1 bank is upgraded first (with a backup beside it), or refused when read-only.
+        """
+        if self._current().schema == V1_SCHEMA and not self.writable():
+            raise BankReadOnlyError(self._v1_read_only_message())
         with self.locked():
-            self.reload()
-            yield self._state
+            if self._current().schema == V1_SCHEMA:
+                from .bank_upgrade import upgrade_locked
+
+                upgrade_locked(self)
+            cur = self._current()
+            yield dataclasses.replace(
+                cur, entries=list(cur.entries), sam2=list(cur.sam2), base=cur.base, new_rows={},
+                all_rows=None, action=action,
+            )
+
+    def _v1_read_only_message(self) -> str:
+        return (
+            f"support bank at {self.path} has schema version 1 and is read-only for you; it must be "
+            f"upgraded before it can change. Someone with write access runs `rseg bank upgrade "
+            f"{self.path}` (a backup of the old index is kept beside it). Reading, segmenting and "
+            "exporting work without it"
+        )
 
     def _commit(self, state: _State) -> None:
+        """Write `state` as the next revision: one SQLite transaction with only what changed."""
+        if state.schema != SCHEMA_VERSION or state.base is None:
+            raise BankError("internal error: commit needs a schema-2 state from _transaction")
         state.revision += 1
         if state.bank_id is None:
             state.bank_id = uuid.uuid4().hex
-        atomic_write_bytes(self.path / BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8"), self.path)
-        self.reload()
+        old_key, cache = self._key, self._emb_cache
+        with self._db_mutex:
+            try:
+                bank_db.commit(self._db(write=True), state, self.path / DB_FILE)
+            except BaseException:
+                self._state, self._key = self._state, None  # re-read on next use
+                raise
+        new_key = ("db", state.revision)
+        if state.all_rows is not None:
+            rows = np.ascontiguousarray(state.all_rows, dtype=np.float32)
+        elif cache is not None and cache[0] == old_key and len(cache[2]) == len(state.base):
+            added = [state.new_rows[e.id] for e in state.entries[len(state.base):]]
+            rows = np.concatenate([cache[2], np.asarray(added, np.float32).reshape(len(added), -1)]) if added else cache[2]
+        else:
+            rows = None
+        if rows is not None and np.isfinite(rows).all() and (not rows.size or rows.shape[1] == state.embedding_dim):
+            rows.setflags(write=False)
+            self._emb_cache = (new_key, None, rows)
+        state.base, state.new_rows, state.all_rows = list(state.entries), {}, None
+        self._state, self._key = state, new_key
 
     def _write_embeddings(self, state: _State, rows: np.ndarray) -> None:
+        """Replace every embedding row at the next commit (re-embed, rebuild)."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
-        atomic_write_bytes(self.path / EMBEDDINGS_FILE, _npy_bytes(rows), self.path)
-        state.embeddings_sha256 = _rows_sha256(rows)
+        state.all_rows = rows
+        state.embeddings_sha256 = None
         if rows.shape[1]:
             state.embedding_dim = int(rows.shape[1])
 

@@ -20,8 +20,12 @@ import numpy as np
 
 from .bank_format import (
     BANK_FILE,
+    DB_FILE,
+    SCHEMA_VERSION,
+    _npy_bytes,
     EMBEDDINGS_FILE,
     ENTRIES_DIR,
+    LOCK_FILE,
     MEMORIES_DIR,
     BankCorruptError,
     BankEntry,
@@ -56,10 +60,25 @@ class BankTransfer(BankVerify):
         bank.json read first (re-read when a writer replaced both in between).
         """
         for attempt in range(5):
-            state, _, raw = _read_state(self.path)
+            state, _, raw = _read_state(self.path, self if self._state.schema == SCHEMA_VERSION else None)
             files: list[tuple[str, bytes]] = [(BANK_FILE, raw)]
             emb = self.path / EMBEDDINGS_FILE
-            if emb.is_file() or is_link(emb):
+            if state.schema == SCHEMA_VERSION:
+                # The archive keeps the schema-1 layout (bank.json + embeddings.npy + entries/):
+                # every RetrievalSeg version imports it, and import writes the current schema.
+                rows, kind, message = self._embeddings_status(state)
+                if rows is None:
+                    raise BankCorruptError(
+                        f"cannot export {self.path}: {message}; run `rseg bank verify {self.path} "
+                        "--repair` first", self.path / DB_FILE,
+                    )
+                if self._probe() != ("db", state.revision) and attempt < 4:
+                    continue  # a writer committed between the two reads: take a new snapshot
+                rows = np.ascontiguousarray(rows, np.float32)
+                state.embeddings_sha256 = _rows_sha256(rows)
+                files = [(BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8")),
+                         (EMBEDDINGS_FILE, _npy_bytes(rows))]
+            elif emb.is_file() or is_link(emb):
                 data = read_bytes(emb, self.path)
                 if lock_free and state.embeddings_sha256 is not None and attempt < 4:
                     try:
@@ -176,6 +195,13 @@ class BankTransfer(BankVerify):
                     "(if `rseg bank verify` reports problems there, run `rseg bank verify --repair` "
                     "there first), or restore the archive from a backup"
                 )
+            from .bank_upgrade import upgrade_locked
+
+            with bank.locked():
+                upgrade_locked(bank, backup=False)  # the archive's layout -> the current schema
+            bank.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp / LOCK_FILE)
             with contextlib.suppress(FileNotFoundError):
                 target.rmdir()
             os.replace(tmp, target)

@@ -357,7 +357,7 @@ def add_bank_parser(
 
     # -- verify
     p = sub.add_parser("verify", parents=parents, help="check (and repair) a bank",
-                       description="Check every file against bank.json. --repair rebuilds what is "
+                       description="Check every file against the bank's index. --repair rebuilds what is "
                                    "rebuildable and marks damaged entries; --reembed recomputes all "
                                    "embeddings with the selected DINOv2 model (implies --repair).")
     p.add_argument("bank", type=Path, metavar="BANK")
@@ -409,4 +409,79 @@ def add_bank_parser(
         return EXIT_OK
 
     p.set_defaults(func=_guarded(cmd_import))
+
+    # -- upgrade
+    p = sub.add_parser("upgrade", help="move a schema-1 bank's index into SQLite (schema 2)",
+                       description="Upgrade a bank written by RetrievalSeg before schema 2 (bank.json + "
+                                   "embeddings.npy) to schema 2 (bank.db, SQLite). The old files are kept in "
+                                   "backup-v1-<time>/ inside the bank. Happens automatically on the first "
+                                   "change; a read-only bank needs someone with write access to run this.")
+    p.add_argument("bank", type=Path, metavar="BANK")
+
+    def cmd_upgrade(args: argparse.Namespace) -> int:
+        b = SupportBank.open(args.bank)
+        backup = b.upgrade()
+        if backup is None:
+            print(f"support bank at {b.path} already has schema version {b.schema_version}; nothing to do")
+        else:
+            print(f"upgraded {b.path} to schema version {b.schema_version} ({len(b.entries(include_retired=True))} "
+                  f"entries); the old bank.json and embeddings.npy are in {backup}")
+        return EXIT_OK
+
+    p.set_defaults(func=_guarded(cmd_upgrade))
+
+    # -- cache
+    p = sub.add_parser("cache", parents=parents, help="memory cache: --stats, --clear or --warm",
+                       description="The SAM 2 memory caches of a bank (rebuildable). --stats: files and bytes; "
+                                   "--clear: delete them; --warm: compute every usable entry's memory once "
+                                   "(with the selected SAM 2 model), up to the cap, and say how many did "
+                                   "not fit. Cap: --cap-gb, else RSEG_MEMORY_CACHE_GB, else 4 GB.")
+    p.add_argument("bank", type=Path, metavar="BANK")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--stats", action="store_true")
+    what.add_argument("--clear", action="store_true")
+    what.add_argument("--warm", action="store_true")
+    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                   help="a cache folder of your own (e.g. for a cohort run) instead of the bank's")
+    p.add_argument("--cap-gb", type=float, default=None, metavar="GB", help="cache size cap in GB")
+    p.add_argument("--json", action="store_true")
+
+    def cmd_cache(args: argparse.Namespace) -> int:
+        from .bank_cache import cache_stats, clear_caches, warm
+        from .memory import memory_cache_cap
+
+        b = SupportBank.open(args.bank)
+        if args.cap_gb is not None and not args.cap_gb >= 0:
+            raise _UsageError(f"--cap-gb must be a size in GB >= 0, got {args.cap_gb}")
+        cap = memory_cache_cap(args.cap_gb)
+        if args.stats:
+            out = cache_stats(b, args.cache_dir, cap)
+            text = (f"{out['files']} cached memories, {out['bytes'] / 1e6:.1f} MB of a {cap / 2**30:g} GB cap, "
+                    f"for {out['usable_entries']} usable entries"
+                    + "".join(f"\n  {f['folder']}: {f['files']} files, {f['bytes'] / 1e6:.1f} MB" for f in out["folders"]))
+        elif args.clear:
+            out = {"deleted": clear_caches(b, args.cache_dir)}
+            text = f"deleted {out['deleted']} cached memories of {b.path} (they are recomputed on use)"
+        else:
+            from .cli_common import _progress_bar, make_engine
+
+            engine = make_engine(args)
+            b.check_models(engine.dinov2_identity)
+            update, close = _progress_bar(sys.stderr.isatty(), "warming")
+            try:
+                from .engine import resolve_precision
+
+                prec = resolve_precision(args.precision, engine.sam.device)  # the cache `segment` reads
+                out = warm(b, engine, precision=prec, cache_dir=args.cache_dir, max_bytes=cap, progress=update)
+            finally:
+                close()
+            text = (f"warmed {out['computed']} memories ({out['already_cached']} were cached already), "
+                    f"{out['bytes'] / 1e6:.1f} MB of a {cap / 2**30:g} GB cap in {out['folder']}")
+            if out["did_not_fit"]:
+                text += (f"; {out['did_not_fit']} of {out['entries']} did not fit under the cap (they are "
+                         "computed when used): raise it with --cap-gb or RSEG_MEMORY_CACHE_GB")
+        print(json.dumps(out, indent=1) if args.json else text)
+        return EXIT_OK
+
+    p.set_defaults(func=_guarded(cmd_cache))
     return bank

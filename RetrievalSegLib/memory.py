@@ -8,10 +8,18 @@ or whose tensors do not match the hash is recomputed and rewritten, never truste
 cannot be written (read-only bank, full disk) degrades to memory only, with one warning.
 
 Where the cache lives: inside the bank (`memories/`) when the bank is writable, otherwise a
-per-user folder (`user_cache_root()`, overridable with RSEG_CACHE_DIR) keyed by bank id and revision.
+per-user folder (`user_cache_root()`, overridable with RSEG_CACHE_DIR) keyed by bank id and revision,
+or a folder the caller names (a cohort run's `--cache-dir`).
+
+Size: bounded by a cap in bytes (`RSEG_MEMORY_CACHE_GB`, default 4 GB, or the `max_bytes`
+argument), applied separately to the memories held in RAM and to the files on disk; the least
+recently used memory is evicted first (on disk: the file least recently read or written). An
+evicted memory is recomputed on its next use, from the same support and model: results do not
+depend on the cap.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +36,30 @@ if TYPE_CHECKING:  # torch is imported only when a memory is actually loaded
 
 FORMAT_VERSION = 2
 ENV_CACHE_DIR = "RSEG_CACHE_DIR"
+ENV_CACHE_GB = "RSEG_MEMORY_CACHE_GB"
+DEFAULT_CACHE_GB = 4.0
+
+
+def memory_cache_cap(value: float | None = None) -> int:
+    """The memory cache cap in bytes: `value` GB, else $RSEG_MEMORY_CACHE_GB, else 4 GB."""
+    if value is None:
+        env = os.environ.get(ENV_CACHE_GB)
+        if env:
+            try:
+                value = float(env)
+            except ValueError:
+                raise ValueError(f"{ENV_CACHE_GB} must be a size in GB (e.g. 4 or 0.5), got {env!r}") from None
+        else:
+            value = DEFAULT_CACHE_GB
+    if not value >= 0:
+        raise ValueError(f"the memory cache cap must be >= 0 GB, got {value!r}")
+    return int(float(value) * 2**30)
+
+
+def memory_nbytes(mem: "SupportMemory") -> int:
+    """Bytes a memory holds (its two tensors)."""
+    return int(mem.maskmem_features.numel() * mem.maskmem_features.element_size()
+               + mem.obj_ptr.numel() * mem.obj_ptr.element_size())
 _WHAT = "a memory cache"
 
 
@@ -86,15 +118,29 @@ def inspect_memory_file(data: bytes, identity: str | None = None, key: str | Non
 
 
 class SupportMemoryCache:
-    """Memories for one SAM 2 identity; LRU in memory (max_items), optional folder on disk."""
+    """Memories for one SAM 2 identity: LRU in memory and on disk, each bounded by `max_bytes`
+    (default `memory_cache_cap()`), and in memory also by `max_items`."""
 
-    def __init__(self, identity: str, directory: str | Path | None = None, max_items: int = 4096) -> None:
+    def __init__(
+        self,
+        identity: str,
+        directory: str | Path | None = None,
+        max_items: int = 1_000_000,
+        max_bytes: int | None = None,
+    ) -> None:
         self.identity = identity
         self.directory = Path(directory) if directory is not None else None
         self.max_items = int(max_items)
+        self.max_bytes = memory_cache_cap() if max_bytes is None else int(max_bytes)
         self._items: OrderedDict[str, SupportMemory] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self._bytes = 0
+        self._files: OrderedDict[str, int] = OrderedDict()  # file name -> size, least recent first
+        self._disk_bytes = 0
         self.hits = 0
         self.misses = 0
+        self.evicted = 0  # memories dropped from RAM to stay under the cap
+        self.evicted_files = 0  # files deleted to stay under the cap
         self.rejected = 0  # files on disk that failed their integrity check and were recomputed
         self._writable = self.directory is not None
         if self.directory is not None:
@@ -130,6 +176,70 @@ class SupportMemoryCache:
                     raise
                 except OSError as e:
                     self._read_only(e)
+            self._scan()
+
+    def _scan(self) -> None:
+        """Index the files on disk, least recently used (mtime) first."""
+        found = []
+        if self.directory is not None:
+            with contextlib.suppress(OSError):
+                for p in self.directory.glob("*.safetensors"):
+                    with contextlib.suppress(OSError):
+                        st = os.lstat(p)
+                        found.append((st.st_mtime_ns, p.name, st.st_size))
+        self._files = OrderedDict((name, size) for _, name, size in sorted(found))
+        self._disk_bytes = sum(self._files.values())
+
+    def stats(self) -> dict:
+        """Counts and sizes: in RAM, on disk, the cap, hits, misses, evictions."""
+        return {
+            "identity": self.identity,
+            "directory": None if self.directory is None else str(self.directory),
+            "cap_bytes": self.max_bytes,
+            "memory_items": len(self._items),
+            "memory_bytes": self._bytes,
+            "disk_files": len(self._files),
+            "disk_bytes": self._disk_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "evicted": self.evicted,
+            "evicted_files": self.evicted_files,
+            "rejected": self.rejected,
+        }
+
+    def clear(self) -> int:
+        """Forget every memory (RAM and this folder's files); the number of files deleted."""
+        self._items.clear()
+        self._sizes.clear()
+        self._bytes = 0
+        self._scan()
+        deleted = 0
+        if self.directory is not None:
+            for name in list(self._files):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.directory / name)
+                    deleted += 1
+        self._files.clear()
+        self._disk_bytes = 0
+        return deleted
+
+    def _touch(self, name: str, size: int | None = None) -> None:
+        """Mark a file as just used (and, with `size`, just written); evict the oldest over the cap."""
+        if size is not None:
+            self._disk_bytes += size - self._files.get(name, 0)
+            self._files[name] = size
+        if name in self._files:
+            self._files.move_to_end(name)
+        while self._disk_bytes > self.max_bytes and self._files:
+            old, old_size = next(iter(self._files.items()))
+            if old == name and len(self._files) == 1 and size is None:
+                break
+            self._files.pop(old)
+            self._disk_bytes -= old_size
+            assert self.directory is not None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.directory / old)
+            self.evicted_files += 1
 
     def _read_only(self, err: OSError) -> None:
         """Keep going with memories in memory only (the disk cache is an optimisation)."""
@@ -161,6 +271,10 @@ class SupportMemoryCache:
                 mem = _load(path, key, self.identity, self.directory)
                 if mem is not None:
                     self._remember(key, mem)
+                    if self._writable:
+                        with contextlib.suppress(OSError):
+                            os.utime(path)  # least recently used = oldest mtime, across runs
+                        self._touch(path.name)
                     return mem
                 self.rejected += 1
         return None
@@ -168,9 +282,11 @@ class SupportMemoryCache:
     def put(self, key: str, mem: SupportMemory) -> None:
         """Store a memory in memory and, when a writable folder is set, on disk (atomically)."""
         self._remember(key, mem)
-        if self.directory is not None and self._writable:
+        if self.directory is not None and self._writable and memory_nbytes(mem) <= self.max_bytes:
+            path = self._path(key)
             try:
-                _save(self._path(key), key, self.identity, mem, self.directory)
+                _save(path, key, self.identity, mem, self.directory)
+                self._touch(path.name, os.lstat(path).st_size)
             except UnsafeLinkError:
                 raise
             except OSError as e:
@@ -188,10 +304,17 @@ class SupportMemoryCache:
         return mem
 
     def _remember(self, key: str, mem: SupportMemory) -> None:
+        size = memory_nbytes(mem)
+        if size > self.max_bytes:
+            return  # larger than the whole cap: used once, never held
+        self._bytes += size - self._sizes.get(key, 0)
+        self._sizes[key] = size
         self._items[key] = mem
         self._items.move_to_end(key)
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
+        while len(self._items) > self.max_items or self._bytes > self.max_bytes:
+            old, _ = self._items.popitem(last=False)
+            self._bytes -= self._sizes.pop(old)
+            self.evicted += 1
 
 
 def _save(path: Path, key: str, identity: str, mem: SupportMemory, root: Path) -> None:

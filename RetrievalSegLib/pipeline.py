@@ -64,11 +64,21 @@ class RetrievalEngine:
     def random_weights(self) -> bool:
         return "random-seed" in self.sam.identity or "random-seed" in self.embedder.identity
 
-    def memory_cache(self, bank: Any | None = None, precision: str = "fp32") -> SupportMemoryCache:
+    def memory_cache(
+        self,
+        bank: Any | None = None,
+        precision: str = "fp32",
+        cache_dir: str | Path | None = None,
+        max_bytes: int | None = None,
+    ) -> SupportMemoryCache:
         """The memory cache for `bank` (on disk inside the bank), or an in-memory one for None.
 
         precision 'bf16' (memories computed under bfloat16 autocast) has its own cache, under the
         model identity plus '+autocast-bf16', so a float32 run never reads bf16 memories.
+        `cache_dir` puts the files in `<cache_dir>/<bank id>/<model>/` instead (e.g. a cohort
+        run's own folder beside a read-only bank); `max_bytes` caps RAM and disk use (default
+        `memory.memory_cache_cap()`: $RSEG_MEMORY_CACHE_GB or 4 GB; a later call with `max_bytes`
+        changes the cap of the cache it returns).
         """
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16' here, got {precision!r}")
@@ -76,9 +86,16 @@ class RetrievalEngine:
         if bank is None:
             key = ("", identity)
             directory = None
+        elif cache_dir is not None:
+            from .bank_format import memory_cache_name
+
+            directory = Path(cache_dir) / str(bank.bank_id) / memory_cache_name(identity)
+            key = (str(directory.resolve()), identity)
         else:
             key = (str(Path(bank.path).resolve()), identity)
             directory = bank.memory_cache_dir(identity)
         if key not in self._caches:
-            self._caches[key] = SupportMemoryCache(identity, directory)
+            self._caches[key] = SupportMemoryCache(identity, directory, max_bytes=max_bytes)
+        elif max_bytes is not None:
+            self._caches[key].max_bytes = int(max_bytes)  # applies from the next store on
         return self._caches[key]

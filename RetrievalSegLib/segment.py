@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .bank_cache import memory_key
 from .engine import QueryResult, autocast, resolve_precision
 from .extent import ExtentWalker
 from .preprocess import robust_window, to_uint8
@@ -351,7 +352,7 @@ def segment_volume(
 
     def memory(entry_id: str):
         e = entries[entry_id]
-        key = f"{e.id}-{e.sha256[:16]}"
+        key = memory_key(e)  # the same key `rseg bank cache --warm` fills
 
         def compute(eid: str = entry_id):
             data = bank.load_entry(eid)

@@ -141,19 +141,24 @@ def test_reported_iou_is_the_iou_of_the_returned_mask():
 
 
 # ----------------------------------------------------------------------------- bank integrity
-def test_embeddings_replaced_after_bank_json_are_detected(tmp_path):
-    """What an interrupted re-embed leaves: embeddings.npy rewritten by another model, bank.json
-    (and its embeddings_sha256) still the old one. Searching must refuse, not use the rows."""
+def test_embeddings_replaced_behind_the_bank_are_detected(tmp_path):
+    """Embedding rows overwritten in bank.db (another model's rows, checksums left as they were).
+    Searching must refuse, not use the rows."""
+    import contextlib
+    import sqlite3
+
     emb = HashEmbedder()
     bank = SupportBank.create(tmp_path / "bank", LABELS, emb.identity)
     image, labels = make_case(0)
     bank.add_volume(image, labels, "p01", emb)
-    rows = np.load(tmp_path / "bank" / "embeddings.npy")
+    rows = np.array(bank.embeddings())
     other = HashEmbedder(name="dinov2-small:other").embed([np.full((4, 4), i, np.uint8) for i in range(len(rows))])
     assert other.shape == rows.shape
-    np.save(tmp_path / "bank" / "embeddings.npy", other)
+    with contextlib.closing(sqlite3.connect(tmp_path / "bank" / "bank.db")) as con, con:
+        con.executemany("UPDATE embeddings SET row = ? WHERE seq = ?",
+                        [(r.astype("<f4").tobytes(), n) for n, r in enumerate(other)])
     reopened = SupportBank.open(tmp_path / "bank")
-    with pytest.raises(BankCorruptError, match="does not match bank.json"):
+    with pytest.raises(BankCorruptError, match="do not match their recorded size or SHA-256"):
         reopened.search(rows[:1], 1)
 
 

@@ -214,7 +214,7 @@ def test_a_bank_shared_by_a_team_keeps_the_umask_modes(shared_dir):
         assert done.returncode == 0, done.stderr
     modes = {p.relative_to(bank).as_posix(): p.stat().st_mode & 0o777 for p in bank.rglob("*")}
     files = {k: m for k, m in modes.items() if not (bank / k).is_dir()}
-    assert {"bank.json", "embeddings.npy", ".lock"} <= set(files) and len(files) >= 6
+    assert {"bank.json", "bank.db", ".lock"} <= set(files) and len(files) >= 6
     assert set(files.values()) == {0o664}, files  # 0666 & ~002, not 0600
     assert {m for k, m in modes.items() if (bank / k).is_dir()} == {0o775}
 
@@ -392,13 +392,17 @@ def test_non_finite_embeddings_are_flagged_never_searched_and_repaired(tmp_path,
     entries = bank.entries(include_retired=True)
     # What an unchecked re-embed with a model that overflowed would leave: NaN / Inf rows with a
     # matching checksum in bank.json.
-    rows = np.load(bank.path / "embeddings.npy")
+    rows = np.array(bank.embeddings())
     rows[1, 3] = np.nan
     rows[3, :] = np.inf
-    np.save(bank.path / "embeddings.npy", rows)
-    meta = json.loads((bank.path / "bank.json").read_text())
-    meta["embeddings_sha256"] = hashlib.sha256(rows[: len(entries)].astype("<f4").tobytes()).hexdigest()
-    (bank.path / "bank.json").write_text(json.dumps(meta))
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(bank.path / "bank.db")) as con, con:
+        for n in (1, 3):
+            blob = rows[n].astype("<f4").tobytes()
+            con.execute("UPDATE embeddings SET row = ?, sha256 = ? WHERE seq = ?",
+                        (blob, hashlib.sha256(blob).hexdigest(), n))
     bad = {entries[1].id, entries[3].id}
 
     capsys.readouterr()
@@ -442,9 +446,13 @@ def test_a_read_only_bank_segments_and_exports(seg_study, shared_dir):
     image.chmod(0o644)
     out.mkdir()
     out.chmod(0o777)
+    source = SupportBank.open(bank)
+    meta = {"bank_id": source.bank_id, "revision": source.revision,
+            "entries": [{"id": e.id} for e in source.entries()]}
+    source_entries = source.entries(include_retired=True)
+    source.close()
     make_read_only(bank)
     before = tree(bank)
-    meta = json.loads((bank / "bank.json").read_text())
     home = writable_home(shared_dir)
 
     def rseg(*argv):
@@ -460,7 +468,7 @@ def test_a_read_only_bank_segments_and_exports(seg_study, shared_dir):
     done = rseg("bank", "export", bank, out / "copy.zip")
     assert done.returncode == 0, done.stderr
     copy = SupportBank.import_archive(out / "copy.zip", shared_dir / "copy")
-    assert copy.entries(include_retired=True) == SupportBank.open(bank).entries(include_retired=True)
+    assert copy.entries(include_retired=True) == source_entries
 
     # Where a write is truly needed, the message says so and what to do.
     entry = meta["entries"][0]["id"]
@@ -489,9 +497,10 @@ def test_a_refused_import_names_no_deleted_temp_folder(tmp_path, capsys):
     good = bank.export(tmp_path / "good.zip")
 
     def wrong_embeddings(members):  # rows that do not match the checksum in bank.json
-        rows = np.load(bank.path / "embeddings.npy")
-        rows[0] *= -1
         import io
+
+        rows = np.load(io.BytesIO(members["embeddings.npy"]))
+        rows[0] *= -1
 
         buf = io.BytesIO()
         np.save(buf, rows)
