@@ -4,9 +4,11 @@ Random weights (the real SAM 2.1 / DINOv2 architectures), a synthetic bank and c
 on this machine; prints the machine (CPU model, cores, GPU). Each configuration runs on a fresh
 output folder with the memory cache already warm (a first run fills it), so the figures compare
 segmentation throughput, including each worker's model loading (a cohort pays it once per worker).
-The label maps of every configuration must be identical; the benchmark fails otherwise.
+It also reports how many label voxels differ from the 1-worker run: CPU workers split the cores
+(torch threads = cores / workers), and another thread count can change float results in their
+last bits (`--threads` pins it; the tests check that equal thread counts give identical maps).
 
-    python -m RetrievalSegLib.bench_cohort [--volumes 8 --slices 6 --workers 2 --image-size 256]
+    python -m RetrievalSegLib.bench_cohort [--volumes 6 --slices 4 --workers 1 2 --image-size 256]
 """
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--volumes", type=int, default=8)
-    ap.add_argument("--slices", type=int, default=6, help="slices per volume")
+    ap.add_argument("--volumes", type=int, default=6)
+    ap.add_argument("--slices", type=int, default=4, help="slices per volume")
     ap.add_argument("--workers", type=int, nargs="+", default=None,
                     help="worker counts to compare (default: 1 and the number of GPUs, else 1 and 2)")
     ap.add_argument("--image-size", type=int, default=256)
@@ -103,12 +105,16 @@ def main(argv: list[str] | None = None) -> int:
         ref = outputs[counts[0]]
         from .volume import read_volume
 
+        differ = {}
         for n in counts[1:]:
+            diff = total = 0
             for name in ref:
                 a = read_volume(root / f"out{counts[0]}" / name).array
                 b = read_volume(root / f"out{n}" / name).array
-                if not (a == b).all():
-                    raise SystemExit(f"{name}: {n} workers gave another label map than {counts[0]}")
+                diff += int((a != b).sum())
+                total += a.size
+            differ[n] = (diff, total)
+    print(f"machine: {machine()}")
     print(f"cohort: {args.volumes} volumes of {args.slices} slices (48 x 48), SAM 2.1 tiny at {args.image_size} px, "
           f"k = 2, random weights, device {args.device}")
     print("| workers | wall s (with model loading) | volumes/min | cohort s (command's own timer) |")
@@ -117,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {n} | {seconds:.1f} | {vpm:.2f} | {own:.1f} |")
     base = rows[0][2]
     for n, _, vpm, _ in rows[1:]:
-        print(f"{n} workers: {vpm / base:.2f}x the volumes per minute of {rows[0][0]} (identical label maps)")
+        d, t = differ[n]
+        same = "identical label maps" if d == 0 else f"{d} of {t} label voxels differ (other thread count)"
+        print(f"{n} workers: {vpm / base:.2f}x the volumes per minute of {rows[0][0]} ({same})")
     return 0
 
 

@@ -100,6 +100,26 @@ def small(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def worker_code(small, tmp_path_factory):
+    """The code every cohort worker runs (`_Models`: models loaded once), here in the test process."""
+    from RetrievalSegLib.bank import SupportBank
+    from RetrievalSegLib.cli import build_parser
+    from RetrievalSegLib.cli_cohort import cohort_settings
+    from RetrievalSegLib.cohort_run import _Models
+
+    tmp = tmp_path_factory.mktemp("worker-code")
+
+    def settings_for(out: Path, cache: Path):
+        args = build_parser().parse_args(["segment-cohort", str(small["good_manifest"]), "--bank", str(small["bank"]),
+                                          "--out", str(out), "--cache-dir", str(cache), *MODELS, *SEG])
+        out.mkdir(parents=True, exist_ok=True)
+        return cohort_settings(args, SupportBank.open(small["bank"]), None)
+
+    settings, model_args = settings_for(tmp / "ref", tmp / "cache")
+    return _Models(model_args, settings), settings_for
+
+
+@pytest.fixture(scope="module")
 def cohort(small):
     """Run 1 killed on the long volume, run 2 completing it (the slow tests' reference outputs)."""
     root, bank, manifest = small["root"], small["bank"], small["manifest"]
@@ -146,7 +166,7 @@ def test_cohort_killed_worker_leaves_no_partial_output_and_rerun_completes_it(co
     assert "killed by SIGKILL" in long_result["message"]
     # no partial output, no temp file, no sidecar for the killed volume
     assert not any(n.startswith(LONG) for n in first["files"]), first["files"]
-    assert not any(n.startswith(TMP_PREFIX) for n in first["files"]), first["files"]
+    assert not any(n.startswith((TMP_PREFIX, ".")) or ".tmp" in n for n in first["files"]), first["files"]
     # the rerun segments only the killed volume, skips the finished ones, retries the corrupt one
     assert second["rc"] == 1, second["stderr"][-2000:]
     status2 = _status(second["summary"])
@@ -291,15 +311,12 @@ def test_cohort_usage_errors(small, tmp_path, capsys):
     assert _tree_digest(cohort["bank"]) == cohort["bank_before"]
 
 
-def test_cohort_ray_local_gives_the_same_outputs(small, tmp_path, monkeypatch):
+def test_cohort_ray_local_gives_the_same_outputs(small, worker_code, tmp_path, monkeypatch):
     """A real local Ray (2 CPUs, loopback, no dashboard): same label maps as the worker code run here;
     the corrupt volume is reported and the others finish; the bank is byte-identical afterwards."""
     import ray  # locked in requirements.lock: a missing install fails, never skips
 
-    from RetrievalSegLib.bank import SupportBank
-    from RetrievalSegLib.cli import build_parser
-    from RetrievalSegLib.cli_cohort import cohort_settings
-    from RetrievalSegLib.cohort_run import _Models
+    from RetrievalSegLib.cohort import segment_one
 
     cases = ["vol0", "vol2"]
     manifest = tmp_path / "ray.csv"
@@ -307,13 +324,10 @@ def test_cohort_ray_local_gives_the_same_outputs(small, tmp_path, monkeypatch):
     out, ref_out, cache = tmp_path / "ray", tmp_path / "ref", tmp_path / "cache"
     argv = ["segment-cohort", str(manifest), "--bank", str(small["bank"]), "--cache-dir", str(cache), *MODELS,
             *SEG, "--no-progress"]
-    # the reference: the code every worker runs (`_Models.run`), in this process
-    args = build_parser().parse_args([*argv, "--out", str(ref_out)])
-    ref_out.mkdir()
-    settings, model_args = cohort_settings(args, SupportBank.open(small["bank"]), None)
-    models = _Models(model_args, settings)
+    models, settings_for = worker_code
+    settings, _ = settings_for(ref_out, cache)
     for v in read_manifest(manifest)[:2]:
-        assert models.run(v)["status"] == "segmented"
+        assert segment_one(v, models.engine, models.bank, settings)["status"] == "segmented"
 
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # loopback only; no token written to the home folder
@@ -335,3 +349,60 @@ def test_cohort_ray_local_gives_the_same_outputs(small, tmp_path, monkeypatch):
     assert _tree_digest(small["bank"]) == small["bank_before"]
     assert list(cache.rglob("*.safetensors"))  # memories went to the cache folder, not into the bank
     print(f"ray cohort run: {time.perf_counter() - t0:.1f} s")
+
+
+def test_cohort_output_that_cannot_be_written_leaves_nothing_and_the_rest_finish(small, worker_code, tmp_path,
+                                                                                  monkeypatch):
+    """A full disk while writing a label map (SimpleITK writes a short file and returns): no output,
+    no temporary file, the volume recorded as failed; the next volume is written."""
+    import SimpleITK as sitk
+
+    from RetrievalSegLib.cohort import segment_one
+
+    models, settings_for = worker_code
+    out = tmp_path / "out"
+    settings, _ = settings_for(out, tmp_path / "cache")
+    real_write = sitk.WriteImage
+
+    def short_write(img, path, *a, **kw):  # what a full disk does to SimpleITK's writers
+        real_write(img, path, *a, **kw)
+        with open(path, "r+b") as f:
+            f.truncate(max(1, os.path.getsize(path) // 2))
+
+    vols = [v for v in read_manifest(small["good_manifest"]) if v.case_id in ("vol0", "vol2")]
+    monkeypatch.setattr(sitk, "WriteImage", short_write)
+    res = segment_one(vols[0], models.engine, models.bank, settings)
+    monkeypatch.setattr(sitk, "WriteImage", real_write)
+    assert res["status"] == "failed" and "cannot write" in res["message"], res
+    assert sorted(p.name for p in out.iterdir()) == ["cohort-records"], list(out.iterdir())
+    assert json.loads(record_path(out, vols[0].case_id).read_text())["state"] == "failed"
+    assert segment_one(vols[1], models.engine, models.bank, settings)["status"] == "segmented"
+    assert (out / f"{vols[1].case_id}.nii.gz").is_file() and (out / f"{vols[1].case_id}.nii.gz.json").is_file()
+    assert _tree_digest(small["bank"]) == small["bank_before"]
+
+
+def test_cohort_resume_rule(tmp_path):
+    """Skipped only when output + sidecar exist, the output's SHA-256 matches and every setting matches."""
+    from RetrievalSegLib.cohort import resume_reason
+    from RetrievalSegLib.fileio import file_sha256
+    from RetrievalSegLib.provenance import write_sidecar
+
+    want = {"rseg_version": "0.1.0", "sam2": "sam2.1-tiny@256:random-seed0", "dinov2": "dinov2-small:x@56",
+            "random_weights": True, "image_size": 256, "precision": "fp32", "k": 2,
+            "bank": {"bank_id": "abc", "revision": 4}, "cohort_options": {"k": 2, "labels": [1, 3], "window": None}}
+    vol = CohortVolume("/data/a.nii.gz", "a", "a.nii.gz")
+    assert resume_reason(tmp_path, vol, want) == "no output yet"
+    out = tmp_path / "a.nii.gz"
+    out.write_bytes(b"label map bytes")
+    assert "no usable sidecar" in resume_reason(tmp_path, vol, want)
+    prov = {**want, "bank": {"path": "/banks/x", **want["bank"]}, "labels": {"1": "RV"}, "created": "now",
+            "output_sha256": file_sha256(out)}
+    write_sidecar(out, prov, [])
+    assert resume_reason(tmp_path, vol, want) is None
+    for key, value in [("bank", {"bank_id": "abc", "revision": 5}), ("bank", {"bank_id": "other", "revision": 4}),
+                       ("k", 3), ("precision", "bf16"), ("sam2", "sam2.1-tiny@256:random-seed1"),
+                       ("rseg_version", "0.2.0"), ("cohort_options", {**want["cohort_options"], "labels": [1]})]:
+        reason = resume_reason(tmp_path, vol, {**want, key: value})
+        assert reason is not None and key in reason, (key, reason)
+    out.write_bytes(b"label map bytes, changed")
+    assert "SHA-256" in resume_reason(tmp_path, vol, want)
