@@ -77,16 +77,19 @@ def _worker_main(conn, model_args: dict, settings_json: dict, threads: int | Non
         conn.send(("fatal", 1, f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", os.getpid(), models.engine.sam2_identity))
-    while True:
-        try:
-            job = conn.recv()
-        except EOFError:
-            return
-        if job is None:
-            return
-        vol = CohortVolume(**job)
-        result = models.run(vol, lambda d, t: conn.send(("progress", vol.case_id, d, t)))
-        conn.send(("result", result))
+    try:
+        while True:
+            try:
+                job = conn.recv()
+            except EOFError:
+                return
+            if job is None:
+                return
+            vol = CohortVolume(**job)
+            result = models.run(vol, lambda d, t: conn.send(("progress", vol.case_id, d, t)))
+            conn.send(("result", result))
+    except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C reaches the whole process group: stop quietly
+        return
 
 
 def _exit_text(exitcode: int | None) -> str:
@@ -113,6 +116,7 @@ def run_local(volumes: Sequence[CohortVolume], model_args: dict, settings: Cohor
 
     ctx = mp.get_context("spawn")
     pending = list(volumes)
+    abandoned: list[CohortVolume] = []
     results: dict[str, dict] = {}
     workers = max(1, min(int(workers), len(pending))) if pending else 0
     cpu_threads = threads or (max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None)
@@ -143,9 +147,9 @@ def run_local(volumes: Sequence[CohortVolume], model_args: dict, settings: Cohor
             slot["conn"].send(None)
             slot["job"] = None
 
+    fatal: tuple[int, str] | None = None
     try:
         slots = [start(i) for i in range(workers)]
-        fatal: tuple[int, str] | None = None
         while any(s["proc"] is not None for s in slots):
             live = [s for s in slots if s["proc"] is not None]
             ready = wait([s["conn"] for s in live] + [s["proc"].sentinel for s in live])
@@ -172,6 +176,7 @@ def run_local(volumes: Sequence[CohortVolume], model_args: dict, settings: Cohor
                         dispatch(slot)
                     elif kind == "fatal":
                         fatal = (msg[1], msg[2])
+                        abandoned.extend(pending)
                         pending.clear()
                     continue
                 if proc.sentinel in ready or (conn in ready and msg is None):
@@ -211,8 +216,9 @@ def run_local(volumes: Sequence[CohortVolume], model_args: dict, settings: Cohor
                 if proc.is_alive():
                     proc.terminate()
                     proc.join(timeout=10)
-    for vol in pending:  # left over after a fatal error
-        results.setdefault(vol.case_id, failed_result(vol, Path(settings.out_dir), "not started: the run stopped"))
+    for vol in [*abandoned, *pending]:  # left over after a fatal error
+        results.setdefault(vol.case_id, failed_result(vol, Path(settings.out_dir),
+                                                      f"not started: the run stopped ({fatal[1] if fatal else 'no worker'})"))
     return [results[v.case_id] for v in volumes if v.case_id in results]
 
 
