@@ -164,9 +164,9 @@ def cmd_segment_cohort(args: argparse.Namespace) -> int:
     gpus = visible_gpus() if args.ray is None and str(args.device) in ("auto", "cuda") else 0
     workers = args.workers or max(1, gpus)
     devices = [f"cuda:{i % gpus}" for i in range(workers)] if gpus else None
-    show = not args.no_progress
+    want_bar = not args.no_progress
     bar = None
-    if show and volumes:
+    if want_bar and volumes:
         from tqdm import tqdm
 
         bar = tqdm(total=len(volumes), desc="volumes", unit="vol", file=sys.stderr, dynamic_ncols=True)
