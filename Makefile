@@ -3,6 +3,7 @@
 #   make bench  engine vs official SAM2VideoPredictor latency (random weights, CPU unless cuda)
 #   make bench-volume  whole-volume slices/s: per-slice fp32 path vs batched path (random weights)
 #   make bench-bank  grow a bank to 20,000 slices: add / search / open cost (ends bank_add_growth, bank_search_ms_20k)
+#   make bench-cohort  rseg segment-cohort volumes/min with 1 vs N workers (random weights; prints the machine)
 #   make mutants  apply Testing/mutants.txt one by one to a copy; every mutant must be killed (~10 min)
 #   make demo   synthetic study -> bank -> segmentation with real weights from the cache
 PYTHON ?= python3
@@ -12,7 +13,7 @@ STAMP  := $(VENV)/.rseg-installed
 # Tests and CI never reach a model hub.
 OFFLINE := RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: test test-all bench bench-volume bench-bank demo install clean mutants
+.PHONY: test test-all bench bench-volume bench-bank bench-cohort demo install clean mutants
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "RetrievalSeg needs Python >= 3.10 (sam2 does)"'
@@ -49,6 +50,9 @@ bench-volume: $(STAMP)
 
 bench-bank: $(STAMP)
 	OMP_NUM_THREADS=1 $(OFFLINE) $(PY) -m RetrievalSegLib.bank_bench $(BENCH_ARGS)
+
+bench-cohort: $(STAMP)
+	$(OFFLINE) $(PY) -m RetrievalSegLib.bench_cohort $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

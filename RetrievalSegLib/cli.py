@@ -298,6 +298,7 @@ def add_evaluate_parser(sub, models: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from .cli_bank import add_bank_parser
+    from .cli_cohort import add_cohort_parser
     from .cli_suggest import add_suggest_parser
     from .cli_weights import add_weights_parser
 
@@ -316,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_weights_parser(sub)
     add_bank_parser(sub, make_embedder, parents=[models])
     add_segment_parser(sub, models)
+    add_cohort_parser(sub, models)
     add_evaluate_parser(sub, models)
     add_suggest_parser(sub, make_embedder, parents=[models])
     return parser
