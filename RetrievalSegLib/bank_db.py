@@ -255,6 +255,11 @@ def commit(con: sqlite3.Connection, state: _State, f: Path) -> None:
             with contextlib.suppress(sqlite3.Error):
                 con.execute("ROLLBACK")
             raise
+        # Copy the committed pages into bank.db now (PASSIVE: never waits for readers), so the
+        # database file holds the whole revision and a reader's connection closing later has
+        # nothing to write into it: a bank only read (a cohort run) stays byte-identical.
+        with contextlib.suppress(sqlite3.Error):
+            con.execute("PRAGMA wal_checkpoint(PASSIVE)")
     except sqlite3.OperationalError as e:
         if "readonly" in str(e) or "read-only" in str(e):
             raise BankReadOnlyError(f"cannot change {f}: {e}") from e

@@ -50,6 +50,16 @@ def _shard(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _cache_gb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a size in GB >= 0 (e.g. 4 or 0.5), got {text!r}")
+    return value
+
+
 def add_cohort_parser(sub, models: argparse.ArgumentParser) -> None:
     from .extent import DEFAULT_EXTENT_STOP
 
@@ -86,7 +96,11 @@ def add_cohort_parser(sub, models: argparse.ArgumentParser) -> None:
                         "address joins that one, 'local' starts one on this machine; one actor per GPU")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                    help="folder for SAM 2 support memories (default: the per-user cache, $RSEG_CACHE_DIR or "
-                        "~/.cache/retrievalseg, keyed by bank id and revision); never inside the bank")
+                        "~/.cache/retrievalseg, keyed by bank id and revision); never inside the bank. "
+                        "`rseg bank cache BANK --warm --cache-dir DIR` fills it once before a run")
+    p.add_argument("--cache-gb", type=_cache_gb, default=None, metavar="GB",
+                   help="cap on the memory cache, in RAM and on disk per worker, least recently used "
+                        "evicted first (default: $RSEG_MEMORY_CACHE_GB or 4)")
     p.add_argument("--k", type=_positive_int, default=8, help="supports retrieved per slice (default 8)")
     p.add_argument("--axis", default="auto", help="slice axis: auto (largest spacing), i, j or k")
     p.add_argument("--labels", type=_labels, default=None, help="label values to segment, e.g. 1,3 (default all)")
@@ -139,7 +153,8 @@ def cohort_settings(args: argparse.Namespace, bank, window) -> tuple:
     assert set(COHORT_OPTIONS) <= set(options)
     settings = CohortSettings(bank=str(args.bank), out_dir=str(args.out), bank_id=bank.bank_id,
                               bank_revision=int(bank.revision), options=options,
-                              cache_dir=str(args.cache_dir) if args.cache_dir else None)
+                              cache_dir=str(args.cache_dir) if args.cache_dir else None,
+                              cache_gb=args.cache_gb)
     model_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k in MODEL_ARGS}
     return settings, model_args
 

@@ -183,16 +183,20 @@ def select_shard(volumes: Sequence[CohortVolume], index: int, count: int) -> lis
 def cohort_memory_dir(bank_id: str, revision: int, sam2_identity: str, cache_dir: str | os.PathLike[str] | None) -> Path:
     """Where a cohort keeps the SAM 2 memories of a bank: the one function that decides it.
 
-    Never inside the bank (workers must not change it). Default: the per-user cache folder a
-    read-only bank uses today (`<RSEG_CACHE_DIR or ~/.cache/retrievalseg>/memories/<bank id>-r<revision>/
-    <model>/`); with `cache_dir`, the same layout under that folder (e.g. on a shared file system
-    so that every node of a cluster reuses one cache).
+    Never inside the bank (workers must not change it). With `cache_dir`: `<cache_dir>/<bank id>/<model>/`,
+    the folder `rseg bank cache BANK --warm --cache-dir DIR` fills (and `engine.memory_cache(...,
+    cache_dir=DIR)` uses), so a cache warmed once is read by every worker, e.g. on a shared file
+    system. Without it: the per-user folder a read-only bank uses
+    (`<RSEG_CACHE_DIR or ~/.cache/retrievalseg>/memories/<bank id>-r<revision>/<model>/`). Memory
+    files are keyed by entry id and content hash, so a folder never serves a changed entry.
+    The size cap (`--cache-gb`, else $RSEG_MEMORY_CACHE_GB, else 4 GB) is applied in `segment_one`.
     """
-    from .bank_format import memory_cache_name
-    from .memory import sanitize, user_cache_root
+    from .bank_format import MEMORIES_DIR, _sanitise, memory_cache_name
+    from .memory import user_cache_root
 
-    root = Path(cache_dir) if cache_dir is not None else user_cache_root()
-    return root / "memories" / f"{sanitize(bank_id)[:64]}-r{int(revision)}" / memory_cache_name(sam2_identity)
+    if cache_dir is not None:
+        return Path(cache_dir) / str(bank_id) / memory_cache_name(sam2_identity)
+    return user_cache_root() / MEMORIES_DIR / f"{_sanitise(bank_id, 64)}-r{int(revision)}" / memory_cache_name(sam2_identity)
 
 
 class ReadOnlyBank:
@@ -277,6 +281,7 @@ class CohortSettings:
     bank_revision: int
     options: dict  # COHORT_OPTIONS plus precision, batch_size, encoder batch
     cache_dir: str | None = None
+    cache_gb: float | None = None  # memory cache cap; None: $RSEG_MEMORY_CACHE_GB or 4 GB
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -354,6 +359,10 @@ def segment_one(vol: CohortVolume, engine, bank: ReadOnlyBank, settings: CohortS
         if reason is None:
             return {**base, "status": "skipped", "seconds": 0.0, "message": "done earlier with the same settings"}
         write_record(out_dir, vol, "running", slices_done=0, slices_total=None, redo_reason=reason)
+        if settings.cache_gb is not None:  # this run's own cap on its cache folder (RAM and disk)
+            from .memory import memory_cache_cap
+
+            engine.memory_cache(bank, precision=precision, max_bytes=memory_cache_cap(settings.cache_gb))
 
         def on_progress(done: int, total: int) -> None:
             write_record(out_dir, vol, "running", slices_done=int(done), slices_total=int(total), redo_reason=reason)

@@ -24,6 +24,7 @@ import pytest
 from RetrievalSegLib.cli import main
 from RetrievalSegLib.cohort import (
     CohortVolume,
+    ReadOnlyBank,
     ManifestError,
     cohort_memory_dir,
     parse_shard,
@@ -44,8 +45,10 @@ BROKEN = "broken"
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:
+    """Every file of the bank, byte for byte, except SQLite's transient -wal/-shm files: they come and
+    go with connections (the last one to close removes them), while the revision lives in bank.db."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
 
 
 def _labelmaps(out: Path, cases=GOOD) -> dict[str, np.ndarray]:
@@ -195,10 +198,10 @@ def test_cohort_corrupt_input_is_reported_and_the_rest_finish(cohort):
 @pytest.mark.slow
 def test_cohort_bank_is_never_changed_and_memories_go_to_the_cache(cohort):
     assert _tree_digest(cohort["bank"]) == cohort["bank_before"]
-    bank_json = json.loads((cohort["bank"] / "bank.json").read_text())
+    bank = ReadOnlyBank(cohort["bank"])
     mem = list(cohort["cache"].rglob("*.safetensors"))
-    assert len(mem) == len(bank_json["entries"]) > 0, mem  # one per bank entry, shared by the runs
-    expected = cohort_memory_dir(bank_json["bank_id"], bank_json["revision"], "x", cohort["cache"]).parent
+    assert len(mem) == len(bank.entries()) > 0, mem  # one per bank entry, shared by the runs
+    expected = cohort_memory_dir(bank.bank_id, bank.revision, "x", cohort["cache"]).parent
     assert all(expected in m.parents for m in mem)
 
 
@@ -413,3 +416,30 @@ def test_cohort_resume_rule(tmp_path):
         assert reason is not None and key in reason, (key, reason)
     out.write_bytes(b"label map bytes, changed")
     assert "SHA-256" in resume_reason(tmp_path, vol, want)
+
+
+def test_cohort_cache_is_the_folder_bank_cache_warm_fills_and_holds_its_cap(small, worker_code, tmp_path):
+    """`rseg bank cache BANK --warm --cache-dir DIR` fills the folder a cohort with `--cache-dir DIR`
+    reads (one warm-up, every worker), and `--cache-gb` caps the cache the worker segments with."""
+    from RetrievalSegLib.bank import SupportBank
+    from RetrievalSegLib.cohort import segment_one
+    from RetrievalSegLib.memory import memory_cache_cap
+
+    models, settings_for = worker_code
+    engine = models.engine
+    bank = SupportBank.open(small["bank"])
+    warm_dir = tmp_path / "shared-cache"
+    warmed = engine.memory_cache(bank, cache_dir=warm_dir).directory
+    assert warmed == cohort_memory_dir(bank.bank_id, bank.revision, engine.sam2_identity, warm_dir)
+    assert ReadOnlyBank(small["bank"], warm_dir).memory_cache_dir(engine.sam2_identity, create=False) == warmed
+
+    settings, _ = settings_for(tmp_path / "out", tmp_path / "unused")
+    settings.cache_gb = 0.25
+    cache = engine.memory_cache(models.bank)
+    before = cache.max_bytes
+    try:
+        vol = read_manifest(small["good_manifest"])[0]
+        assert segment_one(vol, engine, models.bank, settings)["status"] == "segmented"
+        assert cache.max_bytes == memory_cache_cap(0.25) != before
+    finally:
+        cache.max_bytes = before  # the fixture's engine is shared by the other tests
