@@ -180,7 +180,7 @@ def test_cohort_killed_worker_leaves_no_partial_output_and_rerun_completes_it(co
     sidecar = json.loads((cohort["out"] / f"{LONG}.nii.gz.json").read_text())
     prov = sidecar["provenance"]
     assert prov["k"] == 2 and prov["random_weights"] is True and prov["precision"] == "fp32"
-    assert prov["bank"]["revision"] == json.loads((cohort["bank"] / "bank.json").read_text())["revision"]
+    assert prov["bank"]["revision"] == ReadOnlyBank(cohort["bank"]).revision
     assert len(sidecar["slices"]) == LONG_SLICES and all(s["status"] == "segmented" for s in sidecar["slices"])
 
 
