@@ -20,6 +20,8 @@ from .cli_common import (  # shared with cli_bank, cli_suggest and evaluate
     EXIT_USAGE,
     WeightsUnavailable,
     _non_negative_int,
+    _parse_labels_arg,
+    _parse_range,
     _positive_int,
     _progress_bar,
     _UsageError,
@@ -28,25 +30,6 @@ from .cli_common import (  # shared with cli_bank, cli_suggest and evaluate
     make_engine,
     model_options,
 )
-
-
-def _parse_labels_arg(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--labels takes label values like 1,3, got {text!r}") from None
-
-
-def _parse_range(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        a, b = text.split(":")
-        return int(a), int(b)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--slices takes START:STOP (stop exclusive), got {text!r}") from None
 
 
 def write_outputs(seg, out: Path, seg_nrrd: Path | None = None) -> list[Path]:

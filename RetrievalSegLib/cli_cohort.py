@@ -16,6 +16,8 @@ from .cli_common import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     _non_negative_int,
+    _parse_labels_arg,
+    _parse_range,
     _positive_int,
     _UsageError,
     _window,
@@ -24,21 +26,6 @@ from .cli_common import (
 #: The model options handed to each worker's `make_engine` (plain values only).
 MODEL_ARGS = ("sam2", "dinov2", "sam2_checkpoint", "dinov2_path", "device", "image_size", "dinov2_input_size",
               "fill_hole_area", "precision", "batch_size", "compile", "random_weights", "seed")
-
-
-def _labels(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--labels takes label values like 1,3, got {text!r}") from None
-
-
-def _range(text: str) -> list[int]:
-    try:
-        a, b = text.split(":")
-        return [int(a), int(b)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--slices takes START:STOP (stop exclusive), got {text!r}") from None
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -103,8 +90,8 @@ def add_cohort_parser(sub, models: argparse.ArgumentParser) -> None:
                         "evicted first (default: $RSEG_MEMORY_CACHE_GB or 4)")
     p.add_argument("--k", type=_positive_int, default=8, help="supports retrieved per slice (default 8)")
     p.add_argument("--axis", default="auto", help="slice axis: auto (largest spacing), i, j or k")
-    p.add_argument("--labels", type=_labels, default=None, help="label values to segment, e.g. 1,3 (default all)")
-    p.add_argument("--slices", type=_range, default=None, metavar="START:STOP",
+    p.add_argument("--labels", type=_parse_labels_arg, default=None, help="label values to segment, e.g. 1,3 (default all)")
+    p.add_argument("--slices", type=_parse_range, default=None, metavar="START:STOP",
                    help="only these slices of every volume (stop exclusive)")
     p.add_argument("--extent-stop", type=_non_negative_int, default=DEFAULT_EXTENT_STOP, metavar="N",
                    help=f"as in `rseg segment` (default {DEFAULT_EXTENT_STOP}; 0 = every slice)")
@@ -144,7 +131,7 @@ def cohort_settings(args: argparse.Namespace, bank, window) -> tuple:
     from .cohort import COHORT_OPTIONS, CohortSettings
 
     options = {
-        "k": args.k, "labels": args.labels, "axis": args.axis, "slices": args.slices,
+        "k": args.k, "labels": args.labels, "axis": args.axis, "slices": list(args.slices) if args.slices else None,
         "extent_stop": args.extent_stop, "presence_threshold": args.presence_threshold,
         "window": list(window) if window else None, "case_policy": args.case_policy,
         "fill_hole_area": args.fill_hole_area, "dinov2_input_size": args.dinov2_input_size,

@@ -181,3 +181,22 @@ def _window(args: argparse.Namespace) -> tuple[float, float] | None:
     from .preprocess import window_from_level
 
     return window_from_level(args.window, args.level)
+
+
+def _parse_labels_arg(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--labels takes label values like 1,3, got {text!r}") from None
+
+
+def _parse_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        a, b = text.split(":")
+        return int(a), int(b)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--slices takes START:STOP (stop exclusive), got {text!r}") from None
