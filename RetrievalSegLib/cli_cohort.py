@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .cli_common import (
     EXIT_FAILURE,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     _non_negative_int,
@@ -58,7 +59,9 @@ def add_cohort_parser(sub, models: argparse.ArgumentParser) -> None:
                     "version, the segmentation options) is skipped, so rerunning the same command resumes; a "
                     "volume that fails is recorded (OUT/cohort-records/) and retried by the next run, and never "
                     "stops the others. The bank is only read: memories go to --cache-dir. Ends with a table "
-                    "and OUT/cohort-summary.json. Exit code 1 when a volume failed.",
+                    "and OUT/cohort-summary.json. Exit code 1 when a volume failed; Ctrl-C stops the workers, "
+                    "still writes the table and summary (volumes in flight or not started: interrupted) and "
+                    "exits 130.",
     )
     p.add_argument("manifest", type=Path, metavar="MANIFEST",
                    help="CSV with rows image,case_id[,output] (optional header row naming these columns; "
@@ -149,7 +152,7 @@ def cohort_settings(args: argparse.Namespace, bank, window) -> tuple:
 def cmd_segment_cohort(args: argparse.Namespace) -> int:
     from .bank import SupportBank
     from .cohort import ManifestError, read_manifest, select_shard
-    from .cohort_run import CohortFatal, run_local, run_ray, visible_gpus
+    from .cohort_run import CohortFatal, CohortInterrupted, run_local, run_ray, visible_gpus
 
     window = _window(args)
     try:
@@ -190,6 +193,7 @@ def cmd_segment_cohort(args: argparse.Namespace) -> int:
         print("rseg: WARNING: --random-weights: models have random weights, the output is meaningless",
               file=sys.stderr)
     t0 = time.perf_counter()
+    interrupted = False
     try:
         if not volumes:
             results = []
@@ -197,6 +201,8 @@ def cmd_segment_cohort(args: argparse.Namespace) -> int:
             results = run_ray(volumes, model_args, settings, args.ray, args.workers or 1, on_event)
         else:
             results = run_local(volumes, model_args, settings, workers, on_event, devices, args.threads)
+    except CohortInterrupted as e:  # Ctrl-C: the summary of what finished, then exit 130
+        results, interrupted = e.results, True
     except CohortFatal as e:
         print(f"rseg: error: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE if e.exit_code == 3 else (e.exit_code or EXIT_FAILURE)
@@ -204,11 +210,11 @@ def cmd_segment_cohort(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    counts = {s: sum(r["status"] == s for r in results) for s in ("segmented", "skipped", "failed")}
+    counts = {s: sum(r["status"] == s for r in results) for s in ("segmented", "skipped", "failed", "interrupted")}
     summary = {
         "manifest": str(args.manifest), "bank": str(args.bank), "bank_id": bank.bank_id,
         "bank_revision": int(bank.revision), "out": str(args.out), "shard": shard_text,
-        "volumes_in_manifest": total, "volumes": len(volumes), **counts,
+        "volumes_in_manifest": total, "volumes": len(volumes), "interrupted_by_user": interrupted, **counts,
         "seconds": round(seconds, 3),
         "volumes_per_minute": round(60.0 * counts["segmented"] / seconds, 3) if counts["segmented"] and seconds > 0 else None,
         "workers": ("ray:" + args.ray) if args.ray else workers,
@@ -228,11 +234,16 @@ def cmd_segment_cohort(args: argparse.Namespace) -> int:
         for r in results:
             detail = r["message"] if r["status"] == "failed" else r["output"]
             print(f"{r['case_id']:<{width}}  {r['status']:<10}  {r['seconds']:>8.1f}  {detail}")
+        stopped = f", {counts['interrupted']} interrupted or not started" if interrupted else ""
         print(f"{len(volumes)} volumes{f' (shard {shard_text} of {total})' if shard_text else ''}: "
-              f"{counts['segmented']} segmented, {counts['skipped']} skipped (done earlier), {counts['failed']} failed "
-              f"in {seconds:.1f} s; summary {args.out / name}")
-        if counts["failed"]:
+              f"{counts['segmented']} segmented, {counts['skipped']} skipped (done earlier), {counts['failed']} failed"
+              f"{stopped} in {seconds:.1f} s; summary {args.out / name}")
+        if counts["failed"] and not interrupted:
             print("rerun the same command to retry the failed volumes", file=sys.stderr)
         if args.random_weights:
             print("RANDOM WEIGHTS: these outputs are meaningless (models were not loaded from real weights)")
+    if interrupted:
+        print(f"rseg: interrupted: {counts['segmented'] + counts['skipped']} of {len(volumes)} volumes are done; "
+              "run the same command again to segment the rest (finished volumes are skipped)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_FAILURE if counts["failed"] else EXIT_OK

@@ -13,6 +13,14 @@ Ray: one actor per GPU of the cluster (`num_gpus=1`), else `workers` CPU actors;
 the models in its constructor and keeps them. Ray restarts a dead actor (max_restarts) and retries
 its volume once (max_task_retries; safe, since outputs are atomic); a volume that still fails is
 recorded as failed, like any other.
+
+Ctrl-C (SIGINT to the command, or to its whole process group as a terminal sends it): local
+workers ignore SIGINT (they start with it ignored), so the parent alone decides: no new volume
+starts, each worker gets one SIGTERM, which it turns into a clean stop (a write in progress removes
+its temporary file), and is killed if it has not exited after a grace time; a result that arrived
+in the meantime is kept, the volumes in flight are recorded as interrupted (nothing was written for
+them: outputs are atomic) and `CohortInterrupted` carries every volume's result so that the
+command can still write its summary. The next run of the same command resumes.
 """
 from __future__ import annotations
 
@@ -33,6 +41,33 @@ class CohortFatal(Exception):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class CohortInterrupted(Exception):
+    """Ctrl-C during a run. `results`: one per volume, in order: finished ones as they ended, the
+    ones in flight and the ones not started with status "interrupted"."""
+
+    def __init__(self, results: list[dict]) -> None:
+        super().__init__("interrupted")
+        self.results = results
+
+
+INTERRUPTED_IN_FLIGHT = "interrupted while being segmented (Ctrl-C); nothing was written for it"
+INTERRUPTED_NOT_STARTED = "not started: the run was interrupted (Ctrl-C)"
+
+
+def interrupted_result(vol: CohortVolume, out_dir: Path, in_flight: bool) -> dict:
+    """The result of a volume a Ctrl-C stopped (in flight: its record says so) or never started."""
+    from .cohort import write_record
+
+    message = INTERRUPTED_IN_FLIGHT if in_flight else INTERRUPTED_NOT_STARTED
+    if in_flight:
+        try:
+            write_record(Path(out_dir), vol, "interrupted", message=message)
+        except OSError:
+            pass
+    return {"case_id": vol.case_id, "image": vol.image, "output": str(Path(out_dir) / vol.output_name),
+            "status": "interrupted", "seconds": 0.0, "message": message}
 
 
 def visible_gpus() -> int:
@@ -60,24 +95,37 @@ class _Models:
 
 
 # ----------------------------------------------------------------------------- local processes
+def _stop_on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    """A worker's SIGTERM (the parent stopping the run): unwind once, as Ctrl-C would, so that a
+    write in progress removes its temporary file; a second SIGTERM is ignored during the unwinding."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def _worker_main(conn, model_args: dict, settings_json: dict, threads: int | None) -> None:
     """A local worker: load the models once, then segment the volumes the parent sends."""
+    import signal
+
     from .cli_common import WeightsUnavailable
 
-    if threads:
-        import torch
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it starts us ignoring it)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        if threads:
+            import torch
 
-        torch.set_num_threads(threads)
-    try:
-        models = _Models(model_args, CohortSettings(**settings_json))
-    except WeightsUnavailable as e:
-        conn.send(("fatal", 3, str(e)))
-        return
-    except Exception as e:  # noqa: BLE001 - reported to the parent, which stops the run
-        conn.send(("fatal", 1, f"{type(e).__name__}: {e}"))
-        return
-    conn.send(("ready", os.getpid(), models.engine.sam2_identity))
-    try:
+            torch.set_num_threads(threads)
+        try:
+            models = _Models(model_args, CohortSettings(**settings_json))
+        except WeightsUnavailable as e:
+            conn.send(("fatal", 3, str(e)))
+            return
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which stops the run
+            conn.send(("fatal", 1, f"{type(e).__name__}: {e}"))
+            return
+        conn.send(("ready", os.getpid(), models.engine.sam2_identity))
         while True:
             try:
                 job = conn.recv()
@@ -88,7 +136,7 @@ def _worker_main(conn, model_args: dict, settings_json: dict, threads: int | Non
             vol = CohortVolume(**job)
             result = models.run(vol, lambda d, t: conn.send(("progress", vol.case_id, d, t)))
             conn.send(("result", result))
-    except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C reaches the whole process group: stop quietly
+    except (KeyboardInterrupt, BrokenPipeError):  # stopped by the parent (SIGTERM) or the parent is gone
         return
 
 
@@ -103,9 +151,42 @@ def _exit_text(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
+def _stop_interrupted(slots: list[dict], grace_s: float) -> None:
+    """After Ctrl-C: one SIGTERM to each worker (a clean stop, `_stop_on_sigterm`), then SIGKILL for
+    any still running after `grace_s` (e.g. inside one long native call)."""
+    live = [s["proc"] for s in slots if s["proc"] is not None]
+    for proc in live:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in live:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=10)
+
+
+def _start_ignoring_sigint(proc) -> None:
+    """Start `proc` with SIGINT ignored: a spawned interpreter keeps an ignored SIGINT ignored, so a
+    Ctrl-C that reaches the whole process group cannot interrupt a worker even while it starts."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()  # signal dispositions can only be changed from the main thread
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc.start()
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def run_local(volumes: Sequence[CohortVolume], model_args: dict, settings: CohortSettings, workers: int,
-              on_event: Event, devices: Sequence[str] | None = None, threads: int | None = None) -> list[dict]:
+              on_event: Event, devices: Sequence[str] | None = None, threads: int | None = None,
+              interrupt_grace_s: float = 30.0) -> list[dict]:
     """Segment `volumes` on `workers` local processes; returns one result per volume, in order.
+    Raises `CohortInterrupted` (with every volume's result) on Ctrl-C.
 
     devices: one device per worker slot (e.g. cuda:0, cuda:1); default: the model options' device.
     threads: torch threads per CPU worker; default: the cores split evenly between several workers
@@ -131,7 +212,7 @@ def run_local(volumes: Sequence[CohortVolume], model_args: dict, settings: Cohor
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_worker_main, args=(child, args, settings.to_json(), threads),
                            name=f"rseg-cohort-{slot_index}", daemon=True)
-        proc.start()
+        _start_ignoring_sigint(proc)
         child.close()
         slot = {"index": slot_index, "proc": proc, "conn": parent, "job": None, "ready": False}
         on_event("worker", {"slot": slot_index, "pid": proc.pid, "state": "starting"})
@@ -148,6 +229,7 @@ def run_local(volumes: Sequence[CohortVolume], model_args: dict, settings: Cohor
             slot["job"] = None
 
     fatal: tuple[int, str] | None = None
+    interrupted = False
     try:
         slots = [start(i) for i in range(workers)]
         while any(s["proc"] is not None for s in slots):
@@ -208,7 +290,11 @@ def run_local(volumes: Sequence[CohortVolume], model_args: dict, settings: Cohor
             raise CohortFatal(fatal[1], fatal[0])
         if pending and not any(s["ready"] for s in slots):
             raise CohortFatal("no cohort worker could start (see the messages above)")
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
+        if interrupted:
+            _stop_interrupted(slots, interrupt_grace_s)
         for s in slots:
             proc = s["proc"]
             if proc is not None:
@@ -216,6 +302,22 @@ def run_local(volumes: Sequence[CohortVolume], model_args: dict, settings: Cohor
                 if proc.is_alive():
                     proc.terminate()
                     proc.join(timeout=10)
+    if interrupted:
+        for s in slots:  # a result sent just before the stop is a finished volume: keep it
+            if s["proc"] is None:
+                continue
+            try:
+                while s["conn"].poll(0):
+                    msg = s["conn"].recv()
+                    if msg and msg[0] == "result":
+                        results[msg[1]["case_id"]] = msg[1]
+                        on_event("result", msg[1])
+            except (EOFError, OSError):
+                pass
+        in_flight = {s["job"].case_id for s in slots if s["proc"] is not None and s["job"] is not None}
+        out = Path(settings.out_dir)
+        raise CohortInterrupted([results.get(v.case_id) or interrupted_result(v, out, v.case_id in in_flight)
+                                 for v in volumes])
     for vol in [*abandoned, *pending]:  # left over after a fatal error
         results.setdefault(vol.case_id, failed_result(vol, Path(settings.out_dir),
                                                       f"not started: the run stopped ({fatal[1] if fatal else 'no worker'})"))
@@ -277,6 +379,7 @@ def run_ray(volumes: Sequence[CohortVolume], model_args: dict, settings: CohortS
 
     for a in actors:
         submit(a)
+    interrupted = False
     try:
         while in_flight:
             done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -291,12 +394,19 @@ def run_ray(volumes: Sequence[CohortVolume], model_args: dict, settings: CohortS
             results[vol.case_id] = res
             on_event("result", res)
             submit(actor)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         for a in actors:
             try:
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+    if interrupted:
+        running = {vol.case_id for _, vol in in_flight.values()}
+        out = Path(settings.out_dir)
+        raise CohortInterrupted([results.get(v.case_id) or interrupted_result(v, out, v.case_id in running)
+                                 for v in volumes])
     return [results[v.case_id] for v in volumes if v.case_id in results]
 
 

@@ -244,6 +244,74 @@ def test_cohort_two_workers_give_the_same_outputs_as_one(cohort, tmp_path):
     assert _tree_digest(cohort["bank"]) == cohort["bank_before"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["process-group", "parent-only"])
+def test_cohort_ctrl_c_writes_the_summary_leaves_no_partial_output_and_the_rerun_resumes(small, tmp_path, to):
+    """Ctrl-C in the middle of the long volume: as a terminal sends it (the whole process group) or to
+    the command alone (the parent must stop its workers itself). Exit 130, the summary still written,
+    the volume in flight recorded as interrupted with nothing written for it; the rerun does the rest."""
+    from RetrievalSegLib.cohort_run import INTERRUPTED_IN_FLIGHT, INTERRUPTED_NOT_STARTED
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = _cohort_cmd(small["manifest"], small["bank"], out, cache, "--workers", "1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group, as in a terminal
+    try:
+        from RetrievalSegLib.cohort_run import wait_for_record
+
+        rec = wait_for_record(record_path(out, LONG), lambda r: r["state"] == "running" and bool(r.get("slices_total"))
+                              and 0 < r["slices_done"] < r["slices_total"], timeout=600)
+        if to == "process-group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "rseg: interrupted" in stderr and "run the same command again" in stderr
+    summary = _summary(stdout)
+    assert summary["interrupted_by_user"] is True
+    assert json.loads((out / "cohort-summary.json").read_text()) == summary  # the summary file is written too
+    results = {r["case_id"]: r for r in summary["results"]}
+    assert set(results) == set(GOOD) | {BROKEN}  # every volume of the manifest has a line
+    assert results[LONG]["status"] == "interrupted" and results[LONG]["message"] == INTERRUPTED_IN_FLIGHT
+    after = {c: r for c, r in results.items() if c != LONG}
+    assert {r["status"] for r in after.values()} <= {"segmented", "failed", "interrupted"}
+    assert any(r["status"] == "segmented" for r in after.values()), after  # the long one is not the first
+    assert any(r["message"] == INTERRUPTED_NOT_STARTED for r in after.values()), after  # nor the last
+    assert summary["interrupted"] == sum(r["status"] == "interrupted" for r in results.values())
+    assert json.loads(record_path(out, LONG).read_text())["state"] == "interrupted"
+    files = sorted(p.name for p in out.iterdir())
+    assert not any(n.startswith(LONG) for n in files), files  # no partial output, no sidecar
+    assert not any(n.startswith((TMP_PREFIX, ".")) or ".tmp" in n for n in files), files
+    for c, r in after.items():
+        if r["status"] == "interrupted":
+            assert not (out / f"{c}.nii.gz").exists() and not record_path(out, c).exists(), c
+    # the worker is gone: soon nothing of this run runs in its process group (multiprocessing's
+    # resource tracker leaves when it sees the command's end)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("processes of the interrupted run are still running")
+
+    run2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run2.returncode == 1, run2.stderr[-2000:]  # only the corrupt volume fails
+    status2 = _status(_summary(run2.stdout))
+    assert status2[LONG] == "segmented" and status2[BROKEN] == "failed"
+    assert {c for c, s in status2.items() if s == "skipped"} == {c for c, r in after.items() if r["status"] == "segmented"}
+    assert all((out / f"{c}.nii.gz").is_file() for c in GOOD)
+    assert _tree_digest(small["bank"]) == small["bank_before"]
+
+
 def test_cohort_shards_are_disjoint_complete_and_stable():
     vols = [CohortVolume(f"/data/{c}.nii.gz", c, f"{c}.nii.gz") for c in [f"case{i:03d}" for i in range(17)]]
     for n in (1, 2, 3, 5, 17, 20):
