@@ -7,7 +7,9 @@ other synthetic cases, k supports per slice, SAM 2.1 with random weights:
   (what `segment_volume` did before batching: image encoder in batches of 4, one memory-attention
   + decoder call per slice);
 * batched: `segment_volume(..., precision="auto", batch_size=None)`: the precision and batch size
-  chosen for the device (bf16 autocast and batches on CUDA);
+  chosen for the device (bf16 autocast and batches on CUDA). On CPU the automatic batch size is 1
+  (batching does not pay there), so the CPU run times batches of 4 (`--batch-size` to change) to
+  show what batching does;
 * optionally (`--compile`) the batched path again with the image encoder and memory attention
   compiled (compile time reported separately, not in slices/s).
 
@@ -186,7 +188,9 @@ def _agreement(a, b) -> tuple[float, list[float], list[float]]:
 def run(device: str = "auto", image_size: int | None = None, slices: int | None = None, k: int = 8,
         hw: int = 256, bank_cases: int | None = None, sam2: str = "tiny", compile: bool = False,
         batch_size: int | None = None, precision: str = "auto", seed: int = 0, extent_slices: int = 0,
-        extent_stop: int | None = None) -> dict:
+        extent_stop: int | None = None, more_batch_sizes: tuple[int, ...] = ()) -> dict:
+    """more_batch_sizes: further batch sizes timed after the batched path (rows only; the closing
+    lines compare the batched path with the per-slice one)."""
     from .engine import resolve_precision
     from .models import resolve_device
     from .pipeline import RetrievalEngine
@@ -211,6 +215,8 @@ def run(device: str = "auto", image_size: int | None = None, slices: int | None 
         bank.add(c.case_id, _windowed(c.image), list(c.labels.array), engine.embedder)
     bank_s = time.perf_counter() - t
     new_prec = resolve_precision(precision, dev)
+    # CPU: auto is the per-slice path (segment.CPU_BATCH_SIZE); time a batch anyway, to show its effect.
+    batched = batch_size if batch_size is not None else (None if cuda else 4)
     print(f"bank: {len(bank)} labelled slices from {bank_cases} synthetic cases ({bank_s:.1f} s); "
           f"query volume {slices} x {hw} x {hw}; SAM 2.1 {sam2} at {image_size} px; k={k}; {dev}",
           file=sys.stderr, flush=True)
@@ -221,16 +227,21 @@ def run(device: str = "auto", image_size: int | None = None, slices: int | None 
 
     head = dict(slice_range=(0, min(2, slices)), k=k)
     segment_volume(query.image, bank, engine, precision="fp32", batch_size=1, **head)
-    segment_volume(query.image, bank, engine, precision=new_prec, batch_size=batch_size, **head)
+    segment_volume(query.image, bank, engine, precision=new_prec, batch_size=batched, **head)
 
     rows = []
     base, base_s, base_peak = _run(query.image, bank, engine, k, "fp32", 1)
     rows.append(dict(path="per-slice (today)", precision="fp32", batch=1, seconds=base_s, peak=base_peak, seg=base))
     print(f"  per-slice fp32: {base_s:.1f} s", file=sys.stderr, flush=True)
-    new, new_s, new_peak = _run(query.image, bank, engine, k, new_prec, batch_size)
+    new, new_s, new_peak = _run(query.image, bank, engine, k, new_prec, batched)
     rows.append(dict(path="batched", precision=new.precision, batch=new.batch_size, seconds=new_s, peak=new_peak,
                      seg=new))
     print(f"  batched {new.precision} B={new.batch_size}: {new_s:.1f} s", file=sys.stderr, flush=True)
+    for b in more_batch_sizes:
+        more, more_s, more_peak = _run(query.image, bank, engine, k, new_prec, b)
+        rows.append(dict(path=f"batched (B={b})", precision=more.precision, batch=more.batch_size, seconds=more_s,
+                         peak=more_peak, seg=more))
+        print(f"  batched {more.precision} B={b}: {more_s:.1f} s", file=sys.stderr, flush=True)
     compile_s = None
     if compile:
         t = time.perf_counter()
@@ -327,6 +338,16 @@ def run_extent(engine, bank, n_slices: int, hw: int, k: int, precision: str, bat
     )
 
 
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes must be integers, e.g. 4 or 4,2,1 (got {text!r})") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1 (got {text!r})")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m RetrievalSegLib.bench_volume", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto")
@@ -336,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=8, help="supports per slice (default 8)")
     p.add_argument("--bank-cases", type=int, default=None,
                    help="synthetic cases of 12-24 slices in the bank (default 3 CUDA, 1 CPU)")
-    p.add_argument("--batch-size", type=int, default=None, help="batched path: slices per call (default: auto)")
+    p.add_argument("--batch-size", type=_batch_sizes, default=None, metavar="B[,B...]",
+                   help="batched path: slices per call (default: auto on CUDA; 4 on CPU, where auto is 1); "
+                        "further comma-separated sizes are timed too, as extra rows")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="batched path precision")
     p.add_argument("--compile", action="store_true", help="also time the batched path with torch.compile")
     p.add_argument("--sam2", default="tiny")
@@ -345,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extent-stop", type=int, default=None, help="N for that comparison (default: rseg's default)")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
-    r = run(a.device, a.image_size, a.slices, a.k, a.hw, a.bank_cases, a.sam2, a.compile, a.batch_size, a.precision,
-            extent_slices=a.extent_slices, extent_stop=a.extent_stop)
+    sizes = a.batch_size or [None]
+    r = run(a.device, a.image_size, a.slices, a.k, a.hw, a.bank_cases, a.sam2, a.compile, sizes[0], a.precision,
+            extent_slices=a.extent_slices, extent_stop=a.extent_stop, more_batch_sizes=tuple(sizes[1:]))
     print(f"machine: {r['machine']}")
     print(f"volume {r['slices']} x {r['hw']} x {r['hw']}, SAM 2.1 {a.sam2} at {r['image_size']} px, k={r['k']}, "
           f"bank of {r['bank']} slices, random weights, support memories cached before timing")

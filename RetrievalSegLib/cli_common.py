@@ -46,7 +46,8 @@ def model_options() -> argparse.ArgumentParser:
                         "fp32 on CPU and MPS), fp32, or bf16 (autocast)")
     g.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
                    help="query slices per SAM 2 memory-attention + decoder call (default: chosen for the "
-                        "device; 1 = the per-slice fp32 reference path)")
+                        "device: 1 on CPU, where batching does not pay, up to 32 on CUDA; 1 = the "
+                        "per-slice reference path)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the SAM 2 image encoder and memory attention (slow first batch)")
     g.add_argument("--random-weights", action="store_true",

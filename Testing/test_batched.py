@@ -186,6 +186,14 @@ def test_batched_encoder_with_device_preprocessing_equals_encode_images(engine, 
                 torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
 
 
+def test_batched_auto_size_is_the_per_slice_path_on_cpu():
+    """On CPU batching does not pay (README, Performance), so auto is 1 whatever the size or k."""
+    from RetrievalSegLib.segment import auto_batch_size
+
+    for size, k, labels in ((256, 2, 1), (512, 8, 3), (1024, 16, 3)):
+        assert auto_batch_size("cpu", size, k, labels) == 1, (size, k, labels)
+
+
 # ----------------------------------------------------------------------------- precision
 def test_precision_resolution():
     assert resolve_precision("auto", "cpu") == "fp32"
