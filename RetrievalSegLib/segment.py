@@ -182,8 +182,8 @@ def window_on_device(stack: np.ndarray, bounds: tuple[float, float], device) -> 
 
 
 #: Slices per memory-attention call when batch_size is None, by device type. On CPU batching does
-#: not pay: on the quiet 2-core development machine (k=8, 3 labels, fp32) batches of 2 or 4 were
-#: 7-13% slower than 1 at 512 px and equal within noise at 256 and 1024 px (README, Performance:
+#: not pay: on the quiet 2-core development machine (k=8, 3 labels, fp32) batches of 2 or 4 gave
+#: 6-16% fewer slices/s than 1 at 512 px and equal within noise at 256 and 1024 px (README, Performance:
 #: memory attention is arithmetic-bound there and a batch only makes its attention matrices larger).
 #: So the CPU default is the per-slice path, which also makes a cancel take effect after one slice.
 CPU_BATCH_SIZE = 1
