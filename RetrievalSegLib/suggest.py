@@ -406,6 +406,45 @@ def build_suggestions(
     return result
 
 
+class VolumeEmbeddingCache:
+    """The DINOv2 embeddings (and blank flags) of the last few volumes `suggest_slices` saw, so that
+    refreshing the suggestions after an annotation does not embed the same volume again (a CT of
+    300 slices costs about a minute of DINOv2 on a 2-core CPU). Keyed by the embedder's identity,
+    the axis, the window and a SHA-256 of the voxels (dtype, shape, bytes): any change recomputes.
+    The reused values are the ones computed before with the same batches, so bit for bit the same.
+    Kept in memory by the Slicer worker (`worker.Worker`), least recently used first out."""
+
+    def __init__(self, max_volumes: int = 4) -> None:
+        from collections import OrderedDict
+
+        self.max_volumes = int(max_volumes)
+        self._items: "OrderedDict[tuple, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+
+    @staticmethod
+    def key(embedder_identity: str, axis: int, bounds: tuple[float, float], volume: Volume) -> tuple:
+        import hashlib
+
+        arr = np.ascontiguousarray(volume.array)
+        h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(memoryview(arr).cast("B"))
+        return (str(embedder_identity), int(axis), (float(bounds[0]), float(bounds[1])), h.hexdigest())
+
+    def get(self, key: tuple) -> tuple[np.ndarray, np.ndarray] | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: tuple, emb: np.ndarray, blank: np.ndarray) -> None:
+        self._items[key] = (emb, blank)
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_volumes:
+            self._items.popitem(last=False)
+
+
+REUSED_NOTE = "DINOv2 embeddings of this volume reused from an earlier suggestion (same voxels, axis and window)"
+
+
 def suggest_slices(
     volume: Volume,
     bank: Any | None,
@@ -417,6 +456,7 @@ def suggest_slices(
     last: LastSegmentation | None = None,
     case_id: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    embeddings_cache: VolumeEmbeddingCache | None = None,
 ) -> Suggestions:
     """The n slices of `volume` to annotate next, best first, with their reasons.
 
@@ -426,7 +466,8 @@ def suggest_slices(
     intensity bounds (default: the volume's robust percentiles, as `segment_volume`). last: the
     last segmentation's per-slice status and confidence. case_id: this volume's case in the bank;
     its slices already in the bank are never suggested. progress(done, total) follows the DINOv2
-    pass and may raise to stop it.
+    pass and may raise to stop it. embeddings_cache: reuse the embeddings of a volume seen before
+    (`VolumeEmbeddingCache`; the result then carries `REUSED_NOTE`).
     """
     from .segment import slices_to_uint8, window_for_volume
 
@@ -441,9 +482,22 @@ def suggest_slices(
         raise ValueError(f"the last segmentation ran along axis {AXIS_NAMES[last.axis]}, not {AXIS_NAMES[ax]}")
     count = num_slices(volume.array, ax)
     bounds = window_for_volume(volume, window)
-    images = slices_to_uint8(volume, ax, list(range(count)), bounds, getattr(embedder.dinov2, "device", None))
-    emb = embedder.embed(images, progress=progress)
+    key = VolumeEmbeddingCache.key(embedder.identity, ax, bounds, volume) if embeddings_cache is not None else None
+    cached = embeddings_cache.get(key) if embeddings_cache is not None else None
+    if cached is not None:
+        emb, blank = cached
+        if progress is not None:
+            progress(count, count)
+    else:
+        images = slices_to_uint8(volume, ax, list(range(count)), bounds, getattr(embedder.dinov2, "device", None))
+        emb = embedder.embed(images, progress=progress)
+        blank = blank_slices(images)
+        if embeddings_cache is not None:
+            embeddings_cache.put(key, emb, blank)
     entries, rows = bank_rows(bank) if bank is not None else ([], np.zeros((0, emb.shape[1]), np.float32))
     in_bank = sorted({e.index for e in entries if case_id is not None and e.case_id == case_id and e.axis == ax})
-    return build_suggestions(emb, rows, [e.id for e in entries], int(n), ax, blank=blank_slices(images),
-                             last=last, in_bank=in_bank)
+    result = build_suggestions(emb, rows, [e.id for e in entries], int(n), ax, blank=blank,
+                               last=last, in_bank=in_bank)
+    if cached is not None:
+        result.notes.append(REUSED_NOTE)
+    return result

@@ -326,12 +326,14 @@ def job_download(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
 
 def job_suggest(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
     """The slices to annotate next (`suggest.suggest_slices`): DINOv2 over the volume, bank optional."""
-    from .suggest import LastSegmentation, suggest_slices
+    from .suggest import LastSegmentation, VolumeEmbeddingCache, suggest_slices
 
     volume = _volume(ctx, params["volume"])
     engine = ctx.engine(params["settings"])
     bank = _open_bank(ctx, params) if params.get("bank") else None  # suggest_slices checks its DINOv2
     last = LastSegmentation.from_json(params["last"]) if params.get("last") else None
+    if ctx.worker.suggest_embeddings is None:  # a refresh reuses the volume's embeddings (same voxels)
+        ctx.worker.suggest_embeddings = VolumeEmbeddingCache()
     ctx.restart_clock()
 
     def progress(done: int, total: int) -> None:
@@ -341,7 +343,7 @@ def job_suggest(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
     result = suggest_slices(
         volume, bank, engine.embedder, n=int(params.get("n", 3)), axis=params.get("axis"),
         window=tuple(params["window"]) if params.get("window") is not None else None, last=last,
-        case_id=params.get("case_id"), progress=progress,
+        case_id=params.get("case_id"), progress=progress, embeddings_cache=ctx.worker.suggest_embeddings,
     )
     return result.to_json()
 
@@ -375,6 +377,7 @@ class Worker:
         self._cancelled_early: set[str] = set()
         self._engine: Any = None
         self._engine_settings: wp.EngineSettings | None = None
+        self.suggest_embeddings: Any = None  # suggest.VolumeEmbeddingCache, made by the first suggest job
 
     # ---------------------------------------------------------------- engine
     def engine_for(self, settings: wp.EngineSettings, ctx: JobContext | None = None) -> Any:

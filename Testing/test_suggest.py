@@ -31,7 +31,9 @@ from RetrievalSegLib.segment import slices_to_uint8, window_for_volume
 from RetrievalSegLib.suggest import (
     EMPTY_INTENSITY,
     EMPTY_SEGMENTATION,
+    REUSED_NOTE,
     LastSegmentation,
+    VolumeEmbeddingCache,
     build_suggestions,
     coverage,
     cosine_distances,
@@ -209,6 +211,46 @@ def test_a_volume_of_constant_slices_gives_flagged_picks_spread_along_it(embedde
     assert result.empty_slices == list(range(9))
     assert any("every slice that can be suggested looks empty" in n for n in result.notes)
     assert result.coverage_after == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_refresh_reuses_the_embeddings_of_the_same_voxels_only(tmp_path, groups, embedder) -> None:  # type: ignore[no-untyped-def]
+    """The worker's suggestion refresh: the same volume, axis and window are not embedded again (same
+    result, bit for bit); a changed voxel, another window or axis, another DINOv2 embed again."""
+    volume = groups[0]
+    calls = []
+
+    class Counting:  # the real embedder, counting the slices it embeds
+        identity = embedder.identity
+        dinov2 = embedder.dinov2
+
+        def __init__(self, identity=None):
+            if identity is not None:
+                self.identity = identity
+
+        def embed(self, images, progress=None):
+            calls.append(len(images))
+            return embedder.embed(images, progress=progress)
+
+    cache = VolumeEmbeddingCache(max_volumes=2)
+    bank = _bank(tmp_path / "bank", embedder, volume, groups[4], [0, 1])
+    first = suggest_slices(volume, bank, Counting(), n=4, embeddings_cache=cache)
+    seen = []
+    again = suggest_slices(volume, bank, Counting(), n=4, embeddings_cache=cache, progress=lambda d, t: seen.append((d, t)))
+    n = volume.array.shape[0]
+    assert calls == [n] and seen == [(n, n)]  # not embedded again; the progress still completes
+    assert REUSED_NOTE in again.notes and REUSED_NOTE not in first.notes
+    assert [p.index for p in again.picks] == [p.index for p in first.picks]
+    assert again.coverage_after == first.coverage_after and again.picks == first.picks  # equal, not merely close
+    uncached = suggest_slices(volume, bank, Counting(), n=4)
+    assert [(p.index, p.distance_to_bank, p.gap) for p in uncached.picks] == [(p.index, p.distance_to_bank, p.gap) for p in again.picks]
+    calls.clear()
+    changed = volume.array.copy()
+    changed[3, 10, 10] += 1  # one voxel
+    suggest_slices(Volume(changed, volume.spacing), bank, Counting(), n=4, embeddings_cache=cache)
+    suggest_slices(volume, bank, Counting(), n=4, window=(0.0, 500.0), embeddings_cache=cache)
+    suggest_slices(volume, None, Counting("dinov2-small:other@56"), n=4, embeddings_cache=cache)
+    assert calls == [n, n, n]
+    assert len(cache._items) == 2  # least recently used out
 
 
 def test_bank_made_with_another_dinov2_is_refused_with_the_reembed_hint(tmp_path, groups, embedder) -> None:  # type: ignore[no-untyped-def]

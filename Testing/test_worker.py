@@ -165,6 +165,16 @@ def test_worker_suggest_job(client, bank_path, cases, tmp_path) -> None:  # type
     assert result.picks[-1].index == 0 and result.picks[-1].empty  # the last run found nothing there
     assert [s.status for s in sorted(result.picks, key=lambda s: s.index)] == status
     assert not folder.exists()
+    # A refresh (the panel after an annotation): the worker reuses the volume's DINOv2 embeddings.
+    from RetrievalSegLib.suggest import REUSED_NOTE
+
+    assert REUSED_NOTE not in result.notes
+    folder = client.new_job_folder()
+    again = client.run("suggest", {
+        "settings": SETTINGS.to_json(), "bank": str(bank_path), "volume": volume_spec(folder, "volume", cases[1].image),
+        "n": SHAPE[0], "axis": None, "window": [0.0, 1000.0], "case_id": cases[1].case_id, "last": last,
+    }, folder, on_result=lambda result, _: Suggestions.from_json(result))
+    assert REUSED_NOTE in again.notes and again.picks == result.picks
     # A bank made with another DINOv2 is refused, with the command that re-embeds it.
     other = SupportBank.create(tmp_path / "other", [LabelInfo(1, "x", (1.0, 0.0, 0.0))], "dinov2-base:sha256-0123456789abcdef@224")
     folder = client.new_job_folder()
