@@ -335,16 +335,31 @@ class CohortActor:
         return self.models.run(CohortVolume(**job))
 
 
+#: Ray replaces a node address of 127.0.0.1 by the machine's network address and then listens on
+#: every interface, unless this switch (read when Ray is imported) is off: then the GCS, raylet and
+#: workers listen on 127.0.0.1 only. Its name is historical; it is what keeps a private Ray local.
+RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 def connect_ray(address: str) -> None:
     """Join the Ray cluster at `address` ('auto': the running cluster; 'local': start a private one
-    on this machine bound to 127.0.0.1 without a dashboard). A Ray already initialised here is used."""
+    on this machine, listening on 127.0.0.1 only, without a dashboard). A Ray already initialised
+    here is used."""
+    if address == "local":
+        os.environ.update(RAY_LOOPBACK_ENV)  # before `import ray`: Ray reads it at import
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     if ray.is_initialized():
         return
     if address == "local":
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        ip = ray.util.get_node_ip_address()
+        if ip != "127.0.0.1":  # Ray was imported before the switch was set: it would listen on the network
+            ray.shutdown()
+            raise CohortFatal(f"--ray local: Ray started on {ip}, where it listens on the network, not on 127.0.0.1 "
+                              "only: Ray was imported before rseg could set its loopback switch; set "
+                              f"{' '.join(f'{k}={v}' for k, v in RAY_LOOPBACK_ENV.items())} before Ray is imported", 2)
     else:
         ray.init(address=address, log_to_driver=False)
 
@@ -352,11 +367,13 @@ def connect_ray(address: str) -> None:
 def run_ray(volumes: Sequence[CohortVolume], model_args: dict, settings: CohortSettings, address: str,
             cpu_workers: int, on_event: Event) -> list[dict]:
     """Segment `volumes` on Ray actors (one per GPU of the cluster, else `cpu_workers`)."""
-    try:
-        import ray
-    except ImportError:
-        raise CohortFatal("--ray needs Ray: pip install 'retrievalseg[ray]' (or pip install ray)", 2) from None
-    connect_ray(address)
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise CohortFatal("--ray needs Ray: pip install 'retrievalseg[ray]' (or pip install ray)", 2)
+    connect_ray(address)  # imports Ray (for 'local' after setting its loopback switch)
+    import ray
+
     gpus = int(ray.cluster_resources().get("GPU", 0))
     n = gpus if gpus >= 1 else max(1, int(cpu_workers))
     n = max(1, min(n, len(volumes)))

@@ -390,11 +390,16 @@ def test_cohort_usage_errors(small, tmp_path, capsys):
 
 
 def test_cohort_ray_local_gives_the_same_outputs(small, worker_code, tmp_path, monkeypatch):
-    """A real local Ray (2 CPUs, loopback, no dashboard): same label maps as the worker code run here;
-    the corrupt volume is reported and the others finish; the bank is byte-identical afterwards."""
-    import ray  # locked in requirements.lock: a missing install fails, never skips
+    """A real local Ray started by `--ray local` (loopback, no dashboard; 2 CPU actors): same label maps
+    as the worker code run here; the corrupt volume is reported and the others finish; the bank is
+    byte-identical afterwards."""
+    import importlib.util
 
     from RetrievalSegLib.cohort import segment_one
+
+    # Ray is locked in requirements.lock: a missing install fails, never skips. Not imported here:
+    # `--ray local` must set Ray's loopback switch before Ray is first imported.
+    assert importlib.util.find_spec("ray") is not None
 
     cases = ["vol0", "vol2"]
     manifest = tmp_path / "ray.csv"
@@ -410,14 +415,22 @@ def test_cohort_ray_local_gives_the_same_outputs(small, worker_code, tmp_path, m
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # loopback only; no token written to the home folder
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    assert "ray" not in sys.modules, "Ray was imported before this test (it would not stay on loopback)"
+    # --ray local must turn Ray's loopback switch off whatever the environment says (teardown removes it)
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
     try:
-        rc = main([*argv, "--out", str(out), "--ray", "auto", "--workers", "2"])
+        rc = main([*argv, "--out", str(out), "--ray", "local", "--workers", "2"])  # connect_ray starts it
+        import ray
+
+        assert ray.is_initialized()
+        node = ray.nodes()[0]
+        assert node["NodeManagerAddress"] == "127.0.0.1" == ray.util.get_node_ip_address(), node  # loopback only
     finally:
-        ray.shutdown()
+        if "ray" in sys.modules:
+            sys.modules["ray"].shutdown()
     assert rc == 1  # the corrupt volume failed
     summary = json.loads((out / "cohort-summary.json").read_text())
-    assert summary["workers"] == "ray:auto"
+    assert summary["workers"] == "ray:local"
     assert _status(summary) == {"vol0": "segmented", "vol2": "segmented", BROKEN: "failed"}
     broken = next(r for r in summary["results"] if r["case_id"] == BROKEN)
     assert "broken.nii.gz" in broken["message"]
