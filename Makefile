@@ -4,7 +4,7 @@
 #   make bench-volume  whole-volume slices/s: per-slice fp32 path vs batched path (random weights)
 #   make bench-bank  grow a bank to 20,000 slices: add / search / open cost (ends bank_add_growth, bank_search_ms_20k)
 #   make bench-cohort  rseg segment-cohort volumes/min with 1 vs N workers (random weights; prints the machine)
-#   make mutants  apply Testing/mutants.txt one by one to a copy; every mutant must be killed (~10 min)
+#   make mutants  apply Testing/mutants.txt one by one to a copy; every mutant must be killed (~20 min)
 #   make demo   synthetic study -> bank -> segmentation with real weights from the cache
 PYTHON ?= python3
 VENV   := .venv
