@@ -61,7 +61,7 @@ def add_cohort_parser(sub, models: argparse.ArgumentParser) -> None:
                     "stops the others. The bank is only read: memories go to --cache-dir. Ends with a table "
                     "and OUT/cohort-summary.json. Exit code 1 when a volume failed; Ctrl-C stops the workers, "
                     "still writes the table and summary (volumes in flight or not started: interrupted) and "
-                    "exits 130.",
+                    "exits 130; SIGTERM (a scheduler cancelling or preempting the job) does the same.",
     )
     p.add_argument("manifest", type=Path, metavar="MANIFEST",
                    help="CSV with rows image,case_id[,output] (optional header row naming these columns; "
@@ -149,6 +149,24 @@ def cohort_settings(args: argparse.Namespace, bank, window) -> tuple:
     return settings, model_args
 
 
+def _sigterm_as_ctrl_c():
+    """While the volumes run, SIGTERM (a scheduler preempting or cancelling the job: SLURM sends it
+    before SIGKILL) stops the run as Ctrl-C does: workers stopped, summary written. Once: a second
+    SIGTERM is ignored while stopping. Returns the function that puts the old handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
 def cmd_segment_cohort(args: argparse.Namespace) -> int:
     from .bank import SupportBank
     from .cohort import ManifestError, read_manifest, select_shard
@@ -194,6 +212,7 @@ def cmd_segment_cohort(args: argparse.Namespace) -> int:
               file=sys.stderr)
     t0 = time.perf_counter()
     interrupted = False
+    restore_sigterm = _sigterm_as_ctrl_c()
     try:
         if not volumes:
             results = []
@@ -201,12 +220,13 @@ def cmd_segment_cohort(args: argparse.Namespace) -> int:
             results = run_ray(volumes, model_args, settings, args.ray, args.workers or 1, on_event)
         else:
             results = run_local(volumes, model_args, settings, workers, on_event, devices, args.threads)
-    except CohortInterrupted as e:  # Ctrl-C: the summary of what finished, then exit 130
+    except CohortInterrupted as e:  # Ctrl-C or SIGTERM: the summary of what finished, then exit 130
         results, interrupted = e.results, True
     except CohortFatal as e:
         print(f"rseg: error: {e}", file=sys.stderr)
         return EXIT_UNAVAILABLE if e.exit_code == 3 else (e.exit_code or EXIT_FAILURE)
     finally:
+        restore_sigterm()
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0

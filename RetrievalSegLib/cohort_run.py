@@ -52,8 +52,8 @@ class CohortInterrupted(Exception):
         self.results = results
 
 
-INTERRUPTED_IN_FLIGHT = "interrupted while being segmented (Ctrl-C); nothing was written for it"
-INTERRUPTED_NOT_STARTED = "not started: the run was interrupted (Ctrl-C)"
+INTERRUPTED_IN_FLIGHT = "interrupted while being segmented (Ctrl-C or SIGTERM); nothing was written for it"
+INTERRUPTED_NOT_STARTED = "not started: the run was interrupted (Ctrl-C or SIGTERM)"
 
 
 def interrupted_result(vol: CohortVolume, out_dir: Path, in_flight: bool) -> dict:

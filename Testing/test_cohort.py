@@ -245,10 +245,11 @@ def test_cohort_two_workers_give_the_same_outputs_as_one(cohort, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("to", ["process-group", "parent-only"])
+@pytest.mark.parametrize("to", ["process-group", "parent-only", "sigterm"])
 def test_cohort_ctrl_c_writes_the_summary_leaves_no_partial_output_and_the_rerun_resumes(small, tmp_path, to):
     """Ctrl-C in the middle of the long volume: as a terminal sends it (the whole process group) or to
-    the command alone (the parent must stop its workers itself). Exit 130, the summary still written,
+    the command alone (the parent must stop its workers itself); or SIGTERM to the command, as a
+    scheduler cancelling the job sends it. Exit 130, the summary still written,
     the volume in flight recorded as interrupted with nothing written for it; the rerun does the rest."""
     from RetrievalSegLib.cohort_run import INTERRUPTED_IN_FLIGHT, INTERRUPTED_NOT_STARTED
 
@@ -265,7 +266,7 @@ def test_cohort_ctrl_c_writes_the_summary_leaves_no_partial_output_and_the_rerun
         if to == "process-group":
             os.killpg(proc.pid, signal.SIGINT)
         else:
-            os.kill(proc.pid, signal.SIGINT)
+            os.kill(proc.pid, signal.SIGTERM if to == "sigterm" else signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
