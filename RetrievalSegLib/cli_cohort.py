@@ -156,14 +156,11 @@ def _sigterm_as_ctrl_c():
     import signal
     import threading
 
+    from .cohort_run import sigterm_as_ctrl_c
+
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-
-    def handler(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
+    old = signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)
     return lambda: signal.signal(signal.SIGTERM, old)
 
 

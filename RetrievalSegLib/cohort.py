@@ -407,11 +407,18 @@ def segment_one(vol: CohortVolume, engine, bank: ReadOnlyBank, settings: CohortS
         return {**base, "status": "failed", "seconds": round(time.perf_counter() - t0, 3), "message": message}
 
 
+def unfinished_result(vol: CohortVolume, out_dir: Path, status: str, message: str, record: bool = True) -> dict:
+    """The result of a volume that produced no output (writes are atomic), written to its record
+    too unless `record` is False: "failed" (its worker died under it), "interrupted"."""
+    if record:
+        try:
+            write_record(Path(out_dir), vol, status, message=message)
+        except OSError:
+            pass
+    return {"case_id": vol.case_id, "image": vol.image, "output": str(Path(out_dir) / vol.output_name),
+            "status": status, "seconds": 0.0, "message": message}
+
+
 def failed_result(vol: CohortVolume, out_dir: Path, message: str) -> dict:
     """Record a volume whose worker died under it (no output was written: writes are atomic)."""
-    try:
-        write_record(Path(out_dir), vol, "failed", message=message)
-    except OSError:
-        pass
-    return {"case_id": vol.case_id, "image": vol.image, "output": str(Path(out_dir) / vol.output_name),
-            "status": "failed", "seconds": 0.0, "message": message}
+    return unfinished_result(vol, out_dir, "failed", message)

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .cohort import CohortSettings, CohortVolume, ReadOnlyBank, failed_result, segment_one
+from .cohort import CohortSettings, CohortVolume, ReadOnlyBank, failed_result, segment_one, unfinished_result
 
 Event = Callable[[str, dict], None]  # ("started" | "progress" | "result" | "worker", payload)
 
@@ -58,16 +58,8 @@ INTERRUPTED_NOT_STARTED = "not started: the run was interrupted (Ctrl-C or SIGTE
 
 def interrupted_result(vol: CohortVolume, out_dir: Path, in_flight: bool) -> dict:
     """The result of a volume a Ctrl-C stopped (in flight: its record says so) or never started."""
-    from .cohort import write_record
-
     message = INTERRUPTED_IN_FLIGHT if in_flight else INTERRUPTED_NOT_STARTED
-    if in_flight:
-        try:
-            write_record(Path(out_dir), vol, "interrupted", message=message)
-        except OSError:
-            pass
-    return {"case_id": vol.case_id, "image": vol.image, "output": str(Path(out_dir) / vol.output_name),
-            "status": "interrupted", "seconds": 0.0, "message": message}
+    return unfinished_result(vol, out_dir, "interrupted", message, record=in_flight)
 
 
 def visible_gpus() -> int:
@@ -95,9 +87,10 @@ class _Models:
 
 
 # ----------------------------------------------------------------------------- local processes
-def _stop_on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
-    """A worker's SIGTERM (the parent stopping the run): unwind once, as Ctrl-C would, so that a
-    write in progress removes its temporary file; a second SIGTERM is ignored during the unwinding."""
+def sigterm_as_ctrl_c(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    """SIGTERM handler (a worker stopped by its parent; the command stopped by a scheduler): unwind
+    once, as Ctrl-C would, so that a write in progress removes its temporary file and the command
+    writes its summary; a second SIGTERM is ignored during the unwinding."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -111,7 +104,7 @@ def _worker_main(conn, model_args: dict, settings_json: dict, threads: int | Non
     from .cli_common import WeightsUnavailable
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it starts us ignoring it)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)
     try:
         if threads:
             import torch
@@ -152,7 +145,7 @@ def _exit_text(exitcode: int | None) -> str:
 
 
 def _stop_interrupted(slots: list[dict], grace_s: float) -> None:
-    """After Ctrl-C: one SIGTERM to each worker (a clean stop, `_stop_on_sigterm`), then SIGKILL for
+    """After Ctrl-C: one SIGTERM to each worker (a clean stop, `sigterm_as_ctrl_c`), then SIGKILL for
     any still running after `grace_s` (e.g. inside one long native call)."""
     live = [s["proc"] for s in slots if s["proc"] is not None]
     for proc in live:
