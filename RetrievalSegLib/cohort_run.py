@@ -62,6 +62,15 @@ def interrupted_result(vol: CohortVolume, out_dir: Path, in_flight: bool) -> dic
     return unfinished_result(vol, out_dir, "interrupted", message, record=in_flight)
 
 
+def _interrupted(volumes: Sequence[CohortVolume], results: dict[str, dict], running: set[str],
+                 out_dir: str | Path) -> CohortInterrupted:
+    """After a Ctrl-C (local workers or Ray): every volume's result, the finished ones as they ended,
+    those in `running` (case ids) interrupted in flight, the others not started."""
+    out = Path(out_dir)
+    return CohortInterrupted([results.get(v.case_id) or interrupted_result(v, out, v.case_id in running)
+                              for v in volumes])
+
+
 def visible_gpus() -> int:
     """CUDA GPUs this process sees (0 without torch.cuda)."""
     try:
@@ -307,10 +316,8 @@ def run_local(volumes: Sequence[CohortVolume], model_args: dict, settings: Cohor
                         on_event("result", msg[1])
             except (EOFError, OSError):
                 pass
-        in_flight = {s["job"].case_id for s in slots if s["proc"] is not None and s["job"] is not None}
-        out = Path(settings.out_dir)
-        raise CohortInterrupted([results.get(v.case_id) or interrupted_result(v, out, v.case_id in in_flight)
-                                 for v in volumes])
+        running = {s["job"].case_id for s in slots if s["proc"] is not None and s["job"] is not None}
+        raise _interrupted(volumes, results, running, settings.out_dir)
     for vol in [*abandoned, *pending]:  # left over after a fatal error
         results.setdefault(vol.case_id, failed_result(vol, Path(settings.out_dir),
                                                       f"not started: the run stopped ({fatal[1] if fatal else 'no worker'})"))
@@ -413,10 +420,7 @@ def run_ray(volumes: Sequence[CohortVolume], model_args: dict, settings: CohortS
             except Exception:  # noqa: BLE001 - already gone
                 pass
     if interrupted:
-        running = {vol.case_id for _, vol in in_flight.values()}
-        out = Path(settings.out_dir)
-        raise CohortInterrupted([results.get(v.case_id) or interrupted_result(v, out, v.case_id in running)
-                                 for v in volumes])
+        raise _interrupted(volumes, results, {vol.case_id for _, vol in in_flight.values()}, settings.out_dir)
     return [results[v.case_id] for v in volumes if v.case_id in results]
 
 
