@@ -72,8 +72,9 @@ def test_worker_under_the_launcher_stays_and_finishes_a_job(tmp_path, slicer_lau
     assert "worker exiting: shutdown" in Path(client.log_path).read_text()
 
 
-def test_kill_ends_the_real_worker_not_only_the_launcher(tmp_path, slicer_launcher) -> None:  # type: ignore[no-untyped-def]
-    client = WorkerClient(python=str(slicer_launcher), log_dir=tmp_path)
+def test_kill_ends_the_real_worker_not_only_the_launcher(tmp_path) -> None:
+    """The worker ignores everything but SIGKILL (a job stuck in native code), so only its pid can end it."""
+    client = WorkerClient(python=str(make_launcher(tmp_path, python=_stubborn_worker(tmp_path))), log_dir=tmp_path)
     pid = _ready(client)
     launcher = client.process.pid
     client.kill()
@@ -100,9 +101,9 @@ def test_forced_cancel_and_stop_end_a_worker_that_ignores_them(tmp_path) -> None
     assert time.monotonic() - t0 < 10
 
 
-def test_a_killed_launcher_does_not_leave_its_worker_running(tmp_path, slicer_launcher) -> None:  # type: ignore[no-untyped-def]
+def test_a_killed_launcher_does_not_leave_its_worker_running(tmp_path) -> None:
     """Someone kills PythonSlicer (not the worker): the client notices and ends the worker too."""
-    client = WorkerClient(python=str(slicer_launcher), log_dir=tmp_path)
+    client = WorkerClient(python=str(make_launcher(tmp_path, python=_stubborn_worker(tmp_path))), log_dir=tmp_path)
     pid = _ready(client)
     os.kill(client.process.pid, signal.SIGKILL)  # the launcher only; its child lives on, as in Slicer
     deadline = time.monotonic() + 10
