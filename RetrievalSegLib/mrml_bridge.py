@@ -6,9 +6,11 @@ Everything that touches `slicer` / `vtk` imports them inside the function, so th
 * A volume node's IJKToRAS matrix is Slicer's geometry; `Volume` keeps ITK/LPS geometry. The two
   differ only by the sign of the first two world axes (RAS = diag(-1, -1, 1) LPS), so converting is
   exact: spacing, origin and direction round-trip bit for bit.
-* Node-local coordinates are used throughout (parent transforms are not applied); a volume and a
-  segmentation under different parent transforms are refused, since "the same slice" would then
-  mean different voxels.
+* Voxels are read and written in node-local coordinates (parent transforms are not applied); a
+  volume and a segmentation under different parent transforms are refused, since "the same slice"
+  would then mean different voxels. Slice navigation (`slice_center_ras`, `slice_index_from_ras`,
+  `slice_normal_ras`) is in world RAS, where Slicer's slice views are: it applies the volume's
+  parent transforms (linear or not).
 * Segments are matched to bank labels by name (case-insensitive, as Slicer matches them).
 * MRML is touched only from the thread that calls these functions (Slicer's main thread); models
   run in the worker process (`worker`), which sees numpy arrays only.
@@ -84,21 +86,49 @@ def _set_node_geometry(volume_node: Any, vol: Volume) -> None:
     volume_node.SetOrigin(*(float(o) + 0.0 for o in origin))
 
 
+def _transform_point(volume_node: Any, point: Sequence[float], to_world: bool) -> np.ndarray:
+    """A point between the volume's node-local RAS and world RAS (through its parent transforms)."""
+    parent = volume_node.GetParentTransformNode()
+    if parent is None:
+        return np.asarray(point, dtype=float)[:3]
+    import slicer
+    import vtk
+
+    transform = vtk.vtkGeneralTransform()
+    source, target = (parent, None) if to_world else (None, parent)
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(source, target, transform)
+    return np.asarray(transform.TransformPoint(*(float(x) for x in point[:3])), dtype=float)
+
+
 def slice_index_from_ras(volume_node: Any, axis: int | str, ras: Sequence[float]) -> int:
-    """Index of the slice along IJK `axis` nearest to the RAS point (may lie outside the volume)."""
+    """Index of the slice along IJK `axis` nearest to the world RAS point (may lie outside the volume)."""
     ax = _explicit_axis(axis)
-    ijk = np.linalg.solve(ijk_to_ras_matrix(volume_node), np.r_[np.asarray(ras, float)[:3], 1.0])
+    local = _transform_point(volume_node, ras, to_world=False)
+    ijk = np.linalg.solve(ijk_to_ras_matrix(volume_node), np.r_[local, 1.0])
     return int(np.floor(ijk[ax] + 0.5))
 
 
 def slice_center_ras(volume_node: Any, axis: int | str, index: int) -> tuple[float, float, float]:
-    """RAS position of the centre of slice `index` along IJK `axis`."""
+    """World RAS position of the centre of slice `index` along IJK `axis` (where a slice view jumps)."""
     ax = _explicit_axis(axis)
     dims = volume_node.GetImageData().GetDimensions()
     ijk = np.array([(d - 1) / 2.0 for d in dims] + [1.0])
     ijk[ax] = index
-    ras = ijk_to_ras_matrix(volume_node) @ ijk
+    ras = _transform_point(volume_node, ijk_to_ras_matrix(volume_node) @ ijk, to_world=True)
     return (float(ras[0]), float(ras[1]), float(ras[2]))
+
+
+def slice_normal_ras(volume_node: Any, axis: int | str) -> np.ndarray:
+    """Unit world RAS direction of IJK `axis` at the volume's centre (the normal of its slices)."""
+    ax = _explicit_axis(axis)
+    m = ijk_to_ras_matrix(volume_node)
+    dims = volume_node.GetImageData().GetDimensions()
+    center = np.array([(d - 1) / 2.0 for d in dims] + [1.0])
+    step = center.copy()
+    step[ax] += 1.0
+    a = _transform_point(volume_node, m @ center, to_world=True)
+    b = _transform_point(volume_node, m @ step, to_world=True)
+    return (b - a) / np.linalg.norm(b - a)
 
 
 def _explicit_axis(axis: int | str) -> int:

@@ -93,10 +93,10 @@ class Tree:
 
 # ============================================================================ C++ headers
 _TOKENS = re.compile(r'"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])\'|//[^\n]*|/\*.*?\*/', re.S)
-_CLASS = re.compile(r"\b(class|struct)\s+((?:[A-Z][A-Z0-9_]*(?:\([^)]*\))?\s+)*)(\w+)\s*(?:final\s*)?(:[^{;]*)?\{")
+_CLASS = re.compile(r"\b(class|struct)\s+((?:(?:[A-Z][A-Z0-9_]*|\w+_EXPORT)(?:\([^)]*\))?\s+)*)(\w+)\s*(?:final\s*)?(:[^{;]*)?\{")
 _ACCESS = re.compile(r"^(public|protected|private|signals|Q_SIGNALS)\s*(slots|Q_SLOTS)?\s*$")
 #: Macro calls without a semicolon before an access specifier (e.g. QDOC_PROPERTY(...) public:).
-_LEADING_MACROS = re.compile(r"^(?:\s*[A-Z][A-Z0-9_]+\s*(?:\((?:[^()]|\([^()]*\))*\))?)+(?=\s*\w)")
+_LEADING_MACROS = re.compile(r"^(?:\s*(?!Q_SIGNALS\b)[A-Z][A-Z0-9_]+\s*(?:\((?:[^()]|\([^()]*\))*\))?)+(?=\s*\w)")
 _PROPERTY = re.compile(r"\bQ_PROPERTY\s*\(\s*(.+?)\s+\*?(\w+)\s+(?:READ|MEMBER|WRITE)\b", re.S)
 _QT_NOISE = re.compile(r"\b(Q_OBJECT|Q_GADGET|QVTK_OBJECT|Q_INTERFACES|Q_ENUMS|Q_FLAGS|Q_ENUM|Q_FLAG|Q_ENUM_NS"
                        r"|Q_DECLARE_PRIVATE|Q_DECLARE_PUBLIC|Q_DISABLE_COPY|Q_DISABLE_COPY_MOVE|Q_DECLARE_FLAGS"
