@@ -141,6 +141,46 @@ def test_slice_navigation(scene, cases) -> None:  # type: ignore[no-untyped-def]
         mb.slice_center_ras(node, "auto", 0)
 
 
+def test_slice_navigation_is_in_world_ras_under_parent_transforms(scene, cases) -> None:  # type: ignore[no-untyped-def]
+    """An oblique volume under two nested linear transforms: slice views work in world RAS."""
+    import vtk
+
+    oblique = Volume(cases[1].image.array, (0.8, 0.9, 4.0), (10.0, -20.0, 5.0), rotation_matrix(15.0, -25.0, 40.0))
+    node = mb.volume_to_node(oblique, scene, "transformed")
+    outer, inner = (scene.AddNewNodeByClass("vtkMRMLLinearTransformNode") for _ in range(2))
+    matrices = []
+    for transform, (angles, shift) in zip((outer, inner), (((30.0, 0.0, -10.0), (5.0, -7.0, 12.0)),
+                                                           ((0.0, 45.0, 20.0), (-30.0, 4.0, 9.0)))):
+        m = np.eye(4)
+        m[:3, :3] = np.asarray(rotation_matrix(*angles)).reshape(3, 3)
+        m[:3, 3] = shift
+        vm = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                vm.SetElement(r, c, m[r, c])
+        transform.SetMatrixTransformToParent(vm)
+        matrices.append(m)
+    inner.SetAndObserveTransformNodeID(outer.GetID())
+    node.SetAndObserveTransformNodeID(inner.GetID())
+    to_world = matrices[0] @ matrices[1]  # local -> inner's parent (outer) -> world
+    ijk_to_world = to_world @ mb.ijk_to_ras_matrix(node)
+    dims = node.GetImageData().GetDimensions()
+    for axis in (0, 1, 2):
+        for index in (0, 3):
+            ijk = np.array([(d - 1) / 2.0 for d in dims] + [1.0])
+            ijk[axis] = index
+            center = mb.slice_center_ras(node, axis, index)
+            np.testing.assert_allclose(center, (ijk_to_world @ ijk)[:3], atol=1e-9)
+            assert mb.slice_index_from_ras(node, axis, center) == index
+            # A point of the slice seen in a view (world) maps back to it; its node-local twin does not.
+            local = (mb.ijk_to_ras_matrix(node) @ ijk)[:3]
+            assert mb.slice_index_from_ras(node, axis, (ijk_to_world @ ijk)[:3]) == index
+            assert not np.allclose(local, center)
+        normal = mb.slice_normal_ras(node, axis)
+        expected = ijk_to_world[:3, axis] / np.linalg.norm(ijk_to_world[:3, axis])
+        np.testing.assert_allclose(normal, expected, atol=1e-9)
+
+
 # ------------------------------------------------------------------------------- segments
 def test_labelmap_to_segmentation_writes_exact_segments_and_updates_in_place(
     scene, cases, bank_labels

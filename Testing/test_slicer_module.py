@@ -123,10 +123,9 @@ def test_the_fakes_refuse_what_slicer_lacks() -> None:
 
 # ------------------------------------------------------------------------------- the module
 @pytest.fixture()
-def fresh_scene():  # type: ignore[no-untyped-def]
-    """A scene of its own (these tests close it), set up as conftest's slicer_scene."""
-    import slicer
-
+def fresh_scene(slicer_scene):  # type: ignore[no-untyped-def]
+    """A scene of its own (these tests close it), set up as conftest's slicer_scene (converter rules)."""
+    slicer = slicer_scene[0]
     scene = slicer.vtkMRMLScene()
     color_logic = slicer.vtkMRMLColorLogic()
     color_logic.SetMRMLScene(scene)
