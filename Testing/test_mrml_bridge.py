@@ -198,6 +198,15 @@ def test_labelmap_to_segmentation_writes_exact_segments_and_updates_in_place(
         np.testing.assert_allclose(s.GetColor(), lab.color, atol=1e-12)
         tag = vtk.reference("")
         assert s.GetTag(mb.LABEL_VALUE_TAG, tag) and str(tag) == str(lab.value)
+    # Standard terminology where the label is a structure of Slicer's General Anatomy list (LV, RV).
+    lv = seg.GetSegment(seg.GetSegmentIdBySegmentName("LV"))
+    assert lv.GetTerminology() == ("Segmentation category and type - 3D Slicer General Anatomy list"
+                                   "~SCT^123037004^Anatomical Structure~SCT^87878005^Left Ventricle~^^~~^^~^^")
+    tag = vtk.reference("")
+    assert lv.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), tag) and str(tag) == lv.GetTerminology()
+    assert "53085002^Right Ventricle" in seg.GetSegment(seg.GetSegmentIdBySegmentName("RV")).GetTerminology()
+    assert mb.terminology_entry("Myo") is None  # not in the list: no guess
+    assert "87878005" not in seg.GetSegment(seg.GetSegmentIdBySegmentName("Myo")).GetTerminology()
     assert seg.GetNumberOfLayers() == 1  # one shared labelmap, like the Segment Editor makes
     got = mb.labelmap_from_segmentation(node, volume_node, bank_labels)
     assert np.array_equal(got.array, case.labels.array) and got.same_geometry(case.image, tol=1e-12)
