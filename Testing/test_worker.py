@@ -403,8 +403,8 @@ def test_worker_exits_when_its_parent_dies(tmp_path, slicer_launcher) -> None:  
         os.kill(holder_pid, signal.SIGKILL)
 
 
-def test_worker_exits_when_its_stdin_closes(tmp_path) -> None:
-    c = WorkerClient(log_dir=tmp_path)
+def test_worker_exits_when_its_stdin_closes(tmp_path, slicer_launcher) -> None:  # type: ignore[no-untyped-def]
+    c = WorkerClient(python=str(slicer_launcher), log_dir=tmp_path)
     c.start()
     assert c.process is not None and c.process.stdin is not None
     c.process.stdin.close()
@@ -421,8 +421,8 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_worker_idle_timeout_then_the_next_job_starts_a_new_worker(tmp_path) -> None:
-    c = WorkerClient(log_dir=tmp_path, idle_timeout_s=0.5)
+def test_worker_idle_timeout_then_the_next_job_starts_a_new_worker(tmp_path, slicer_launcher) -> None:  # type: ignore[no-untyped-def]
+    c = WorkerClient(python=str(slicer_launcher), log_dir=tmp_path, idle_timeout_s=0.5)
     try:
         c.start()
         first = c.process.pid

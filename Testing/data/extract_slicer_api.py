@@ -419,7 +419,7 @@ def extract(args: argparse.Namespace) -> list[dict]:
     python.append({"module": "qt", "names": sorted(c for c in records if c.startswith("Q"))})
 
     lines = [{"source": {"slicer": [args.slicer_ref, slicer.commit], "ctk": [args.ctk_ref, ctk.commit],
-                         "pythonqt": [args.pythonqt_ref, pythonqt.commit], "qt_include": "qtbase5-dev 5.15 headers"}}]
+                         "pythonqt": [args.pythonqt_ref, pythonqt.commit], "qt_headers": args.qt_label}}]
     for name in sorted(records):
         info = records[name]
         lines.append({"class": name, "bases": info.get("bases", []),
@@ -435,6 +435,8 @@ def main() -> None:
     ap.add_argument("--ctk-git", required=True)
     ap.add_argument("--ctk-ref", default="dd4caeae7e979cf441e44ee85d3b0780120d113d")
     ap.add_argument("--qt-include", required=True, help="Qt 5.15's include folder (with QtCore/, QtWidgets/, ...)")
+    ap.add_argument("--qt-label", default="Debian qtbase5-dev 5.15.8+dfsg-11+deb12u3",
+                    help="what the Qt headers are (recorded in the list)")
     ap.add_argument("--pythonqt-git", required=True)
     ap.add_argument("--pythonqt-ref", default="patched-9")
     ap.add_argument("--module", default="RetrievalSeg/RetrievalSeg.py")
