@@ -182,14 +182,10 @@ def test_python_3_9_is_refused_before_anything_is_installed(module_world, monkey
 
 def test_slicer_side_install_pins_the_lock() -> None:
     """What Install dependencies asks pip for are the versions the tests ran with (requirements.lock)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_module_constants", MODULE)
     source = MODULE.read_text(encoding="utf-8")
     tree = ast.parse(source)
     constants = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
                  for t in n.targets if isinstance(t, ast.Name) and t.id in ("REQUIREMENTS", "SAM2_REQUIREMENT", "SAM2_SHA256")}
-    assert spec is not None
     lock = (ROOT / "requirements.lock").read_text(encoding="utf-8")
     locked = {m.group(1).lower().replace("_", "-"): m.group(2) for m in re.finditer(r"^([A-Za-z0-9_.-]+)==(\S+)", lock, re.M)}
     for requirement in constants["REQUIREMENTS"].values():
@@ -233,12 +229,11 @@ def _pump(widget, timeout: float = 180.0) -> None:  # type: ignore[no-untyped-de
 
 
 def test_close_scene_forgets_the_result_although_the_next_scene_reuses_its_ids(
-        module_world, fresh_scene, small_bank, worker_client) -> None:  # type: ignore[no-untyped-def]
+        module_world, fresh_scene, small_bank, worker_client, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     module, gui = module_world
-    monkeypatch_client = worker_client
-    module.RetrievalSegLogic.workerClient = staticmethod(lambda: monkeypatch_client)  # restored below
+    monkeypatch.setattr(module.RetrievalSegLogic, "workerClient", staticmethod(lambda: worker_client))
+    widget = module.RetrievalSegWidget()
     try:
-        widget = module.RetrievalSegWidget()
         widget.setup()
         bank_path, case = small_bank
         gui.ui.bankPathLineEdit.currentPath = str(bank_path)
@@ -268,9 +263,8 @@ def test_close_scene_forgets_the_result_although_the_next_scene_reuses_its_ids(
         widget._checkCanApply()
         assert not gui.ui.undoButton.enabled and not gui.ui.addEditedSlicesButton.enabled
         assert not gui.ui.resegmentButton.enabled
-        widget.cleanup()
     finally:
-        del module.RetrievalSegLogic.workerClient
+        widget.cleanup()
 
 
 def test_self_test_ends_its_worker_when_it_fails(module_world, monkeypatch, slicer_launcher, tmp_path) -> None:  # type: ignore[no-untyped-def]
