@@ -35,21 +35,28 @@ except ModuleNotFoundError as error:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from RetrievalSegLib import module_logic, mrml_bridge
 
-#: Python packages RetrievalSeg needs, by import name: (pip requirement, shipped by Slicer).
+#: Python packages RetrievalSeg needs, by import name -> pip requirement, pinned to the versions of
+#: requirements.lock (the versions the tests ran with; a static test keeps the two equal).
 #: torch comes from the PyTorch extension and sam2 is installed separately (see installDependencies).
 REQUIREMENTS = {
-    "transformers": "transformers>=4.47",
-    "faiss": "faiss-cpu>=1.8",
-    "safetensors": "safetensors>=0.4",
-    "filelock": "filelock>=4.3",  # the support bank's writer lock (usually installed with torch)
-    "hydra": "hydra-core>=1.3.2",
-    "iopath": "iopath>=0.1.10",
-    "tqdm": "tqdm>=4.66",
-    "PIL": "pillow>=9.4",
+    "transformers": "transformers==5.24.0",
+    "huggingface_hub": "huggingface-hub==2.4.0",  # weight downloads (weights.py)
+    "faiss": "faiss-cpu==1.15.1",
+    "safetensors": "safetensors==0.8.0",
+    "filelock": "filelock==4.3.1",  # the support bank's writer lock (usually installed with torch)
+    "hydra": "hydra-core==1.3.8",
+    "omegaconf": "omegaconf==2.3.1",
+    "iopath": "iopath==0.1.10",
+    "tqdm": "tqdm==4.70.1",
+    "PIL": "pillow==13.0.0",
 }
 TORCH_MINIMUM = "2.5.1"  # what sam2 1.1.0 needs
 TORCH_REQUIREMENT = f">={TORCH_MINIMUM}"
 SAM2_REQUIREMENT = "sam2==1.1.0"
+#: The SHA-256 of the sam2 1.1.0 upload, as requirements-sam2.lock pins it (pip checks it).
+SAM2_SHA256 = "7e0ea252d43c10d853e3acfce0b5770ac683c30481bd6de311300e9d44f45b74"
+#: sam2 1.1.0 declares python_requires >= 3.10: Slicer 5.8 has Python 3.9, Slicer 5.10 has 3.12.
+PYTHON_MINIMUM = (3, 10)
 #: QSettings key of the weights folder in use (restored when the module opens).
 WEIGHTS_FOLDER_SETTING = "RetrievalSeg/WeightsFolder"
 #: QSettings key of the SAM 2 memory cache cap in GB (passed to the worker as RSEG_MEMORY_CACHE_GB
@@ -154,6 +161,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._segmentAfterCancel = False
         self._estimateAdvice = None
         self._jobVolumeNode = None
+        self._jobSegmentationNode = None
         self._thumbnailWidgets = []
 
     def setup(self) -> None:
@@ -222,9 +230,15 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # The next scene reuses this one's node IDs (vtkMRMLScene::Clear resets them): nothing of
+        # this scene's result, undo record, suggestions or running job may reach it.
         if self.logic:
             self.logic.core.cancel()
-            self.logic.core.discard_result()
+            self.logic.core.forget_scene()
+        self._jobVolumeNode = self._jobSegmentationNode = None
+        self.ui.suggestionsListWidget.clear()
+        self.ui.suggestionsLabel.text = ""
+        self.ui.currentSliceLabel.text = ""
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -319,12 +333,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         haveBank = core is not None and core.bank is not None
         haveInputs = bool(p and p.inputVolume and p.outputSegmentation)
-        haveResult = bool(
-            haveInputs
-            and core.state is not None
-            and core.state.volume_node_id == p.inputVolume.GetID()
-            and core.state.segmentation_node_id == p.outputSegmentation.GetID()
-        )
+        haveResult = bool(haveInputs and core.has_result_for(p.inputVolume, p.outputSegmentation))
         for button, enabled in (
             (self.ui.openBankButton, not running),
             (self.ui.newBankButton, not running and bool(p and p.outputSegmentation)),
@@ -370,7 +379,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The slice axis of the current result, else the chosen one (auto = through-plane)."""
         core = self.logic.core
         volumeNode = self._parameterNode.inputVolume
-        if core.state is not None and volumeNode and core.state.volume_node_id == volumeNode.GetID():
+        if volumeNode and core.has_result_for(volumeNode):
             return core.state.axis
         from RetrievalSegLib.volume import parse_axis, through_plane_axis
 
@@ -379,6 +388,10 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ first use
     def _updateDependenciesStatus(self) -> None:
+        problem = self.logic.pythonVersionProblem()
+        if problem:
+            self.ui.dependenciesStatusLabel.text = problem
+            return
         missing = self.logic.missingPackages()
         if missing:
             self.ui.dependenciesStatusLabel.text = _("Missing: {names}").format(names=", ".join(missing))
@@ -551,12 +564,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             p = self._parameterNode
             core = self.logic.core
-            if (
-                p.outputSegmentation
-                and core.state is not None
-                and core.state.volume_node_id == p.inputVolume.GetID()
-                and core.state.segmentation_node_id == p.outputSegmentation.GetID()
-            ):
+            if p.outputSegmentation and core.has_result_for(p.inputVolume, p.outputSegmentation):
                 edited = core.edited_slices(p.inputVolume, p.outputSegmentation)
                 if edited and not slicer.util.confirmOkCancelDisplay(
                     _("Segment replaces every slice, including the {count} slice(s) you edited. "
@@ -609,7 +617,10 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onJobStarted(self, message: str) -> None:
         self._estimateAdvice = None
         self.ui.tryLowerResolutionButton.hide()
+        # What the job works on is fixed when it starts: its result goes there, whatever is
+        # selected when it ends.
         self._jobVolumeNode = self._parameterNode.inputVolume
+        self._jobSegmentationNode = self._parameterNode.outputSegmentation
         self.ui.progressBar.show()
         self.ui.progressBar.setRange(0, 0)  # busy until the first progress report
         self.ui.statusLabel.text = message
@@ -733,7 +744,9 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if volumeNode is None or volumeNode.GetScene() is None:
                 core.discard_result()
                 raise RuntimeError(_("The input volume was removed while it was being segmented."))
-            segmentationNode = self._parameterNode.outputSegmentation
+            segmentationNode = self._jobSegmentationNode
+            if segmentationNode is not None and segmentationNode.GetScene() is None:
+                segmentationNode = None  # removed while the job ran: write a new one
             if segmentationNode is not None:
                 self._saveSegmentEditorUndoState(segmentationNode)
             segmentationNode = core.apply_result(slicer.mrmlScene, volumeNode, segmentationNode)
@@ -754,16 +767,21 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @staticmethod
     def _saveSegmentEditorUndoState(segmentationNode) -> None:
-        """Let Ctrl+Z in the Segment Editor undo our write when it edits this segmentation."""
+        """Let Ctrl+Z in the Segment Editor undo our write when it edits this segmentation.
+
+        Slicer 5.10: `slicer.modules.SegmentEditorWidget` exists once the Segment Editor's GUI has
+        been created (qSlicerScriptedLoadableModuleWidget sets `slicer.modules.<Name>Widget`);
+        its `editor` is a qMRMLSegmentEditorWidget, whose `saveStateForUndo()` slot records the
+        segmentation as it is now. The GUI is never created just for this: our Undo button works.
+        """
+        segmentEditorWidget = getattr(slicer.modules, "SegmentEditorWidget", None)
+        editor = getattr(segmentEditorWidget, "editor", None)
+        if editor is None or editor.segmentationNode() is not segmentationNode:
+            return
         try:
-            module = slicer.modules.segmenteditor
-            if not module.isWidgetRepresentationCreated():
-                return  # never create the Segment Editor's GUI just for this; our Undo button works
-            editor = module.widgetRepresentation().self().editor
-            if editor.segmentationNode() is segmentationNode:
-                editor.saveStateForUndo()
-        except Exception:  # the Segment Editor is optional here; our own Undo button always works
-            logging.debug("Segment Editor undo state not saved", exc_info=True)
+            editor.saveStateForUndo()
+        except Exception:  # the write must go ahead; our own Undo button still works
+            logging.warning("RetrievalSeg: the Segment Editor's undo state was not saved", exc_info=True)
 
     def onUndo(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to undo the last result."), waitCursor=True):
@@ -790,7 +808,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """True when the list shows suggestions for the current input volume."""
         core = self.logic.core
         volumeNode = self._parameterNode.inputVolume if self._parameterNode else None
-        return core.suggestions is not None and volumeNode is not None and core.suggestions_volume_id == volumeNode.GetID()
+        return core.suggestions_for(volumeNode) is not None
 
     def _showSuggestions(self, suggestions) -> None:
         listWidget = self.ui.suggestionsListWidget
@@ -832,9 +850,8 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ review and correct
     def _alignedSliceNode(self, volumeNode, axis: int):
-        """The slice view whose normal is closest to the volume's slice axis."""
-        ijkToRas = mrml_bridge.ijk_to_ras_matrix(volumeNode)
-        direction = ijkToRas[:3, axis] / (sum(x * x for x in ijkToRas[:3, axis]) ** 0.5)
+        """The slice view whose normal is closest to the volume's slice axis (in world RAS)."""
+        direction = mrml_bridge.slice_normal_ras(volumeNode, axis)
         best, bestCos = None, 0.0
         layoutManager = slicer.app.layoutManager()
         for name in layoutManager.sliceViewNames():
@@ -1026,6 +1043,18 @@ class RetrievalSegLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ dependencies
     @staticmethod
+    def pythonVersionProblem() -> Optional[str]:
+        """Why this Slicer's Python cannot run RetrievalSeg (too old for SAM 2), or None when it can."""
+        version = tuple(sys.version_info[:3])
+        if version[:2] >= PYTHON_MINIMUM:
+            return None
+        return _(
+            "RetrievalSeg needs 3D Slicer 5.10 or newer: SAM 2 needs Python {minimum} or newer, and this "
+            "Slicer has Python {version} (Slicer 5.8 and older). Install Slicer 5.10 or newer and "
+            "RetrievalSeg in it; nothing was installed."
+        ).format(minimum=".".join(map(str, PYTHON_MINIMUM)), version=".".join(map(str, version)))
+
+    @staticmethod
     def missingPackages() -> list:
         """Import names of the packages that are not installed yet."""
         names = ["torch", "sam2", *REQUIREMENTS]
@@ -1072,6 +1101,9 @@ class RetrievalSegLogic(ScriptedLoadableModuleLogic):
 
     def installDependencies(self, askConfirmation: bool = True) -> bool:
         """Install torch (PyTorch extension), SAM 2 and the other packages; False if declined."""
+        problem = self.pythonVersionProblem()
+        if problem:  # before asking or installing anything: half an install helps nobody
+            raise RuntimeError(problem)
         missing = self.missingPackages()
         if not missing:
             return True
@@ -1115,8 +1147,11 @@ class RetrievalSegLogic(ScriptedLoadableModuleLogic):
             # pip_install runs pip with this process's environment: set the switch for that call only.
             previous = os.environ.get("SAM2_BUILD_CUDA")
             os.environ["SAM2_BUILD_CUDA"] = "0"
+            pinned = os.path.join(slicer.app.temporaryPath, "RetrievalSeg-sam2-requirements.txt")
+            with open(pinned, "w") as f:  # pip refuses a download whose SHA-256 differs
+                f.write(f"{SAM2_REQUIREMENT} --hash=sha256:{SAM2_SHA256}\n")
             try:
-                slicer.util.pip_install(["--no-deps", "--no-build-isolation", SAM2_REQUIREMENT])
+                slicer.util.pip_install(["--no-deps", "--no-build-isolation", "--require-hashes", "-r", pinned])
             finally:
                 if previous is None:
                     del os.environ["SAM2_BUILD_CUDA"]
@@ -1171,10 +1206,6 @@ class RetrievalSegTest(ScriptedLoadableModuleTest):
         self.test_RetrievalSeg_annotate_segment_correct()
 
     def test_RetrievalSeg_annotate_segment_correct(self):
-        import tempfile
-
-        import numpy as np
-
         missing = RetrievalSegLogic.missingPackages()
         if missing:
             self.skipTest(f"Python packages missing (use Install dependencies): {', '.join(missing)}")
@@ -1183,11 +1214,22 @@ class RetrievalSegTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Making a synthetic cardiac study")
         cases = make_synthetic_study(n_cases=2, shape=(8, 48, 48), spacing=(1.2, 1.0, 5.0), seed=3)
-        scene = slicer.mrmlScene
         logic = RetrievalSegLogic()
         core = logic.core
         core.settings = module_logic.EngineSettings(device="cpu", image_size=256, random_weights=True)
-        self.addCleanup(core.shutdown)  # the worker process ends with the test
+        # try/finally, not addCleanup: Reload and Test calls runTest() directly, without the
+        # unittest runner that would run the cleanups; the worker process must end with the test.
+        try:
+            self._annotateSegmentCorrect(core, cases)
+        finally:
+            core.shutdown()
+
+    def _annotateSegmentCorrect(self, core, cases):
+        import tempfile
+
+        import numpy as np
+
+        scene = slicer.mrmlScene
 
         self.delayDisplay("Annotating case 1 and making a bank from it")
         annotatedVolume = mrml_bridge.volume_to_node(cases[0].image, scene, "case1")

@@ -19,10 +19,8 @@ Each `start_*` has a blocking twin (`run`, `add_edited_slices_to_bank`, ...) for
 """
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -48,6 +46,8 @@ from .extent import DEFAULT_EXTENT_STOP
 from .module_results import (  # the first and last re-exported: the panel and tests use them
     LONG_CPU_ESTIMATE_S,
     SegmentationState,
+    _Request,
+    _runs,
     _digest,
     _last_segmentation,
     _segmentation_from_result,
@@ -60,32 +60,6 @@ from .worker_protocol import EngineSettings, JobEvent
 
 __all__ = ["LONG_CPU_ESTIMATE_S", "EngineSettings", "JobEvent", "RetrievalSegLogic", "SegmentationState",
            "estimate_advice"]
-
-@dataclass
-class _Request:
-    volume_node_id: str
-    runs: list[tuple[int, int]]
-    axis: int
-    k: int
-    case_id: str | None
-    case_policy: str
-    window: tuple[float, float]
-    labels: list[int] | None
-    resegment: bool
-    extent_stop: int = 0
-    start_slice: list[int] | None = None
-
-
-def _runs(indices: Iterable[int]) -> list[tuple[int, int]]:
-    """Contiguous (start, stop) runs of sorted slice indices."""
-    runs: list[tuple[int, int]] = []
-    for i in sorted(set(int(x) for x in indices)):
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
-
 
 class RetrievalSegLogic:
     """Pure-Python logic behind the Slicer module: bank, worker jobs, results, corrections."""
@@ -105,7 +79,7 @@ class RetrievalSegLogic:
         self.state: SegmentationState | None = None
         self._undo: _Undo | None = None
         self.suggestions: Any = None  # suggest.Suggestions of the last suggest job
-        self.suggestions_volume_id: str | None = None  # ... and the volume node they are for
+        self.suggestions_volume: Any = None  # ... and the volume node they are for
 
     # ------------------------------------------------------------------ bank
     def open_bank(self, path: str | Path) -> Any:
@@ -268,7 +242,7 @@ class RetrievalSegLogic:
                 "(first slice inclusive, last exclusive)"
             )
         request = _Request(
-            volume_node.GetID(), [(start, stop)], ax_resolved, int(k), case_id, case_policy,
+            volume_node, [(start, stop)], ax_resolved, int(k), case_id, case_policy,
             window_for_volume(volume, window), list(labels) if labels is not None else None, False,
             int(self.extent_stop if extent_stop is None else extent_stop),
             None if start_slice is None else [int(start_slice)] if isinstance(start_slice, (int, np.integer))
@@ -304,7 +278,7 @@ class RetrievalSegLogic:
         volume = volume_from_node(volume_node)
         cid = case_id or state.case_id or case_id_for_volume(volume_node)
         request = _Request(
-            volume_node.GetID(), _runs(remaining), state.axis, int(k), cid, case_policy,
+            volume_node, _runs(remaining), state.axis, int(k), cid, case_policy,
             state.window, [lab.value for lab in state.labels], True,
         )
         return self._start(request, volume)
@@ -340,19 +314,19 @@ class RetrievalSegLogic:
         if not self._pending or self._request is None:
             raise RuntimeError("there is no finished segmentation to write")
         request, results = self._request, self._pending
-        if volume_node.GetID() != request.volume_node_id:
+        if volume_node is not request.volume_node:
             raise ValueError("the result belongs to another volume than the one given")
         first = results[0]
         state = self.state
         fresh = (
             state is None
             or not request.resegment
-            or state.volume_node_id != request.volume_node_id
+            or not state.is_for(request.volume_node)
         )
-        previous = copy.deepcopy(self.state)
+        previous = self.state.copy() if self.state is not None else None
         if fresh:
             state = SegmentationState(
-                request.volume_node_id, None, first.labelmap.with_array(np.zeros_like(first.labelmap.array)),
+                request.volume_node, None, first.labelmap.with_array(np.zeros_like(first.labelmap.array)),
                 list(first.labels), first.axis, request.window, request.case_id,
                 confidence=np.full(num_slices(first.labelmap.array, first.axis), np.nan, np.float32),
                 beyond_extent=set().union(*(r.beyond_extent for r in results)),
@@ -370,9 +344,9 @@ class RetrievalSegLogic:
             (state.labelmap, state.labels), scene, volume_node, segmentation_node, name,
             axis=state.axis, slices=written,
         )
-        undo.segmentation_node_id = node.GetID()
+        undo.segmentation_node = node
         self._undo = undo
-        state.segmentation_node_id = node.GetID()
+        state.segmentation_node = node
         now = snapshot_segmentation(node, volume_node, state.labels, state.axis, written)
         if not fresh and state.snapshot is not None:
             # Slices not rewritten keep their old reference, so the user's edits stay "edited".
@@ -391,12 +365,12 @@ class RetrievalSegLogic:
     def _undo_point(self, volume_node: Any, segmentation_node: Any, labels: Sequence[Any]) -> _Undo:
         """Record the segments a result is about to overwrite."""
         if segmentation_node is None:
-            return _Undo(volume_node.GetID(), "", True, {}, None)
+            return _Undo(volume_node, None, True, {}, None)
         labs = _labels(labels)
         ids = segment_ids_for_labels(segmentation_node, labs)
         masks = _read_masks(segmentation_node, volume_node, ids)
         before = {lab.name: (masks[lab.value] if ids[lab.value] else None) for lab in labs}
-        return _Undo(volume_node.GetID(), segmentation_node.GetID(), False, before, None)
+        return _Undo(volume_node, segmentation_node, False, before, None)
 
     @property
     def can_undo(self) -> bool:
@@ -409,9 +383,8 @@ class RetrievalSegLogic:
         undo = self._undo
         if undo is None:
             raise RuntimeError("there is no result to undo")
-        node = scene.GetNodeByID(undo.segmentation_node_id)
-        volume_node = scene.GetNodeByID(undo.volume_node_id)
-        if node is None or volume_node is None:
+        node, volume_node = undo.segmentation_node, undo.volume_node
+        if node is None or volume_node is None or node.GetScene() is not scene or volume_node.GetScene() is not scene:
             self._undo = None
             raise RuntimeError("the segmentation or volume of the last result was removed; nothing to undo")
         self._undo = None
@@ -441,6 +414,25 @@ class RetrievalSegLogic:
         """Drop a finished result without writing it (e.g. its volume was removed)."""
         self._pending = None
 
+    def forget_scene(self) -> None:
+        """The scene is closing: drop the result, its undo record and the suggestions.
+
+        None of them may touch the next scene, whose nodes can have these nodes' IDs
+        (`vtkMRMLScene::Clear` resets the unique IDs). Cancel a running job first (`cancel`)."""
+        self._pending = None
+        self._request = None
+        self.state = None
+        self._undo = None
+        self.suggestions, self.suggestions_volume = None, None
+
+    def has_result_for(self, volume_node: Any, segmentation_node: Any = None) -> bool:
+        """True when the last automatic result is of this volume node (and segmentation node)."""
+        return self.state is not None and self.state.is_for(volume_node, segmentation_node)
+
+    def suggestions_for(self, volume_node: Any) -> Any:
+        """The last suggestions if they are for this volume node, else None."""
+        return self.suggestions if volume_node is not None and self.suggestions_volume is volume_node else None
+
     def run(
         self, scene: Any, volume_node: Any, segmentation_node: Any = None, **kwargs: Any
     ) -> Any:
@@ -462,8 +454,7 @@ class RetrievalSegLogic:
         state = self.state
         if (
             state is None
-            or state.volume_node_id != volume_node.GetID()
-            or state.segmentation_node_id != segmentation_node.GetID()
+            or not state.is_for(volume_node, segmentation_node)
             or state.snapshot is None
         ):
             raise RuntimeError(
@@ -479,7 +470,7 @@ class RetrievalSegLogic:
 
     def _window_for(self, volume_node: Any) -> tuple[float, float] | None:
         state = self.state
-        if state is not None and state.volume_node_id == volume_node.GetID():
+        if state is not None and state.is_for(volume_node):
             return state.window
         return None
 
@@ -487,7 +478,7 @@ class RetrievalSegLogic:
         if case_id:
             return case_id
         state = self.state
-        if state is not None and state.volume_node_id == volume_node.GetID() and state.case_id:
+        if state is not None and state.is_for(volume_node) and state.case_id:
             return state.case_id
         return case_id_for_volume(volume_node)
 
@@ -557,9 +548,7 @@ class RetrievalSegLogic:
         bank = self._require_bank()
         state = self.state
         if (
-            state is not None
-            and state.volume_node_id == volume_node.GetID()
-            and state.segmentation_node_id == segmentation_node.GetID()
+            state is not None and state.is_for(volume_node, segmentation_node)
         ):
             raise ValueError(
                 "this segmentation holds an automatic result of this volume; add only the slices "
@@ -610,8 +599,7 @@ class RetrievalSegLogic:
         state = self.state
         if (
             state is None
-            or state.volume_node_id != volume_node.GetID()
-            or state.segmentation_node_id != segmentation_node.GetID()
+            or not state.is_for(volume_node, segmentation_node)
             or axis != state.axis
             or not slices
         ):
@@ -642,7 +630,7 @@ class RetrievalSegLogic:
 
         self._require_idle()
         volume = volume_from_node(volume_node)
-        state = self.state if self.state is not None and self.state.volume_node_id == volume_node.GetID() else None
+        state = self.state if self.state is not None and self.state.is_for(volume_node) else None
         folder = self.client.new_job_folder()
         params = {
             "bank": str(self.bank.path) if self.bank is not None else None,
@@ -654,7 +642,7 @@ class RetrievalSegLogic:
 
         def keep(event: JobEvent) -> None:
             if event.kind == "finished":
-                self.suggestions, self.suggestions_volume_id = event.result, volume_node.GetID()
+                self.suggestions, self.suggestions_volume = event.result, volume_node
 
         return self._submit("suggest", params, folder, on_result=lambda result, _: Suggestions.from_json(result),
                             after=keep)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -44,11 +44,41 @@ def estimate_advice(estimate: dict[str, Any] | None, long_s: float = LONG_CPU_ES
 
 
 @dataclass
-class SegmentationState:
-    """The merged automatic result of one volume: label map, per-slice diagnostics, snapshot."""
+class _Request:
+    volume_node: Any  # the node itself: IDs are reused after "Close scene"
+    runs: list[tuple[int, int]]
+    axis: int
+    k: int
+    case_id: str | None
+    case_policy: str
+    window: tuple[float, float]
+    labels: list[int] | None
+    resegment: bool
+    extent_stop: int = 0
+    start_slice: list[int] | None = None
 
-    volume_node_id: str
-    segmentation_node_id: str | None
+
+def _runs(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Contiguous (start, stop) runs of sorted slice indices."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(set(int(x) for x in indices)):
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+@dataclass
+class SegmentationState:
+    """The merged automatic result of one volume: label map, per-slice diagnostics, snapshot.
+
+    Nodes are held by reference, never by ID: "Close scene" (`vtkMRMLScene::Clear`) resets the
+    scene's unique IDs, so the next scene's first volume has this one's ID.
+    """
+
+    volume_node: Any
+    segmentation_node: Any | None
     labelmap: Volume
     labels: list[Any]
     axis: int
@@ -60,6 +90,18 @@ class SegmentationState:
     banked: dict[int, str] = field(default_factory=dict)  # slice -> digest of masks put in the bank
     beyond_extent: set[int] = field(default_factory=set)  # slices the extent stop left out
 
+    def is_for(self, volume_node: Any, segmentation_node: Any = None) -> bool:
+        """True when this result is of this very volume node (and segmentation node, if given)."""
+        return (volume_node is not None and self.volume_node is volume_node
+                and (segmentation_node is None or self.segmentation_node is segmentation_node))
+
+    def copy(self) -> "SegmentationState":
+        """A deep copy that shares the nodes (they are references into the scene, not data)."""
+        import copy
+
+        shared = {id(n): n for n in (self.volume_node, self.segmentation_node) if n is not None}
+        return copy.deepcopy(self, shared)
+
     def low_confidence_slices(self, threshold: float) -> list[int]:
         """Segmented slices with confidence below `threshold`, in order."""
         return [i for i in sorted(self.slices) if self.slices[i].confidence < threshold]
@@ -67,10 +109,10 @@ class SegmentationState:
 
 @dataclass
 class _Undo:
-    """What a written result replaced, so that it can be put back."""
+    """What a written result replaced, so that it can be put back (nodes by reference, as above)."""
 
-    volume_node_id: str
-    segmentation_node_id: str
+    volume_node: Any
+    segmentation_node: Any
     created_node: bool
     masks: dict[str, np.ndarray | None]  # segment name -> mask before (None: segment was added)
     state: SegmentationState | None

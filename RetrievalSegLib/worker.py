@@ -6,7 +6,7 @@ Why a process: Slicer's embedded Python keeps the GIL while its event loop is id
 thread inside Slicer only advances while main-thread Python runs; torch work there crawls. The
 worker keeps the engine (and each bank's support-memory cache) warm between jobs, reports
 progress as JSON lines (`worker_protocol`), stops a job cooperatively on "cancel", and exits when
-its parent goes away (stdin closes or the parent's pid changes) or after `--idle-timeout` seconds
+its parent goes away (stdin closes or the parent's pid no longer exists) or after `--idle-timeout` seconds
 without a job. A thread inside this process reads stdin so that "cancel" arrives while a job runs.
 """
 from __future__ import annotations
@@ -32,6 +32,8 @@ log = logging.getLogger("RetrievalSeg.worker")
 DEFAULT_IDLE_TIMEOUT_S = 1800.0
 #: After the parent is gone, how long a job may take to notice before the process exits anyway.
 ORPHAN_GRACE_S = 10.0
+#: How often the watchdog checks that the parent's pid still exists.
+PARENT_POLL_S = 0.5
 
 
 class JobCancelled(Exception):
@@ -392,24 +394,43 @@ class Worker:
 
     # ---------------------------------------------------------------- input
     def read_stdin(self, stream: BinaryIO) -> None:
-        """Reader thread: queue jobs, apply cancels at once; EOF means the parent went away."""
-        for line in iter(stream.readline, b""):
+        """Reader thread: queue jobs, apply cancels at once; EOF means the parent went away.
+
+        Each line is read with a bound and decoded defensively (`worker_protocol.read_frame` /
+        `decode`): whatever arrives, the thread reports it and keeps reading; it ends only at EOF.
+        """
+        skipping = [False]
+        while True:
+            try:
+                line = wp.read_frame(stream, wp.MAX_LINE_BYTES, skipping)
+            except wp.ProtocolError as e:
+                self._protocol_error(e)
+                continue
+            except (OSError, ValueError):  # stdin closed under us
+                break
+            if line is None:
+                break
             if not line.strip():
                 continue
             try:
                 message = wp.decode(line, wp.TO_WORKER)
+                if message["type"] == "cancel":
+                    self.cancel(str(message.get("id")))
+                else:
+                    self.inbox.put(message)
+                    if message["type"] == "shutdown":
+                        self._stop("shutdown")
             except wp.ProtocolError as e:
-                log.error("protocol error: %s", e)
-                self.channel.send({"type": "protocol_error", "message": str(e)})
-                continue
-            if message["type"] == "cancel":
-                self.cancel(str(message.get("id")))
-            else:
-                self.inbox.put(message)
-                if message["type"] == "shutdown":
-                    self._stop("shutdown")
+                self._protocol_error(e)
+            except Exception as e:  # a bug here must not leave the worker deaf
+                log.exception("reader: unexpected error")
+                self._protocol_error(f"{type(e).__name__}: {e}")
         self._stop("eof")
         self.inbox.put(None)
+
+    def _protocol_error(self, error: Any) -> None:
+        log.error("protocol error: %s", error)
+        self.channel.send({"type": "protocol_error", "message": str(error)})
 
     def cancel(self, job_id: str) -> None:
         with self._lock:
@@ -424,8 +445,15 @@ class Worker:
             self.stopping.set()
 
     def watch_parent(self) -> None:
-        """Watchdog thread: stop when the parent's pid goes away; force the exit if a job hangs."""
-        while not self.stopping.wait(1.0):
+        """Watchdog thread: stop when the parent's pid no longer exists; force the exit if a job hangs.
+
+        "Parent" is the Slicer process that started us, named by --parent-pid. It is usually not
+        our direct parent: inside Slicer the worker runs under CTKAppLauncher (`PythonSlicer`),
+        which starts the real interpreter as its child and stays alive in between, so
+        `os.getppid()` is the launcher's pid. Only the pid's existence says whether Slicer is
+        still there (stdin EOF says it too, when nothing else holds the pipe open).
+        """
+        while not self.stopping.wait(PARENT_POLL_S):
             if self.parent_pid is not None and not _alive(self.parent_pid):
                 log.warning("parent %s is gone; stopping", self.parent_pid)
                 self._stop("parent")
@@ -433,6 +461,8 @@ class Worker:
         if self.exit_reason in ("parent", "eof"):
             time.sleep(ORPHAN_GRACE_S)
             log.warning("job did not stop within %.0f s of the parent leaving; exiting", ORPHAN_GRACE_S)
+            self.channel.send({"type": "exit", "reason": "orphaned"})
+            sys.stderr.flush()
             os._exit(3)
 
     # ---------------------------------------------------------------- main loop
@@ -495,9 +525,19 @@ class Worker:
 
 
 def _alive(pid: int) -> bool:
-    """True while process `pid` exists (and, on POSIX, is still our parent)."""
+    """True while a process with this pid exists (a zombie counts as gone), on every OS."""
     if os.name == "posix":
-        return os.getppid() == pid
+        try:
+            os.kill(pid, 0)  # signal 0: existence check only
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by someone else
+            return True
+        try:  # Linux: a zombie has exited and only waits to be reaped
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return f.read().rsplit(b")", 1)[-1].split()[0] not in (b"Z", b"X")
+        except (OSError, IndexError):
+            return True  # no /proc (macOS): existence is all we can know
     try:  # Windows: a handle to a finished process still answers; ask for its exit code
         import ctypes
 

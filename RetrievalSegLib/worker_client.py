@@ -9,6 +9,13 @@ pickle), removed when the job ends. A worker that dies mid-job (killed, out of m
 a native library) ends that job as "failed" with a message and the tail of the worker's log; the
 next job starts a new worker. Cancel is cooperative first; a worker that does not stop within
 `cancel_grace_s` is killed.
+
+Inside Slicer, `python` is CTKAppLauncher (`PythonSlicer`): the process this client starts is the
+launcher, and the worker is *its* child (QProcess, standard streams forwarded). So the worker's
+own pid comes from its "ready" message; ending it means ending that pid first and then the
+launcher (POSIX: the launcher leads a new process group that the worker shares; Windows:
+`taskkill /T`); and a crash reads as the launcher's exit code 1, so the cause is taken from what
+the worker itself reported.
 """
 from __future__ import annotations
 
@@ -129,7 +136,9 @@ class WorkerClient:
         self.temp_dir = str(temp_dir) if temp_dir is not None else None
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
-        self.worker_pid: int | None = None
+        self.worker_pid: int | None = None  # the real worker's pid (from "ready"); the launcher's is process.pid
+        self._worker_identity: str | None = None  # Linux: its start time, so that a reused pid is never killed
+        self._cwd: str | None = None  # the worker's private working directory
         self.protocol_errors: list[str] = []  # what the worker could not understand from us
         self.job: WorkerJob | None = None
         self._buffer = b""
@@ -137,6 +146,7 @@ class WorkerClient:
         self._exit_reason: str | None = None
         self._ids = itertools.count(1)
         self._starts = 0
+        self._launcher_pid: int | None = None
 
     # ---------------------------------------------------------------- process
     @property
@@ -151,7 +161,14 @@ class WorkerClient:
         self._reap()
         self._starts += 1
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.log_dir / f"RetrievalSeg-worker-{os.getpid()}-{self._starts}.log"
+        # A unique name per start, even for two clients in one Slicer (the module and its self-test).
+        fd, log_name = tempfile.mkstemp(prefix=f"RetrievalSeg-worker-{os.getpid()}-{self._starts}-", suffix=".log",
+                                        dir=self.log_dir)
+        os.close(fd)
+        self.log_path = Path(log_name)
+        # `python -m` puts the working directory first on sys.path: in Slicer's working directory a
+        # folder named like a package (sam2/, numpy/) would shadow it. The worker gets an empty one.
+        self._cwd = tempfile.mkdtemp(prefix="rseg-worker-cwd-", dir=self.temp_dir)
         env = dict(self.env)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (LIBRARY_PARENT, env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
@@ -162,7 +179,11 @@ class WorkerClient:
             try:
                 self.process = subprocess.Popen(
                     command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, env=env,
-                    close_fds=True, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0) if os.name == "nt" else 0,
+                    cwd=self._cwd, close_fds=True,
+                    # POSIX: a process group of its own (the launcher and the worker under it), ended
+                    # as one, and out of reach of a Ctrl-C meant for Slicer's terminal.
+                    start_new_session=os.name == "posix",
+                    creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0) if os.name == "nt" else 0,
                 )
             except OSError as e:
                 raise WorkerError(f"could not start the RetrievalSeg worker ({' '.join(command)}): {e}") from e
@@ -170,10 +191,11 @@ class WorkerClient:
         if os.name == "posix":
             os.set_blocking(self.process.stdout.fileno(), False)
         self._buffer, self._eof, self._exit_reason, self.worker_pid = b"", False, None, None
+        self._worker_identity = None
         log.info("RetrievalSeg worker started (pid %s), log: %s", self.process.pid, self.log_path)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Ask the worker to exit (cancelling its job), then make sure it has."""
+        """Ask the worker to exit (cancelling its job), then make sure it has, launcher and all."""
         if self.process is None:
             return
         if self.job is not None and self.job.outcome is None:
@@ -192,13 +214,43 @@ class WorkerClient:
         self._reap()
 
     def kill(self) -> None:
-        """End the worker at once."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
+        """End the worker at once: the real worker first, then the launcher that started it."""
+        process = self.process
+        if process is None:
+            return
+        launcher_running = process.poll() is None
+        self._kill_worker_pid(launcher_running)
+        if launcher_running:
+            if os.name == "posix":
+                try:  # the group it leads: the launcher and the worker, and anything they started
+                    os.killpg(process.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            else:
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True,
+                               creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
             try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
+                process.kill()
+            except OSError:
                 pass
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def _kill_worker_pid(self, launcher_running: bool) -> None:
+        """Kill the real worker by its pid, unless that pid may belong to another process by now."""
+        pid = self.worker_pid
+        if pid is None or self.process is None or pid == self.process.pid:
+            return  # no launcher in between (or no pid yet): killing the process is enough
+        # While the launcher runs, the worker (its child) cannot have been reaped, so the pid is
+        # still the worker's. Afterwards only a matching start time (Linux) proves it.
+        if not launcher_running and (self._worker_identity is None or _process_identity(pid) != self._worker_identity):
+            return
+        try:
+            os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))  # Windows: TerminateProcess
+        except OSError:
+            pass
 
     def _reap(self) -> None:
         if self.process is None:
@@ -209,9 +261,18 @@ class WorkerClient:
                     stream.close()
             except OSError:
                 pass
-        if self.process.poll() is None:
+        if self.process.poll() is None or self._worker_left_behind():
             self.kill()
         self.process = None
+        if self._cwd is not None:
+            shutil.rmtree(self._cwd, ignore_errors=True)
+            self._cwd = None
+
+    def _worker_left_behind(self) -> bool:
+        """True when the launcher is gone but the worker it started still runs (a killed launcher)."""
+        pid = self.worker_pid
+        return (pid is not None and self.process is not None and pid != self.process.pid
+                and self._worker_identity is not None and _process_identity(pid) == self._worker_identity)
 
     # ---------------------------------------------------------------- jobs
     def new_job_folder(self) -> Path:
@@ -245,12 +306,22 @@ class WorkerClient:
 
     def run(self, kind: str, params: dict[str, Any], folder: Path | None = None,
             on_result: Callable[[dict[str, Any], Path], Any] | None = None, timeout: float | None = None) -> Any:
-        """Submit, wait, and return the job's result (raise its error; RuntimeError if cancelled)."""
+        """Submit, wait, and return the job's result (raise its error; RuntimeError if cancelled).
+
+        A job still running after `timeout` seconds is cancelled (killed after `cancel_grace_s` if
+        it does not stop) before TimeoutError is raised, so the client takes the next job.
+        """
         job = self.submit(kind, params, folder, on_result)
         events = job.wait(timeout)
         if job.outcome is None:
             job.cancel()
-            raise TimeoutError(f"worker job {kind} did not finish within {timeout} s")
+            job.wait(self.cancel_grace_s + 5.0)  # pump() kills it once the grace time has passed
+            if job.outcome is None:  # still not ended: end it here
+                self.kill()
+                self._reap()
+                job._add(JobEvent("cancelled", "stopped by force after the time limit",
+                                  elapsed_s=time.monotonic() - job.t0))
+            raise TimeoutError(f"worker job {kind} did not finish within {timeout} s; it was cancelled")
         if job.outcome == "finished":
             return job.result
         last = events[-1] if events else JobEvent(job.outcome)
@@ -326,6 +397,8 @@ class WorkerClient:
                 self._eof = True
                 break
             chunks.append(data)
+            if len(self._buffer) + sum(map(len, chunks)) > wp.MAX_LINE_BYTES + (1 << 16) and b"\n" not in data:
+                break  # a line past the bound: decided below without reading (holding) more of it
         self._buffer += b"".join(chunks)
         *lines, self._buffer = self._buffer.split(b"\n")
         if len(self._buffer) > wp.MAX_LINE_BYTES:
@@ -336,7 +409,9 @@ class WorkerClient:
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         if kind == "ready":
-            self.worker_pid = message.get("pid")
+            pid = message.get("pid")
+            self.worker_pid = pid if isinstance(pid, int) and pid > 0 else None
+            self._worker_identity = _process_identity(self.worker_pid) if self.worker_pid else None
             if message.get("protocol") != wp.PROTOCOL_VERSION:
                 self._broken(f"the worker speaks protocol {message.get('protocol')}, this client {wp.PROTOCOL_VERSION}")
             return
@@ -396,6 +471,7 @@ class WorkerClient:
                 self.kill()
                 code = self.process.poll()
         reason = self._exit_reason
+        self._launcher_pid = self.process.pid if self.process is not None else None
         self._reap()
         job = self.job
         if job is None or job.outcome is not None:
@@ -409,7 +485,7 @@ class WorkerClient:
             except Exception as e:
                 job._add(JobEvent("failed", f"could not restart the worker: {e}", error=WorkerError(str(e))))
             return
-        how = _describe_exit(code)
+        how = _describe_exit(code, reason, launcher=self.worker_pid is not None and self._launcher_pid != self.worker_pid)
         tail = self.log_tail()
         message = (
             f"The RetrievalSeg worker process stopped unexpectedly ({how}) during {job.kind}. Nothing was written "
@@ -442,7 +518,14 @@ class WorkerClient:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def _describe_exit(code: int | None) -> str:
+def _describe_exit(code: int | None, reason: str | None = None, launcher: bool = False) -> str:
+    """Why the worker ended, from what it said itself before the process's exit code.
+
+    Through CTKAppLauncher the exit code is the launcher's: 1 when the worker crashed or was
+    killed (QProcess::CrashExit), whatever the signal was.
+    """
+    if reason:
+        return f"it exited: {reason}" + ("" if code in (0, None) else f", exit code {code}")
     if code is None:
         return "its output closed"
     if code < 0:
@@ -450,7 +533,22 @@ def _describe_exit(code: int | None) -> str:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
+    if launcher and code == 1:
+        return ("it ended without saying why: crashed or killed, e.g. out of memory; its launcher "
+                "(PythonSlicer) reported exit code 1")
     return f"exit code {code}"
+
+
+def _process_identity(pid: int | None) -> str | None:
+    """Linux: the process's start time (with its pid, unique for the boot); None where unknown."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[-1].split()
+        return None if fields[0] in (b"Z", b"X") else fields[19].decode()
+    except (OSError, IndexError):
+        return None
 
 
 def volume_spec(folder: Path, name: str, vol: Any) -> dict[str, Any]:

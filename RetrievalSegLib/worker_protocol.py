@@ -23,7 +23,12 @@ library that prints cannot corrupt the channel)::
     {"type": "error", "id": ID, "message": TEXT, "error_type": NAME, "traceback": TEXT, "elapsed_s": S}
     {"type": "cancelled", "id": ID, "message": TEXT, "elapsed_s": S}
     {"type": "protocol_error", "message": TEXT}      (a line the worker could not understand)
-    {"type": "exit", "reason": "idle" | "parent" | "shutdown" | "eof"}
+    {"type": "exit", "reason": "idle" | "parent" | "shutdown" | "eof" | "orphaned"}
+
+Every line from outside is untrusted: it is read with a bound (`read_frame`: a line longer than
+`MAX_LINE_BYTES` is reported as soon as the bound is passed and then dropped, never held whole),
+and every way it can fail to decode (not UTF-8, not JSON, nested too deeply for the parser, not
+an object, an unknown type) is a `ProtocolError` that the reader reports and survives.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -71,12 +76,43 @@ def decode(line: bytes | str, allowed: tuple[str, ...]) -> dict[str, Any]:
         message = json.loads(line)
     except json.JSONDecodeError as e:
         raise ProtocolError(f"message is not JSON ({e.msg}): {_excerpt(line)}") from None
+    except RecursionError:  # e.g. "[" * 200000: json's parser recurses once per level
+        raise ProtocolError(f"message is nested too deeply to parse: {_excerpt(line)}") from None
+    except (ValueError, MemoryError) as e:  # e.g. an integer with too many digits
+        raise ProtocolError(f"message cannot be parsed ({type(e).__name__}: {e}): {_excerpt(line)}") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"message is not a JSON object: {_excerpt(line)}")
     kind = message.get("type")
     if kind not in allowed:
         raise ProtocolError(f"unknown message type {kind!r} (expected one of {', '.join(allowed)})")
     return message
+
+
+class FrameTooLong(ProtocolError):
+    """A line longer than the bound; the rest of it is skipped by the next `read_frame`."""
+
+
+def read_frame(stream: BinaryIO, limit: int = MAX_LINE_BYTES, skipping: list[bool] | None = None) -> bytes | None:
+    """The next line of at most `limit` bytes from a blocking binary stream; None at EOF.
+
+    Never holds more than `limit` + 1 bytes: a longer line raises `FrameTooLong` as soon as the
+    bound is passed (before its end has even been sent), and the following calls drop the rest of
+    it up to its newline. `skipping` is the caller's one-element state ([False] to start).
+    """
+    state = skipping if skipping is not None else [False]
+    while state[0]:  # the tail of a line already reported too long
+        chunk = stream.readline(1 << 16)
+        if not chunk:
+            return None
+        if chunk.endswith(b"\n"):
+            state[0] = False
+    line = stream.readline(limit + 1)
+    if not line:
+        return None
+    if len(line) > limit:
+        state[0] = not line.endswith(b"\n")
+        raise FrameTooLong(f"message longer than {limit} bytes; it was dropped")
+    return line
 
 
 def _excerpt(text: str, limit: int = 120) -> str:

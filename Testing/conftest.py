@@ -79,13 +79,24 @@ def slicer_scene():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def worker_client(tmp_path_factory):  # type: ignore[no-untyped-def]
+def slicer_launcher(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """`PythonSlicer` as Slicer has it: a CTKAppLauncher stand-in that runs this Python as its child."""
+    from _launcher import make_launcher
+
+    return make_launcher(tmp_path_factory.mktemp("slicer-bin"))
+
+
+@pytest.fixture(scope="session")
+def worker_client(tmp_path_factory, slicer_launcher):  # type: ignore[no-untyped-def]
     """One model worker process shared by the test session (models load once, as in Slicer).
 
-    Tests that kill it or stop it are fine: the next job starts a new worker.
+    Started the way the Slicer module starts it: through the launcher stand-in, so the worker is
+    the launcher's child, not ours. Tests that kill it or stop it are fine: the next job starts a
+    new worker.
     """
     from RetrievalSegLib.worker_client import WorkerClient
 
-    client = WorkerClient(log_dir=tmp_path_factory.mktemp("worker-logs"), cancel_grace_s=30.0)
+    client = WorkerClient(python=str(slicer_launcher), log_dir=tmp_path_factory.mktemp("worker-logs"),
+                          cancel_grace_s=30.0)
     yield client
     client.stop()

@@ -7,6 +7,9 @@ ambiguous in the package, or whose tests errored (collection error, timeout, no 
 
     python Testing/mutants.py [--only NAME,...] [--timeout S] [--list FILE]
 
+A find text is searched in RetrievalSegLib/; one that starts with `PATH::` (a .py file relative to
+the repository, e.g. `RetrievalSeg/RetrievalSeg.py::`) is searched in that file only.
+
 Not part of `make test`; about 10 minutes on a 2-core machine. The copy is made with
 `git ls-files` (tracked and untracked, not ignored), so the working tree's edits are what is tested.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +37,11 @@ class Mutant:
     replace: str
     tests: list[str]
     line: int
+    path: str | None = None  # a file outside the package (the `PATH::` prefix), else None
+
+
+#: `PATH::text`: the text is looked for in that file (relative to the repository) only.
+_PATH_PREFIX = re.compile(r"^([\w.-]+(?:/[\w.-]+)*\.py)::")
 
 
 def _unescape(field: str) -> str:
@@ -60,17 +69,23 @@ def parse(path: Path) -> list[Mutant]:
         if name in names:
             raise SystemExit(f"{path}:{n}: duplicate mutant name {name!r}")
         names.add(name)
+        where = _PATH_PREFIX.match(find)
+        if where:
+            find = find[where.end():]
         find, replace = _unescape(find), _unescape(replace)
         if not find or find == replace or not tests.split():
             raise SystemExit(f"{path}:{n}: {name}: empty text, no change, or no tests")
-        mutants.append(Mutant(name, find, replace, tests.split(), n))
+        mutants.append(Mutant(name, find, replace, tests.split(), n, where.group(1) if where else None))
     return mutants
 
 
 def locate(root: Path, m: Mutant) -> tuple[Path | None, str]:
     """The one package file holding `m.find`, or (None, why not)."""
     hits = []
-    for f in sorted((root / PACKAGE).rglob("*.py")):
+    files = [root / m.path] if m.path else sorted((root / PACKAGE).rglob("*.py"))
+    for f in files:
+        if not f.is_file():
+            continue
         count = f.read_text(encoding="utf-8").count(m.find)
         if count:
             hits.append((f, count))

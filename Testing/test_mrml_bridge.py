@@ -11,8 +11,9 @@ What is checked, as a user of the Slicer module would see it:
 * the segmentation saves to .seg.nrrd with Slicer's storage node and reads back equal;
 * runs in the worker process report progress with a time estimate and can be cancelled without
   writing; the whole loop (segment -> edit -> add edited slices -> re-segment) goes through it;
-* the Slicer module's panel (RetrievalSeg.py, with Qt and the application mocked, MRML real)
-  drives the whole loop: segment, list and add edited slices, re-segment, review, undo.
+* the Slicer module's panel (RetrievalSeg.py, with stand-ins of Qt, CTK and the application that
+  refuse what Slicer 5.10 lacks, MRML real) drives the whole loop: segment, list and add edited
+  slices, re-segment, review, undo.
 Setup notes (converter rules, colour logic) are those of test_segnrrd.py.
 """
 from __future__ import annotations
@@ -140,6 +141,46 @@ def test_slice_navigation(scene, cases) -> None:  # type: ignore[no-untyped-def]
         mb.slice_center_ras(node, "auto", 0)
 
 
+def test_slice_navigation_is_in_world_ras_under_parent_transforms(scene, cases) -> None:  # type: ignore[no-untyped-def]
+    """An oblique volume under two nested linear transforms: slice views work in world RAS."""
+    import vtk
+
+    oblique = Volume(cases[1].image.array, (0.8, 0.9, 4.0), (10.0, -20.0, 5.0), rotation_matrix(15.0, -25.0, 40.0))
+    node = mb.volume_to_node(oblique, scene, "transformed")
+    outer, inner = (scene.AddNewNodeByClass("vtkMRMLLinearTransformNode") for _ in range(2))
+    matrices = []
+    for transform, (angles, shift) in zip((outer, inner), (((30.0, 0.0, -10.0), (5.0, -7.0, 12.0)),
+                                                           ((0.0, 45.0, 20.0), (-30.0, 4.0, 9.0)))):
+        m = np.eye(4)
+        m[:3, :3] = np.asarray(rotation_matrix(*angles)).reshape(3, 3)
+        m[:3, 3] = shift
+        vm = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                vm.SetElement(r, c, m[r, c])
+        transform.SetMatrixTransformToParent(vm)
+        matrices.append(m)
+    inner.SetAndObserveTransformNodeID(outer.GetID())
+    node.SetAndObserveTransformNodeID(inner.GetID())
+    to_world = matrices[0] @ matrices[1]  # local -> inner's parent (outer) -> world
+    ijk_to_world = to_world @ mb.ijk_to_ras_matrix(node)
+    dims = node.GetImageData().GetDimensions()
+    for axis in (0, 1, 2):
+        for index in (0, 3):
+            ijk = np.array([(d - 1) / 2.0 for d in dims] + [1.0])
+            ijk[axis] = index
+            center = mb.slice_center_ras(node, axis, index)
+            np.testing.assert_allclose(center, (ijk_to_world @ ijk)[:3], atol=1e-9)
+            assert mb.slice_index_from_ras(node, axis, center) == index
+            # A point of the slice seen in a view (world) maps back to it; its node-local twin does not.
+            local = (mb.ijk_to_ras_matrix(node) @ ijk)[:3]
+            assert mb.slice_index_from_ras(node, axis, (ijk_to_world @ ijk)[:3]) == index
+            assert not np.allclose(local, center)
+        normal = mb.slice_normal_ras(node, axis)
+        expected = ijk_to_world[:3, axis] / np.linalg.norm(ijk_to_world[:3, axis])
+        np.testing.assert_allclose(normal, expected, atol=1e-9)
+
+
 # ------------------------------------------------------------------------------- segments
 def test_labelmap_to_segmentation_writes_exact_segments_and_updates_in_place(
     scene, cases, bank_labels
@@ -157,6 +198,15 @@ def test_labelmap_to_segmentation_writes_exact_segments_and_updates_in_place(
         np.testing.assert_allclose(s.GetColor(), lab.color, atol=1e-12)
         tag = vtk.reference("")
         assert s.GetTag(mb.LABEL_VALUE_TAG, tag) and str(tag) == str(lab.value)
+    # Standard terminology where the label is a structure of Slicer's General Anatomy list (LV, RV).
+    lv = seg.GetSegment(seg.GetSegmentIdBySegmentName("LV"))
+    assert lv.GetTerminology() == ("Segmentation category and type - 3D Slicer General Anatomy list"
+                                   "~SCT^123037004^Anatomical Structure~SCT^87878005^Left Ventricle~^^~~^^~^^")
+    tag = vtk.reference("")
+    assert lv.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), tag) and str(tag) == lv.GetTerminology()
+    assert "53085002^Right Ventricle" in seg.GetSegment(seg.GetSegmentIdBySegmentName("RV")).GetTerminology()
+    assert mb.terminology_entry("Myo") is None  # not in the list: no guess
+    assert "87878005" not in seg.GetSegment(seg.GetSegmentIdBySegmentName("Myo")).GetTerminology()
     assert seg.GetNumberOfLayers() == 1  # one shared labelmap, like the Segment Editor makes
     got = mb.labelmap_from_segmentation(node, volume_node, bank_labels)
     assert np.array_equal(got.array, case.labels.array) and got.same_geometry(case.image, tol=1e-12)
@@ -381,116 +431,16 @@ def test_cancelled_segmentation_writes_nothing(scene, cases, bank, client) -> No
 
 
 # ------------------------------------------------------------------------------- the panel
-def _fake_slicer_gui(monkeypatch: pytest.MonkeyPatch, scene, ui_names: list[str]):  # type: ignore[no-untyped-def]
-    """Stand-ins for what the slicer-core wheel lacks (Qt, the application, module base classes)."""
-    import sys
-    import types
-    from contextlib import contextmanager
-    from unittest.mock import MagicMock
-
-    monkeypatch.setitem(sys.modules, "qt", MagicMock(name="qt"))
-    monkeypatch.setitem(sys.modules, "ctk", MagicMock(name="ctk"))
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text  # type: ignore[attr-defined]
-    i18n.translate = lambda context, text: text  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "slicer.i18n", i18n)
-
-    base = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):  # type: ignore[no-untyped-def]
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):  # type: ignore[no-untyped-def]
-            self.parent = parent or MagicMock()
-
-        def setup(self) -> None:
-            self.layout = MagicMock()
-
-        def resourcePath(self, path: str) -> str:
-            return str(Path(__file__).resolve().parents[1] / "RetrievalSeg" / "Resources" / path)
-
-    class ScriptedLoadableModuleLogic:
-        def getParameterNode(self):  # type: ignore[no-untyped-def]
-            return None
-
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic):
-        setattr(base, cls.__name__, cls)
-    base.ScriptedLoadableModuleTest = type("ScriptedLoadableModuleTest", (), {})  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", base)
-
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-
-    def parameterNodeWrapper(cls):  # type: ignore[no-untyped-def]
-        defaults = {k: getattr(cls, k, None) for k in cls.__annotations__}
-
-        class Wrapped:
-            def __init__(self, node):  # type: ignore[no-untyped-def]
-                self.__dict__.update(defaults)
-
-            def connectGui(self, ui):  # type: ignore[no-untyped-def]
-                return "tag"
-
-            def disconnectGui(self, tag) -> None:  # type: ignore[no-untyped-def]
-                pass
-
-            def AddObserver(self, *args) -> int:  # type: ignore[no-untyped-def]
-                return 1
-
-            def RemoveObserver(self, *args) -> None:  # type: ignore[no-untyped-def]
-                pass
-
-        return Wrapped
-
-    wrapper.parameterNodeWrapper = parameterNodeWrapper  # type: ignore[attr-defined]
-    wrapper.WithinRange = lambda lo, hi: (lo, hi)  # type: ignore[attr-defined]
-    wrapper.Choice = lambda choices: tuple(choices)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
-
-    red = scene.AddNewNodeByClass("vtkMRMLSliceNode")
-    app = MagicMock(name="app")
-    app.layoutManager.return_value.sliceViewNames.return_value = ("Red",)
-    app.layoutManager.return_value.sliceWidget.return_value.mrmlSliceNode.return_value = red
-    errors: list = []
-
-    @contextmanager
-    def tryWithErrorDisplay(message=None, show=True, waitCursor=False):  # type: ignore[no-untyped-def]
-        try:
-            yield
-        except Exception as e:  # recorded, then the test fails on it
-            errors.append((message, e))
-
-    for name, value in (("mrmlScene", scene), ("app", app), ("modules", MagicMock(name="modules")),
-                        ("qMRMLUtils", MagicMock(name="qMRMLUtils"))):
-        monkeypatch.setattr(slicer, name, value, raising=False)
-    for name, value in (
-        ("tryWithErrorDisplay", tryWithErrorDisplay),
-        ("confirmOkCancelDisplay", lambda *a, **k: True),
-        ("confirmYesNoDisplay", lambda *a, **k: True),
-        ("errorDisplay", lambda *a, **k: errors.append(("errorDisplay", a))),
-        ("infoDisplay", lambda *a, **k: None),
-        ("warningDisplay", lambda *a, **k: errors.append(("warningDisplay", a))),
-        ("setSliceViewerLayers", lambda **k: None),
-        ("loadUI", lambda path: MagicMock(name="uiWidget")),
-    ):
-        monkeypatch.setattr(slicer.util, name, value)
-    ui = types.SimpleNamespace(**{n: MagicMock(name=n) for n in ui_names})
-    monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui)
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "RetrievalSeg"))
-    monkeypatch.setitem(sys.modules, "RetrievalSeg", None)  # forgotten again after the test
-    del sys.modules["RetrievalSeg"]
-    return ui, red, errors
-
-
+# Qt, CTK, the application and the module base classes are stand-ins that refuse every name Slicer
+# 5.10 lacks (Testing/_slicer_fakes.py, from Testing/data/slicer_api_5.10.jsonl); MRML is real.
 def test_slicer_module_panel_drives_the_loop_through_the_worker(monkeypatch, scene, cases, bank, client) -> None:  # type: ignore[no-untyped-def]
     """RetrievalSeg.py's Widget with real MRML and mocked Qt: segment, correct, add, re-segment, review."""
     import importlib
-    import xml.etree.ElementTree as ET
 
-    ui_file = Path(__file__).resolve().parents[1] / "RetrievalSeg" / "Resources" / "UI" / "RetrievalSeg.ui"
-    names = [w.get("name") for w in ET.parse(ui_file).iter("widget")]
-    ui, red, errors = _fake_slicer_gui(monkeypatch, scene, names)
+    from _slicer_fakes import fake_slicer_gui
+
+    gui = fake_slicer_gui(monkeypatch, scene)
+    ui, red, errors = gui.ui, gui.red, gui.errors
     module = importlib.import_module("RetrievalSeg")
     monkeypatch.setattr(module.RetrievalSegLogic, "engineSettings", staticmethod(lambda node, folder=None: SETTINGS))
     monkeypatch.setattr(module.RetrievalSegLogic, "workerClient", staticmethod(lambda: client))  # warm worker
@@ -517,7 +467,7 @@ def test_slicer_module_panel_drives_the_loop_through_the_worker(monkeypatch, sce
             widget._onPollTimer()
             job = widget.logic.core.job
             if job.outcome and not widget._jobRunning() and not widget.logic.core.has_result:
-                assert job.outcome == "finished", errors
+                assert job.outcome == "finished" and errors == [], errors
                 return
             time.sleep(0.05)
         raise TimeoutError("the worker job did not end")
@@ -540,8 +490,24 @@ def test_slicer_module_panel_drives_the_loop_through_the_worker(monkeypatch, sce
     pump()
     assert ui.statusLabel.text == "Added 1 slice(s) to the bank."
     assert ui.editedSlicesLabel.text == "Edited slices: 2 (0 not in the bank yet)."
+    # The Segment Editor's GUI exists and edits this segmentation: it gets an undo point just
+    # before the result is written (so Ctrl+Z there undoes the write).
+    from _slicer_fakes import Fake
+
+    undo_points = []
+    editor = Fake("qMRMLSegmentEditorWidget", segmentationNode=lambda: node, saveStateForUndo=lambda: undo_points.append(
+        mb.labelmap_from_segmentation(node, volume_node, bank.labels).array.copy()))
+    gui.modules.SegmentEditorWidget = Fake("SegmentEditor.SegmentEditorWidget", editor=editor)
+    before_write = mb.labelmap_from_segmentation(node, volume_node, bank.labels).array.copy()
     widget.onResegmentRemaining()
+    assert errors == []
+    # The user picks another segmentation while the job runs: the result goes where the job started.
+    elsewhere = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "picked meanwhile")
+    params.outputSegmentation = elsewhere
     pump()
+    assert errors == []
+    assert elsewhere.GetSegmentation().GetNumberOfSegments() == 0 and params.outputSegmentation is node
+    assert len(undo_points) == 1 and np.array_equal(undo_points[0], before_write)
     assert widget.logic.core.state.slices[3].retrieved[0][0].startswith(mb.case_id_for_volume(volume_node))
 
     # Review: the Red view shows slice 3 along the volume's k axis.
@@ -577,11 +543,11 @@ def test_slicer_module_panel_drives_the_loop_through_the_worker(monkeypatch, sce
 def test_slicer_module_panel_suggests_slices_jumps_and_refreshes(monkeypatch, scene, cases, bank, client) -> None:  # type: ignore[no-untyped-def]
     """Suggest slices to annotate: the list with reasons, a click jumps the views, adding a slice refreshes it."""
     import importlib
-    import sys
-    import xml.etree.ElementTree as ET
 
-    ui_file = Path(__file__).resolve().parents[1] / "RetrievalSeg" / "Resources" / "UI" / "RetrievalSeg.ui"
-    ui, red, errors = _fake_slicer_gui(monkeypatch, scene, [w.get("name") for w in ET.parse(ui_file).iter("widget")])
+    from _slicer_fakes import fake_slicer_gui
+
+    gui = fake_slicer_gui(monkeypatch, scene)
+    ui, errors = gui.ui, gui.errors
     module = importlib.import_module("RetrievalSeg")
     monkeypatch.setattr(module.RetrievalSegLogic, "engineSettings", staticmethod(lambda node, folder=None: SETTINGS))
     monkeypatch.setattr(module.RetrievalSegLogic, "workerClient", staticmethod(lambda: client))
@@ -602,7 +568,7 @@ def test_slicer_module_panel_suggests_slices_jumps_and_refreshes(monkeypatch, sc
             widget._onPollTimer()
             job = widget.logic.core.job
             if job.outcome and not widget._jobRunning():
-                assert job.outcome == "finished", errors
+                assert job.outcome == "finished" and errors == [], errors
                 return
             time.sleep(0.05)
         raise TimeoutError("the worker job did not end")
@@ -612,17 +578,16 @@ def test_slicer_module_panel_suggests_slices_jumps_and_refreshes(monkeypatch, sc
     pump()
     first = widget.logic.core.suggestions
     assert len(first.picks) == 2 and first.bank_entries == len(bank)
-    qt = sys.modules["qt"]
-    texts = [c.args[0] for c in qt.QListWidgetItem.call_args_list]
+    texts = [args[0] for _, args in gui.qt.QListWidgetItem.instances]
     assert texts == [p.summary() for p in first.picks] and texts[0].startswith(f"1. slice {first.picks[0].index}, distance to bank")
-    assert ui.suggestionsListWidget.addItem.call_count == 2
+    assert len(ui.suggestionsListWidget.calls_to("addItem")) == 2
     assert ui.suggestionsLabel.text.startswith("Coverage: ") and ui.statusLabel.text.startswith("Suggested 2 slice(s)")
 
     # A click shows the slice: the views jump to its centre.
-    jump = slicer.modules.markups.logic.return_value.JumpSlicesToLocation
     widget.onSuggestionSelected(1)
     pick = first.picks[1]
-    assert jump.call_args.args[:3] == pytest.approx(mb.slice_center_ras(volume_node, first.axis, pick.index))
+    jumps = gui.markups_logic.calls_to("JumpSlicesToLocation")
+    assert jumps[-1][0][:3] == pytest.approx(mb.slice_center_ras(volume_node, first.axis, pick.index))
     assert ui.currentSliceLabel.text.startswith(f"Slice {pick.index}: ")
 
     # The user annotates the first suggestion and adds it: the list refreshes without it.
@@ -643,16 +608,16 @@ def test_slicer_module_panel_suggests_slices_jumps_and_refreshes(monkeypatch, sc
     assert errors == []
 
 
-def _module_with_fake_gui(monkeypatch, scene):  # type: ignore[no-untyped-def]
+def _module_with_fake_gui(monkeypatch, scene, temporary_path: str = ""):  # type: ignore[no-untyped-def]
     import importlib
-    import xml.etree.ElementTree as ET
 
-    ui_file = Path(__file__).resolve().parents[1] / "RetrievalSeg" / "Resources" / "UI" / "RetrievalSeg.ui"
-    ui, red, errors = _fake_slicer_gui(monkeypatch, scene, [w.get("name") for w in ET.parse(ui_file).iter("widget")])
-    return importlib.import_module("RetrievalSeg"), ui, errors
+    from _slicer_fakes import fake_slicer_gui
+
+    gui = fake_slicer_gui(monkeypatch, scene, temporary_path=temporary_path)
+    return importlib.import_module("RetrievalSeg"), gui.ui, gui.errors
 
 
-def test_slicer_module_installs_ask_once_check_torch_and_keep_the_environment(monkeypatch, scene) -> None:  # type: ignore[no-untyped-def]
+def test_slicer_module_installs_ask_once_check_torch_and_keep_the_environment(monkeypatch, scene, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """PyTorch is asked for once; an old torch is refused with what to do; SAM2_BUILD_CUDA is set
     for sam2's pip call only."""
     import importlib.metadata
@@ -661,7 +626,7 @@ def test_slicer_module_installs_ask_once_check_torch_and_keep_the_environment(mo
     import sys
     import types
 
-    module, ui, errors = _module_with_fake_gui(monkeypatch, scene)
+    module, ui, errors = _module_with_fake_gui(monkeypatch, scene, temporary_path=str(tmp_path))
     real_version, real_find_spec = importlib.metadata.version, importlib.util.find_spec
     installed = {"torch": None, "sam2": None}  # not installed yet
 
@@ -681,7 +646,6 @@ def test_slicer_module_installs_ask_once_check_torch_and_keep_the_environment(mo
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     asked, torch_calls, pip_env = [], [], []
     monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: asked.append(a) or True)
-    monkeypatch.setattr(slicer.app, "temporaryPath", str(Path(os.environ.get("TMPDIR", "/tmp"))), raising=False)
 
     class PyTorchUtilsLogic:
         def torchInstalled(self) -> bool:
@@ -696,7 +660,7 @@ def test_slicer_module_installs_ask_once_check_torch_and_keep_the_environment(mo
 
     def pip_install(args):  # type: ignore[no-untyped-def]
         pip_env.append((list(args), os.environ.get("SAM2_BUILD_CUDA")))
-        if module.SAM2_REQUIREMENT in args:
+        if "-r" in args and module.SAM2_REQUIREMENT in Path(args[args.index("-r") + 1]).read_text():
             installed["sam2"] = "1.1.0"
 
     monkeypatch.setattr(slicer.util, "pip_install", pip_install)
@@ -705,7 +669,9 @@ def test_slicer_module_installs_ask_once_check_torch_and_keep_the_environment(mo
     assert module.RetrievalSegLogic().installDependencies(askConfirmation=True)
     assert len(asked) == 1 and "torch" in asked[0][0]  # one question for everything
     assert torch_calls == [(False, module.TORCH_REQUIREMENT)]  # PyTorch Utils does not ask again
-    sam2_calls = [env for args, env in pip_env if module.SAM2_REQUIREMENT in args]
+    sam2_calls = [env for args, env in pip_env if "--require-hashes" in args]  # sam2, pinned by its SHA-256
+    sam2_file = (tmp_path / "RetrievalSeg-sam2-requirements.txt").read_text()
+    assert sam2_file.strip() == f"{module.SAM2_REQUIREMENT} --hash=sha256:{module.SAM2_SHA256}"
     assert sam2_calls == ["0"] and "SAM2_BUILD_CUDA" not in os.environ
 
     installed["torch"] = "2.1.2+cu118"
@@ -726,17 +692,3 @@ def test_slicer_module_self_test_skips_cleanly_without_packages(monkeypatch, sce
     test.delayDisplay = shown.append  # type: ignore[attr-defined]
     test.runTest()
     assert len(shown) == 1 and "skipped" in shown[0] and "sam2" in shown[0]
-
-
-def test_slicer_module_does_not_create_the_segment_editor_gui_for_undo(monkeypatch, scene) -> None:  # type: ignore[no-untyped-def]
-    from unittest.mock import MagicMock
-
-    module, ui, errors = _module_with_fake_gui(monkeypatch, scene)
-    editor_module = MagicMock(name="segmenteditor")
-    editor_module.isWidgetRepresentationCreated.return_value = False
-    monkeypatch.setattr(slicer, "modules", MagicMock(segmenteditor=editor_module), raising=False)
-    module.RetrievalSegWidget._saveSegmentEditorUndoState(MagicMock())
-    editor_module.widgetRepresentation.assert_not_called()
-    editor_module.isWidgetRepresentationCreated.return_value = True
-    module.RetrievalSegWidget._saveSegmentEditorUndoState(MagicMock())
-    editor_module.widgetRepresentation.assert_called_once()
