@@ -77,17 +77,17 @@ def test_a_trigger_in_bank_db_never_fires(tmp_path, capsys):
 
 
 TAMPERINGS = {
-    "extra view": ("CREATE VIEW v AS SELECT 1;", "view 'v'"),
-    "meta replaced by a view": (
+    "extra-view": ("CREATE VIEW v AS SELECT 1;", "view 'v'"),
+    "meta-replaced-by-a-view": (
         "CREATE TABLE m2 AS SELECT * FROM meta; DROP TABLE meta; CREATE VIEW meta AS SELECT key, value FROM m2;",
         "view 'meta'",
     ),
-    "extra table": ("CREATE TABLE notes (x TEXT);", "table 'notes'"),
-    "extra index": ("CREATE INDEX entries_sha ON entries (sha256);", "index 'entries_sha'"),
-    "index on an expression": ("CREATE INDEX entries_x ON entries (abs(idx) + 1);", "index 'entries_x'"),
-    "missing index": ("DROP INDEX entries_case;", "index 'entries_case'"),
-    "added column": ("ALTER TABLE entries ADD COLUMN note TEXT DEFAULT 'x';", "table 'entries'"),
-    "table definition rewritten": (
+    "extra-table": ("CREATE TABLE notes (x TEXT);", "table 'notes'"),
+    "extra-index": ("CREATE INDEX entries_sha ON entries (sha256);", "index 'entries_sha'"),
+    "index-on-an-expression": ("CREATE INDEX entries_x ON entries (abs(idx) + 1);", "index 'entries_x'"),
+    "missing-index": ("DROP INDEX entries_case;", "index 'entries_case'"),
+    "added-column": ("ALTER TABLE entries ADD COLUMN note TEXT DEFAULT 'x';", "table 'entries'"),
+    "table-definition-rewritten": (
         "PRAGMA writable_schema = ON; UPDATE sqlite_master SET sql = replace(sql, 'NOT NULL', '') "
         "WHERE name = 'labels'; PRAGMA writable_schema = OFF;",
         "table 'labels'",
@@ -223,7 +223,8 @@ def test_defensive_mode_is_set_where_python_offers_it(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- 2. bank_id
-@pytest.mark.parametrize("bank_id", ["../../victim", "ABSOLUTE", "", "a/b", "..", "x" * 200, "id\n"])
+@pytest.mark.parametrize("bank_id", ["../../victim", "ABSOLUTE", "", "a/b", "..", "x" * 200, "id\n"],
+                         ids=["dotdot", "absolute", "empty", "slash", "parent", "long", "newline"])
 def test_a_bank_id_that_is_a_path_is_refused(tmp_path, capsys, bank_id):
     victim = tmp_path / "victim"
     (victim / "cache-of-someone").mkdir(parents=True)
@@ -296,27 +297,27 @@ def test_export_refuses_a_member_outside_the_archive_root(tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------- 4. malformed values
 MALFORMED = {
-    "schema_version not a number": ("UPDATE meta SET value = 'two' WHERE key = 'schema_version'", "schema_version"),
-    "revision not a number": ("UPDATE meta SET value = 'x' WHERE key = 'revision'", "revision"),
-    "revision missing": ("DELETE FROM meta WHERE key = 'revision'", "revision"),
-    "revision negative": ("UPDATE meta SET value = '-3' WHERE key = 'revision'", "revision"),
-    "embedding_dim not a number": ("UPDATE meta SET value = 'abc' WHERE key = 'embedding_dim'", "embedding_dim"),
-    "embedding_dim zero": ("UPDATE meta SET value = '0' WHERE key = 'embedding_dim'", "embedding_dim"),
-    "axis out of range": ("UPDATE entries SET axis = 7 WHERE seq = 0", "axis"),
-    "axis a letter": ("UPDATE entries SET axis = 'k' WHERE seq = 0", "axis"),
-    "index negative": ("UPDATE entries SET idx = -1 WHERE seq = 0", "idx"),
-    "height zero": ("UPDATE entries SET height = 0 WHERE seq = 0", "height"),
-    "width a float": ("UPDATE entries SET width = 2.5 WHERE seq = 0", "width"),
-    "labels_present not numbers": ("UPDATE entries SET labels_present = '1,x' WHERE seq = 0", "labels_present"),
-    "origin unknown": ("UPDATE entries SET origin = 'evil' WHERE seq = 0", "origin"),
-    "sha256 not hex": ("UPDATE entries SET sha256 = 'zz' WHERE seq = 0", "sha256"),
-    "spacing a word": ("UPDATE entries SET spacing_r = 'wide' WHERE seq = 0", "spacing_r"),
-    "spacing not finite": ("UPDATE entries SET spacing_c = 9e999 WHERE seq = 0", "spacing_c"),
-    "retired a word": ("UPDATE entries SET retired = 'maybe' WHERE seq = 0", "retired"),
-    "window a word": ("UPDATE entries SET window_lo = 'low' WHERE seq = 0", "window_lo"),
-    "seq with a gap": ("UPDATE entries SET seq = 7 WHERE seq = 2", "seq"),
-    "label value zero": ("UPDATE labels SET value = 0 WHERE value = 1", "labels"),
-    "label colour out of range": ("UPDATE labels SET r = 7 WHERE value = 1", "labels"),
+    "schema_version-not-a-number": ("UPDATE meta SET value = 'two' WHERE key = 'schema_version'", "schema_version"),
+    "revision-not-a-number": ("UPDATE meta SET value = 'x' WHERE key = 'revision'", "revision"),
+    "revision-missing": ("DELETE FROM meta WHERE key = 'revision'", "revision"),
+    "revision-negative": ("UPDATE meta SET value = '-3' WHERE key = 'revision'", "revision"),
+    "embedding_dim-not-a-number": ("UPDATE meta SET value = 'abc' WHERE key = 'embedding_dim'", "embedding_dim"),
+    "embedding_dim-zero": ("UPDATE meta SET value = '0' WHERE key = 'embedding_dim'", "embedding_dim"),
+    "axis-out-of-range": ("UPDATE entries SET axis = 7 WHERE seq = 0", "axis"),
+    "axis-a-letter": ("UPDATE entries SET axis = 'k' WHERE seq = 0", "axis"),
+    "index-negative": ("UPDATE entries SET idx = -1 WHERE seq = 0", "idx"),
+    "height-zero": ("UPDATE entries SET height = 0 WHERE seq = 0", "height"),
+    "width-a-float": ("UPDATE entries SET width = 2.5 WHERE seq = 0", "width"),
+    "labels_present-not-numbers": ("UPDATE entries SET labels_present = '1,x' WHERE seq = 0", "labels_present"),
+    "origin-unknown": ("UPDATE entries SET origin = 'evil' WHERE seq = 0", "origin"),
+    "sha256-not-hex": ("UPDATE entries SET sha256 = 'zz' WHERE seq = 0", "sha256"),
+    "spacing-a-word": ("UPDATE entries SET spacing_r = 'wide' WHERE seq = 0", "spacing_r"),
+    "spacing-not-finite": ("UPDATE entries SET spacing_c = 9e999 WHERE seq = 0", "spacing_c"),
+    "retired-a-word": ("UPDATE entries SET retired = 'maybe' WHERE seq = 0", "retired"),
+    "window-a-word": ("UPDATE entries SET window_lo = 'low' WHERE seq = 0", "window_lo"),
+    "seq-with-a-gap": ("UPDATE entries SET seq = 7 WHERE seq = 2", "seq"),
+    "label-value-zero": ("UPDATE labels SET value = 0 WHERE value = 1", "labels"),
+    "label-colour-out-of-range": ("UPDATE labels SET r = 7 WHERE value = 1", "labels"),
 }
 
 

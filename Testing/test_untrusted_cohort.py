@@ -134,16 +134,16 @@ WANT = {"rseg_version": "0.1.0", "sam2": "sam2.1-tiny@256:random-seed0", "dinov2
         "random_weights": True, "image_size": 256, "precision": "fp32", "k": 2,
         "bank": {"bank_id": "abc", "revision": 4}, "cohort_options": {"k": 2}}
 SIDECARS = {
-    "no provenance": {"format": "rseg-prediction", "format_version": 1, "slices": []},
-    "provenance a list": {"format": "rseg-prediction", "format_version": 1, "slices": [], "provenance": [1, 2]},
-    "bank a string": {"format": "rseg-prediction", "format_version": 1, "slices": [],
+    "no-provenance": {"format": "rseg-prediction", "format_version": 1, "slices": []},
+    "provenance-a-list": {"format": "rseg-prediction", "format_version": 1, "slices": [], "provenance": [1, 2]},
+    "bank-a-string": {"format": "rseg-prediction", "format_version": 1, "slices": [],
                       "provenance": {**WANT, "bank": "abc"}},
-    "format_version a list": {"format": "rseg-prediction", "format_version": [1], "slices": []},
-    "a number": 5,
+    "format_version-a-list": {"format": "rseg-prediction", "format_version": [1], "slices": []},
+    "a-number": 5,
 }
 
 
-@pytest.mark.parametrize("doc", [*SIDECARS, "deeply nested", "not UTF-8", "a folder"])
+@pytest.mark.parametrize("doc", [*SIDECARS, "deeply-nested", "not-UTF-8", "a-folder"])
 def test_a_sidecar_that_does_not_parse_means_not_done(tmp_path, doc):
     from RetrievalSegLib.provenance import FORMAT
 
@@ -151,11 +151,11 @@ def test_a_sidecar_that_does_not_parse_means_not_done(tmp_path, doc):
     vol = CohortVolume("/data/a.nii.gz", "a", "a.nii.gz")
     (tmp_path / "a.nii.gz").write_bytes(b"label map bytes")
     side = tmp_path / "a.nii.gz.json"
-    if doc == "deeply nested":
+    if doc == "deeply-nested":
         side.write_text("[" * 200_000 + "]" * 200_000)
-    elif doc == "not UTF-8":
+    elif doc == "not-UTF-8":
         side.write_bytes(b"\xff\xfe{")
-    elif doc == "a folder":
+    elif doc == "a-folder":
         side.mkdir()
     else:
         side.write_text(json.dumps(SIDECARS[doc]))

@@ -48,14 +48,14 @@ def nifti2_header(dims: tuple[int, ...], bitpix: int = 16, vox_offset: int = 544
 
 
 # ----------------------------------------------------------------------------- what must still read
-@pytest.mark.parametrize("kind", ["sitk .nii", "sitk .nii.gz", "big-endian", "extension", "gzip two members",
-                                  ".nrrd", ".mha", "detached .mhd"])
+@pytest.mark.parametrize("kind", ["sitk-.nii", "sitk-.nii.gz", "big-endian", "extension", "gzip-two-members",
+                                  ".nrrd", ".mha", "detached-.mhd"])
 def test_good_files_still_read(tmp_path, kind):
     if kind.startswith("sitk"):
         path = write_volume(Volume(ARRAY), tmp_path / f"v{kind[5:]}")
     elif kind in (".nrrd", ".mha"):
         path = write_volume(Volume(ARRAY), tmp_path / f"v{kind}", compress=True)
-    elif kind == "detached .mhd":
+    elif kind == "detached-.mhd":
         import SimpleITK as sitk
 
         path = tmp_path / "v.mhd"
@@ -65,8 +65,8 @@ def test_good_files_still_read(tmp_path, kind):
         path = tmp_path / "v.nii"
         data = {"big-endian": lambda: nifti1(ARRAY, ">"),
                 "extension": lambda: nifti1(ARRAY, vox_offset=368, extension=b"\x10\0\0\0\0\0\0\0" + b"x" * 8),
-                "gzip two members": lambda: nifti1(ARRAY)}[kind]()
-        if kind == "gzip two members":  # a concatenation of gzip streams is one .gz file
+                "gzip-two-members": lambda: nifti1(ARRAY)}[kind]()
+        if kind == "gzip-two-members":  # a concatenation of gzip streams is one .gz file
             path = tmp_path / "v.nii.gz"
             path.write_bytes(gzip.compress(data[:1000]) + gzip.compress(data[1000:]))
         else:
@@ -213,19 +213,19 @@ def test_a_fifo_is_refused_before_it_is_opened(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
-@pytest.mark.parametrize("where", ["dicom folder", "mhd data file", "nrrd data file", "nifti .img"])
+@pytest.mark.parametrize("where", ["dicom-folder", "mhd-data-file", "nrrd-data-file", "nifti-.img"])
 def test_a_fifo_named_by_a_header_or_in_a_series_is_refused(tmp_path, where):
-    if where == "dicom folder":
+    if where == "dicom-folder":
         folder = tmp_path / "series"
         folder.mkdir()
         fifo = folder / "0001.dcm"
         path = folder
-    elif where == "mhd data file":
+    elif where == "mhd-data-file":
         fifo = tmp_path / "data.raw"
         path = tmp_path / "v.mhd"
         path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 16 16 4\nElementType = MET_SHORT\n"
                         "ElementDataFile = data.raw\n")
-    elif where == "nrrd data file":
+    elif where == "nrrd-data-file":
         fifo = tmp_path / "data.raw"
         path = tmp_path / "v.nhdr"
         path.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 16 16 4\nencoding: raw\n"
