@@ -190,6 +190,12 @@ def test_every_connection_has_trusted_schema_off(tmp_path, monkeypatch):
     con = bank_db.connect(bank.path, write=False)
     assert con.execute("PRAGMA trusted_schema").fetchone()[0] == 0
     con.close()
+    bank.close()
+    monkeypatch.setattr(bank_db.sqlite3, "connect", real_connect)
+    tamper(bank.path, "CREATE VIEW v AS SELECT 1;")
+    monkeypatch.setattr(bank_db.sqlite3, "connect", read_only)
+    with pytest.raises(BankCorruptError, match="view 'v'"):  # an immutable reader checks the schema too
+        bank_db.connect(bank.path, write=False)
 
 
 def test_defensive_mode_is_set_where_python_offers_it(tmp_path, monkeypatch):
