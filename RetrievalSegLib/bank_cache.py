@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .bank_format import MEMORIES_DIR, BankEntry
+from .bank_format import MEMORIES_DIR, BankEntry, BankError, valid_bank_id
 from .fileio import TMP_PREFIX, is_link
 from .memory import SupportMemoryCache, memory_cache_cap
 
@@ -22,13 +22,51 @@ def memory_key(entry: BankEntry) -> str:
     return f"{entry.id}-{entry.sha256[:16]}"
 
 
+def check_cache_dir(bank_path: str | Path, cache_dir: str | Path) -> None:
+    """ValueError when `cache_dir` is the bank folder or lies inside it: a cache of one's own (a cohort
+    run, a read-only bank) must leave every file of the bank byte-identical.
+
+    Compared by file identity (device and inode) of every folder above the resolved path, so a
+    link, '..', a bind mount or another spelling on a case-insensitive disk cannot hide the bank.
+    """
+    try:
+        bank = os.stat(bank_path)
+    except OSError:
+        return  # no bank there: opening it fails with its own message
+    resolved = Path(os.path.realpath(os.path.abspath(cache_dir)))
+    for folder in (resolved, *resolved.parents):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue  # not made yet
+        if (st.st_dev, st.st_ino) == (bank.st_dev, bank.st_ino):
+            raise ValueError(
+                f"cache folder {cache_dir} is inside the support bank {bank_path}: a cache folder of your own "
+                "must leave the bank unchanged (it may be read-only or shared). Choose a folder outside the "
+                "bank, or leave the option out to use the bank's own memory caches"
+            )
+
+
+def cache_root(bank: Any, cache_dir: str | Path) -> Path:
+    """`<cache_dir>/<bank id>`: always a child of the folder named, never inside the bank."""
+    check_cache_dir(bank.path, cache_dir)
+    bank_id = bank.bank_id
+    root = Path(cache_dir) / str(bank_id)
+    if not valid_bank_id(bank_id) or root.parent != Path(cache_dir):
+        raise BankError(
+            f"support bank {bank.path} has the id {bank_id!r}, which is not a plain folder name, so it cannot "
+            f"name its folder in {cache_dir}; restore the bank's bank.db from a backup or an export"
+        )
+    return root
+
+
 def cache_folders(bank: Any, cache_dir: str | Path | None = None) -> list[Path]:
     """Memory cache folders of `bank`: in the bank, the per-user ones for its id, or under `cache_dir`."""
     from .memory import user_cache_root
 
     roots: list[Path] = []
     if cache_dir is not None:
-        roots.append(Path(cache_dir) / str(bank.bank_id))
+        roots.append(cache_root(bank, cache_dir))
     else:
         roots.append(bank.path / MEMORIES_DIR)
         user = user_cache_root() / MEMORIES_DIR
@@ -85,6 +123,8 @@ def warm(
     """Compute every usable entry's memory once, up to the cap; what was done and what did not fit."""
     from .engine import autocast
 
+    if cache_dir is not None:
+        cache_root(bank, cache_dir)  # refuses a folder inside the bank and an id that is a path
     cache = engine.memory_cache(bank, precision=precision, cache_dir=cache_dir, max_bytes=max_bytes)
     labels = list(bank.label_values)
     todo = [e for e in bank.entries() if e.usable]

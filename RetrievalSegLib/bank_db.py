@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import socket
 import sqlite3
 import uuid
+from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 
+from . import bank_schema
 from .bank_format import (
+    _ID_RE,
     DB_FILE,
+    ORIGINS,
     SCHEMA_VERSION,
     BankCorruptError,
     BankEntry,
@@ -33,6 +38,7 @@ from .bank_format import (
     LabelInfo,
     _now,
     _State,
+    valid_bank_id,
 )
 from .fileio import TMP_PREFIX, check_no_links, default_file_mode, fsync_dir
 
@@ -69,14 +75,110 @@ def _entry_values(seq: int, e: BankEntry) -> tuple:
     )
 
 
-def _entry_from_row(r: tuple) -> BankEntry:
-    return BankEntry(
-        id=r[1], case_id=r[2], axis=int(r[3]), index=int(r[4]), spacing=(float(r[5]), float(r[6])),
-        added=r[7], origin=r[8], retired=bool(r[9]), retired_by=r[10], sha256=r[11],
-        shape=(int(r[12]), int(r[13])),
-        labels_present=tuple(int(v) for v in r[14].split(",") if v),
-        window=None if r[15] is None else (float(r[15]), float(r[16])), damaged=r[17],
+# ----------------------------------------------------------------------------- checking what was read
+# bank.db may come from anywhere: every value is checked for type and range as it is read (SQLite
+# keeps a value of another type in any column), so a bad one is an error naming the file, the
+# field and what to do, never a crash later (`'ijk'[axis]`) or a path built from it (ids).
+_MAX_SIDE = 2**16
+_INF = math.inf
+_NUM = (int, float)
+_HEX = "0123456789abcdef"
+
+
+def _damaged(f: Path, where: str, field: str, value: object, why: str) -> BankCorruptError:
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
+    return BankCorruptError(
+        f"{f} is damaged or was changed outside RetrievalSeg: {where} has {field} = {shown}, {why}. "
+        "Restore it from a backup or import an export of the bank (the entry files in entries/ are "
+        "not affected)",
+        f,
     )
+
+
+def _number(v: object) -> bool:
+    return type(v) in _NUM and -_INF < v < _INF  # type: ignore[operator]  (NaN fails both)
+
+
+def _entry_from_row(r: tuple, n: int, f: Path) -> BankEntry:
+    """One `entries` row as a BankEntry; BankCorruptError naming the field unless every value is valid.
+
+    Runs once per entry on every open (20,000 at a time): one chain of plain comparisons, and only
+    when it fails, `_row_problem` finds the field to name.
+    """
+    seq, eid, case_id, axis, idx, sr, sc, added, origin, retired, retired_by, sha, h, w, present, lo, hi, dmg = r
+    if not (
+        type(eid) is str and _ID_RE.fullmatch(eid) and seq == n and type(seq) is int
+        and type(axis) is int and 0 <= axis <= 2 and type(idx) is int and idx >= 0
+        and type(sr) in _NUM and 0 < sr < _INF and type(sc) in _NUM and 0 < sc < _INF
+        and type(h) is int and 1 <= h <= _MAX_SIDE and type(w) is int and 1 <= w <= _MAX_SIDE
+        and origin in ORIGINS and type(retired) is int and retired in (0, 1)
+        and type(sha) is str and len(sha) == 64 and not sha.strip(_HEX)
+        and type(present) is str and (not present or present.replace(",", "").isdecimal() and present.isascii())
+        and ((lo is None and hi is None) or (_number(lo) and _number(hi)))
+        and type(case_id) is str and type(added) is str
+        and (retired_by is None or type(retired_by) is str) and (dmg is None or type(dmg) is str)
+    ):
+        raise _row_problem(r, n, f)
+    return BankEntry(
+        id=eid, case_id=case_id, axis=axis, index=idx, spacing=(float(sr), float(sc)),
+        added=added, origin=origin, retired=bool(retired), retired_by=retired_by, sha256=sha,
+        shape=(h, w), labels_present=tuple(int(v) for v in present.split(",") if v) if present else (),
+        window=None if lo is None else (float(lo), float(hi)), damaged=dmg,
+    )
+
+
+def _row_problem(r: tuple, n: int, f: Path) -> BankCorruptError:
+    """The first invalid field of an `entries` row, as an error naming it (the slow path)."""
+    seq, eid, case_id, axis, idx, sr, sc, added, origin, retired, retired_by, sha, h, w, present, lo, hi, dmg = r
+    if type(eid) is not str or not _ID_RE.fullmatch(eid):
+        return _damaged(f, f"entry #{n}", "id", eid, "not an entry id (letters, digits, '.', '_', '-'; it "
+                        "names the entry's file, so it may never be a path)")
+    where = f"entry {eid}"
+    checks = [
+        ("seq", seq, seq == n and type(seq) is int, f"expected {n} (entries are numbered 0, 1, ... in bank order)"),
+        ("axis", axis, type(axis) is int and 0 <= axis <= 2, "expected 0, 1 or 2 (i, j, k)"),
+        ("idx", idx, type(idx) is int and idx >= 0, "expected a slice index (an integer >= 0)"),
+        ("spacing_r", sr, type(sr) in _NUM and 0 < sr < _INF, "expected a spacing in mm (a finite number > 0)"),
+        ("spacing_c", sc, type(sc) in _NUM and 0 < sc < _INF, "expected a spacing in mm (a finite number > 0)"),
+        ("height", h, type(h) is int and 1 <= h <= _MAX_SIDE, f"expected a size in pixels (1..{_MAX_SIDE})"),
+        ("width", w, type(w) is int and 1 <= w <= _MAX_SIDE, f"expected a size in pixels (1..{_MAX_SIDE})"),
+        ("origin", origin, origin in ORIGINS, f"expected one of {', '.join(ORIGINS)}"),
+        ("retired", retired, type(retired) is int and retired in (0, 1), "expected 0 or 1"),
+        ("sha256", sha, type(sha) is str and len(sha) == 64 and not sha.strip(_HEX),
+         "expected 64 lower-case hex digits"),
+        ("labels_present", present, type(present) is str and (not present or (
+            present.replace(",", "").isdecimal() and present.isascii())), "expected label values separated by commas"),
+        ("window_lo", lo, (lo is None and hi is None) or _number(lo), "expected a finite number, or empty with window_hi"),
+        ("window_hi", hi, (lo is None and hi is None) or _number(hi), "expected a finite number, or empty with window_lo"),
+        ("case_id", case_id, type(case_id) is str, "expected text"),
+        ("added", added, type(added) is str, "expected text"),
+        ("retired_by", retired_by, retired_by is None or type(retired_by) is str, "expected text or empty"),
+        ("damaged", dmg, dmg is None or type(dmg) is str, "expected text or empty"),
+    ]
+    field, value, _, why = next((c for c in checks if not c[2]), ("a field", r, False, "a value out of range"))
+    return _damaged(f, where, field, value, why)
+
+
+def _meta_int(value: object, key: str, f: Path, lowest: int, highest: int = 2**62) -> int:
+    try:
+        number = int(value) if type(value) in (str, int) else None  # type: ignore[arg-type]
+    except ValueError:
+        number = None
+    if number is None or not lowest <= number <= highest:
+        raise _damaged(f, "table meta", key, value, f"expected an integer in {lowest}..{highest}")
+    return number
+
+
+def _labels(rows: list[tuple], f: Path) -> tuple[LabelInfo, ...]:
+    out = []
+    for v, name, r, g, b in rows:
+        try:
+            if type(v) is not int or type(name) is not str or not all(_number(c) for c in (r, g, b)):
+                raise ValueError("expected an integer value, a name and three colour numbers")
+            out.append(LabelInfo(v, name, (r, g, b)))
+        except ValueError as e:
+            raise _damaged(f, "table labels", "a row", (v, name, r, g, b), str(e)) from None
+    return tuple(out)
 
 
 def row_sha256(row: bytes) -> str:
@@ -116,16 +218,26 @@ def connect(bank_path: Path, write: bool, timeout: float = 60.0) -> sqlite3.Conn
     modes = ["rw"] if write else ["ro", "ro&immutable=1"]
     last: Exception | None = None
     for mode in modes:
+        con: sqlite3.Connection | None = None
         try:
             con = sqlite3.connect(
                 f"file:{quote(str(f))}?mode={mode}", uri=True, timeout=timeout,
-                isolation_level=None, check_same_thread=False,
+                isolation_level=None, check_same_thread=False, factory=bank_schema.BankConnection,
             )
-            con.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()
+            con.path = f  # type: ignore[attr-defined]
+            # Hardened, then the schema checked, before any statement touches a table: the file is
+            # data from anywhere (bank_schema). revision() checks first, in its read transaction.
+            bank_schema.harden(con)
+            revision(con)
             return con
+        except BankCorruptError:
+            con.close()  # type: ignore[union-attr]
+            raise
         except sqlite3.DatabaseError as e:
+            if con is not None:
+                con.close()
             last = e
-            if "not a database" in str(e) or "malformed" in str(e) or "no such table" in str(e):
+            if any(s in str(e) for s in ("not a database", "malformed", "no such table", "too big")):
                 raise _corrupt(f, e) from e
     if write:
         raise BankReadOnlyError(
@@ -137,7 +249,10 @@ def connect(bank_path: Path, write: bool, timeout: float = 60.0) -> sqlite3.Conn
 
 def revision(con: sqlite3.Connection) -> int:
     """The committed revision (one indexed read: cheap enough to ask before every use)."""
-    return int(con.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
+    f = getattr(con, "path", None) or Path(DB_FILE)
+    with bank_schema.checked_read(con, f, _SCHEMA):
+        row = con.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()
+    return _meta_int(None if row is None else row[0], "revision", f, 0)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -146,31 +261,41 @@ def read_state(con: sqlite3.Connection, f: Path) -> _State:
     try:
         con.execute("BEGIN")
         try:
+            bank_schema.ensure_checked(con, f, _SCHEMA)  # (a no-op unless the schema changed since)
             meta = dict(con.execute("SELECT key, value FROM meta"))
-            version = int(meta.get("schema_version", "0"))
+            version = _meta_int(meta.get("schema_version"), "schema_version", f, 0)
             if version != SCHEMA_VERSION:
-                raise BankCorruptError(f"{f} has schema version {version}, expected {SCHEMA_VERSION}", f)
-            labels = tuple(
-                LabelInfo(int(v), n, (r, g, b))
-                for v, n, r, g, b in con.execute("SELECT value, name, r, g, b FROM labels ORDER BY rowid")
-            )
+                raise _damaged(f, "table meta", "schema_version", version,
+                               f"but {f.parent / 'bank.json'} says {SCHEMA_VERSION}")
+            labels = _labels(con.execute("SELECT value, name, r, g, b FROM labels ORDER BY rowid").fetchall(), f)
             models = con.execute("SELECT role, identity FROM models ORDER BY rowid").fetchall()
-            entries = [_entry_from_row(r) for r in con.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries ORDER BY seq")]
+            entries = [_entry_from_row(r, n, f) for n, r in
+                       enumerate(con.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries ORDER BY seq"))]
         finally:
             con.execute("COMMIT")
     except sqlite3.DatabaseError as e:
         raise _corrupt(f, e) from e
     dim = meta.get("embedding_dim")
+    bank_id = meta.get("bank_id")
+    if not valid_bank_id(bank_id):
+        raise _damaged(f, "table meta", "bank_id", bank_id, "not a plain folder name (letters, digits, '.', "
+                       "'_', '-'; it names cache folders, so it may never be a path)")
+    for role, identity in models:
+        if type(identity) is not str:
+            raise _damaged(f, "table models", f"the {role} identity", identity, "expected text")
+    if len({e.id for e in entries}) != len(entries):
+        twice = sorted(i for i, c in Counter(e.id for e in entries).items() if c > 1)
+        raise _damaged(f, "table entries", "id", twice[:3], "listed more than once")
     state = _State(
         labels=labels,
         dinov2=next((i for r, i in models if r == "dinov2"), ""),
         sam2=[i for r, i in models if r == "sam2"],
         entries=entries,
-        embedding_dim=None if not dim else int(dim),
+        embedding_dim=None if dim in (None, "") else _meta_int(dim, "embedding_dim", f, 1, 65536),
         embeddings_sha256=None,
-        revision=int(meta["revision"]),
-        created=meta.get("created", ""),
-        bank_id=meta.get("bank_id"),
+        revision=_meta_int(meta.get("revision"), "revision", f, 0),
+        created=str(meta.get("created", "")),
+        bank_id=bank_id,
     )
     state.base = list(entries)
     return state
@@ -183,21 +308,24 @@ def read_rows(con: sqlite3.Connection, n: int, dim: int, check_sha: bool = False
     have = np.zeros(n, dtype=bool)
     bad: list[int] = []
     width = dim * 4
-    for seq, blob, sha in con.execute("SELECT seq, row, sha256 FROM embeddings ORDER BY seq"):
-        if not 0 <= seq < n:
-            continue
-        if len(blob) != width or (check_sha and row_sha256(blob) != sha):
-            bad.append(int(seq))
-            continue
-        rows[seq] = np.frombuffer(blob, dtype="<f4")
-        have[seq] = True
+    with bank_schema.checked_read(con, getattr(con, "path", None) or Path(DB_FILE), _SCHEMA):
+        for seq, blob, sha in con.execute("SELECT seq, row, sha256 FROM embeddings ORDER BY seq"):
+            if type(seq) is not int or not 0 <= seq < n:
+                continue
+            if type(blob) is not bytes or len(blob) != width or (check_sha and row_sha256(blob) != sha):
+                bad.append(int(seq))
+                continue
+            rows[seq] = np.frombuffer(blob, dtype="<f4")
+            have[seq] = True
     return rows, have, bad
 
 
 def provenance(con: sqlite3.Connection, limit: int = 20) -> list[dict]:
     """The latest committed changes, newest first."""
-    cur = con.execute("SELECT revision, time, action, host, pid FROM provenance ORDER BY revision DESC LIMIT ?", (limit,))
-    return [dict(zip(("revision", "time", "action", "host", "pid"), r)) for r in cur]
+    with bank_schema.checked_read(con, getattr(con, "path", None) or Path(DB_FILE), _SCHEMA):
+        cur = con.execute("SELECT revision, time, action, host, pid FROM provenance ORDER BY revision DESC LIMIT ?",
+                          (limit,))
+        return [dict(zip(("revision", "time", "action", "host", "pid"), r)) for r in cur]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -247,6 +375,7 @@ def commit(con: sqlite3.Connection, state: _State, f: Path) -> None:
     try:
         con.execute("BEGIN IMMEDIATE")
         try:
+            bank_schema.ensure_checked(con, f, _SCHEMA)  # under the write lock: no trigger can appear now
             if revision(con) != state.revision - 1:
                 raise BankError(f"{f} changed while a writer held the bank's lock; retry")
             _write(con, state, base, full=False)

@@ -46,6 +46,14 @@ def same_subject(case_id: str, subject: str) -> bool:
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+#: A bank id names cache folders (`<cache>/<bank id>/`, `memories/<bank id>-r<revision>/`), so it must
+#: be one plain folder name: never empty, '..', absolute or holding a separator.
+_BANK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def valid_bank_id(bank_id: object) -> bool:
+    """Whether `bank_id` can name a folder of its own (letters, digits, '.', '_', '-'; at most 64)."""
+    return isinstance(bank_id, str) and _BANK_ID_RE.fullmatch(bank_id) is not None
 
 
 # ----------------------------------------------------------------------------- errors
@@ -209,7 +217,7 @@ class BankEntry:
             if not isinstance(d, dict):
                 raise ValueError("not an object")
             eid = str(d["id"])
-            if not _ID_RE.match(eid):
+            if not _ID_RE.fullmatch(eid):
                 raise ValueError(f"id {eid!r} is not a valid entry id")
             axis, index = int(d["axis"]), int(d["index"])
             if axis not in (0, 1, 2) or index < 0:
@@ -218,7 +226,7 @@ class BankEntry:
             if origin not in ORIGINS:
                 raise ValueError(f"origin {origin!r} is not one of {ORIGINS}")
             sha = str(d["sha256"])
-            if not _SHA_RE.match(sha):
+            if not _SHA_RE.fullmatch(sha):
                 raise ValueError(f"sha256 {sha!r} is not a hex SHA-256")
             spacing = tuple(float(s) for s in d["spacing"])
             shape = tuple(int(s) for s in d["shape"])

@@ -119,6 +119,13 @@ class BankTransfer(BankVerify):
                 files = self._export_files()
         except BankReadOnlyError:
             files = self._export_files(lock_free=True)  # a read-only bank has no writer to wait for
+        for name, _ in files:  # names come from bank.db: never a member that unpacks elsewhere
+            if not _inside_archive_root(name):
+                raise BankCorruptError(
+                    f"cannot export {self.path}: the member name {name!r} would lie outside the archive's root "
+                    f"(an entry id that is a path?); nothing was written. Check the bank with `rseg bank "
+                    f"verify {self.path}`", self.path / DB_FILE,
+                )
         archive.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=archive.parent, prefix=TMP_PREFIX, suffix="-" + archive.name)
         try:
@@ -228,6 +235,12 @@ def _archive_format(path: Path) -> str:
     if name.endswith((".tar.gz", ".tgz")):
         return "tar.gz"
     raise ValueError(f"archive name must end in .zip, .tar.gz or .tgz, got {path.name!r}")
+
+
+def _inside_archive_root(name: str) -> bool:
+    """A relative POSIX name with no empty, '.' or '..' part, no backslash and no drive letter."""
+    return (bool(name) and "\\" not in name and not name.startswith("/") and not re.match(r"^[A-Za-z]:", name)
+            and all(part not in ("", ".", "..") for part in name.split("/")))
 
 
 def _member_target(name: str, archive: Path) -> str:

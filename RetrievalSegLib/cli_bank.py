@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .bank import BankError, BankEntry, LabelInfo, SupportBank
+from .bank import BankCorruptError, BankEntry, BankError, LabelInfo, SupportBank, VerifyReport
 from .cli_common import _UsageError, _window  # one --window/--level rule for every command
 
 EXIT_OK = 0
@@ -366,7 +366,12 @@ def add_bank_parser(
     p.add_argument("--json", action="store_true")
 
     def cmd_verify(args: argparse.Namespace) -> int:
-        b = SupportBank.open(args.bank)
+        try:
+            b = SupportBank.open(args.bank)
+        except BankCorruptError as e:  # an index that cannot be opened is verify's finding, never OK
+            report = VerifyReport(args.bank, problems=[str(e)])
+            print(json.dumps(report.to_json(), indent=1) if args.json else report.summary())
+            return EXIT_FAILURE
         embedder: Any = None
         if args.reembed:
             embedder = make_embedder(args)
@@ -451,6 +456,13 @@ def add_bank_parser(
         from .memory import memory_cache_cap
 
         b = SupportBank.open(args.bank)
+        if args.cache_dir is not None:
+            from .bank_cache import check_cache_dir
+
+            try:
+                check_cache_dir(b.path, args.cache_dir)
+            except ValueError as e:
+                raise _UsageError(f"--cache-dir: {e}") from None
         if args.cap_gb is not None and not args.cap_gb >= 0:
             raise _UsageError(f"--cap-gb must be a size in GB >= 0, got {args.cap_gb}")
         cap = memory_cache_cap(args.cap_gb)

@@ -110,23 +110,27 @@ def add_cohort_parser(sub, models: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_segment_cohort)
 
 
-def _check_paths(out: Path, bank: Path, volumes) -> None:
+def _check_paths(out: Path, bank: Path, volumes, cache_dir: Path | None = None) -> None:
+    """Before anything runs: OUT and the cache outside the bank, no output over any input.
+
+    `volumes` is the whole manifest, not this task's shard: the other shards run at the same time.
+    """
+    from .bank_cache import check_cache_dir
+    from .cohort import ManifestError, check_outputs
+
     real_out = Path(os.path.realpath(out))
     real_bank = Path(os.path.realpath(bank))
     if real_out == real_bank or real_bank in real_out.parents:
         raise _UsageError(f"--out {out} lies inside the support bank {bank}; write outputs outside it")
-    for v in volumes:
-        target = out / v.output_name
-        img = Path(v.image)
-        same = Path(os.path.realpath(target)) == Path(os.path.realpath(img))
-        if not same and target.exists() and img.exists():
-            try:
-                same = os.path.samefile(target, img)
-            except OSError:
-                same = False
-        if same or (img.is_dir() and real_out in (Path(os.path.realpath(img)), *Path(os.path.realpath(img)).parents)):
-            raise _UsageError(f"output {target} would overwrite the input of case {v.case_id!r} ({img}); "
-                              "choose another --out or output name")
+    if cache_dir is not None:
+        try:
+            check_cache_dir(bank, cache_dir)
+        except ValueError as e:
+            raise _UsageError(f"--cache-dir: {e}") from None
+    try:
+        check_outputs(volumes, out)
+    except ManifestError as e:
+        raise _UsageError(str(e)) from None
 
 
 def cohort_settings(args: argparse.Namespace, bank, window) -> tuple:
@@ -175,9 +179,9 @@ def cmd_segment_cohort(args: argparse.Namespace) -> int:
     except ManifestError as e:
         raise _UsageError(str(e)) from None
     total = len(volumes)
+    _check_paths(args.out, args.bank, volumes, args.cache_dir)
     if args.shard is not None:
         volumes = select_shard(volumes, *args.shard)
-    _check_paths(args.out, args.bank, volumes)
     bank = SupportBank.open(args.bank)  # read only: id, revision and labels for the provenance
     args.out.mkdir(parents=True, exist_ok=True)
     settings, model_args = cohort_settings(args, bank, window)

@@ -71,6 +71,62 @@ def _output_name(name: str, fmt: str, where: str) -> str:
     return name if _strip_suffix(name, OUTPUT_FORMATS) is not None else name + fmt
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def check_outputs(volumes: Sequence[CohortVolume], out_dir: str | os.PathLike[str]) -> None:
+    """ManifestError when an output of any volume (or its sidecar) would replace an input of any volume.
+
+    Give every volume of the manifest, not one shard's: other shards run at the same time. Two paths
+    are the same file when they are (after links and '..') the same name in the same folder, compared
+    by folder identity (device, inode) and without letter case (one file on macOS and Windows), or
+    when the output exists and is the input (a hard link); no output may go inside an input folder
+    (a DICOM series).
+    """
+    out = Path(out_dir)
+    out_id = _identity(out)
+    if out_id is None:
+        return  # not made yet: no input lies in it
+    names: dict[tuple, CohortVolume] = {}
+    files: dict[tuple[int, int], CohortVolume] = {}
+    folders: dict[tuple[int, int], CohortVolume] = {}
+    for v in volumes:
+        image = Path(v.image)
+        for spelling in (Path(os.path.abspath(image)), Path(os.path.realpath(image))):
+            parent = _identity(spelling.parent)
+            if parent is not None:
+                names[(*parent, spelling.name.casefold())] = v
+        ident = _identity(image)
+        if ident is not None:
+            (folders if image.is_dir() else files)[ident] = v
+    real_out = Path(os.path.realpath(out))
+    for folder in (real_out, *real_out.parents):
+        inside = folders.get(_identity(folder) or (-1, -1))
+        if inside is not None:
+            raise ManifestError(f"--out {out} is inside the input folder of case {inside.case_id!r} ({inside.image}); "
+                                "outputs would be written among its files. Choose another --out")
+    for v in volumes:
+        for name in (v.output_name, v.output_name + ".json"):  # the label map and its sidecar
+            target = out / name
+            hit = names.get((*out_id, name.casefold()))
+            same_case = hit is not None and any(
+                Path(p).name == name for p in (os.path.abspath(hit.image), os.path.realpath(hit.image)))
+            if hit is None:
+                hit = files.get(_identity(target) or (-1, -1))
+                same_case = True
+            if hit is not None:
+                how = "" if same_case else (" (the same name apart from letter case: one file on macOS and "
+                                            "Windows)")
+                raise ManifestError(
+                    f"output {target} of case {v.case_id!r} would replace the input of case {hit.case_id!r} "
+                    f"({hit.image}){how}; nothing was run. Choose another --out or output name")
+
+
 def read_manifest(path: str | os.PathLike[str], output_format: str = ".nii.gz") -> list[CohortVolume]:
     """The volumes of a cohort, from a CSV or a folder (see `rseg segment-cohort --help`).
 
@@ -102,8 +158,20 @@ def read_manifest(path: str | os.PathLike[str], output_format: str = ".nii.gz") 
             raise ManifestError(f"{p}: cannot read the manifest ({e})") from None
         columns = {"image": 0, "case_id": 1, "output": 2}
         first = True
-        for lineno, row in enumerate(csv.reader(text.splitlines()), start=1):
+        reader = csv.reader(text.splitlines())
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:  # e.g. a cell over csv.field_size_limit(): no path is that long
+                raise ManifestError(f"{p}:{reader.line_num}: not a manifest row ({e}); a row is "
+                                    "image,case_id[,output] with one file path, id and name per cell") from None
+            lineno = reader.line_num
             cells = [c.strip() for c in row]
+            if any("\0" in c for c in cells):
+                raise ManifestError(f"{p}:{lineno}: a cell holds a NUL character; paths, case ids and output names "
+                                    "cannot")
             if not any(cells) or cells[0].startswith("#"):
                 continue
             if first:
@@ -191,9 +259,11 @@ def cohort_memory_dir(bank_id: str, revision: int, sam2_identity: str, cache_dir
     files are keyed by entry id and content hash, so a folder never serves a changed entry.
     The size cap (`--cache-gb`, else $RSEG_MEMORY_CACHE_GB, else 4 GB) is applied in `segment_one`.
     """
-    from .bank_format import MEMORIES_DIR, _sanitise, memory_cache_name
+    from .bank_format import MEMORIES_DIR, _sanitise, memory_cache_name, valid_bank_id
     from .memory import user_cache_root
 
+    if not valid_bank_id(bank_id):  # it names a folder: never a path (the reader checks it too)
+        raise ValueError(f"bank id {bank_id!r} is not a plain folder name")
     if cache_dir is not None:
         return Path(cache_dir) / str(bank_id) / memory_cache_name(sam2_identity)
     return user_cache_root() / MEMORIES_DIR / f"{_sanitise(bank_id, 64)}-r{int(revision)}" / memory_cache_name(sam2_identity)
@@ -209,7 +279,10 @@ class ReadOnlyBank:
     def __init__(self, path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None,
                  expect: tuple[str, int] | None = None) -> None:
         from .bank import SupportBank
+        from .bank_cache import check_cache_dir
 
+        if cache_dir is not None:
+            check_cache_dir(path, cache_dir)  # workers never write into the bank
         self._bank = SupportBank.open(path)
         self.cache_dir = cache_dir
         if expect is not None and (self._bank.bank_id, int(self._bank.revision)) != (expect[0], int(expect[1])):
@@ -311,16 +384,21 @@ def resume_reason(out_dir: Path, vol: CohortVolume, expected: dict) -> str | Non
     out = Path(out_dir) / vol.output_name
     if not out.is_file():
         return "no output yet"
+    # A sidecar is a file anyone can edit: whatever does not parse as this run's provenance means
+    # "not done" (the volume is segmented again and the sidecar rewritten), never a failure that
+    # would come back on every run.
     try:
         prov = read_sidecar(out)["provenance"]
-    except ValueError as e:
-        return f"no usable sidecar ({e})"
+        if not isinstance(prov, dict):
+            raise ValueError(f"its provenance is a {type(prov).__name__}, not an object")
+    except Exception as e:  # noqa: BLE001 - KeyError, TypeError, RecursionError, OSError, ... alike
+        return f"no usable sidecar ({type(e).__name__}: {str(e)[:200]})"
     for key, want in _normalise(expected).items():
         got = prov.get(key)
         if key == "bank" and isinstance(got, dict):
             got = {"bank_id": got.get("bank_id"), "revision": got.get("revision")}
         if got != want:
-            return f"made with other settings ({key}: {got!r}, now {want!r})"
+            return f"made with other settings ({key}: {repr(got)[:200]}, now {want!r})"
     if prov.get("output_sha256") != file_sha256(out):
         return "the output does not match the SHA-256 its sidecar records"
     return None

@@ -334,11 +334,18 @@ def _read(p: Path) -> dict[str, Any]:
     import nrrd
     import slicerio
 
+    from .volume_checks import check_regular, check_voxel_count, data_files
+
     where = str(p)
+    check_regular(p, "segmentation file")  # a FIFO would block the header read
     if p.stat().st_size == 0:
         raise ValueError(f"{where!r} is empty (0 bytes): not a segmentation; was its writing interrupted?")
     try:
         header = nrrd.read_header(where)
+        for f in data_files(p):  # a detached "data file:" may name a FIFO too
+            if f.exists():
+                check_regular(f, "segmentation data file")
+        check_voxel_count(p, tuple(int(s) for s in header.get("sizes", ())))
         if "space directions" not in header:
             raise ValueError(
                 f"{where!r} has no 'space directions': its voxel geometry is unknown. Save it "
@@ -362,7 +369,7 @@ def read_seg_nrrd(
     if overlap not in ("error", "last"):
         raise ValueError(f"overlap must be 'error' or 'last', got {overlap!r}")
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"no such segmentation file: {str(p)!r}")
     seg = _read(p)
     voxels = np.asarray(seg["voxels"])

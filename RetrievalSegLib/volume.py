@@ -186,19 +186,49 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> Volume:
-    """Read a 3D scalar image file (NIfTI, NRRD, MHA/MHD, ...) or a folder with a DICOM series."""
+def _pixel_bits(pixel_id: int) -> int:
+    """Bits per component of a SimpleITK pixel type ("16-bit signed integer", "vector of 32-bit float")."""
+    import re
+
     import SimpleITK as sitk
+
+    name = sitk.GetPixelIDValueAsString(pixel_id)
+    m = re.search(r"(\d+)-bit", name)
+    return (int(m.group(1)) if m else 8) * (2 if "complex" in name else 1)
+
+
+def read_volume(path: str | os.PathLike[str], series_uid: str | None = None, max_voxels: int | None = None) -> Volume:
+    """Read a 3D scalar image file (NIfTI, NRRD, MHA/MHD, ...) or a folder with a DICOM series.
+
+    The file is checked first (`volume_checks`): regular files only (a FIFO would block), at most
+    `max_voxels` voxels (default $RSEG_MAX_VOXELS, else 2^31), and the voxel data the header
+    promises must be in the file (a truncated NIfTI is refused, never zero-filled).
+    """
+    import SimpleITK as sitk
+
+    from .volume_checks import check_dicom_folder, check_image_file, check_regular, data_files
+    from .volume_checks import max_voxels as voxel_cap
 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no such file or folder: {str(p)!r}")
+    voxel_cap(max_voxels)  # a bad setting is reported before any file is opened
     if p.is_dir():
-        return _read_dicom_folder(p, series_uid)
+        check_dicom_folder(p)
+        return _read_dicom_folder(p, series_uid, max_voxels)
     if series_uid is not None:
         raise ValueError(f"series_uid={series_uid!r} applies to DICOM folders only, not {str(p)!r}")
+    check_regular(p)
+    for f in data_files(p):
+        if f.exists():
+            check_regular(f, "image data file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
     try:
-        img = sitk.ReadImage(str(p))
+        reader.ReadImageInformation()  # the header only: nothing is allocated yet
+        info = (tuple(reader.GetSize()), int(reader.GetNumberOfComponents()), _pixel_bits(reader.GetPixelID()))
+        check_image_file(p, info, max_voxels)
+        img = reader.Execute()
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
         raise ValueError(
@@ -215,9 +245,11 @@ def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> 
         raise ValueError(f"{str(p)!r}: {exc}{hint}") from exc
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> Volume:
+def _read_dicom_folder(folder: Path, series_uid: str | None, max_voxels: int | None = None) -> Volume:
     """Read one DICOM series from `folder` (the only one, or the one named by `series_uid`)."""
     import SimpleITK as sitk
+
+    from .volume_checks import check_voxel_count
 
     uids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
     if not uids:
@@ -242,6 +274,11 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> Volume:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
+        first = sitk.ImageFileReader()
+        first.SetFileName(files[0])
+        first.ReadImageInformation()  # rows x columns (x frames) of one file, times the files
+        size = tuple(first.GetSize()) + (1,)
+        check_voxel_count(folder, (size[0], size[1], size[2] * len(files)), max_voxels)
         img = reader.Execute()
     except RuntimeError as exc:
         raise ValueError(
