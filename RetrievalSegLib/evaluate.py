@@ -132,8 +132,8 @@ def run_key(bank, engine, *, k: int, labels: dict[int, str], axis, window, preci
     """What a finished case's result depends on: `--resume` reuses a case only when this matches."""
     import hashlib
 
-    # The entries retrieval can return, not the revision: segmenting records SAM 2's memory cache
-    # in bank.json, which bumps the revision without changing any support.
+    # The entries retrieval can return, not the revision: some changes raise the revision without
+    # changing any support (retire then restore, a repair that finds nothing to mend).
     entries = sorted(f"{e.id}:{e.sha256}" for e in bank.entries() if e.usable)
     digest = hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
     return {"bank_id": bank.bank_id, "bank_supports": digest, "k": int(k),

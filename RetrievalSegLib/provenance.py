@@ -72,7 +72,10 @@ def segmentation_provenance(seg, engine, bank, *, k: int, extra: dict | None = N
         "precision": seg.precision,
         "batch_size": int(seg.batch_size),
         "k": int(k),
-        "bank": {"path": str(bank.path), "bank_id": bank.bank_id, "revision": int(bank.revision)},
+        # the revision retrieval used (read when the segmentation began), not the bank's now
+        "bank": {"path": str(bank.path), "bank_id": bank.bank_id,
+                 "revision": int(seg.bank_revision if getattr(seg, "bank_revision", None) is not None
+                                 else bank.revision)},
         "labels": {str(lab.value): lab.name for lab in seg.labels},
         "axis": "ijk"[seg.axis],
         "seconds": finite_or_none(round(seg.seconds, 3)),

@@ -121,6 +121,7 @@ class VolumeSegmentation:
     start_reason: str = ""  # 'given', 'annotated', 'middle of the slice range', 'most similar to the bank'
     beyond_extent: set[int] = field(default_factory=set)  # slices the extent stop left out
     estimate: TimeEstimate | None = None
+    bank_revision: int | None = None  # the bank's revision when its supports were retrieved
 
     def low_confidence_slices(self, threshold: float = 0.5) -> list[int]:
         """Segmented slices whose confidence is below `threshold`, in slice order."""
@@ -346,6 +347,8 @@ def segment_volume(
         result.cancelled = True
         return result
     emb = engine.embedder.embed(images)
+    revision = getattr(bank, "revision", None)  # read before the search: what the sidecar records
+    result.bank_revision = None if revision is None else int(revision)
     hits = bank.search(emb, k, case_id=case_id, case_policy=case_policy)
     # Memories computed under bf16 autocast differ from float32 ones: they get their own cache.
     cache = engine.memory_cache(bank) if prec == "fp32" else engine.memory_cache(bank, precision=prec)
