@@ -269,9 +269,14 @@ def add_evaluate_parser(sub, models: argparse.ArgumentParser) -> None:
                    help="folder for metrics.csv, metrics.json, cases/ (per-case results), predictions/")
     p.add_argument("--save-predictions", action="store_true",
                    help="write each prediction as NIfTI with a provenance sidecar (<file>.json)")
-    p.add_argument("--resume", action="store_true",
-                   help="skip test cases already finished in OUT/cases by an earlier (interrupted) run with "
-                        "the same bank, k, labels and models")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="skip test cases already finished in OUT/cases by an earlier (interrupted) run with "
+                            "the same bank, k, labels and models")
+    again.add_argument("--overwrite", action="store_true",
+                       help="evaluate every test case again into an OUT that holds results; each case's earlier "
+                            "files are replaced only when its new result is written (without --resume or "
+                            "--overwrite, an OUT with results is refused)")
     p.add_argument("--json", action="store_true",
                    help="print the summary as JSON on stdout (progress stays on stderr)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
