@@ -23,6 +23,7 @@ from .cli_common import (  # shared with cli_bank, cli_suggest and evaluate
     _parse_labels_arg,
     _parse_range,
     _positive_int,
+    _presence_threshold,
     _progress_bar,
     _UsageError,
     _window,
@@ -215,9 +216,11 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
                         "slices where every label is predicted absent; slices beyond stay background and are "
                         f"reported as 'not segmented (beyond extent)' (default {DEFAULT_EXTENT_STOP}; 0 = every slice). "
                         "A gap of N or more slices needs a second --start-slice beyond it, or 0")
-    p.add_argument("--presence-threshold", type=float, default=0.0, metavar="T",
-                   help="a label counts as present on a slice when its SAM 2 object score is > T "
-                        "(default 0, SAM 2's own rule)")
+    p.add_argument("--presence-threshold", type=_presence_threshold, default=0.0, metavar="T",
+                   help="a label is present on a slice when its SAM 2 object score is > T, else absent: its "
+                        "mask on that slice is empty (the sidecar records present/absent per slice and label); "
+                        "the extent stop counts absent slices by the same rule (default 0, SAM 2's own rule; "
+                        "T >= 0)")
     p.add_argument("--start-slice", type=_parse_slice_list, default=None, metavar="I[,I...]",
                    help="where the extent stop starts (default: the annotated slices of --case in the bank, "
                         "else the middle of --slices, else the slice most similar to the bank)")

@@ -204,8 +204,8 @@ class LastSegmentation:
     @classmethod
     def from_sidecar(cls, doc: dict[str, Any], labelmap: np.ndarray | None = None) -> "LastSegmentation":
         """From a prediction sidecar (`provenance.read_sidecar`); with its label map, 'found nothing'
-        means no label voxel on the slice, without it: every label's object score <= 0 (SAM 2's
-        'object absent')."""
+        means no label voxel on the slice, without it: every label absent (the sidecar's `present`,
+        or, in sidecars written before it, every label's object score <= 0: SAM 2's 'object absent')."""
         from .provenance import SEGMENTED
 
         prov = doc.get("provenance") or {}
@@ -229,8 +229,9 @@ class LastSegmentation:
             nothing = np.array([s == SEGMENTED and not has_label[i] for i, s in enumerate(status)])
         else:
             nothing = np.array([
-                r["status"] == SEGMENTED and bool(r.get("object_score"))
-                and all(v is not None and v <= 0 for v in r["object_score"].values())
+                r["status"] == SEGMENTED and (
+                    not any(r["present"].values()) if r.get("present") else
+                    bool(r.get("object_score")) and all(v is not None and v <= 0 for v in r["object_score"].values()))
                 for r in records
             ], dtype=bool)
         bank = prov.get("bank") or {}
