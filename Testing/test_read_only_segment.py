@@ -24,7 +24,7 @@ from RetrievalSegLib.synthetic import make_synthetic_study
 from RetrievalSegLib.volume import write_volume
 
 FAST = ["--random-weights", "--image-size", "256", "--dinov2-input-size", "56", "--device", "cpu"]
-SEG = ["--k", "1", "--extent-stop", "0", "--no-progress"]
+SEG = ["--k", "1", "--extent-stop", "0", "--slices", "1:3", "--no-progress"]
 LABELS = "1:RV,2:Myo,3:LV"
 
 
