@@ -61,17 +61,20 @@ def cache_root(bank: Any, cache_dir: str | Path) -> Path:
 
 
 def cache_folders(bank: Any, cache_dir: str | Path | None = None) -> list[Path]:
-    """Memory cache folders of `bank`: in the bank, the per-user ones for its id, or under `cache_dir`."""
+    """Memory cache folders of `bank`: the per-user ones for its id (and those older versions
+    kept in the bank's `memories/` or per revision), or those under `cache_dir`."""
+    from .bank_format import _sanitise
     from .memory import user_cache_root
 
     roots: list[Path] = []
     if cache_dir is not None:
         roots.append(cache_root(bank, cache_dir))
     else:
-        roots.append(bank.path / MEMORIES_DIR)
         user = user_cache_root() / MEMORIES_DIR
+        name = _sanitise(str(bank.bank_id), 64)
+        roots += [user / name, bank.path / MEMORIES_DIR]
         with contextlib.suppress(OSError):
-            roots += sorted(p for p in user.iterdir() if p.name.startswith(f"{bank.bank_id}-r"))
+            roots += sorted(p for p in user.iterdir() if p.name.startswith(f"{name}-r"))
     found: list[Path] = []
     for root in roots:
         if is_link(root) or not root.is_dir():

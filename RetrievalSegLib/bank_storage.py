@@ -9,7 +9,6 @@ import errno
 import io
 import json
 import os
-import shutil
 import socket
 import sqlite3
 import stat
@@ -48,11 +47,9 @@ from .bank_format import (
     _parse_entry_file,
     _reembed_hint,
     _rows_sha256,
-    _sanitise,
     _sha256,
     _State,
     _state_from_json,
-    memory_cache_name,
 )
 from .fileio import UnsafeLinkError, atomic_write_bytes, check_no_links, is_link, read_bytes
 from .volume import AXIS_NAMES, parse_axis
@@ -636,48 +633,13 @@ class BankStore:
 
     # ---------------------------------------------------------------- memory caches
     def memory_cache_dir(self, sam2_identity: str, create: bool = True) -> Path:
-        """Folder for the SAM 2 memory cache of `sam2_identity`.
+        """Folder for the SAM 2 memory cache of `sam2_identity`: per user, never in the bank.
 
-        Inside the bank (`memories/<slug>-<hash8>/`, recorded in bank.json) when the bank is
-        writable; otherwise (read-only folder or file system, another user's bank) a per-user
-        folder `<user cache>/memories/<bank id>-r<revision>/<slug>-<hash8>/`, so that reading a
-        bank never needs write access to it. With create=False, the in-bank path, untouched.
+        `<user cache>/memories/<bank id>/<slug>-<hash8>/` (`memory.user_memory_dir`). Segmenting
+        only reads the bank: a new SAM 2 setting writes no row and never changes the revision.
+        Banks of older versions may hold `memories/` folders and `sam2` rows in `models`; they are
+        no longer used (`rseg bank cache BANK --clear` deletes the files).
         """
-        if not isinstance(sam2_identity, str) or not sam2_identity:
-            raise ValueError(f"sam2_identity must be a non-empty string, got {sam2_identity!r}")
-        name = memory_cache_name(sam2_identity)
-        d = self.path / MEMORIES_DIR / name
-        check_no_links(self.path, d)  # a linked memories/ would receive (and lose) files elsewhere
-        if not create:
-            return d
-        if self.writable():
-            try:
-                d.mkdir(parents=True, exist_ok=True)
-                check_no_links(self.path, d)
-                if sam2_identity not in self._current().sam2:
-                    with self._transaction() as state:
-                        if sam2_identity not in state.sam2:
-                            state.sam2.append(sam2_identity)
-                            self._commit(state)
-                return d
-            except UnsafeLinkError:
-                raise
-            except (BankReadOnlyError, PermissionError) as e:
-                _ = e  # not writable after all: use the per-user cache below
-            except OSError as e:
-                if e.errno != errno.EROFS:
-                    raise
-        return self._user_memory_dir(name)
+        from .memory import user_memory_dir
 
-    def _user_memory_dir(self, name: str) -> Path:
-        """Per-user memory cache folder for this bank's id and revision (older revisions pruned)."""
-        from .memory import user_cache_root
-
-        root = user_cache_root() / MEMORIES_DIR
-        this = f"{_sanitise(self.bank_id, 64)}-r{self.revision}"
-        with contextlib.suppress(OSError):
-            for old in root.iterdir():
-                if old.name.startswith(this.rsplit("-r", 1)[0] + "-r") and old.name != this:
-                    if not is_link(old) and old.is_dir():
-                        shutil.rmtree(old, ignore_errors=True)
-        return root / this / name
+        return user_memory_dir(self.bank_id, sam2_identity, create=create)

@@ -298,7 +298,8 @@ def presence_threshold_from(scores: np.ndarray, truth: np.ndarray) -> tuple[floa
     """(threshold, accuracy): the midpoint between two sorted scores that best separates
     `truth` (present where score > threshold); ties go to the lowest threshold."""
     values = np.unique(scores)
-    best = (float(values[0]) - 1.0, float(((scores > values[0] - 1.0) == truth).mean()))
+    low = max(0.0, float(values[0]) - 1.0)  # a presence threshold is >= 0 (segment.check_presence_threshold)
+    best = (low, float(((scores > low) == truth).mean()))
     for a, b in zip(values, values[1:]):
         t = float((a + b) / 2)
         acc = float(((scores > t) == truth).mean())
@@ -328,7 +329,9 @@ def run_extent(engine, bank, n_slices: int, hw: int, k: int, precision: str, bat
     stop_s = time.perf_counter() - t
     done = sorted(seg.slices)
     expect = extent_slices(list(scores > threshold), seg.start_slices, stop)
-    same = all(np.array_equal(full.label_masks[:, i], seg.label_masks[:, i]) for i in done)
+    # The stop run empties the labels absent under its threshold; the full run (threshold 0) kept them.
+    present = {i: np.array([full.slices[i].object_score[lab.value] > threshold for lab in full.labels]) for i in done}
+    same = all(np.array_equal(full.label_masks[:, i] & present[i][:, None, None], seg.label_masks[:, i]) for i in done)
     return dict(
         slices=n_slices, structure=int(truth.sum()), stop=stop, threshold=threshold, accuracy=accuracy,
         score_range=(float(scores.min()), float(scores.max())), start=seg.start_slices, reason=seg.start_reason,

@@ -23,6 +23,7 @@ from .cli_common import (  # shared with cli_bank, cli_suggest and evaluate
     _parse_labels_arg,
     _parse_range,
     _positive_int,
+    _presence_threshold,
     _progress_bar,
     _UsageError,
     _window,
@@ -215,9 +216,11 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
                         "slices where every label is predicted absent; slices beyond stay background and are "
                         f"reported as 'not segmented (beyond extent)' (default {DEFAULT_EXTENT_STOP}; 0 = every slice). "
                         "A gap of N or more slices needs a second --start-slice beyond it, or 0")
-    p.add_argument("--presence-threshold", type=float, default=0.0, metavar="T",
-                   help="a label counts as present on a slice when its SAM 2 object score is > T "
-                        "(default 0, SAM 2's own rule)")
+    p.add_argument("--presence-threshold", type=_presence_threshold, default=0.0, metavar="T",
+                   help="a label is present on a slice when its SAM 2 object score is > T, else absent: its "
+                        "mask on that slice is empty (the sidecar records present/absent per slice and label); "
+                        "the extent stop counts absent slices by the same rule (default 0, SAM 2's own rule; "
+                        "T >= 0)")
     p.add_argument("--start-slice", type=_parse_slice_list, default=None, metavar="I[,I...]",
                    help="where the extent stop starts (default: the annotated slices of --case in the bank, "
                         "else the middle of --slices, else the slice most similar to the bank)")
@@ -269,9 +272,14 @@ def add_evaluate_parser(sub, models: argparse.ArgumentParser) -> None:
                    help="folder for metrics.csv, metrics.json, cases/ (per-case results), predictions/")
     p.add_argument("--save-predictions", action="store_true",
                    help="write each prediction as NIfTI with a provenance sidecar (<file>.json)")
-    p.add_argument("--resume", action="store_true",
-                   help="skip test cases already finished in OUT/cases by an earlier (interrupted) run with "
-                        "the same bank, k, labels and models")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="skip test cases already finished in OUT/cases by an earlier (interrupted) run with "
+                            "the same bank, k, labels and models")
+    again.add_argument("--overwrite", action="store_true",
+                       help="evaluate every test case again into an OUT that holds results; each case's earlier "
+                            "files are replaced only when its new result is written (without --resume or "
+                            "--overwrite, an OUT with results is refused)")
     p.add_argument("--json", action="store_true",
                    help="print the summary as JSON on stdout (progress stays on stderr)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")

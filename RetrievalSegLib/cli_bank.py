@@ -447,7 +447,8 @@ def add_bank_parser(
     what.add_argument("--clear", action="store_true")
     what.add_argument("--warm", action="store_true")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
-                   help="a cache folder of your own (e.g. for a cohort run) instead of the bank's")
+                   help="a cache folder of your own (e.g. shared by a cohort run) instead of the per-user one "
+                        "($RSEG_CACHE_DIR or ~/.cache/retrievalseg)")
     p.add_argument("--cap-gb", type=float, default=None, metavar="GB", help="cache size cap in GB")
     p.add_argument("--json", action="store_true")
 

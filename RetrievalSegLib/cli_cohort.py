@@ -17,6 +17,7 @@ from .cli_common import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     _non_negative_int,
+    _presence_threshold,
     _parse_labels_arg,
     _parse_range,
     _positive_int,
@@ -98,7 +99,7 @@ def add_cohort_parser(sub, models: argparse.ArgumentParser) -> None:
                    help="only these slices of every volume (stop exclusive)")
     p.add_argument("--extent-stop", type=_non_negative_int, default=DEFAULT_EXTENT_STOP, metavar="N",
                    help=f"as in `rseg segment` (default {DEFAULT_EXTENT_STOP}; 0 = every slice)")
-    p.add_argument("--presence-threshold", type=float, default=0.0, metavar="T",
+    p.add_argument("--presence-threshold", type=_presence_threshold, default=0.0, metavar="T",
                    help="as in `rseg segment` (default 0)")
     p.add_argument("--case-policy", default="ignore", choices=["ignore", "exclude", "prefer"],
                    help="bank entries of each volume's case id: ignore (default), exclude, prefer")

@@ -103,6 +103,18 @@ _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
 
 
+def _presence_threshold(text: str) -> float:
+    """An argparse type: --presence-threshold, a finite number >= 0 (`segment.check_presence_threshold`)."""
+    from .segment import check_presence_threshold
+
+    try:
+        return check_presence_threshold(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number >= 0, got {text!r} (SAM 2 itself empties the mask of a label whose object "
+            "score is <= 0, so a lower threshold cannot make it present)") from None
+
+
 def _warn_random(args: argparse.Namespace) -> None:
     if getattr(args, "random_weights", False):
         print("rseg: WARNING: --random-weights: models have random weights, the output is meaningless",

@@ -2,7 +2,8 @@
 
 Downloads go through huggingface_hub into its cache ($HF_HOME/hub), or into a plain weights folder
 (`--dir`, $RSEG_WEIGHTS_DIR). Exit codes: 0 ok, 1 failure (corrupt file, cancelled, declined),
-2 usage error, 3 offline or the source is unavailable, 130 interrupted.
+2 usage error (also: consent needed but standard input is not a terminal and --yes not given),
+3 offline or the source is unavailable, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ def add_weights_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"URL of a Hugging Face Hub mirror (default: ${ENV_MIRROR}, else $HF_ENDPOINT, "
         "else https://huggingface.co)",
     )
-    dl.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    dl.add_argument("--yes", "-y", action="store_true",
+                    help="download without asking (needed when standard input is not a terminal)")
     dl.add_argument("--force", action="store_true", help="download again files already present.")
     dl.set_defaults(func=cmd_download)
 
@@ -178,7 +180,13 @@ def cmd_download(args: argparse.Namespace) -> int:
     _print_terms(todo)
     total = sum(it.approx_mb for it in todo)
     print(f"{len(todo)} file(s), about {total:.0f} MB in all.")
-    if not args.yes and sys.stdin.isatty():
+    if not args.yes:
+        # Consent is asked on a terminal; with standard input not a terminal (a pipe, a script, a
+        # scheduler) nobody can answer, so nothing is downloaded without --yes (as `make demo`).
+        if not sys.stdin.isatty():
+            _err("standard input is not a terminal, so consent cannot be asked: nothing downloaded. "
+                 "Run it in a terminal to be asked, or add --yes to download the files listed above")
+            return EXIT_USAGE
         if not _confirm("Download now? [y/N] "):
             print("Nothing downloaded.")
             return EXIT_FAILURE

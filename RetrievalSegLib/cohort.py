@@ -248,25 +248,25 @@ def select_shard(volumes: Sequence[CohortVolume], index: int, count: int) -> lis
 
 
 # ----------------------------------------------------------------------------- the bank, read-only
-def cohort_memory_dir(bank_id: str, revision: int, sam2_identity: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+def cohort_memory_dir(bank_id: str, sam2_identity: str, cache_dir: str | os.PathLike[str] | None) -> Path:
     """Where a cohort keeps the SAM 2 memories of a bank: the one function that decides it.
 
     Never inside the bank (workers must not change it). With `cache_dir`: `<cache_dir>/<bank id>/<model>/`,
     the folder `rseg bank cache BANK --warm --cache-dir DIR` fills (and `engine.memory_cache(...,
     cache_dir=DIR)` uses), so a cache warmed once is read by every worker, e.g. on a shared file
-    system. Without it: the per-user folder a read-only bank uses
-    (`<RSEG_CACHE_DIR or ~/.cache/retrievalseg>/memories/<bank id>-r<revision>/<model>/`). Memory
-    files are keyed by entry id and content hash, so a folder never serves a changed entry.
+    system. Without it: the per-user folder `rseg segment` uses too (`memory.user_memory_dir`:
+    `<RSEG_CACHE_DIR or ~/.cache/retrievalseg>/memories/<bank id>/<model>/`). Memory files are keyed
+    by entry id and content hash, so a folder serves every revision and never a changed entry.
     The size cap (`--cache-gb`, else $RSEG_MEMORY_CACHE_GB, else 4 GB) is applied in `segment_one`.
     """
-    from .bank_format import MEMORIES_DIR, _sanitise, memory_cache_name, valid_bank_id
-    from .memory import user_cache_root
+    from .bank_format import memory_cache_name, valid_bank_id
+    from .memory import user_memory_dir
 
     if not valid_bank_id(bank_id):  # it names a folder: never a path (the reader checks it too)
         raise ValueError(f"bank id {bank_id!r} is not a plain folder name")
     if cache_dir is not None:
         return Path(cache_dir) / str(bank_id) / memory_cache_name(sam2_identity)
-    return user_cache_root() / MEMORIES_DIR / f"{_sanitise(bank_id, 64)}-r{int(revision)}" / memory_cache_name(sam2_identity)
+    return user_memory_dir(bank_id, sam2_identity, create=False)
 
 
 class ReadOnlyBank:
@@ -308,7 +308,7 @@ class ReadOnlyBank:
         return self._bank.load_entry(entry_id)
 
     def memory_cache_dir(self, sam2_identity: str, create: bool = True) -> Path:
-        d = cohort_memory_dir(self.bank_id, self.revision, sam2_identity, self.cache_dir)
+        d = cohort_memory_dir(self.bank_id, sam2_identity, self.cache_dir)
         if create:
             d.mkdir(parents=True, exist_ok=True)
         return d

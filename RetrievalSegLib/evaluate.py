@@ -20,6 +20,11 @@ Rules this module keeps (each has a test in Testing/test_evaluate.py):
 - Output is strict JSON: an undefined number is `null` with a `<field>_undefined` reason.
 - Per-case results are written atomically as each case finishes (`cases/<case>.json`, and
   metrics.csv / metrics.json rewritten), so an interrupted run keeps them and `--resume` skips them.
+- Results are never lost by surprise: an output folder that holds results (`existing_results`) is
+  refused unless `--resume` (keep finished cases) or `--overwrite` (evaluate every case again) is
+  given, and `--overwrite` replaces a case's files only when its new result is written (prediction,
+  its sidecar, then the case record, each atomically); an interrupted overwrite keeps the earlier
+  results of the cases it had not reached and names them.
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ from .evaluate_study import (  # study folders and building the bank
 
 CASE_FORMAT = "rseg-evaluate-case"
 CASES_DIR = "cases"
+PREDICTIONS_DIR = "predictions"
 
 RANDOM_BANNER = ("RANDOM WEIGHTS: these results come from models with random weights "
                  "(--random-weights); they are meaningless as a measure of RetrievalSeg")
@@ -132,8 +138,8 @@ def run_key(bank, engine, *, k: int, labels: dict[int, str], axis, window, preci
     """What a finished case's result depends on: `--resume` reuses a case only when this matches."""
     import hashlib
 
-    # The entries retrieval can return, not the revision: segmenting records SAM 2's memory cache
-    # in bank.json, which bumps the revision without changing any support.
+    # The entries retrieval can return, not the revision: some changes raise the revision without
+    # changing any support (retire then restore, a repair that finds nothing to mend).
     entries = sorted(f"{e.id}:{e.sha256}" for e in bank.entries() if e.usable)
     digest = hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
     return {"bank_id": bank.bank_id, "bank_supports": digest, "k": int(k),
@@ -165,8 +171,8 @@ def load_finished(out: Path, key: dict[str, Any], cases: Sequence[CaseFiles]) ->
                      if (doc.get("run") or {}).get(n) != v]
             raise ResumeMismatch(
                 f"--resume: finished case {c.case_id} in {out / CASES_DIR} was evaluated with other "
-                f"settings ({'; '.join(diffs)}); rerun without --resume to evaluate every case again, "
-                "or give another --out"
+                f"settings ({'; '.join(diffs)}); rerun with --overwrite instead of --resume to evaluate every "
+                "case again, or give another --out"
             )
         done[c.case_id] = doc
     return done
@@ -174,6 +180,42 @@ def load_finished(out: Path, key: dict[str, Any], cases: Sequence[CaseFiles]) ->
 
 class ResumeMismatch(ValueError):
     """--resume with results made under other settings: a usage error."""
+
+
+class ResultsExist(ValueError):
+    """The output folder holds results and neither --resume nor --overwrite was given: a usage error."""
+
+
+class EvaluationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `evaluate`: which cases this run finished and which earlier results it kept."""
+
+    def __init__(self, finished: list[str], kept: list[str]) -> None:
+        super().__init__()
+        self.finished, self.kept = finished, kept
+
+
+def existing_results(out: Path) -> list[str]:
+    """What in `out` an earlier `rseg evaluate` wrote (metrics files, case records, predictions)."""
+    out = Path(out)
+    found = [name for name in ("metrics.csv", "metrics.json") if (out / name).is_file()]
+    for sub, pattern, what in ((CASES_DIR, "*.json", "finished case(s)"), (PREDICTIONS_DIR, "*", "prediction file(s)")):
+        n = len([p for p in (out / sub).glob(pattern) if p.is_file()]) if (out / sub).is_dir() else 0
+        if n:
+            found.append(f"{n} {what} in {sub}/")
+    return found
+
+
+def check_results_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an output folder with results unless the caller said what to do with them."""
+    if resume and overwrite:
+        raise ResultsExist("give --resume or --overwrite, not both")
+    found = existing_results(out)
+    if found and not (resume or overwrite):
+        raise ResultsExist(
+            f"{out} holds the results of an earlier evaluation ({', '.join(found)}); add --resume to keep its "
+            "finished cases and evaluate only the rest, or --overwrite to evaluate every case again (each "
+            "case's files are replaced only when its new result is written), or give another --out"
+        )
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -213,31 +255,36 @@ def check_plan(test: Sequence[CaseFiles], bank, labels: Sequence[int] | None, k:
 
 def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8, axis=None, window=None,
              out: Path, save_predictions: bool = False, progress: bool = True, precision: str = "auto",
-             batch_size: int | None = None, resume: bool = False, extra: dict[str, Any] | None = None,
+             batch_size: int | None = None, resume: bool = False, overwrite: bool = False,
+             extra: dict[str, Any] | None = None,
              on_case: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Segment each test case and compute per-label Dice/HD95; write CSV + JSON into `out`.
 
     Each case's rows go to `out/cases/<case>.json` and metrics.csv/metrics.json are rewritten
     (atomically) as soon as the case finishes; with `resume`, cases finished before under the same
-    settings are skipped. Raises ValueError when exclusion of a case's subject leaves fewer than k
-    candidate supports (before segmenting anything).
+    settings are skipped. An `out` with results needs `resume` or `overwrite` (ResultsExist);
+    `overwrite` replaces each case's files only when its new result is written. Ctrl-C raises
+    `EvaluationInterrupted` (a KeyboardInterrupt) naming the cases finished and the earlier results
+    kept. Raises ValueError when exclusion of a case's subject leaves fewer than k candidate
+    supports (before segmenting anything).
     """
     from .engine import resolve_precision
     from .metrics import per_label_metrics
-    from .provenance import segmentation_provenance, slice_records, write_sidecar
+    from .provenance import segmentation_provenance, sidecar_path, slice_records, write_sidecar
     from .segment import segment_volume
     from .volume import read_volume, write_volume
 
     out = Path(out)
+    check_results_folder(out, resume, overwrite)
     names, excluded = check_plan(test, bank, labels, k)
     prec = resolve_precision(precision, engine.sam.device)
     key = run_key(bank, engine, k=k, labels=names, axis=axis, window=window, precision=prec)
     out.mkdir(parents=True, exist_ok=True)
     (out / CASES_DIR).mkdir(exist_ok=True)
     finished = load_finished(out, key, test) if resume else {}
-    if not resume:  # earlier per-case results of this folder would be mixed in by a later --resume
-        for c in test:
-            _case_file(out, c.case_id).unlink(missing_ok=True)
+    # --overwrite deletes nothing up front: a case's earlier files stay until its new result
+    # replaces them (an interrupted run keeps, and names, the earlier results it had not reached).
+    earlier = [] if resume else [c.case_id for c in test if _case_file(out, c.case_id).is_file()]
 
     random_weights = bool(engine.random_weights)
     slices = {c.case_id: _slice_count(c.image, axis) for c in test}
@@ -264,6 +311,9 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
         from . import __version__
 
         doc["rseg_version"] = __version__
+        kept = [cid for cid in earlier if cid not in per_case]
+        if kept:  # an --overwrite run not finished yet: these cases' files are an earlier run's
+            doc["earlier_results_kept"] = kept
         if extra:
             doc.update(extra)
         return doc
@@ -306,9 +356,10 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
                                     "candidate_supports": excluded[c.case_id][1] - excluded[c.case_id][0],
                                     "slices": len(seg.slices), "seconds": round(seg.seconds, 3),
                                     "prediction": None}
+            prediction = out / PREDICTIONS_DIR / f"{c.case_id}.nii.gz"
             if save_predictions:
-                (out / "predictions").mkdir(exist_ok=True)
-                path = write_volume(seg.labelmap, out / "predictions" / f"{c.case_id}.nii.gz")
+                (out / PREDICTIONS_DIR).mkdir(exist_ok=True)
+                path = write_volume(seg.labelmap, prediction)
                 prov = segmentation_provenance(seg, engine, bank, k=k, extra={
                     "image": str(c.image), "case": c.case_id, "subject": c.subject,
                     "excluded_supports": excluded[c.case_id][0], "command": "rseg evaluate"})
@@ -319,9 +370,15 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
             _write_text(_case_file(out, c.case_id), json.dumps(
                 {"format": CASE_FORMAT, "run": key, "case": c.case_id, "info": info, "rows": mine,
                  "truth_labels": present}, indent=1, allow_nan=False) + "\n")
+            if not save_predictions:  # replaced by a record without one: an earlier prediction is stale
+                for stale in (prediction, sidecar_path(prediction)):
+                    if stale.is_file() and not stale.is_symlink():
+                        stale.unlink()
             write_metrics(out, result_doc(complete=False))
             if on_case is not None:
                 on_case(c.case_id, n + 1, len(test))
+    except KeyboardInterrupt:
+        raise EvaluationInterrupted(list(per_case), [cid for cid in earlier if cid not in per_case]) from None
     finally:
         if bar is not None:
             bar.close()
@@ -398,6 +455,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.pool is not None and train_study is None:
         raise _UsageError("--pool caps a bank built from --train; give --train too, or drop --pool to use "
                           "the bank as it is")
+    try:  # before anything is built or loaded: results already in --out are never replaced by surprise
+        check_results_folder(args.out, args.resume, args.overwrite)
+    except ResultsExist as e:
+        raise usage(e) from None
     bank_path = args.bank if args.bank is not None else args.out / "bank"
     show = not args.no_progress
     for line in _skipped_lines("--test", test_study) + (_skipped_lines("--train", train_study) if train_study else []):
@@ -463,13 +524,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         result = evaluate(test, bank, engine, labels=[lab.value for lab in labels], k=args.k, axis=args.axis,
                           window=window, out=args.out, save_predictions=args.save_predictions, progress=show,
-                          precision=args.precision, batch_size=args.batch_size, resume=args.resume, extra=extra)
-    except (LabelError, ExclusionError, ResumeMismatch) as e:
+                          precision=args.precision, batch_size=args.batch_size, resume=args.resume,
+                          overwrite=args.overwrite, extra=extra)
+    except (LabelError, ExclusionError, ResumeMismatch, ResultsExist) as e:
         raise usage(e) from None
-    except KeyboardInterrupt:
-        done = len(list((args.out / CASES_DIR).glob("*.json"))) if (args.out / CASES_DIR).is_dir() else 0
-        print(f"rseg evaluate: interrupted; {done} finished case(s) kept in {args.out / CASES_DIR} and "
-              f"{args.out / 'metrics.csv'}; add --resume to the same command to skip them", file=sys.stderr)
+    except EvaluationInterrupted as e:
+        print(f"rseg evaluate: interrupted; {len(e.finished)} finished case(s) kept in {args.out / CASES_DIR} and "
+              f"{args.out / 'metrics.csv'}; run the same command with --resume"
+              + (" instead of --overwrite" if args.overwrite else "") + " to skip them", file=sys.stderr)
+        if e.kept:
+            print(f"rseg evaluate: {len(e.kept)} case(s) not evaluated again keep their earlier results (files in "
+                  f"{args.out / CASES_DIR} and {args.out / PREDICTIONS_DIR}, not in metrics.csv): {_few(e.kept, 5)}; "
+                  "--resume reuses them only if they were made with the same settings", file=sys.stderr)
         raise
     for w in result.get("warnings", []):
         print(f"rseg evaluate: warning: {w}", file=sys.stderr)

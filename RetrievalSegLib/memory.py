@@ -5,11 +5,13 @@ query, so it is computed once. On disk each memory is one safetensors file (no p
 atomically. Each file records the model identity and the entry key it was computed for and a
 SHA-256 of its tensors (format 2); a file that fails to read, belongs to another model or entry,
 or whose tensors do not match the hash is recomputed and rewritten, never trusted. A folder that
-cannot be written (read-only bank, full disk) degrades to memory only, with one warning.
+cannot be written (no permission, full disk) degrades to memory only, with one warning.
 
-Where the cache lives: inside the bank (`memories/`) when the bank is writable, otherwise a
-per-user folder (`user_cache_root()`, overridable with RSEG_CACHE_DIR) keyed by bank id and revision,
-or a folder the caller names (a cohort run's `--cache-dir`).
+Where the cache lives: never inside the bank (segmenting only reads a bank, so it never changes
+its files or its revision). By default a per-user folder `user_memory_dir(bank id, identity)`:
+`<user_cache_root()>/memories/<bank id>/<slug>-<hash8>/` (RSEG_CACHE_DIR moves the root), one
+folder per bank and SAM 2 identity that every revision of the bank shares, since a memory file is
+keyed by its entry's id and content hash; or a folder the caller names (`--cache-dir`).
 
 Size: bounded by a cap in bytes (`RSEG_MEMORY_CACHE_GB`, default 4 GB, or the `max_bytes`
 argument), applied separately to the memories held in RAM and to the files on disk; the least
@@ -76,6 +78,41 @@ def user_cache_root() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME") or (os.environ.get("LOCALAPPDATA") if os.name == "nt" else None)
     return (Path(xdg) if xdg else Path.home() / ".cache") / "retrievalseg"
+
+
+def user_memory_dir(bank_id: str, identity: str, create: bool = True) -> Path:
+    """The per-user memory cache folder of one bank and SAM 2 identity:
+    `<user_cache_root()>/memories/<bank id>/<slug>-<hash8>/`.
+
+    The identity is a key of this cache, never a row in the bank. With `create`, the folder's
+    parent is made and the per-revision copies older versions made (`<bank id>-r<N>/`, one full
+    copy per revision) are removed: this folder serves every revision.
+    """
+    from .bank_format import MEMORIES_DIR, _sanitise, memory_cache_name
+
+    if not isinstance(identity, str) or not identity:
+        raise ValueError(f"the SAM 2 identity must be a non-empty string, got {identity!r}")
+    root = user_cache_root() / MEMORIES_DIR
+    bank = _sanitise(str(bank_id), 64)  # never '..' or a path: a bank id is read from the bank
+    folder = root / bank / memory_cache_name(identity)
+    if create:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        remove_revision_copies(root, bank)
+    return folder
+
+
+def remove_revision_copies(root: Path, bank: str) -> list[Path]:
+    """Delete `<root>/<bank>-r<N>/` folders (older versions' per-revision caches); never a link."""
+    import shutil
+
+    removed = []
+    pattern = re.compile(re.escape(bank) + r"-r[0-9]+")
+    with contextlib.suppress(OSError):
+        for old in root.iterdir():
+            if pattern.fullmatch(old.name) and not old.is_symlink() and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+                removed.append(old)
+    return removed
 
 
 def _split(data: bytes) -> tuple[dict, bytes]:

@@ -71,12 +71,15 @@ class RetrievalEngine:
         cache_dir: str | Path | None = None,
         max_bytes: int | None = None,
     ) -> SupportMemoryCache:
-        """The memory cache for `bank` (on disk inside the bank), or an in-memory one for None.
+        """The memory cache for `bank` (on disk in the per-user cache), or an in-memory one for None.
 
+        The bank is only read: the files go to `bank.memory_cache_dir(identity)`, for a
+        `SupportBank` the per-user folder `<user cache>/memories/<bank id>/<model>/`
+        (`memory.user_memory_dir`), never into the bank, which keeps its files and revision.
         precision 'bf16' (memories computed under bfloat16 autocast) has its own cache, under the
         model identity plus '+autocast-bf16', so a float32 run never reads bf16 memories.
         `cache_dir` puts the files in `<cache_dir>/<bank id>/<model>/` instead (e.g. a cohort
-        run's own folder beside a read-only bank); `max_bytes` caps RAM and disk use (default
+        run's shared folder); `max_bytes` caps RAM and disk use (default
         `memory.memory_cache_cap()`: $RSEG_MEMORY_CACHE_GB or 4 GB; a later call with `max_bytes`
         changes the cap of the cache it returns).
         """
@@ -84,16 +87,14 @@ class RetrievalEngine:
             raise ValueError(f"precision must be 'fp32' or 'bf16' here, got {precision!r}")
         identity = self.sam.identity if precision == "fp32" else f"{self.sam.identity}+autocast-bf16"
         if bank is None:
-            key = ("", identity)
             directory = None
         elif cache_dir is not None:
             from .bank_format import memory_cache_name
 
             directory = Path(cache_dir) / str(bank.bank_id) / memory_cache_name(identity)
-            key = (str(directory.resolve()), identity)
         else:
-            key = (str(Path(bank.path).resolve()), identity)
-            directory = bank.memory_cache_dir(identity)
+            directory = Path(bank.memory_cache_dir(identity))
+        key = ("" if directory is None else str(directory.resolve()), identity)
         if key not in self._caches:
             self._caches[key] = SupportMemoryCache(identity, directory, max_bytes=max_bytes)
         elif max_bytes is not None:

@@ -11,7 +11,9 @@ The sidecar is strict JSON (no NaN: undefined numbers are null) and holds
   image size, k, the bank's id, revision and path, labels, axis, slice range, time;
 - `slices`: one record per slice of the volume along the axis, in order: `index`, `status`
   (one of `SLICE_STATUSES`), and for segmented slices `confidence`, `object_score` and `iou` per
-  label value, and the `retrieved` supports as [entry id, score].
+  label value, `present` per label value (true: object score > the presence threshold, recorded
+  in the provenance as `presence_threshold`; false: the label is absent and its mask on the slice
+  is empty), and the `retrieved` supports as [entry id, score].
 
 `rseg suggest --seg` reads `slices` back (`read_sidecar`); a slice that was not segmented is a
 gap to rank, not an empty slice.
@@ -72,7 +74,11 @@ def segmentation_provenance(seg, engine, bank, *, k: int, extra: dict | None = N
         "precision": seg.precision,
         "batch_size": int(seg.batch_size),
         "k": int(k),
-        "bank": {"path": str(bank.path), "bank_id": bank.bank_id, "revision": int(bank.revision)},
+        "presence_threshold": float(getattr(seg, "presence_threshold", 0.0)),
+        # the revision retrieval used (read when the segmentation began), not the bank's now
+        "bank": {"path": str(bank.path), "bank_id": bank.bank_id,
+                 "revision": int(seg.bank_revision if getattr(seg, "bank_revision", None) is not None
+                                 else bank.revision)},
         "labels": {str(lab.value): lab.name for lab in seg.labels},
         "axis": "ijk"[seg.axis],
         "seconds": finite_or_none(round(seg.seconds, 3)),
@@ -103,6 +109,7 @@ def slice_records(seg, slice_range: tuple[int, int] | None = None) -> list[dict]
                 "confidence": finite_or_none(r.confidence),
                 "object_score": {str(k): finite_or_none(v) for k, v in r.object_score.items()},
                 "iou": {str(k): finite_or_none(v) for k, v in r.iou.items()},
+                "present": {str(k): bool(v) for k, v in (getattr(r, "present", None) or {}).items()},
                 "retrieved": [[str(eid), finite_or_none(s)] for eid, s in r.retrieved],
             })
             continue

@@ -13,6 +13,13 @@ through one memory-attention + mask-decoder call (`Sam2MemoryEngine.query_batch`
 'bf16' runs SAM 2 under bfloat16 autocast (DINOv2 retrieval always runs in float32, so the
 supports retrieved do not depend on the precision).
 
+Presence: a label is *present* on a slice when SAM 2's object score for it is > `presence_threshold`
+(default 0: SAM 2's own rule, under which the decoder already blanks the mask of an absent
+object); an *absent* label gets an empty mask on that slice, whatever its logits. The one rule
+(`label_presence`) decides the label map, the per-label masks, the confidence and the extent stop,
+on the per-slice and the batched path alike, and `SliceResult.present` records it (the sidecar's
+`present`). A threshold below 0 is refused: SAM 2 has already emptied those masks.
+
 extent_stop N > 0 segments outwards from start slices and stops each direction after N
 consecutive slices with every label absent (`extent.py`); the slices it leaves out are in
 `VolumeSegmentation.beyond_extent`. The default 0 segments every slice (evaluation keeps that);
@@ -30,7 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .bank_cache import memory_key
-from .engine import QueryResult, autocast, resolve_precision
+from .engine import NO_OBJ_SCORE, QueryResult, autocast, resolve_precision
 from .extent import ExtentWalker
 from .preprocess import robust_window, to_uint8
 from .volume import AXIS_NAMES, Volume, num_slices, parse_axis, slice_view, through_plane_axis
@@ -40,13 +47,15 @@ CASE_POLICIES = ("ignore", "exclude", "prefer")
 
 @dataclass
 class SliceResult:
-    """What happened on one slice: its supports, SAM 2's scores, a confidence in 0..1."""
+    """What happened on one slice: its supports, SAM 2's scores, a confidence in 0..1, and per label
+    whether it counted as present (object score > the presence threshold; absent = empty mask)."""
 
     index: int
     retrieved: list[tuple[str, float]]
     iou: dict[int, float]
     object_score: dict[int, float]
     confidence: float
+    present: dict[int, bool] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,6 +130,7 @@ class VolumeSegmentation:
     start_reason: str = ""  # 'given', 'annotated', 'middle of the slice range', 'most similar to the bank'
     beyond_extent: set[int] = field(default_factory=set)  # slices the extent stop left out
     estimate: TimeEstimate | None = None
+    bank_revision: int | None = None  # the bank's revision when its supports were retrieved
 
     def low_confidence_slices(self, threshold: float = 0.5) -> list[int]:
         """Segmented slices whose confidence is below `threshold`, in slice order."""
@@ -228,16 +238,33 @@ def fuse_labels(logits: np.ndarray, label_lut: np.ndarray) -> np.ndarray:
     return out
 
 
-def slice_confidence(result: QueryResult) -> float:
+def label_presence(object_score: Sequence[float], threshold: float = 0.0) -> list[bool]:
+    """Per label: present when its SAM 2 object score is > `threshold` (0: SAM 2's own rule)."""
+    return [float(score) > threshold for score in object_score]
+
+
+def check_presence_threshold(threshold: float) -> float:
+    """The threshold as a float; ValueError unless finite and >= 0 (below 0 SAM 2 already blanks the mask)."""
+    t = float(threshold)
+    if not math.isfinite(t) or t < 0:
+        raise ValueError(
+            f"presence_threshold must be a finite number >= 0, got {threshold!r}: SAM 2 itself empties the mask "
+            "of a label whose object score is <= 0, so a lower threshold cannot make it present "
+            "(to segment every slice, turn the extent stop off)"
+        )
+    return t
+
+
+def slice_confidence(result: QueryResult, threshold: float = 0.0) -> float:
     """Confidence of one slice: the weakest label's.
 
-    A label predicted present scores sigmoid(object score) x predicted IoU; a label predicted
-    absent scores 1 - sigmoid(object score). Heuristic, for ranking slices to review.
+    A label present (object score > `threshold`) scores sigmoid(object score) x predicted IoU; a
+    label absent scores 1 - sigmoid(object score). Heuristic, for ranking slices to review.
     """
     conf = []
-    for iou, score in zip(result.iou, result.object_score):
+    for iou, score, present in zip(result.iou, result.object_score, label_presence(result.object_score, threshold)):
         p = 1.0 / (1.0 + math.exp(-float(np.clip(score, -80, 80))))
-        conf.append(p * float(np.clip(iou, 0.0, 1.0)) if score > 0 else 1.0 - p)
+        conf.append(p * float(np.clip(iou, 0.0, 1.0)) if present else 1.0 - p)
     return float(min(conf)) if conf else float("nan")
 
 
@@ -272,9 +299,11 @@ def segment_volume(
     (`auto_batch_size`), 1 is the per-slice reference path. encoder_batch: slices per image
     encoder call (None: batch_size, at least 4). keep_label_masks: also return each label's own
     foreground mask (logit > 0, overlaps kept) as `label_masks`.
-    extent_stop: 0 (default) segments every slice of the range; N > 0 walks out from the start
-    slices and stops a direction after N consecutive slices where every label's object score is
-    <= presence_threshold (see `extent.py`). start_slice: the slice(s) to start from; None picks,
+    presence_threshold (>= 0; default 0, SAM 2's own rule): a label whose object score on a slice is
+    <= it is absent there: its mask on that slice is empty (both paths; recorded per slice and
+    label in `SliceResult.present`). extent_stop: 0 (default) segments every slice of the range;
+    N > 0 walks out from the start slices and stops a direction after N consecutive slices where
+    every label is absent (see `extent.py`). start_slice: the slice(s) to start from; None picks,
     in this order, the annotated slices of this volume in the bank (entries of `case_id` along
     this axis), the middle of `slice_range` if given, else the slice most similar to the bank
     (highest DINOv2 top-1 score). estimate: called once, after the first batch, with a
@@ -292,8 +321,7 @@ def segment_volume(
             raise ValueError(f"{name} must be an integer >= 1 (or None for automatic), got {value!r}")
     if isinstance(extent_stop, bool) or not isinstance(extent_stop, (int, np.integer)) or extent_stop < 0:
         raise ValueError(f"extent_stop must be an integer >= 0 (0 = every slice), got {extent_stop!r}")
-    if not math.isfinite(float(presence_threshold)):
-        raise ValueError(f"presence_threshold must be a finite number, got {presence_threshold!r}")
+    presence_threshold = check_presence_threshold(presence_threshold)
     prec = resolve_precision(precision, engine.sam.device)
     bank.check_models(engine.embedder.identity)
     ax = parse_axis(axis)
@@ -332,6 +360,7 @@ def segment_volume(
         precision=prec,
         batch_size=batch_size,
         confidence=np.full(n, np.nan, dtype=np.float32),
+        presence_threshold=presence_threshold,
     )
     if keep_label_masks:
         result.label_masks = np.zeros((len(chosen),) + volume.array.shape, dtype=bool)
@@ -346,6 +375,8 @@ def segment_volume(
         result.cancelled = True
         return result
     emb = engine.embedder.embed(images)
+    revision = getattr(bank, "revision", None)  # read before the search: what the sidecar records
+    result.bank_revision = None if revision is None else int(revision)
     hits = bank.search(emb, k, case_id=case_id, case_policy=case_policy)
     # Memories computed under bf16 autocast differ from float32 ones: they get their own cache.
     cache = engine.memory_cache(bank) if prec == "fp32" else engine.memory_cache(bank, precision=prec)
@@ -368,11 +399,16 @@ def segment_volume(
 
     def record(j: int, res: QueryResult) -> None:
         nonlocal done
-        slice_view(out, ax, indices[j])[...] = fuse_labels(res.logits, label_lut)
+        present = label_presence(res.object_score, presence_threshold)
+        # An absent label's mask is empty on this slice: its logits are set to SAM 2's own
+        # "no object" value, as the decoder does itself where the score is <= 0.
+        logits = res.logits if all(present) else np.where(
+            np.asarray(present)[:, None, None], res.logits, np.float32(NO_OBJ_SCORE))
+        slice_view(out, ax, indices[j])[...] = fuse_labels(logits, label_lut)
         if result.label_masks is not None:
             for li in range(len(chosen)):
-                slice_view(result.label_masks[li], ax, indices[j])[...] = res.logits[li] > 0
-        conf = slice_confidence(res)
+                slice_view(result.label_masks[li], ax, indices[j])[...] = logits[li] > 0
+        conf = slice_confidence(res, presence_threshold)
         result.confidence[indices[j]] = conf
         result.slices[indices[j]] = SliceResult(
             indices[j],
@@ -380,6 +416,7 @@ def segment_volume(
             {lab: float(v) for lab, v in zip(chosen, res.iou)},
             {lab: float(v) for lab, v in zip(chosen, res.object_score)},
             conf,
+            {lab: bool(p) for lab, p in zip(chosen, present)},
         )
         done += 1
         if progress is not None:
@@ -452,7 +489,7 @@ def segment_volume(
     else:
         starts, result.start_reason = _start_slices(start_slice, bank, case_id, ax, start, stop, slice_range is not None, hits)
         result.start_slices = list(starts)
-        result.extent_stop, result.presence_threshold = int(extent_stop), float(presence_threshold)
+        result.extent_stop = int(extent_stop)
         walker = ExtentWalker(starts, int(extent_stop), (start, stop))
         first = True
         while not walker.finished and not cancelled():
@@ -462,7 +499,7 @@ def segment_volume(
             if result.cancelled:
                 break  # what this batch computed is discarded, as on the full path
             for i in batch_slices:
-                walker.record(i, max(computed[i].object_score) > presence_threshold)
+                walker.record(i, any(label_presence(computed[i].object_score, presence_threshold)))
             # Slices computed past a walk's stop are never accepted: discarded, so the slices
             # segmented do not depend on the batch size.
             accepted = walker.take_accepted()

@@ -204,8 +204,8 @@ class LastSegmentation:
     @classmethod
     def from_sidecar(cls, doc: dict[str, Any], labelmap: np.ndarray | None = None) -> "LastSegmentation":
         """From a prediction sidecar (`provenance.read_sidecar`); with its label map, 'found nothing'
-        means no label voxel on the slice, without it: every label's object score <= 0 (SAM 2's
-        'object absent')."""
+        means no label voxel on the slice, without it: every label absent (the sidecar's `present`,
+        or, in sidecars written before it, every label's object score <= 0: SAM 2's 'object absent')."""
         from .provenance import SEGMENTED
 
         prov = doc.get("provenance") or {}
@@ -229,8 +229,9 @@ class LastSegmentation:
             nothing = np.array([s == SEGMENTED and not has_label[i] for i, s in enumerate(status)])
         else:
             nothing = np.array([
-                r["status"] == SEGMENTED and bool(r.get("object_score"))
-                and all(v is not None and v <= 0 for v in r["object_score"].values())
+                r["status"] == SEGMENTED and (
+                    not any(r["present"].values()) if r.get("present") else
+                    bool(r.get("object_score")) and all(v is not None and v <= 0 for v in r["object_score"].values()))
                 for r in records
             ], dtype=bool)
         bank = prov.get("bank") or {}
@@ -401,9 +402,29 @@ def build_suggestions(
                             + (f", {int(exclude.sum())} already in the bank)" if exclude.any() else ")"))
     if picks and all(s.empty for s in out) and len(result.empty_slices) >= free:
         result.notes.append("every slice that can be suggested looks empty: check the window or the volume")
-    if last is not None and last.bank_revision is not None:
-        result.notes.append(f"confidences are from a segmentation made with bank revision {last.bank_revision}")
     return result
+
+
+def revision_note(last: LastSegmentation, bank: Any | None) -> str | None:
+    """What the last segmentation's bank (id, revision) says next to `bank` as it is now; None
+    when it is this bank at this revision (or the sidecar records no revision)."""
+    if last.bank_revision is None:
+        return None
+    then = int(last.bank_revision)
+    if bank is None:
+        return f"confidences are from a segmentation made with revision {then} of its bank (give --bank to compare)"
+    now = int(bank.revision)
+    if last.bank_id is not None and last.bank_id != bank.bank_id:
+        return (f"confidences are from a segmentation made with another support bank (id {last.bank_id}, "
+                f"revision {then}), not this one (id {bank.bank_id}): they may not hold for this bank")
+    if now == then:
+        return None
+    if now > then:
+        return (f"confidences are from a segmentation made with revision {then} of this bank, which is now at "
+                f"revision {now}: slices near the entries changed since may be better than their confidence "
+                "says (segment again for current confidences)")
+    return (f"confidences are from a segmentation made with revision {then} of this bank, but the bank is at "
+            f"revision {now} (an older copy of it?)")
 
 
 class VolumeEmbeddingCache:
@@ -498,6 +519,9 @@ def suggest_slices(
     in_bank = sorted({e.index for e in entries if case_id is not None and e.case_id == case_id and e.axis == ax})
     result = build_suggestions(emb, rows, [e.id for e in entries], int(n), ax, blank=blank,
                                last=last, in_bank=in_bank)
+    note = revision_note(last, bank) if last is not None else None
+    if note:
+        result.notes.append(note)
     if cached is not None:
         result.notes.append(REUSED_NOTE)
     return result

@@ -361,7 +361,8 @@ def test_verify_finds_corrupt_and_missing_entries_and_never_drops_them(tmp_path)
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
     (bank.path / "entries" / f"{missing.id}.npz").unlink()
-    cache = bank.memory_cache_dir("sam2.1-tiny@512:random-seed0")
+    cache = bank.path / "memories" / "sam2.1-tiny_512_random-seed0-0123abcd"  # an older version's cache
+    cache.mkdir(parents=True)
     (cache / "x.pt").write_bytes(b"cached")
 
     report = bank.verify()
@@ -486,7 +487,7 @@ def test_export_import_round_trip(tmp_path, suffix):
     bank = new_bank(tmp_path, emb)
     bank.add_volume(*make_case(12), "p01", emb)
     bank.remove(bank.entries()[0].id)
-    bank.memory_cache_dir("sam2.1-tiny@512:x")
+    (bank.path / "memories" / "sam2.1-tiny_512_x-0123abcd").mkdir(parents=True)  # an older version's cache
     archive = bank.export(tmp_path / f"out{suffix}")
 
     copy = SupportBank.import_archive(archive, tmp_path / "copy")

@@ -267,15 +267,18 @@ def test_cache_eviction_keeps_results_identical(tmp_path, engine, monkeypatch):
     free = segment_volume(study[1].image, bank, RetrievalEngine(engine.embedder, engine.sam), k=2, slice_range=(2, 4))
     one = RetrievalEngine(engine.embedder, engine.sam).memory_cache(bank)
     assert one.stats()["evicted"] == 0
-    size = max(p.stat().st_size for p in (bank.path / "memories").rglob("*.safetensors"))
+    from RetrievalSegLib.memory import user_cache_root
+
+    size = max(p.stat().st_size for p in (user_cache_root() / "memories" / bank.bank_id).rglob("*.safetensors"))
     monkeypatch.setenv("RSEG_MEMORY_CACHE_GB", str(1.5 * size / 2**30))  # room for one memory
+    monkeypatch.setenv("RSEG_CACHE_DIR", str(tmp_path / "capped-cache"))  # the copy has the same bank id: start cold
     capped_engine = RetrievalEngine(engine.embedder, engine.sam)
     capped_bank = SupportBank.open(tmp_path / "capped")
     capped = segment_volume(study[1].image, capped_bank, capped_engine, k=2, slice_range=(2, 4))
     stats = capped_engine.memory_cache(capped_bank).stats()
     assert stats["evicted"] > 0 and stats["evicted_files"] > 0 and stats["memory_items"] == 1
     assert stats["disk_bytes"] <= stats["cap_bytes"]
-    on_disk = list((capped_bank.path / "memories").rglob("*.safetensors"))
+    on_disk = list((tmp_path / "capped-cache" / "memories").rglob("*.safetensors"))
     assert len(on_disk) == 1
     np.testing.assert_array_equal(capped.labelmap.array, free.labelmap.array)
     np.testing.assert_array_equal(capped.confidence, free.confidence)

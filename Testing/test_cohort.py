@@ -201,7 +201,7 @@ def test_cohort_bank_is_never_changed_and_memories_go_to_the_cache(cohort):
     bank = ReadOnlyBank(cohort["bank"])
     mem = list(cohort["cache"].rglob("*.safetensors"))
     assert len(mem) == len(bank.entries()) > 0, mem  # one per bank entry, shared by the runs
-    expected = cohort_memory_dir(bank.bank_id, bank.revision, "x", cohort["cache"]).parent
+    expected = cohort_memory_dir(bank.bank_id, "x", cohort["cache"]).parent
     assert all(expected in m.parents for m in mem)
 
 
@@ -512,7 +512,7 @@ def test_cohort_cache_is_the_folder_bank_cache_warm_fills_and_holds_its_cap(smal
     bank = SupportBank.open(small["bank"])
     warm_dir = tmp_path / "shared-cache"
     warmed = engine.memory_cache(bank, cache_dir=warm_dir).directory
-    assert warmed == cohort_memory_dir(bank.bank_id, bank.revision, engine.sam2_identity, warm_dir)
+    assert warmed == cohort_memory_dir(bank.bank_id, engine.sam2_identity, warm_dir)
     assert ReadOnlyBank(small["bank"], warm_dir).memory_cache_dir(engine.sam2_identity, create=False) == warmed
 
     settings, _ = settings_for(tmp_path / "out", tmp_path / "unused")

@@ -249,10 +249,71 @@ def test_interrupt_keeps_finished_cases_and_resume_skips_them(split, tmp_path, m
     assert len(result["rows"]) == 6 and all(s["dice_sd"] is not None for s in result["summary"].values())
     assert stdout.startswith("RANDOM WEIGHTS") and "1 image without ground truth" in stdout
     # Other build parameters: refused with the command to rebuild; other run settings: --resume refused.
-    rc, _, err = run([*cmd(pool=2), "--no-progress"])
+    rc, _, err = run([*cmd(pool=2), "--overwrite", "--no-progress"])
     assert rc == 2 and "pool: 3 (bank) vs 2 (now)" in err and "rm -r" in err
     rc, _, err = run([*cmd(k=2), "--resume", "--no-progress"])
     assert rc == 2 and "k: 1 (then) vs 2 (now)" in err
+
+
+def test_results_are_never_replaced_by_surprise_and_overwrite_replaces_case_by_case(split, tmp_path, monkeypatch):
+    """Issue 32: an OUT with results needs --resume or --overwrite (exit 2 otherwise, nothing
+    touched); --overwrite interrupted in the second case has replaced the first case's files and
+    kept the second's byte for byte, and says so."""
+    out = tmp_path / "ev"
+
+    def cmd(k: int, *extra: str) -> list[str]:
+        return ["evaluate", "--train", str(split / "training"), "--test", str(split / "testing"), "--labels",
+                "1:RV,2:Myo,3:LV", "--pool", "3", "--k", str(k), "--out", str(out), "--no-progress", *FAST, *extra]
+
+    def files() -> dict[str, bytes]:
+        return {p.relative_to(out).as_posix(): p.read_bytes() for sub in ("cases", "predictions")
+                for p in sorted((out / sub).iterdir())}
+
+    first, second = "patient003_frame01", "patient003_frame12"
+    assert run(cmd(1, "--save-predictions"))[0] == 0
+    before, metrics = files(), (out / "metrics.csv").read_bytes()
+    assert {f"cases/{first}.json", f"cases/{second}.json", f"predictions/{second}.nii.gz",
+            f"predictions/{second}.nii.gz.json"} <= set(before)
+    # The same command again: refused before anything is loaded or written, naming both ways.
+    rc, _, err = run(cmd(1, "--save-predictions"))
+    assert rc == 2 and "--resume" in err and "--overwrite" in err and "holds the results" in err
+    assert files() == before and (out / "metrics.csv").read_bytes() == metrics
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert run(cmd(1, "--resume", "--overwrite"))[0] == 2
+
+    # --overwrite with k=2, interrupted while the second case is segmented.
+    real, calls = segment_module.segment_volume, []
+
+    def interrupted(*a, **kw):
+        calls.append(kw["case_id"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(segment_module, "segment_volume", interrupted)
+    rc, _, err = run(cmd(2, "--save-predictions", "--overwrite"))
+    monkeypatch.setattr(segment_module, "segment_volume", real)
+    assert rc == 130 and "--resume instead of --overwrite" in err
+    assert "1 case(s) not evaluated again keep their earlier results" in err and second in err
+    now = files()
+    for name in (f"cases/{second}.json", f"predictions/{second}.nii.gz", f"predictions/{second}.nii.gz.json"):
+        assert now[name] == before[name], f"{name} of the case not reached was changed"
+    assert now[f"cases/{first}.json"] != before[f"cases/{first}.json"]  # replaced: k = 2 now
+    assert strict_json(now[f"cases/{first}.json"])["run"]["k"] == 2
+    assert strict_json(now[f"predictions/{first}.nii.gz.json"])["provenance"]["k"] == 2
+    partial = strict_json((out / "metrics.json").read_text())
+    assert partial["complete"] is False and partial["cases"] == [first]
+    assert partial["earlier_results_kept"] == [second]
+    # --resume cannot mix them (k differs); --overwrite finishes. Without --save-predictions the
+    # earlier predictions no longer match the records and go, each once its case is replaced.
+    rc, _, err = run(cmd(2, "--resume"))
+    assert rc == 2 and "k: 1 (then) vs 2 (now)" in err and "--overwrite instead of --resume" in err
+    assert run(cmd(2, "--overwrite"))[0] == 0
+    done = strict_json((out / "metrics.json").read_text())
+    assert done["complete"] is True and done["cases"] == [first, second] and "earlier_results_kept" not in done
+    assert not list((out / "predictions").iterdir())
+    assert all(strict_json((out / "cases" / f"{c}.json").read_text())["info"]["prediction"] is None
+               for c in (first, second))
 
 
 # ----------------------------------------------------------------------------- 4 strict JSON reasons

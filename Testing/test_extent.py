@@ -112,6 +112,22 @@ def full_run(bank, engine, study):
     return segment_volume(study[1].image, bank, engine, k=1, batch_size=1)
 
 
+@pytest.fixture(scope="module")
+def stop_rule(full_run):
+    """(threshold t, N, the slices the rule segments, start slice) on the full run's scores."""
+    scores = [max(full_run.slices[i].object_score.values()) for i in range(N_SLICES)]
+    start = int(np.argmax([full_run.slices[i].retrieved[0][1] for i in range(N_SLICES)]))
+    t, n, expect = _threshold(scores, start)
+    return t, n, expect, start
+
+
+@pytest.fixture(scope="module")
+def full_run_at_t(bank, engine, study, stop_rule):
+    """The whole volume at the stop's presence threshold: what the stop must give on its slices
+    (labels whose object score is <= t are absent there: empty)."""
+    return segment_volume(study[1].image, bank, engine, k=1, batch_size=1, presence_threshold=stop_rule[0])
+
+
 def _threshold(scores: list[float], start: int) -> tuple[float, int, list[int]]:
     """A presence threshold between two recorded scores (>= 1e-4 from each, far above float
     noise) and an N for which the rule stops inside the volume: a proper, non-trivial subset."""
@@ -127,14 +143,13 @@ def _threshold(scores: list[float], start: int) -> tuple[float, int, list[int]]:
     raise AssertionError(f"no threshold makes the rule stop on these scores: {scores}")
 
 
-def test_extent_stop_through_the_engine_segments_what_the_rule_implies(bank, engine, study, full_run):
+def test_extent_stop_through_the_engine_segments_what_the_rule_implies(bank, engine, study, full_run, stop_rule,
+                                                                       full_run_at_t):
     full = full_run
     assert sorted(full.slices) == list(range(N_SLICES)) and not full.beyond_extent
     scores = [max(full.slices[i].object_score.values()) for i in range(N_SLICES)]
     assert min(scores) > 0  # random weights: SAM 2's own threshold would never stop
-    top1 = [full.slices[i].retrieved[0][1] for i in range(N_SLICES)]
-    start = int(np.argmax(top1))
-    t, n, expect = _threshold(scores, start)
+    t, n, expect, start = stop_rule
 
     seen = []
     seg = segment_volume(study[1].image, bank, engine, k=1, batch_size=1, extent_stop=n,
@@ -143,11 +158,12 @@ def test_extent_stop_through_the_engine_segments_what_the_rule_implies(bank, eng
     assert sorted(seg.slices) == expect
     skipped = set(range(N_SLICES)) - set(expect)
     assert seg.beyond_extent == skipped and skipped
-    for i in expect:  # identical to the full run on the same slices
+    for i in expect:  # identical to the full run on the same slices (at the same presence threshold)
         assert seg.slices[i].object_score == full.slices[i].object_score
         assert seg.slices[i].iou == full.slices[i].iou
         assert seg.slices[i].retrieved == full.slices[i].retrieved
-        np.testing.assert_array_equal(seg.labelmap.array[i], full.labelmap.array[i])
+        assert seg.slices[i].present == full_run_at_t.slices[i].present
+        np.testing.assert_array_equal(seg.labelmap.array[i], full_run_at_t.labelmap.array[i])
     assert not seg.labelmap.array[sorted(skipped)].any()  # skipped slices stay background
     assert np.isnan(seg.confidence[sorted(skipped)]).all()
     records = slice_records(seg)
@@ -178,10 +194,64 @@ def test_extent_start_slice_precedence(bank, study, full_run):
 def test_extent_arguments_are_checked_before_any_work(bank, engine, study):
     with pytest.raises(ValueError, match="extent_stop must be an integer >= 0"):
         segment_volume(study[1].image, bank, engine, k=1, extent_stop=-1)
-    with pytest.raises(ValueError, match="presence_threshold"):
-        segment_volume(study[1].image, bank, engine, k=1, extent_stop=2, presence_threshold=float("nan"))
+    for bad in (float("nan"), -0.5):
+        with pytest.raises(ValueError, match="presence_threshold must be a finite number >= 0"):
+            segment_volume(study[1].image, bank, engine, k=1, extent_stop=2, presence_threshold=bad)
     with pytest.raises(ValueError, match="start slice"):
         segment_volume(study[1].image, bank, engine, k=1, extent_stop=2, start_slice=0, slice_range=(2, 5))
+
+
+def test_presence_threshold_empties_absent_labels_alike_on_both_paths(bank, engine, study, full_run):
+    """Issue 32: a label whose object score is <= the threshold is absent on that slice: no voxel of
+    it in the label map nor in its own mask, on the per-slice and the batched path alike, and
+    `present` records the decision per slice and label."""
+    per_label = sorted({v for i in range(2, 6) for v in full_run.slices[i].object_score.values()})
+    gaps = [(b - a, (a + b) / 2) for a, b in zip(per_label, per_label[1:]) if b - a >= 2e-4]
+    t = min(gaps, key=lambda g: abs(g[1] - per_label[len(per_label) // 2]))[1]  # near the median score
+    kw = dict(k=1, slice_range=(2, 6), presence_threshold=t, keep_label_masks=True)
+    per = segment_volume(study[1].image, bank, engine, batch_size=1, **kw)
+    batched = segment_volume(study[1].image, bank, engine, batch_size=3, encoder_batch=3, **kw)
+    np.testing.assert_array_equal(per.labelmap.array, batched.labelmap.array)
+    decisions = []
+    for i in range(2, 6):
+        for li, lab in enumerate(sorted(LABELS)):
+            present = full_run.slices[i].object_score[lab] > t
+            assert per.slices[i].present[lab] is batched.slices[i].present[lab] is present
+            decisions.append(present)
+            if not present:
+                for seg in (per, batched):
+                    assert not (seg.labelmap.array[i] == lab).any() and not seg.label_masks[li, i].any()
+    assert any(decisions) and not all(decisions)  # the threshold splits the labels: the test can fail
+    records = slice_records(per)
+    assert records[3]["present"] == {str(lab): per.slices[3].present[lab] for lab in sorted(LABELS)}
+
+
+def test_presence_threshold_above_every_object_score_writes_an_empty_label_map(bank, study, full_run, tmp_path,
+                                                                               capsys):
+    """Issue 32: every label absent on every slice -> an empty label map, and the sidecar says absent."""
+    import json
+
+    from RetrievalSegLib.cli import main
+    from RetrievalSegLib.provenance import read_sidecar
+    from RetrievalSegLib.volume import read_volume, write_volume
+
+    image = write_volume(study[1].image, tmp_path / "ct.nii.gz")
+    top = max(max(full_run.slices[i].object_score.values()) for i in range(N_SLICES))
+    assert full_run.labelmap.array[2:5].any()  # at SAM 2's own threshold the labels are there
+    t = repr(2 * top + 1)
+    for batch in ("1", "3"):
+        out = tmp_path / f"batch{batch}.nii.gz"
+        assert main(["segment", str(image), "--bank", str(bank.path), "--out", str(out), "--extent-stop", "0",
+                     "--slices", "2:5", "--presence-threshold", t, "--json", *FAST, "--batch-size", batch]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["slices_segmented"] == 3 and not any(summary["labels"].values())
+        assert not read_volume(out).array.any()
+        doc = read_sidecar(out)
+        assert doc["provenance"]["presence_threshold"] == float(t)
+        assert [s.get("present") for s in doc["slices"][2:5]] == [{str(v): False for v in sorted(LABELS)}] * 3
+    assert main(["segment", str(image), "--bank", str(bank.path), "--out", str(tmp_path / "x.nii.gz"),
+                 "--presence-threshold", "-0.5", *FAST]) == 2
+    assert "expected a number >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extent_stop", [0, 2])
@@ -200,7 +270,7 @@ def test_extent_time_estimate_comes_from_the_first_batch_before_the_second(bank,
 
     monkeypatch.setattr(engine.sam, "encode_batch", encode_batch)
     seg = segment_volume(study[1].image, bank, engine, k=1, batch_size=2, encoder_batch=2, slice_range=(3, 7),
-                         extent_stop=extent_stop, presence_threshold=-1e9,
+                         extent_stop=extent_stop, presence_threshold=0.0,  # random weights: all present
                          estimate=lambda e: events.append(("estimate", e)))
     kinds = [e[0] for e in events]
     assert kinds[:3] == ["encode", "estimate", "encode"] and kinds.count("estimate") == 1
@@ -219,7 +289,7 @@ FAST = ["--random-weights", "--image-size", "256", "--dinov2-input-size", "56", 
 
 
 def test_extent_cli_stop_0_equals_the_full_run_and_the_stop_reports_what_it_skipped(
-        bank, study, full_run, tmp_path, capsys):
+        bank, study, full_run, stop_rule, full_run_at_t, tmp_path, capsys):
     import json
 
     from RetrievalSegLib.cli import main
@@ -235,9 +305,7 @@ def test_extent_cli_stop_0_equals_the_full_run_and_the_stop_reports_what_it_skip
     np.testing.assert_array_equal(read_volume(out0).array[3:7], full_run.labelmap.array[3:7])  # today's output
     assert [s["status"] for s in read_sidecar(out0)["slices"]][3:7] == [SEGMENTED] * 4
 
-    scores = [max(full_run.slices[i].object_score.values()) for i in range(N_SLICES)]
-    start = int(np.argmax([full_run.slices[i].retrieved[0][1] for i in range(N_SLICES)]))
-    t, n, expect = _threshold(scores, start)
+    t, n, expect, start = stop_rule
     out = tmp_path / "stop.nii.gz"
     assert main(["segment", str(image), "--bank", str(bank.path), "--out", str(out), "--extent-stop", str(n),
                  "--presence-threshold", repr(t), *FAST]) == 0
@@ -249,7 +317,7 @@ def test_extent_cli_stop_0_equals_the_full_run_and_the_stop_reports_what_it_skip
                                                     for i in range(N_SLICES)]
     assert doc["provenance"]["extent"]["stop"] == n and doc["provenance"]["extent"]["start_slices"] == [start]
     got = read_volume(out).array
-    np.testing.assert_array_equal(got[expect], full_run.labelmap.array[expect])
+    np.testing.assert_array_equal(got[expect], full_run_at_t.labelmap.array[expect])
     assert not got[sorted(set(range(N_SLICES)) - set(expect))].any()
     assert main(["segment", str(image), "--bank", str(bank.path), "--out", str(out), "--extent-stop", "-1",
                  *FAST]) == 2

@@ -207,7 +207,10 @@ def test_rseg_segment_with_medsam2_end_to_end_at_512(tiny_study, tmp_path, capsy
     assert prov["sam2"] == "medsam2@512:random-seed0" and prov["random_weights"] is True
     seg = read_volume(out)
     assert seg.array.shape == read_volume(test_img).array.shape
-    assert [p.name.split("_")[0] for p in (bank / "memories").iterdir()] == ["medsam2"]  # its own cache
+    from RetrievalSegLib.memory import user_cache_root
+
+    bank_id = prov["bank"]["bank_id"]
+    assert [p.name.split("_")[0] for p in (user_cache_root() / "memories" / bank_id).iterdir()] == ["medsam2"]
 
 
 def test_rseg_rejects_an_unknown_backbone_with_usage_exit(capsys):

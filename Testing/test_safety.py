@@ -95,8 +95,6 @@ def test_links_inside_a_bank_are_never_followed(tmp_path, capsys):
     capsys.readouterr()
     assert rseg("verify", bank.path, "--repair") == 1
     assert "memories is a link" in capsys.readouterr().out
-    with pytest.raises(OSError, match="memories is a link"):  # segment would write its cache there
-        bank.memory_cache_dir("sam2.1-tiny@256:random-seed0")
 
     # entries/ is a link: add must not write entry files outside.
     bank = filled_bank(tmp_path, "b3")
@@ -335,13 +333,13 @@ def test_an_output_that_is_the_input_is_refused_before_models_load(seg_study, tm
 
 
 # ----------------------------------------------------------------------------- 4. memory caches
-def tamper_memory_files(bank: Path) -> list[Path]:
-    """Rewrite every cached memory's tensors with other values, keeping its metadata."""
+def tamper_memory_files(folder: Path) -> list[Path]:
+    """Rewrite every cached memory's tensors under `folder` with other values, keeping its metadata."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    files = sorted((bank / "memories").glob("*/*.safetensors"))
+    files = sorted(folder.glob("*/*.safetensors"))
     g = torch.Generator().manual_seed(7)
     for f in files:
         with safe_open(str(f), framework="pt") as st:
@@ -352,14 +350,15 @@ def tamper_memory_files(bank: Path) -> list[Path]:
     return files
 
 
-def test_tampered_memory_caches_are_reported_and_recomputed(seg_study, tmp_path, capsys):
+def test_tampered_memory_caches_are_reported_and_recomputed(seg_study, tmp_path, capsys, monkeypatch):
     from RetrievalSegLib.cli import main
     from RetrievalSegLib.volume import read_volume
 
     _, shared_bank, image = seg_study
     bank = tmp_path / "bank"
     shutil.copytree(shared_bank, bank, symlinks=True)
-    shutil.rmtree(bank / "memories")  # start cold: this run computes and stores every memory
+    shutil.rmtree(bank / "memories")
+    monkeypatch.setenv("RSEG_CACHE_DIR", str(tmp_path / "user-cache"))  # start cold: this run computes every memory
 
     def segment(out: Path) -> np.ndarray:
         assert main(["segment", str(image), "--bank", str(bank), "--out", str(out), "--k", "1",
@@ -367,18 +366,21 @@ def test_tampered_memory_caches_are_reported_and_recomputed(seg_study, tmp_path,
         return read_volume(out).array
 
     honest = segment(tmp_path / "a.nii.gz")
-    assert main(["bank", "verify", str(bank)]) == 0
-    files = tamper_memory_files(bank)
+    cache = tmp_path / "user-cache" / "memories" / SupportBank.open(bank).bank_id
+    files = tamper_memory_files(cache)
     assert files
+    # segment does not trust them: it recomputes (and rewrites) every tampered memory.
+    np.testing.assert_array_equal(segment(tmp_path / "b.nii.gz"), honest)
+    # An older version kept its caches inside the bank (memories/): verify checks those files.
+    shutil.copytree(cache, bank / "memories")  # the rewritten, honest memories
+    assert main(["bank", "verify", str(bank)]) == 0
+    in_bank = tamper_memory_files(bank / "memories")
     capsys.readouterr()
     assert main(["bank", "verify", str(bank)]) == 1
     report = capsys.readouterr().out
-    for f in files:
+    for f in in_bank:
         assert f"memory cache file {f.relative_to(bank).as_posix()}" in report
     assert "do not match their recorded SHA-256" in report
-    # segment does not trust them: it recomputes (and rewrites) every tampered memory.
-    np.testing.assert_array_equal(segment(tmp_path / "b.nii.gz"), honest)
-    assert main(["bank", "verify", str(bank)]) == 0
 
 
 # ----------------------------------------------------------------------------- 5. embeddings
@@ -463,7 +465,7 @@ def test_a_read_only_bank_segments_and_exports(seg_study, shared_dir):
     assert done.returncode == 0, done.stderr
     assert (out / "seg.nii.gz").is_file()
     cached = sorted((home / "rseg-cache" / "memories").glob("*/*/*.safetensors"))
-    assert cached and {p.parent.parent.name for p in cached} == {f"{meta['bank_id']}-r{meta['revision']}"}
+    assert cached and {p.parent.parent.name for p in cached} == {meta["bank_id"]}
 
     done = rseg("bank", "export", bank, out / "copy.zip")
     assert done.returncode == 0, done.stderr

@@ -403,3 +403,27 @@ def test_cli_suggest_errors(tmp_path, groups, cli_embedder, capsys) -> None:  # 
     assert code == 1 and "rseg bank verify --reembed" in err
     code, _, err = _cli(["suggest", str(image), "--bank", str(tmp_path / "missing"), *CLI_MODEL], capsys)
     assert code == 1 and "missing" in err
+
+
+def test_revision_note_compares_the_last_segmentation_with_the_bank_as_it_is(tmp_path, groups, embedder) -> None:  # type: ignore[no-untyped-def]
+    """Issue 32: the note says nothing when the segmentation used this bank as it is, and says which
+    revision (or which bank) it used when that differs; it is never a bare, misleading number."""
+    volume, g, _, _, bounds = groups
+    bank = _bank(tmp_path / "bank", embedder, volume, bounds, [int(np.flatnonzero(g == 0)[0])])
+    n = volume.array.shape[0]
+
+    def notes(revision, bank_id) -> list[str]:  # type: ignore[no-untyped-def]
+        last = LastSegmentation([provenance.SEGMENTED] * n, np.full(n, 0.9), np.zeros(n, bool), 2, revision, bank_id)
+        result = suggest_slices(volume, bank, embedder, n=1, window=bounds, last=last)
+        return [x for x in result.notes if "segmentation made with" in x]
+
+    then = bank.revision
+    assert notes(then, bank.bank_id) == []  # made with this bank as it is now: nothing to say
+    bank.add_slice(volume.array[int(np.flatnonzero(g == 1)[0])], {1: np.ones((H, W), bool)}, "other", "k", 99,
+                   (1.0, 1.0), embedder, window=bounds)
+    (note,) = notes(then, bank.bank_id)
+    assert f"revision {then} of this bank, which is now at revision {then + 1}" in note
+    (note,) = notes(then, "another-bank")
+    assert "another support bank (id another-bank" in note and bank.bank_id in note
+    (note,) = notes(then + 5, bank.bank_id)
+    assert f"made with revision {then + 5} of this bank, but the bank is at revision {then + 1}" in note

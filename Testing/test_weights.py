@@ -365,6 +365,21 @@ def test_cli_usage_errors_and_consent(
     assert json.loads(capsys.readouterr().out)["results"] == []
 
 
+def test_cli_download_with_stdin_not_a_terminal_refuses_without_yes(hub: HubServer, tmp_path: Path) -> None:
+    """Issue 32: `rseg weights download` in a pipe or a script cannot ask, so without --yes it
+    downloads nothing and exits 2 with a message (as `make demo`); a "y" in the pipe is not consent."""
+    serve_defaults(hub)
+    folder = tmp_path / "weights"
+    env = child_env(tmp_path, RSEG_WEIGHTS_MIRROR=hub.base_url)
+    proc = subprocess.run([sys.executable, "-m", "RetrievalSegLib.cli", "weights", "download", "--dir", str(folder)],
+                          input="y\n", env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "not a terminal" in proc.stderr and "--yes" in proc.stderr and "nothing downloaded" in proc.stderr
+    assert "about 244 MB in all" in proc.stdout  # the plan is shown: what --yes would fetch
+    assert "Download now?" not in proc.stdout and hub.requests == []
+    assert not folder.exists() or not any(folder.rglob("*"))
+
+
 def test_cli_is_wired_through_add_weights_parser() -> None:
     import argparse
 
