@@ -399,3 +399,27 @@ def test_template_and_script_are_package_data(tmp_path):
     for f in ("RetrievalSegLib/report/templates/report.html.j2", "RetrievalSegLib/report/templates/sort_table.js",
               "RetrievalSegLib/report/page.py", "RetrievalSegLib/report/__init__.py"):
         assert f in names, f
+
+
+def test_extent_boundaries_lie_between_segmented_and_beyond_extent_slices():
+    from RetrievalSegLib.provenance import BEYOND_EXTENT, OUTSIDE_RANGE, SEGMENTED
+    from RetrievalSegLib.report.segment_page import extent_boundaries
+
+    statuses = [OUTSIDE_RANGE, BEYOND_EXTENT, SEGMENTED, SEGMENTED, BEYOND_EXTENT, SEGMENTED, OUTSIDE_RANGE]
+    assert extent_boundaries(statuses) == [1.5, 3.5, 4.5]  # never at the user's slice range
+
+
+def test_error_overlay_colours_false_positives_negatives_and_wrong_labels():
+    from RetrievalSegLib.report.overlay import ERROR_ALPHA, error_overlay
+    from RetrievalSegLib.report.palette import FALSE_NEGATIVE, FALSE_POSITIVE, WRONG_LABEL
+
+    truth = np.zeros((6, 9), np.uint8)
+    pred = np.zeros((6, 9), np.uint8)
+    pred[:, 0:3] = 1  # false positive
+    truth[:, 3:6] = 1  # false negative
+    pred[:, 6:9], truth[:, 6:9] = 1, 2  # wrong label
+    gray = np.full((6, 9), 100, np.uint8)
+    rgb = error_overlay(gray, pred, truth, (1.0, 1.0), 9).astype(float)
+    for col, color in ((1, FALSE_POSITIVE), (4, FALSE_NEGATIVE), (7, WRONG_LABEL)):
+        want = (1 - ERROR_ALPHA) * 100 + ERROR_ALPHA * np.array(color)
+        np.testing.assert_allclose(rgb[2, col], np.round(want), atol=1)
