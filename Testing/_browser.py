@@ -39,7 +39,7 @@ def chromium_binary() -> str | None:
     """The Chromium to use: $RSEG_CHROMIUM, else chromium / chromium-browser on PATH."""
     env = os.environ.get("RSEG_CHROMIUM")
     if env:
-        return env
+        return shutil.which(env)
     for name in ("chromium", "chromium-browser"):
         found = shutil.which(name)
         if found:
@@ -54,13 +54,16 @@ class Browser:
         import websocket  # websocket-client, from the lock
 
         self.profile = Path(tempfile.mkdtemp(prefix="rseg-chromium-"))
-        self.proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Chromium's own log goes to a file (a pipe nobody reads would fill and block it).
+        self.log = self.profile.with_name(self.profile.name + ".log")
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([binary, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         port_file = self.profile / "DevToolsActivePort"
         deadline = time.monotonic() + timeout
         while not (port_file.is_file() and len(port_file.read_text().splitlines()) >= 2):
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode("utf-8", "replace")[-2000:] if self.proc.stderr else ""
+                err = self.log.read_text(encoding="utf-8", errors="replace")[-2000:]
                 raise RuntimeError(f"chromium exited with code {self.proc.returncode}: {err}")
             if time.monotonic() > deadline:
                 self.close()
@@ -164,6 +167,7 @@ class Browser:
                     self.proc.kill()
                     self.proc.wait(timeout=10)
             shutil.rmtree(self.profile, ignore_errors=True)
+            self.log.unlink(missing_ok=True)
 
 
 #: What every report page is checked for (evaluated in the page): each image decoded, its natural

@@ -12,7 +12,8 @@ slices / cases / rows, untrusted text shown as text, the physical aspect of ever
 the run's window in the pixels, colour-blind-safe colours.
 
 Chromium missing is a failure that says how to install it (`apt-get install -y chromium`), not a
-skip: a report nobody has looked at is not tested. Set RSEG_REPORT_SCREENSHOTS=DIR to keep the
+skip: a report nobody has looked at is not tested. (`browser` comes first in each test's fixtures,
+so that this failure comes before any run is made.) Set RSEG_REPORT_SCREENSHOTS=DIR to keep the
 screenshots (docs/ holds one per kind).
 """
 from __future__ import annotations
@@ -176,7 +177,7 @@ def test_segment_sidecar_records_what_the_report_draws(segment_run):
     assert prov["working_dir"] == os.getcwd()
 
 
-def test_segment_report_in_a_browser(segment_run, browser):
+def test_segment_report_in_a_browser(browser, segment_run):
     from RetrievalSegLib.preprocess import to_uint8
     from RetrievalSegLib.report.overlay import display_size, resample_gray
     from RetrievalSegLib.volume import slice_view
@@ -214,7 +215,7 @@ def _test_image(segment_run: Path) -> Path:
     return Path(read_sidecar(segment_run)["provenance"]["image"])
 
 
-def test_least_confident_slices_are_shown_and_tagged(segment_run, browser, tmp_path):
+def test_least_confident_slices_are_shown_and_tagged(browser, segment_run, tmp_path):
     """With 2 evenly spaced slices and 2 least confident asked for, the page shows exactly the ends
     and the two slices of lowest confidence, tagged so."""
     out = tmp_path / "seg.nii.gz"
@@ -259,7 +260,7 @@ def evaluate_run(study, tmp_path_factory):
     return out
 
 
-def test_evaluate_report_in_a_browser(evaluate_run, browser):
+def test_evaluate_report_in_a_browser(browser, evaluate_run):
     v = render(browser, evaluate_run / "report" / "report.html", "evaluate")
     metrics = json.loads((evaluate_run / "metrics.json").read_text())
     assert (evaluate_run / "predictions" / f"{SCRIPT_CASE}.nii.gz").is_file()  # --report saved them
@@ -323,7 +324,7 @@ def cohort_run(study, tmp_path_factory):
     return root / "out"
 
 
-def test_cohort_report_in_a_browser(cohort_run, browser):
+def test_cohort_report_in_a_browser(browser, cohort_run):
     v = render(browser, cohort_run / "report" / "report.html", "cohort")
     summary = json.loads((cohort_run / "cohort-summary.json").read_text())
     assert len(v["rows"]) == len(summary["results"]) == 3
@@ -336,7 +337,7 @@ def test_cohort_report_in_a_browser(cohort_run, browser):
         assert_aspect(img)
 
 
-def test_cohort_table_sorts_when_a_header_is_clicked(cohort_run, browser):
+def test_cohort_table_sorts_when_a_header_is_clicked(browser, cohort_run):
     r = browser.render(cohort_run / "report" / "report.html", """(() => {
         const order = () => Array.from(document.querySelectorAll('#volumes tbody tr')).map(r => r.dataset.case);
         const before = order();
