@@ -371,8 +371,17 @@ def test_cohort_flags_and_order():
 
 
 # ----------------------------------------------------------------------------- files and packaging
-def test_report_command_errors_and_rewrite(segment_run, tmp_path, capsys):
-    """A path that is no result is a usage error; a second report replaces the first's pictures."""
+def _tree_digest(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(("-wal", "-shm"))}
+
+
+def test_report_command_errors_and_rewrite(segment_run, study, tmp_path, capsys):
+    """A path that is no result is a usage error; a second report replaces the first's pictures;
+    the bank read for the thumbnails stays byte-identical."""
+    bank_before = _tree_digest(study["bank"])
     assert main(["report", str(tmp_path)]) == 2
     assert "neither an rseg evaluate folder" in capsys.readouterr().err
     out = tmp_path / "rep"
@@ -382,6 +391,7 @@ def test_report_command_errors_and_rewrite(segment_run, tmp_path, capsys):
     second = sorted(p.name for p in (out / "images").iterdir())
     assert len(second) < len(first) and set(second) <= set(first)
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp-")]
+    assert _tree_digest(study["bank"]) == bank_before
 
 
 def test_template_and_script_are_package_data(tmp_path):
