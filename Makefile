@@ -4,6 +4,7 @@
 #   make bench-volume  whole-volume slices/s: per-slice fp32 path vs batched path (random weights)
 #   make bench-bank  grow a bank to 20,000 slices: add / search / open cost (ends bank_add_growth, bank_search_ms_20k)
 #   make bench-cohort  rseg segment-cohort volumes/min with 1 vs N workers (random weights; prints the machine)
+#   make bench-report  seconds to write the report of a 300-slice volume and of a 200-volume cohort (no model)
 #   make mutants  apply Testing/mutants.txt one by one to a copy; every mutant must be killed (~20 min)
 #   make demo   synthetic study -> bank -> segmentation with real weights from the cache
 PYTHON ?= python3
@@ -13,7 +14,7 @@ STAMP  := $(VENV)/.rseg-installed
 # Tests and CI never reach a model hub.
 OFFLINE := RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: test test-all bench bench-volume bench-bank bench-cohort demo install clean mutants
+.PHONY: test test-all bench bench-volume bench-bank bench-cohort bench-report demo install clean mutants
 
 $(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "RetrievalSeg needs Python >= 3.10 (sam2 does)"'
@@ -26,7 +27,7 @@ $(STAMP): $(PY) requirements.lock requirements-sam2.lock pyproject.toml
 	$(PY) -m pip install --require-hashes -r requirements.lock
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install --require-hashes --no-deps --no-build-isolation -r requirements-sam2.lock
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
-	$(PY) -c 'import torch, sam2, transformers, faiss, SimpleITK, slicer, vtk, slicerio, filelock; print("dependencies ok, torch", torch.__version__)'
+	$(PY) -c 'import torch, sam2, transformers, faiss, SimpleITK, slicer, vtk, slicerio, filelock, matplotlib, jinja2, websocket; print("dependencies ok, torch", torch.__version__)'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -53,6 +54,9 @@ bench-bank: $(STAMP)
 
 bench-cohort: $(STAMP)
 	$(OFFLINE) $(PY) -m RetrievalSegLib.bench_cohort $(BENCH_ARGS)
+
+bench-report: $(STAMP)
+	$(OFFLINE) $(PY) -m RetrievalSegLib.report.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

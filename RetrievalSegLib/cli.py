@@ -135,6 +135,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
                                           "extent": _extent_json(seg)})
     records = slice_records(seg, args.slices)
     sidecars = [write_sidecar(p, prov, records) for p in written]
+    report = None
+    if args.report:
+        from .report.cli import report_after_run
+
+        report = report_after_run(written[0], quiet=args.json)
     import numpy as np
 
     summary = {
@@ -156,6 +161,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "compile": bool(args.compile),
         "sam2": engine.sam2_identity,
         "dinov2": engine.dinov2_identity,
+        "report": None if report is None else str(report),
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -232,6 +238,7 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_positive_int, default=None,
                    help="slices per image-encoder call (default: --batch-size, at least 4)")
     p.add_argument("--low-confidence", type=float, default=0.5, help="threshold for the low-confidence list")
+    p.add_argument("--report", action="store_true", help="also write <out>.report/report.html (see `rseg report`)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_segment)
@@ -280,6 +287,9 @@ def add_evaluate_parser(sub, models: argparse.ArgumentParser) -> None:
                        help="evaluate every test case again into an OUT that holds results; each case's earlier "
                             "files are replaced only when its new result is written (without --resume or "
                             "--overwrite, an OUT with results is refused)")
+    p.add_argument("--report", action="store_true",
+                   help="also write OUT/report/report.html (see `rseg report`); saves the predictions, which "
+                        "its worst-slice pictures need")
     p.add_argument("--json", action="store_true",
                    help="print the summary as JSON on stdout (progress stays on stderr)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -292,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_cohort import add_cohort_parser
     from .cli_suggest import add_suggest_parser
     from .cli_weights import add_weights_parser
+    from .report.cli import add_report_parser
 
     parser = argparse.ArgumentParser(
         prog="rseg",
@@ -311,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cohort_parser(sub, models)
     add_evaluate_parser(sub, models)
     add_suggest_parser(sub, make_embedder, parents=[models])
+    add_report_parser(sub)
     return parser
 
 

@@ -106,6 +106,8 @@ def add_cohort_parser(sub, models: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=float, default=None, help="intensity window width (with --level)")
     p.add_argument("--level", type=float, default=None, help="intensity window level (with --window)")
     p.add_argument("--batch", type=_positive_int, default=None, help="slices per image-encoder call")
+    p.add_argument("--report", action="store_true",
+                   help="also write OUT/report/report.html, every volume with a thumbnail (see `rseg report`)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_segment_cohort)
@@ -248,6 +250,10 @@ def cmd_segment_cohort(args: argparse.Namespace) -> int:
 
     atomic_write_bytes(args.out / name, json.dumps(summary, indent=1).encode("utf-8"), root=args.out,
                        what="a cohort output folder")
+    if args.report:
+        from .report.cli import report_after_run
+
+        summary["report"] = str(report_after_run(args.out, quiet=args.json))
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

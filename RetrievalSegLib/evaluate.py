@@ -523,7 +523,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
              "test": str(args.test), "train": None if args.train is None else str(args.train)}
     try:
         result = evaluate(test, bank, engine, labels=[lab.value for lab in labels], k=args.k, axis=args.axis,
-                          window=window, out=args.out, save_predictions=args.save_predictions, progress=show,
+                          window=window, out=args.out, save_predictions=args.save_predictions or args.report, progress=show,
                           precision=args.precision, batch_size=args.batch_size, resume=args.resume,
                           overwrite=args.overwrite, extra=extra)
     except (LabelError, ExclusionError, ResumeMismatch, ResultsExist) as e:
@@ -539,6 +539,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise
     for w in result.get("warnings", []):
         print(f"rseg evaluate: warning: {w}", file=sys.stderr)
+    if args.report:
+        from .report.cli import report_after_run
+
+        result["report"] = str(report_after_run(args.out, quiet=args.json))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2, allow_nan=False))
     else:

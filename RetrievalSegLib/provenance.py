@@ -8,7 +8,10 @@ The sidecar is strict JSON (no NaN: undefined numbers are null) and holds
 
 - `format`: "rseg-prediction", `format_version`: 1;
 - `provenance`: rseg version, the models' identities, `random_weights`, precision, batch size,
-  image size, k, the bank's id, revision and path, labels, axis, slice range, time;
+  image size, k, the bank's id, revision and path, labels, axis, slice range, time; the intensity
+  `window` [low, high] the slices were windowed with, the `annotated_slices` of this case in the
+  bank along the axis, and the `working_dir` relative paths (image, bank) are relative to (what
+  `rseg report` needs to draw the run);
 - `slices`: one record per slice of the volume along the axis, in order: `index`, `status`
   (one of `SLICE_STATUSES`), and for segmented slices `confidence`, `object_score` and `iou` per
   label value, `present` per label value (true: object score > the presence threshold, recorded
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +88,9 @@ def segmentation_provenance(seg, engine, bank, *, k: int, extra: dict | None = N
         "seconds": finite_or_none(round(seg.seconds, 3)),
         "cancelled": bool(seg.cancelled),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "window": None if seg.window is None else [finite_or_none(v) for v in seg.window],
+        "annotated_slices": [int(i) for i in seg.annotated_slices],
+        "working_dir": os.getcwd(),
     })
     if extra:
         prov.update(extra)

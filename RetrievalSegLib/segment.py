@@ -131,6 +131,8 @@ class VolumeSegmentation:
     beyond_extent: set[int] = field(default_factory=set)  # slices the extent stop left out
     estimate: TimeEstimate | None = None
     bank_revision: int | None = None  # the bank's revision when its supports were retrieved
+    window: tuple[float, float] | None = None  # intensity bounds every slice was windowed with
+    annotated_slices: list[int] = field(default_factory=list)  # this case's bank entries along the axis
 
     def low_confidence_slices(self, threshold: float = 0.5) -> list[int]:
         """Segmented slices whose confidence is below `threshold`, in slice order."""
@@ -361,6 +363,8 @@ def segment_volume(
         batch_size=batch_size,
         confidence=np.full(n, np.nan, dtype=np.float32),
         presence_threshold=presence_threshold,
+        window=bounds,
+        annotated_slices=annotated_slices(bank, case_id, ax),
     )
     if keep_label_masks:
         result.label_masks = np.zeros((len(chosen),) + volume.array.shape, dtype=bool)
@@ -526,14 +530,21 @@ def _start_slices(start_slice, bank, case_id, axis: int, start: int, stop: int, 
             raise ValueError(f"start slice(s) {bad or given} must lie in the slice range {start}..{stop - 1}")
         return sorted(set(given)), "given"
     if case_id is not None:
-        own = sorted({
-            int(e.index) for e in bank.entries()
-            if getattr(e, "case_id", None) == case_id and getattr(e, "axis", None) == axis
-            and getattr(e, "index", None) is not None and start <= int(e.index) < stop
-        })
+        own = [i for i in annotated_slices(bank, case_id, axis) if start <= i < stop]
         if own:
             return own, "annotated"
     if user_range:
         return [(start + stop - 1) // 2], "middle of the slice range"
     top1 = [h[0][1] if h else -math.inf for h in hits]  # hits[j]: slice start + j
     return [start + int(np.argmax(top1))], "most similar to the bank"  # first of equals
+
+
+def annotated_slices(bank, case_id: str | None, axis: int) -> list[int]:
+    """Slices along `axis` of the volume `case_id` that the bank holds as annotated (its active entries)."""
+    if case_id is None:
+        return []
+    return sorted({
+        int(e.index) for e in bank.entries()
+        if getattr(e, "case_id", None) == case_id and getattr(e, "axis", None) == axis
+        and getattr(e, "index", None) is not None
+    })

@@ -230,13 +230,31 @@ def _lib_imports(path: Path) -> set[str]:
     return {m for m in out if (LIB / f"{m}.py").is_file()} | {"__init__"}
 
 
+def _library_files(python: bool) -> list[str]:
+    """Files of RetrievalSegLib (sub-packages included) relative to it: its .py files, or the others."""
+    return sorted(p.relative_to(LIB).as_posix() for p in LIB.rglob("*")
+                  if p.is_file() and "__pycache__" not in p.parts and (p.suffix == ".py") == python
+                  and not p.name.endswith(".pyc"))
+
+
 def test_cmake_installs_every_library_file_the_module_needs() -> None:
-    listed = _cmake_list(MODULE_CMAKE.read_text(encoding="utf-8"), "RETRIEVALSEGLIB_FILES")
-    on_disk = sorted(p.name for p in LIB.glob("*.py"))
+    cmake = MODULE_CMAKE.read_text(encoding="utf-8")
+    listed = _cmake_list(cmake, "RETRIEVALSEGLIB_FILES")
+    on_disk = _library_files(python=True)
+    assert "report/page.py" in on_disk  # sub-packages are seen
     assert sorted(listed) == on_disk, (
         f"not listed in RetrievalSeg/CMakeLists.txt: {sorted(set(on_disk) - set(listed))}; "
         f"listed but missing: {sorted(set(listed) - set(on_disk))}"
     )
+    # Data files the library reads at run time (the report's template) are copied beside it too.
+    data = _cmake_list(cmake, "RETRIEVALSEGLIB_DATA")
+    on_disk_data = _library_files(python=False)
+    assert "report/templates/report.html.j2" in on_disk_data
+    assert sorted(data) == on_disk_data, (
+        f"data files not in RETRIEVALSEGLIB_DATA: {sorted(set(on_disk_data) - set(data))}; "
+        f"listed but missing: {sorted(set(data) - set(on_disk_data))}"
+    )
+    assert "${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/RetrievalSegLib/${file}" in cmake
     # Transitive closure of what the module (and through it the bridge) imports.
     todo = list(_lib_imports(MODULE))
     assert "mrml_bridge" in todo
