@@ -416,3 +416,10 @@ def _parameter_node_wrapper() -> FakeModule:
 
     return FakeModule("slicer.parameterNodeWrapper", parameterNodeWrapper=parameterNodeWrapper,
                       WithinRange=lambda lo, hi: (lo, hi), Choice=lambda choices: tuple(choices))
+
+
+def _module_with_fake_gui(monkeypatch, scene, temporary_path: str = ""):  # type: ignore[no-untyped-def]
+    import importlib
+
+    gui = fake_slicer_gui(monkeypatch, scene, temporary_path=temporary_path)
+    return importlib.import_module("RetrievalSeg"), gui.ui, gui.errors

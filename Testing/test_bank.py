@@ -36,32 +36,9 @@ from RetrievalSegLib.bank import (
     SupportBank,
 )
 from RetrievalSegLib.volume import Volume, slice_view
+from _bank_helpers import CONCURRENT_CHILD, HASH_EMBEDDER_SRC, LABELS, HashEmbedder, child_env, make_case, new_bank
 
 REPO = Path(__file__).resolve().parents[1]
-LABELS = [LabelInfo(1, "RV", (1.0, 0.0, 0.0)), LabelInfo(2, "Myo", (0.0, 1.0, 0.0))]
-
-# A deterministic stand-in for SliceEmbedder: a unit vector seeded by the image bytes. Kept as
-# source text so child processes use exactly the same class.
-HASH_EMBEDDER_SRC = '''
-import hashlib
-import numpy as np
-
-class HashEmbedder:
-    def __init__(self, dim=16, name="dinov2-small:hash"):
-        self.dim = dim
-        self.identity = f"{name}@{dim}"
-
-    def embed(self, images, progress=None):
-        out = np.empty((len(images), self.dim), dtype=np.float32)
-        for n, img in enumerate(images):
-            seed = int.from_bytes(hashlib.sha256(np.ascontiguousarray(img).tobytes()).digest()[:8], "little")
-            v = np.random.default_rng(seed).standard_normal(self.dim)
-            out[n] = v / np.linalg.norm(v)
-        return out
-'''
-_ns: dict = {}
-exec(HASH_EMBEDDER_SRC, _ns)
-HashEmbedder = _ns["HashEmbedder"]
 
 
 @pytest.fixture(scope="module")
@@ -74,38 +51,6 @@ def dinov2_embedder():
         warnings.simplefilter("ignore")
         model = load_dinov2("small", random_weights=True, seed=0, device="cpu")
     return SliceEmbedder(model, batch_size=16, input_size=56)
-
-
-def make_case(seed: int, annotated=(2, 3, 5)) -> tuple[Volume, Volume]:
-    """An int16 image with an oblique, anisotropic geometry and labels 1/2 on `annotated` slices."""
-    rng = np.random.default_rng(seed)
-    img = rng.normal(100, 20, size=(8, 28, 32)).astype(np.int16)
-    lab = np.zeros(img.shape, dtype=np.uint8)
-    yy, xx = np.mgrid[:28, :32]
-    for k in annotated:
-        cy, cx = 14 + rng.integers(-3, 4), 16 + rng.integers(-3, 4)
-        r = np.hypot(yy - cy, xx - cx)
-        lab[k][r < 5] = 1
-        lab[k][(r >= 5) & (r < 8)] = 2
-        img[k][lab[k] == 1] += 300
-        img[k][lab[k] == 2] += 150
-    geometry = dict(
-        spacing=(0.8, 0.9, 3.0),
-        origin=(-10.5, 20.25, 5.0),
-        direction=(0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0),
-    )
-    return Volume(img, **geometry), Volume(lab, **geometry)
-
-
-def new_bank(tmp_path: Path, embedder, name: str = "bank") -> SupportBank:
-    return SupportBank.create(tmp_path / name, LABELS, embedder.identity)
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 # ----------------------------------------------------------------------------- round trip
@@ -198,27 +143,6 @@ def test_open_and_create_errors_say_what_to_do(tmp_path):
     (bank.path / "bank.json").write_text('{"schema_version": 1, "labels": [')
     with pytest.raises(BankCorruptError, match="bank.json is not valid JSON"):
         SupportBank.open(bank.path)
-
-
-# ----------------------------------------------------------------------------- concurrency & crashes
-CONCURRENT_CHILD = HASH_EMBEDDER_SRC + textwrap.dedent('''
-import os, sys, time
-real_replace = os.replace
-def slow_replace(src, dst):  # widen every read-modify-write window
-    time.sleep(0.02)
-    return real_replace(src, dst)
-os.replace = slow_replace
-from RetrievalSegLib.bank import SupportBank
-
-bank_path, case, count, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-rng = np.random.default_rng(sum(case.encode()))
-while not os.path.exists(go):
-    time.sleep(0.005)
-bank = SupportBank.open(bank_path)
-for i in range(count):
-    img = rng.integers(0, 256, (16, 16), dtype=np.uint8)
-    bank.add_slice(img, {1: img > 128}, case, "k", i, (1.0, 1.0), HashEmbedder())
-''')
 
 
 def test_two_processes_adding_at_once_both_land(tmp_path):

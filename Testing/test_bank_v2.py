@@ -27,7 +27,7 @@ from RetrievalSegLib.bank import (
     same_subject,
 )
 from RetrievalSegLib.bank_search import _RevisionIndex
-from test_bank import HASH_EMBEDDER_SRC, HashEmbedder, child_env, new_bank
+from _bank_helpers import HASH_EMBEDDER_SRC, HashEmbedder, child_env, new_bank
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -171,7 +171,7 @@ print(reads, last, round(slowest, 3))
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX processes")
 def test_readers_see_whole_revisions_while_two_writers_add(tmp_path):
-    from test_bank import CONCURRENT_CHILD
+    from _bank_helpers import CONCURRENT_CHILD
 
     bank = new_bank(tmp_path, HashEmbedder())
     (tmp_path / "writer.py").write_text(CONCURRENT_CHILD)

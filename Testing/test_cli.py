@@ -14,7 +14,7 @@ from RetrievalSegLib.segnrrd import read_seg_nrrd
 from RetrievalSegLib.synthetic import make_synthetic_study
 from RetrievalSegLib.volume import read_volume, write_volume
 
-from test_segnrrd import _labelmap_points, _ras_points, _slicer_read
+from _segnrrd_helpers import _labelmap_points, _ras_points, _slicer_read
 
 FAST = ["--random-weights", "--image-size", "256", "--dinov2-input-size", "56", "--device", "cpu"]
 

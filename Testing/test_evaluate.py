@@ -92,7 +92,7 @@ def test_same_subject_respects_a_separator():
 def test_bank_search_excludes_the_whole_subject(tmp_path):
     """Library level: entries of `patient005` frames are excluded for subject `patient005` and the
     reverse; `patient0050` (another subject) is not."""
-    from test_bank import HashEmbedder, make_case, new_bank
+    from _bank_helpers import HashEmbedder, make_case, new_bank
 
     emb = HashEmbedder()
     bank = new_bank(tmp_path, emb)

@@ -396,7 +396,7 @@ def test_extent_panel_shows_the_estimate_and_switches_to_512_px_only_when_asked(
 
     from RetrievalSegLib.segment import TimeEstimate
     from RetrievalSegLib.worker_protocol import JobEvent
-    from test_mrml_bridge import _module_with_fake_gui
+    from _slicer_fakes import _module_with_fake_gui
 
     module, ui, errors = _module_with_fake_gui(monkeypatch, slicer_scene[1])
     widget = module.RetrievalSegWidget()

@@ -32,6 +32,7 @@ from RetrievalSegLib.synthetic import LABELS, make_synthetic_study, rotation_mat
 from RetrievalSegLib.volume import Volume, slice_view
 
 import slicer  # noqa: E402  (slicer-core: a missing install must fail, not skip)
+from _slicer_fakes import _module_with_fake_gui
 
 SHAPE = (8, 48, 48)  # (k, j, i)
 SPACING = (1.2, 1.0, 5.0)  # anisotropic, k through-plane
@@ -606,15 +607,6 @@ def test_slicer_module_panel_suggests_slices_jumps_and_refreshes(monkeypatch, sc
     assert first.picks[0].index in second.in_bank and first.picks[0].index not in [p.index for p in second.picks]
     widget.cleanup()
     assert errors == []
-
-
-def _module_with_fake_gui(monkeypatch, scene, temporary_path: str = ""):  # type: ignore[no-untyped-def]
-    import importlib
-
-    from _slicer_fakes import fake_slicer_gui
-
-    gui = fake_slicer_gui(monkeypatch, scene, temporary_path=temporary_path)
-    return importlib.import_module("RetrievalSeg"), gui.ui, gui.errors
 
 
 def test_slicer_module_installs_ask_once_check_torch_and_keep_the_environment(monkeypatch, scene, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ from RetrievalSegLib.preprocess import robust_window, to_uint8
 from RetrievalSegLib.segment import fuse_labels, slice_confidence
 from RetrievalSegLib.volume import through_plane_axis
 
-from test_bank import LABELS, HashEmbedder, make_case
+from _bank_helpers import LABELS, HashEmbedder, make_case
 
 
 def _logit(p: float) -> float:

@@ -8,7 +8,6 @@ chmod does not stop root; a full disk is a child process with a small RLIMIT_FSI
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -21,46 +20,11 @@ import numpy as np
 import pytest
 
 from RetrievalSegLib.bank import SupportBank
-from RetrievalSegLib.cli_bank import add_bank_parser
 
-from test_bank import HASH_EMBEDDER_SRC, LABELS, HashEmbedder, child_env, make_case
+from _bank_helpers import HASH_EMBEDDER_SRC, HashEmbedder, child_env, make_case
+from _bank_helpers import bank_cli, filled_bank, tree
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def bank_cli():
-    """`rseg bank ...` with the hash stand-in embedder (the model is beside the point here)."""
-    parser = argparse.ArgumentParser(prog="rseg")
-    add_bank_parser(parser.add_subparsers(dest="command"), lambda args: HashEmbedder())
-
-    def rseg(*argv) -> int:
-        args = parser.parse_args(["bank", *map(str, argv)])
-        return args.func(args)
-
-    return rseg
-
-
-def filled_bank(root: Path, name: str = "bank", seed: int = 0) -> SupportBank:
-    emb = HashEmbedder()
-    bank = SupportBank.create(root / name, LABELS, emb.identity)
-    bank.add_volume(*make_case(seed), "p01", emb)
-    return bank
-
-
-def tree(folder: Path) -> dict[str, bytes | str]:
-    """Every path under `folder` (links as their target, files as their bytes), without following links."""
-    out: dict[str, bytes | str] = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        for n in dirnames + filenames:
-            p = Path(dirpath) / n
-            rel = p.relative_to(folder).as_posix()
-            if p.is_symlink():
-                out[rel] = "-> " + os.readlink(p)
-            elif p.is_file():
-                out[rel] = p.read_bytes()
-            else:
-                out[rel] = "dir"
-    return out
 
 
 # ----------------------------------------------------------------------------- 1. links

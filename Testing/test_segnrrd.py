@@ -37,6 +37,7 @@ from RetrievalSegLib.segnrrd import (
     write_seg_nrrd,
 )
 from RetrievalSegLib.volume import Volume
+from _segnrrd_helpers import _labelmap_points, _ras_points, _slicer_read, _sorted_rows
 
 ROT = np.array(  # 30 degrees about z, then 30 degrees about x: oblique
     [
@@ -64,17 +65,6 @@ SEGMENTS = [
     SegmentInfo(2, "Myo", (0.1, 0.25, 0.3)),
     SegmentInfo(5, "RV", (0.0, 0.0, 1.0), segment_id="rv"),
 ]
-
-
-def _ras_points(vol: Volume, value: int) -> np.ndarray:
-    """RAS positions of the voxels of `vol` equal to `value`, sorted."""
-    kji = np.argwhere(vol.array == value)
-    ijk1 = np.c_[kji[:, ::-1], np.ones(len(kji))]
-    return _sorted_rows((image_to_ras_matrix(vol) @ ijk1.T).T[:, :3])
-
-
-def _sorted_rows(a: np.ndarray) -> np.ndarray:
-    return a[np.lexsort(np.round(a, 6).T[::-1])]
 
 
 # ------------------------------------------------------------------------- without Slicer
@@ -215,33 +205,6 @@ def test_damaged_or_foreign_files_are_clear_errors(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- with Slicer
-
-
-def _slicer_read(slicer, scene, path: Path):  # type: ignore[no-untyped-def]
-    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node) == 1
-    messages = storage.GetUserMessages()
-    texts = [messages.GetNthMessageText(i) for i in range(messages.GetNumberOfMessages())]
-    assert texts == [], texts
-    return node
-
-
-def _labelmap_points(rep, value: int) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """RAS positions of voxels equal to `value` in a Slicer vtkOrientedImageData, sorted."""
-    import vtk
-    from vtk.util.numpy_support import vtk_to_numpy
-
-    e = rep.GetExtent()
-    dims = (e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1)
-    voxels = vtk_to_numpy(rep.GetPointData().GetScalars()).reshape(dims)
-    kji = np.argwhere(voxels == value) + np.array([e[4], e[2], e[0]])
-    m = vtk.vtkMatrix4x4()
-    rep.GetImageToWorldMatrix(m)
-    mat = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
-    ijk1 = np.c_[kji[:, ::-1], np.ones(len(kji))]
-    return _sorted_rows((mat @ ijk1.T).T[:, :3])
 
 
 def test_slicer_reads_our_file(tmp_path: Path, slicer_scene: tuple) -> None:

@@ -24,8 +24,7 @@ import pytest
 from RetrievalSegLib import bank_db, bank_schema
 from RetrievalSegLib.bank import BankCorruptError, BankError, LabelInfo, SupportBank
 
-from test_bank import HashEmbedder, child_env, make_case
-from test_safety import bank_cli, filled_bank, tree
+from _bank_helpers import HashEmbedder, bank_cli, child_env, filled_bank, make_case, tree
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -153,7 +153,7 @@ def test_a_tiny_compressed_nrrd_claiming_a_huge_volume_is_refused(tmp_path):
 @pytest.mark.parametrize("fmt", [".nii.gz", ".nrrd", ".mha", "dicom"])
 def test_the_voxel_cap_names_its_setting(tmp_path, monkeypatch, fmt):
     if fmt == "dicom":
-        from test_volume_io import _write_dicom_series
+        from _dicom import _write_dicom_series
 
         path = tmp_path / "series"
         path.mkdir()

@@ -20,6 +20,7 @@ from RetrievalSegLib.volume import (
     resample_like,
     write_volume,
 )
+from _dicom import _write_dicom_series
 
 
 def _rotation(ax: float, ay: float, az: float) -> np.ndarray:
@@ -153,31 +154,6 @@ def test_read_errors(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- DICOM series
-
-
-def _write_dicom_series(folder: Path, vol: Volume, series_uid: str, prefix: str) -> None:
-    """One file per slice, with the tags GDCM needs to rebuild geometry (as SimpleITK's example)."""
-    img = vol.to_sitk()
-    d = vol.direction
-    orientation = (d[0], d[3], d[6], d[1], d[4], d[7])  # row and column direction cosines
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(img.GetDepth()):
-        s = img[:, :, k]
-        position = img.TransformIndexToPhysicalPoint((0, 0, k))
-        for tag, value in {
-            "0008|0060": "MR",
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
-            "0020|000e": series_uid,
-            "0008|0018": f"{series_uid}.{k + 1}",
-            "0020|0013": str(k + 1),
-            "0020|0037": "\\".join(f"{x:.10g}" for x in orientation),
-            "0020|0032": "\\".join(f"{x:.10g}" for x in position),
-            "0018|0050": f"{vol.spacing[2]:.10g}",
-        }.items():
-            s.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
-        writer.Execute(s)
 
 
 def test_dicom_series_folder(tmp_path: Path) -> None:
