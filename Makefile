@@ -43,20 +43,20 @@ mutants: $(STAMP)
 	$(OFFLINE) $(PY) Testing/mutants.py $(MUTANT_ARGS)
 
 bench: $(STAMP)
-	$(OFFLINE) $(PY) -m RetrievalSegLib.benchmark $(BENCH_ARGS)
+	$(OFFLINE) $(PY) -m RetrievalSegLib.benchmarks.latency $(BENCH_ARGS)
 
-# GPU machines without this .venv: python -m RetrievalSegLib.bench_volume (no SimpleITK, no faiss).
+# GPU machines without this .venv: python -m RetrievalSegLib.benchmarks.volume (no SimpleITK, no faiss).
 bench-volume: $(STAMP)
-	$(OFFLINE) $(PY) -m RetrievalSegLib.bench_volume $(BENCH_ARGS)
+	$(OFFLINE) $(PY) -m RetrievalSegLib.benchmarks.volume $(BENCH_ARGS)
 
 bench-bank: $(STAMP)
-	OMP_NUM_THREADS=1 $(OFFLINE) $(PY) -m RetrievalSegLib.bank_bench $(BENCH_ARGS)
+	OMP_NUM_THREADS=1 $(OFFLINE) $(PY) -m RetrievalSegLib.benchmarks.bank $(BENCH_ARGS)
 
 bench-cohort: $(STAMP)
-	$(OFFLINE) $(PY) -m RetrievalSegLib.bench_cohort $(BENCH_ARGS)
+	$(OFFLINE) $(PY) -m RetrievalSegLib.benchmarks.cohort $(BENCH_ARGS)
 
 bench-report: $(STAMP)
-	$(OFFLINE) $(PY) -m RetrievalSegLib.report.bench $(BENCH_ARGS)
+	$(OFFLINE) $(PY) -m RetrievalSegLib.benchmarks.report $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
@@ -64,4 +64,4 @@ clean:
 # The main job: synthetic study -> 3-slice bank -> segmentation with the real weights.
 # Missing weights: it says how to get them and exits 3 (DEMO_ARGS=--yes downloads them).
 demo: $(STAMP)
-	$(PY) -m RetrievalSegLib.demo --out demo-out $(DEMO_ARGS)
+	$(PY) -m RetrievalSegLib.cli.demo --out demo-out $(DEMO_ARGS)

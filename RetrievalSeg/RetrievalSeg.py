@@ -28,12 +28,14 @@ from slicer.util import VTKObservationMixin
 # Installed extensions have RetrievalSegLib next to this file; in the source tree (module folder
 # added under Application Settings > Modules) it is one folder up, at the repository's top.
 try:
-    from RetrievalSegLib import module_logic, mrml_bridge
+    from RetrievalSegLib.slicer_logic import logic as module_logic
+    from RetrievalSegLib.slicer_logic import mrml_bridge
 except ModuleNotFoundError as error:
     if error.name != "RetrievalSegLib":
         raise
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from RetrievalSegLib import module_logic, mrml_bridge
+    from RetrievalSegLib.slicer_logic import logic as module_logic
+    from RetrievalSegLib.slicer_logic import mrml_bridge
 
 #: Python packages RetrievalSeg needs, by import name -> pip requirement, pinned to the versions of
 #: requirements.lock (the versions the tests ran with; a static test keeps the two equal).
@@ -131,11 +133,11 @@ class RetrievalSegParameterNode:
     casePolicy: Annotated[str, Choice(["ignore", "prefer", "exclude"])] = "ignore"
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
-    # SAM 2 backbones: RetrievalSegLib.registry.SAM2_MODELS (a static test keeps the two equal).
+    # SAM 2 backbones: RetrievalSegLib.models.registry.SAM2_MODELS (a static test keeps the two equal).
     sam2Size: Annotated[str, Choice(["sam2.1-tiny", "sam2.1-small", "sam2.1-base-plus", "sam2.1-large", "medsam2"])] = "sam2.1-tiny"
     dinov2Size: Annotated[str, Choice(["small", "base", "large"])] = "small"
     imageSize: Annotated[int, Choice([1024, 512])] = 1024  # follows the backbone's native size when it changes
-    extentStop: Annotated[int, WithinRange(0, 1000)] = 5  # RetrievalSegLib.extent.DEFAULT_EXTENT_STOP
+    extentStop: Annotated[int, WithinRange(0, 1000)] = 5  # RetrievalSegLib.segmentation.extent.DEFAULT_EXTENT_STOP
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     suggestCount: Annotated[int, WithinRange(1, 50)] = 3
 
@@ -146,7 +148,7 @@ class RetrievalSegParameterNode:
 
 
 class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """Panel: widgets and wiring only; the work is done by RetrievalSegLib.mrml_bridge."""
+    """Panel: widgets and wiring only; the work is done by RetrievalSegLib.slicer_logic.mrml_bridge."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -276,7 +278,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _migrateBackboneName(self) -> None:
         """Scenes saved before the backbone names ('tiny', 'base_plus') get the canonical name."""
-        from RetrievalSegLib.registry import canonical_sam2
+        from RetrievalSegLib.models.registry import canonical_sam2
 
         node = getattr(self._parameterNode, "parameterNode", None)  # the wrapped MRML node
         raw = node.GetParameter("sam2Size") if node is not None else ""
@@ -294,7 +296,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if p is None or getattr(self, "_lastSam2Size", None) == p.sam2Size:
             return
         self._lastSam2Size = p.sam2Size
-        from RetrievalSegLib.registry import sam2_spec
+        from RetrievalSegLib.models.registry import sam2_spec
 
         native = sam2_spec(p.sam2Size).image_size
         if int(p.imageSize) != native:
@@ -381,7 +383,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volumeNode = self._parameterNode.inputVolume
         if volumeNode and core.has_result_for(volumeNode):
             return core.state.axis
-        from RetrievalSegLib.volume import parse_axis, through_plane_axis
+        from RetrievalSegLib.data.volume import parse_axis, through_plane_axis
 
         axis = parse_axis(self._parameterNode.axis)
         return through_plane_axis(volumeNode.GetSpacing()) if axis is None else axis
@@ -446,7 +448,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Ask, then download `items` in the background; True when the download started."""
         totalMb = sum(item.approx_mb for item in items)
         detail = "\n".join(f"{item.name}  ({item.approx_mb:.0f} MB)  {item.url}" for item in items)
-        from RetrievalSegLib.registry import sam2_spec, weights_location
+        from RetrievalSegLib.models.registry import sam2_spec, weights_location
 
         # Licence terms before consent: MedSAM2's weights have none we could find.
         specs = {item.model: sam2_spec(item.model) for item in items if item.kind == "sam2"}
@@ -1013,7 +1015,7 @@ class RetrievalSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def workerClient():
         """A client for the worker: Slicer's Python, Slicer's environment, logs in Slicer's temp folder."""
-        from RetrievalSegLib.worker_client import WorkerClient
+        from RetrievalSegLib.worker.client import WorkerClient
 
         # Inside Slicer sys.executable is the application itself; PythonSlicer is its Python.
         python = shutil.which("PythonSlicer") or sys.executable
@@ -1210,7 +1212,7 @@ class RetrievalSegTest(ScriptedLoadableModuleTest):
         if missing:
             self.skipTest(f"Python packages missing (use Install dependencies): {', '.join(missing)}")
 
-        from RetrievalSegLib.synthetic import make_synthetic_study
+        from RetrievalSegLib.data.synthetic import make_synthetic_study
 
         self.delayDisplay("Making a synthetic cardiac study")
         cases = make_synthetic_study(n_cases=2, shape=(8, 48, 48), spacing=(1.2, 1.0, 5.0), seed=3)
@@ -1233,7 +1235,7 @@ class RetrievalSegTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Annotating case 1 and making a bank from it")
         annotatedVolume = mrml_bridge.volume_to_node(cases[0].image, scene, "case1")
-        from RetrievalSegLib.synthetic import LABELS
+        from RetrievalSegLib.data.synthetic import LABELS
 
         labels = [(value, name, color) for value, (name, color) in sorted(LABELS.items())]
         annotation = mrml_bridge.labelmap_to_segmentation((cases[0].labels, labels), scene, annotatedVolume)

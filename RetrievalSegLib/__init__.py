@@ -7,6 +7,6 @@ __version__ = "0.1.0"
 
 # RSEG_OFFLINE / RSEG_WEIGHTS_MIRROR -> HF_HUB_OFFLINE / HF_ENDPOINT, before anything imports
 # huggingface_hub (it reads them once, at import).
-from .registry import apply_hub_environment as _apply_hub_environment
+from .models.registry import apply_hub_environment as _apply_hub_environment
 
 _apply_hub_environment()

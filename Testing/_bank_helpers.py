@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from RetrievalSegLib.bank import LabelInfo, SupportBank
-from RetrievalSegLib.cli_bank import add_bank_parser
-from RetrievalSegLib.volume import Volume
+from RetrievalSegLib.bank.support_bank import LabelInfo, SupportBank
+from RetrievalSegLib.cli.bank import add_bank_parser
+from RetrievalSegLib.data.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def slow_replace(src, dst):  # widen every read-modify-write window
     time.sleep(0.02)
     return real_replace(src, dst)
 os.replace = slow_replace
-from RetrievalSegLib.bank import SupportBank
+from RetrievalSegLib.bank.support_bank import SupportBank
 
 bank_path, case, count, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 rng = np.random.default_rng(sum(case.encode()))

@@ -1,15 +1,29 @@
 """A small DICOM series written with SimpleITK: shared by the volume reading tests."""
 from __future__ import annotations
 
+import locale
 from pathlib import Path
 
 import SimpleITK as sitk
 
-from RetrievalSegLib.volume import Volume
+from RetrievalSegLib.data.volume import Volume
 
 
 def _write_dicom_series(folder: Path, vol: Volume, series_uid: str, prefix: str) -> None:
-    """One file per slice, with the tags GDCM needs to rebuild geometry (as SimpleITK's example)."""
+    """One file per slice, with the tags GDCM needs to rebuild geometry (as SimpleITK's example).
+
+    GDCM's writer switches the process locale to "C" and leaves it so (seen with SimpleITK 2.5:
+    LC_CTYPE C.UTF-8 -> C), which makes every later open() without an encoding ASCII-only (torch's
+    inductor then fails to read its templates); the locale is restored after writing.
+    """
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_series(folder, vol, series_uid, prefix)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_series(folder: Path, vol: Volume, series_uid: str, prefix: str) -> None:
     img = vol.to_sitk()
     d = vol.direction
     orientation = (d[0], d[3], d[6], d[1], d[4], d[7])  # row and column direction cosines

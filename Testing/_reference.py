@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from RetrievalSegLib.models import sam2_hydra_overrides
-from RetrievalSegLib.registry import sam2_spec
+from RetrievalSegLib.models.loaders import sam2_hydra_overrides
+from RetrievalSegLib.models.registry import sam2_spec
 
 
 def write_pseudo_video(folder: Path, frames_u8: Sequence[np.ndarray]) -> list[np.ndarray]:

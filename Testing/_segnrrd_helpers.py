@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from RetrievalSegLib.segnrrd import image_to_ras_matrix
-from RetrievalSegLib.volume import Volume
+from RetrievalSegLib.data.segnrrd import image_to_ras_matrix
+from RetrievalSegLib.data.volume import Volume
 
 
 def _ras_points(vol: Volume, value: int) -> np.ndarray:

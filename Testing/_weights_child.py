@@ -31,7 +31,9 @@ socket.socket.connect = _loopback_only  # type: ignore[method-assign]
 
 def main(spec: dict[str, Any]) -> dict[str, Any]:
     import RetrievalSegLib  # noqa: F401 - maps RSEG_* onto HF_* before huggingface_hub loads
-    from RetrievalSegLib import cli_weights, registry, weights
+    from RetrievalSegLib.cli import weights as cli_weights
+    from RetrievalSegLib.models import registry
+    from RetrievalSegLib.models import weights
 
     out: dict[str, Any] = {"progress": [], "checked": []}
     for size, digest in (spec.get("dinov2_sha") or {}).items():  # the published hash, replaced
@@ -78,7 +80,7 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
                 paths = weights.download(progress=progress, cancel=cancel, **spec["kwargs"])
                 out["paths"] = [str(p) for p in paths]
             if spec.get("locate"):
-                from RetrievalSegLib import models
+                from RetrievalSegLib.models import loaders as models
 
                 out["sam2"] = str(models.default_sam2_checkpoint("tiny"))
                 out["dinov2"] = str(models.default_dinov2_folder("small"))

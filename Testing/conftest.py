@@ -94,7 +94,7 @@ def worker_client(tmp_path_factory, slicer_launcher):  # type: ignore[no-untyped
     the launcher's child, not ours. Tests that kill it or stop it are fine: the next job starts a
     new worker.
     """
-    from RetrievalSegLib.worker_client import WorkerClient
+    from RetrievalSegLib.worker.client import WorkerClient
 
     client = WorkerClient(python=str(slicer_launcher), log_dir=tmp_path_factory.mktemp("worker-logs"),
                           cancel_grace_s=30.0)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from RetrievalSegLib.bank import BankCorruptError, SupportBank
-from RetrievalSegLib.engine import QueryResult
-from RetrievalSegLib.preprocess import robust_window, to_uint8
-from RetrievalSegLib.segment import fuse_labels, slice_confidence
-from RetrievalSegLib.volume import through_plane_axis
+from RetrievalSegLib.bank.support_bank import BankCorruptError, SupportBank
+from RetrievalSegLib.engine.sam2_memory import QueryResult
+from RetrievalSegLib.engine.preprocess import robust_window, to_uint8
+from RetrievalSegLib.segmentation.segment import fuse_labels, slice_confidence
+from RetrievalSegLib.data.volume import through_plane_axis
 
 from _bank_helpers import LABELS, HashEmbedder, make_case
 
@@ -95,7 +95,7 @@ def test_slice_confidence_formula_is_pinned():
 
 # ----------------------------------------------------------------------------- seeds
 def test_random_weight_seeds_give_different_weights():
-    from RetrievalSegLib.models import load_dinov2
+    from RetrievalSegLib.models.loaders import load_dinov2
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -110,8 +110,8 @@ def test_random_weight_seeds_give_different_weights():
 
 # ----------------------------------------------------------------------------- reported IoU
 def test_reported_iou_is_the_iou_of_the_returned_mask():
-    from RetrievalSegLib.engine import Sam2MemoryEngine
-    from RetrievalSegLib.models import load_sam2
+    from RetrievalSegLib.engine.sam2_memory import Sam2MemoryEngine
+    from RetrievalSegLib.models.loaders import load_sam2
     from synthetic_slices import disc_slice
 
     with warnings.catch_warnings():
@@ -164,7 +164,7 @@ def test_embeddings_replaced_behind_the_bank_are_detected(tmp_path):
 
 # ----------------------------------------------------------------------------- evaluation pool
 def test_pool_spreads_over_the_annotated_slices_of_every_case():
-    from RetrievalSegLib.evaluate_study import choose_pool
+    from RetrievalSegLib.evaluation.study import choose_pool
 
     annotated = [(f"case{c}", i) for c in range(4) for i in range(10)]
     pool = choose_pool(annotated, 8)

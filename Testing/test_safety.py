@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from RetrievalSegLib.bank import SupportBank
+from RetrievalSegLib.bank.support_bank import SupportBank
 
 from _bank_helpers import HASH_EMBEDDER_SRC, HashEmbedder, child_env, make_case
 from _bank_helpers import bank_cli, filled_bank, tree
@@ -37,7 +37,7 @@ def test_links_inside_a_bank_are_never_followed(tmp_path, capsys):
     (outside / "keep" / "scan.dat").write_bytes(b"\x01" * 100)
     before = tree(outside)
     image, labels = make_case(1)
-    from RetrievalSegLib.volume import write_volume
+    from RetrievalSegLib.data.volume import write_volume
 
     write_volume(image, tmp_path / "img.nrrd")
     write_volume(labels, tmp_path / "lab.nrrd")
@@ -140,7 +140,7 @@ def writable_home(shared: Path) -> Path:
 
 BANK_CHILD = HASH_EMBEDDER_SRC + '''
 import argparse, sys
-from RetrievalSegLib.cli_bank import add_bank_parser
+from RetrievalSegLib.cli.bank import add_bank_parser
 parser = argparse.ArgumentParser(prog="rseg")
 add_bank_parser(parser.add_subparsers(dest="command"), lambda args: HashEmbedder())
 args = parser.parse_args(["bank", *sys.argv[1:]])
@@ -162,7 +162,7 @@ def bank_child(shared: Path, *argv, other_user: bool = False, umask: int | None 
 
 # ----------------------------------------------------------------------------- 7. permissions
 def test_a_bank_shared_by_a_team_keeps_the_umask_modes(shared_dir):
-    from RetrievalSegLib.volume import write_volume
+    from RetrievalSegLib.data.volume import write_volume
 
     image, labels = make_case(2)
     write_volume(image, shared_dir / "img.nrrd")
@@ -188,9 +188,9 @@ FAST = ["--random-weights", "--image-size", "256", "--dinov2-input-size", "56", 
 @pytest.fixture(scope="module")
 def seg_study(tmp_path_factory):
     """A small synthetic study and a random-weights bank made from its first case, by `rseg`."""
-    from RetrievalSegLib.cli import main
-    from RetrievalSegLib.synthetic import make_synthetic_study
-    from RetrievalSegLib.volume import write_volume
+    from RetrievalSegLib.cli.main import main
+    from RetrievalSegLib.data.synthetic import make_synthetic_study
+    from RetrievalSegLib.data.volume import write_volume
 
     root = tmp_path_factory.mktemp("segstudy")
     cases = make_synthetic_study(2, shape=(4, 32, 32), spacing=(1.3, 1.3, 6.0))
@@ -207,9 +207,9 @@ def seg_study(tmp_path_factory):
 
 FULL_DISK_CHILD = '''
 import json, resource, sys
-from RetrievalSegLib.cli import main
-from RetrievalSegLib.segnrrd import read_seg_nrrd, write_seg_nrrd
-from RetrievalSegLib.volume import read_volume, write_volume
+from RetrievalSegLib.cli.main import main
+from RetrievalSegLib.data.segnrrd import read_seg_nrrd, write_seg_nrrd
+from RetrievalSegLib.data.volume import read_volume, write_volume
 
 image, bank, out, fast = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 def segment(*argv):
@@ -251,8 +251,8 @@ def test_a_full_disk_never_replaces_a_good_output(seg_study, tmp_path):
     assert len(errors) == 2 and all(e.startswith("ERROR cannot write") for e in errors), errors
     assert "seg.nrrd'" in errors[0] and "seg.seg.nrrd'" in errors[1]
     # The previous outputs are intact (full label maps) and no temp file is left.
-    from RetrievalSegLib.segnrrd import read_seg_nrrd
-    from RetrievalSegLib.volume import read_volume
+    from RetrievalSegLib.data.segnrrd import read_seg_nrrd
+    from RetrievalSegLib.data.volume import read_volume
 
     a, b = read_volume(out / "seg.nii.gz"), read_volume(out / "seg.nrrd")
     c, _ = read_seg_nrrd(out / "seg.seg.nrrd")
@@ -260,7 +260,7 @@ def test_a_full_disk_never_replaces_a_good_output(seg_study, tmp_path):
     np.testing.assert_array_equal(a.array, b.array)
     np.testing.assert_array_equal(a.array, c.array)
     # The good run's sidecar (provenance) is intact too; the failed run wrote none.
-    from RetrievalSegLib.provenance import read_sidecar
+    from RetrievalSegLib.segmentation.provenance import read_sidecar
 
     assert read_sidecar(out / "seg.nii.gz")["provenance"]["k"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["seg.nii.gz", "seg.nii.gz.json", "seg.nrrd", "seg.seg.nrrd",
@@ -268,7 +268,7 @@ def test_a_full_disk_never_replaces_a_good_output(seg_study, tmp_path):
 
 
 def test_an_output_that_is_the_input_is_refused_before_models_load(seg_study, tmp_path, capsys, monkeypatch):
-    from RetrievalSegLib import cli
+    from RetrievalSegLib.cli import main as cli
 
     root, bank, image = seg_study
     original = image.read_bytes()
@@ -315,8 +315,8 @@ def tamper_memory_files(folder: Path) -> list[Path]:
 
 
 def test_tampered_memory_caches_are_reported_and_recomputed(seg_study, tmp_path, capsys, monkeypatch):
-    from RetrievalSegLib.cli import main
-    from RetrievalSegLib.volume import read_volume
+    from RetrievalSegLib.cli.main import main
+    from RetrievalSegLib.data.volume import read_volume
 
     _, shared_bank, image = seg_study
     bank = tmp_path / "bank"
@@ -488,7 +488,7 @@ def test_a_refused_import_names_no_deleted_temp_folder(tmp_path, capsys):
 
 
 def test_import_writes_only_what_the_bank_lists_and_refuses_bombs(tmp_path, capsys, monkeypatch):
-    from RetrievalSegLib import bank_transfer
+    from RetrievalSegLib.bank import transfer as bank_transfer
 
     rseg = bank_cli()
     bank = filled_bank(tmp_path)
@@ -550,7 +550,7 @@ def test_blank_slices_added_as_supports_are_warned_about(tmp_path, capsys):
     img.SetOrigin(image.origin)
     img.SetDirection(image.direction)
     sitk.WriteImage(img, str(tmp_path / "img.nii.gz"))
-    from RetrievalSegLib.volume import write_volume
+    from RetrievalSegLib.data.volume import write_volume
 
     write_volume(labels, tmp_path / "lab.nii.gz")
     bank = tmp_path / "bank"

@@ -27,7 +27,7 @@ DONE = ("segmented", "skipped")
 
 
 def _largest_foreground_slice(labels: np.ndarray, axis: int) -> int:
-    from ..volume import array_axis
+    from ..data.volume import array_axis
 
     moved = np.moveaxis(labels, array_axis(axis), 0)
     counts = np.count_nonzero(moved.reshape(moved.shape[0], -1), axis=1)
@@ -36,7 +36,7 @@ def _largest_foreground_slice(labels: np.ndarray, axis: int) -> int:
 
 def read_sidecar_of(folder: Path, result: dict) -> dict[str, Any]:
     """Pass 1 (cheap): a volume's result and sidecar; its arrays are read one volume at a time later."""
-    from ..provenance import read_sidecar
+    from ..segmentation.provenance import read_sidecar
 
     info: dict[str, Any] = {"result": result, "case": result["case_id"], "status": str(result.get("status")),
                             "message": str(result.get("message") or "")}
@@ -58,7 +58,7 @@ def read_sidecar_of(folder: Path, result: dict) -> dict[str, Any]:
 
 def draw_volume(info: dict[str, Any], values: list[int], colors: dict, n: int, longest: int) -> None:
     """Pass 2: voxels per label and the thumbnail of one volume (its arrays are dropped afterwards)."""
-    from ..volume import read_volume, slice_view
+    from ..data.volume import read_volume, slice_view
 
     if "output" not in info:
         return

@@ -46,9 +46,9 @@ def compare_section(run: EvaluateRun) -> dict[str, Any] | None:
 def _case_pictures(run: EvaluateRun, case: str, names: dict[int, str], colors: dict, n: int,
                    longest: int) -> tuple[dict[str, Any], list[Picture]]:
     """Worst-slice panels of one case, or notes saying why they are missing."""
-    from ..preprocess import robust_window
-    from ..provenance import read_sidecar
-    from ..volume import read_volume, slice_view, through_plane_axis
+    from ..engine.preprocess import robust_window
+    from ..segmentation.provenance import read_sidecar
+    from ..data.volume import read_volume, slice_view, through_plane_axis
 
     info = run.metrics["per_case"].get(case) or {}
     pred_path = run.predictions.get(case)

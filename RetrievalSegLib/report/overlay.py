@@ -142,7 +142,7 @@ def picture(name: str, rgb: np.ndarray, alt: str) -> Picture:
 
 def windowed(array2d: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """uint8 slice through the run's window (the models' own mapping, preprocess.to_uint8)."""
-    from ..preprocess import to_uint8
+    from ..engine.preprocess import to_uint8
 
     return to_uint8(np.asarray(array2d), (float(window[0]), float(window[1])))
 
@@ -154,7 +154,7 @@ def worst_slice(pred: np.ndarray, truth: np.ndarray, axis: int, labels: Sequence
     ties going to the slice with more wrong voxels, then the lower index. Slices where neither map
     has any label score nothing: (None, nan) when no slice has one.
     """
-    from ..volume import array_axis
+    from ..data.volume import array_axis
 
     ax = array_axis(axis)
     p = np.moveaxis(pred, ax, 0)

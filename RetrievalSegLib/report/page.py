@@ -73,7 +73,7 @@ def _safe_png_name(name: str) -> str:
 
 def write_report(out_dir: str | Path, html: str, pictures: Sequence[Picture]) -> Path:
     """Write OUT/images/*.png and then OUT/report.html (atomic, link-safe); returns report.html's path."""
-    from ..fileio import atomic_write_bytes, is_link
+    from ..data.fileio import atomic_write_bytes, is_link
 
     out = Path(out_dir)
     if is_link(out / IMAGES_DIR):

@@ -2,7 +2,7 @@
 
 Labels get the Okabe-Ito palette (Okabe & Ito, "Color Universal Design", 2002/2008; the palette
 Wong recommends in Nature Methods 8:441, 2011), which stays distinguishable under protanopia,
-deuteranopia and tritanopia (Testing/test_report.py checks that with a simulation of each). The
+deuteranopia and tritanopia (Testing/report/test_report.py checks that with a simulation of each). The
 bank's own label colours (the Slicer segment colours a user chose, often red and green) are used
 only when asked (`rseg report --label-colors bank`). Errors in the evaluate report have their own
 three colours, drawn on a panel of their own so that they never meet a label colour.

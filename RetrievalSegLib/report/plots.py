@@ -49,7 +49,7 @@ def confidence_plot(confidence: np.ndarray, statuses: Sequence[str], *, boundari
                     axis_name: str, name: str = "confidence.png") -> Picture:
     """Per-slice confidence along the slice axis; slices not segmented shaded (by reason), the
     extent-stop boundaries as dashed lines, start / annotated / shown slices marked."""
-    from ..provenance import BEYOND_EXTENT, CANCELLED, OUTSIDE_RANGE
+    from ..segmentation.provenance import BEYOND_EXTENT, CANCELLED, OUTSIDE_RANGE
 
     n = len(confidence)
     fig = _figure(9.0, 2.8)

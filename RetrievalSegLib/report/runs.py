@@ -58,10 +58,10 @@ def resolve(recorded: str | None, *bases: str | Path | None) -> Path | None:
 def read_label_map(path: Path):
     """A label map as a Volume, from any format rseg writes (.seg.nrrd through the Slicer reader)."""
     if path.name.endswith(".seg.nrrd"):
-        from ..segnrrd import read_seg_nrrd
+        from ..data.segnrrd import read_seg_nrrd
 
         return read_seg_nrrd(path)[0]
-    from ..volume import read_volume
+    from ..data.volume import read_volume
 
     return read_volume(path)
 
@@ -69,7 +69,7 @@ def read_label_map(path: Path):
 def slice_shape_spacing(volume, axis: int) -> tuple[tuple[int, int], tuple[float, float]]:
     """((rows, columns), (row spacing, column spacing) in mm) of a slice along IJK `axis`, as
     `slice_view` returns it (volume.in_plane_spacing: the spacing rseg itself records per slice)."""
-    from ..volume import in_plane_spacing, slice_view
+    from ..data.volume import in_plane_spacing, slice_view
 
     rows, cols = slice_view(volume.array, axis, 0).shape
     sr, sc = in_plane_spacing(volume.spacing, axis)
@@ -114,7 +114,7 @@ def open_bank(prov: dict, base: str | None):
     where = resolve(bank_info.get("path"), base)
     if where is None:
         return None, f"the support bank {bank_info.get('path')!r} is not there any more"
-    from ..bank import SupportBank
+    from ..bank.support_bank import SupportBank
 
     try:
         bank = SupportBank.open(where)
@@ -127,7 +127,7 @@ def open_bank(prov: dict, base: str | None):
 
 def read_segment_run(output: str | Path, with_bank: bool = True, with_image: bool = True) -> SegmentRun:
     """Read a label map and its sidecar (give either); ReportError when they cannot be used."""
-    from ..provenance import read_sidecar
+    from ..segmentation.provenance import read_sidecar
 
     path = Path(output)
     if path.name.endswith(".json"):
@@ -158,7 +158,7 @@ def read_segment_run(output: str | Path, with_bank: bool = True, with_image: boo
         if where is None:
             image_missing = f"the image {prov.get('image')!r} is not there any more: slices are drawn on black"
         else:
-            from ..volume import read_volume
+            from ..data.volume import read_volume
 
             try:
                 image = read_volume(where)

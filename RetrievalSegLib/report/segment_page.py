@@ -23,7 +23,7 @@ TAG_NAMES = {"even": "evenly spaced", "least": "least confident"}
 
 def choose_slices(confidence: np.ndarray, statuses: list[str], even: int, least: int) -> list[tuple[int, list[str]]]:
     """[(slice index, tags)] in slice order: `even` evenly spaced segmented slices + the `least` least confident."""
-    from ..provenance import SEGMENTED
+    from ..segmentation.provenance import SEGMENTED
 
     segmented = [i for i, s in enumerate(statuses) if s == SEGMENTED]
     pool = segmented or list(range(len(statuses)))
@@ -39,7 +39,7 @@ def choose_slices(confidence: np.ndarray, statuses: list[str], even: int, least:
 
 def extent_boundaries(statuses: list[str]) -> list[float]:
     """x positions (i + 0.5) between a segmented slice and a slice left beyond the extent."""
-    from ..provenance import BEYOND_EXTENT, SEGMENTED
+    from ..segmentation.provenance import BEYOND_EXTENT, SEGMENTED
 
     out = []
     for i in range(len(statuses) - 1):
@@ -83,8 +83,8 @@ class SupportPictures:
 def build(run: SegmentRun, *, even: int = 6, least: int = 4, colors_mode: str = "palette",
           longest: int = 320, support_longest: int = 110) -> tuple[dict[str, Any], list[Picture]]:
     """(template context, pictures) of the segment report."""
-    from ..preprocess import robust_window
-    from ..volume import slice_view
+    from ..engine.preprocess import robust_window
+    from ..data.volume import slice_view
 
     prov = run.provenance
     statuses = [str(s.get("status")) for s in run.slices]

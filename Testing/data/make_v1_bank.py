@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from RetrievalSegLib.bank import LabelInfo, SupportBank
+from RetrievalSegLib.bank.support_bank import LabelInfo, SupportBank
 
 
-class HashEmbedder:  # the same stand-in as Testing/test_bank.py
+class HashEmbedder:  # the same stand-in as Testing/bank/test_bank.py
     def __init__(self, dim=16, name="dinov2-small:hash"):
         self.dim = dim
         self.identity = f"{name}@{dim}"

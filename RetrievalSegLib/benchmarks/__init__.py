@@ -1,0 +1,1 @@
+"""make bench, bench-volume, bench-bank, bench-cohort, bench-report."""

@@ -1,0 +1,1 @@
+"""The rseg command line (python -m RetrievalSegLib.cli) and the demo."""

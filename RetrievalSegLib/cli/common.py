@@ -1,0 +1,141 @@
+"""What every `rseg` command shares: exit codes, the model options (the models they describe are
+built by `engine.build`), the --window/--level rule, usage errors and the progress bar. Every
+module of `cli` may import it; it imports none of them.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def model_options() -> argparse.ArgumentParser:
+    """Options shared by every command that loads a model."""
+    from ..models.registry import DEFAULT_SAM2, DINOV2_MODELS, SAM2_MODELS
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("models")
+    g.add_argument("--sam2", default=DEFAULT_SAM2, type=_sam2_backbone, metavar="BACKBONE",
+                   help=f"SAM 2 backbone: {', '.join(SAM2_MODELS)} (default: {DEFAULT_SAM2}; the old "
+                        "names tiny, small, base_plus, large still work). Each sets its native --image-size")
+    g.add_argument("--dinov2", default="small", choices=list(DINOV2_MODELS), help="DINOv2 size (default: small)")
+    g.add_argument("--sam2-checkpoint", type=Path, default=None, metavar="FILE",
+                   help="checkpoint of the --sam2 backbone, e.g. another MedSAM2 release for medsam2 "
+                        "(default: $RSEG_SAM2_CHECKPOINT, $RSEG_WEIGHTS_DIR or the HF cache)")
+    g.add_argument("--dinov2-path", type=Path, default=None, metavar="DIR",
+                   help="DINOv2 folder with config.json + model.safetensors (default: $RSEG_DINOV2_PATH, $RSEG_WEIGHTS_DIR or the HF cache)")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="SAM 2 input size, a multiple of 32 (default: the backbone's native size, "
+                        "1024 for SAM 2.1, 512 for MedSAM2; another value is used with a warning)")
+    g.add_argument("--dinov2-input-size", type=int, default=224, help="DINOv2 input size (default 224)")
+    g.add_argument("--fill-hole-area", type=int, default=0, metavar="PX",
+                   help="fill background holes up to PX low-res pixels, SAM 2's optional post-processing "
+                        "(default 0: off)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="SAM 2 arithmetic: auto (default: bf16 autocast on a CUDA GPU that supports it, "
+                        "fp32 on CPU and MPS), fp32, or bf16 (autocast)")
+    g.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="query slices per SAM 2 memory-attention + decoder call (default: chosen for the "
+                        "device: 1 on CPU, where batching does not pay, up to 32 on CUDA; 1 = the "
+                        "per-slice reference path)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the SAM 2 image encoder and memory attention (slow first batch)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="use seeded RANDOM weights (tests/benchmarks only: the output is meaningless)")
+    g.add_argument("--seed", type=int, default=0, help="seed for --random-weights")
+    return p
+
+
+def _sam2_backbone(text: str) -> str:
+    """An argparse type: a SAM 2 backbone name or alias -> its canonical name."""
+    from ..models.registry import canonical_sam2
+
+    try:
+        return canonical_sam2(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum`, else a usage error saying so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _presence_threshold(text: str) -> float:
+    """An argparse type: --presence-threshold, a finite number >= 0 (`segment.check_presence_threshold`)."""
+    from ..segmentation.segment import check_presence_threshold
+
+    try:
+        return check_presence_threshold(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number >= 0, got {text!r} (SAM 2 itself empties the mask of a label whose object "
+            "score is <= 0, so a lower threshold cannot make it present)") from None
+
+
+def _progress_bar(enabled: bool, desc: str, bars: list | None = None):
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit="slice", file=sys.stderr, dynamic_ncols=True)
+    if bars is not None:
+        bars.append(bar)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return update, bar.close
+
+
+class _UsageError(Exception):
+    """Wrong combination of options: reported with exit code 2."""
+
+
+def _window(args: argparse.Namespace) -> tuple[float, float] | None:
+    if (args.window is None) != (args.level is None):
+        raise _UsageError("give --window and --level together (or neither for a robust automatic window)")
+    if args.window is None:
+        return None
+    from ..engine.preprocess import window_from_level
+
+    return window_from_level(args.window, args.level)
+
+
+def _parse_labels_arg(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--labels takes label values like 1,3, got {text!r}") from None
+
+
+def _parse_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        a, b = text.split(":")
+        return int(a), int(b)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--slices takes START:STOP (stop exclusive), got {text!r}") from None

@@ -1,0 +1,179 @@
+"""`rseg evaluate`: options and folders checked first, the bank built or reused, then
+`evaluation.evaluate.evaluate` over the test cases (the library part)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..evaluation.evaluate import (
+    CASES_DIR,
+    PREDICTIONS_DIR,
+    RANDOM_BANNER,
+    EvaluationInterrupted,
+    ExclusionError,
+    ResultsExist,
+    ResumeMismatch,
+    check_plan,
+    check_results_folder,
+    evaluate,
+    format_table,
+)
+from ..evaluation.study import (
+    BUILD_FILE,
+    LabelError,
+    Study,
+    StudyError,
+    _few,
+    build_bank_atomically,
+    build_record,
+    read_build_record,
+    record_differences,
+    remove_stale_builds,
+    scan_study,
+)
+def _parse_eval_labels(text: str):
+    from ..bank.support_bank import LabelInfo
+    from .bank import DEFAULT_COLORS, parse_labels
+
+    pairs = parse_labels(text)
+    return [LabelInfo(v, n, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i, (v, n) in enumerate(pairs)]
+
+
+def _skipped_lines(what: str, study: Study) -> list[str]:
+    return [f"rseg evaluate: {what}: skipped {len(files)} {reason}: {_few(files, 3)}"
+            for reason, files in study.skipped.items()]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Handler of `rseg evaluate`."""
+    from ..bank.support_bank import SupportBank, same_subject
+    from ..engine.build import make_embedder, make_engine
+    from .common import _UsageError, _window
+
+    def usage(e: Exception) -> _UsageError:
+        return _UsageError(str(e))
+
+    # Options and folders first: nothing is created or loaded before they are checked.
+    labels = _parse_eval_labels(args.labels)
+    window = _window(args)
+    try:
+        test_study = scan_study(args.test)
+        train_study = scan_study(args.train) if args.train is not None else None
+    except StudyError as e:
+        raise usage(e) from None
+    test = test_study.cases
+    if args.max_cases is not None:
+        test = test[: args.max_cases]
+    if train_study is not None:
+        overlap = sorted({c.subject for c in train_study.cases
+                          if any(same_subject(c.subject, t.subject) for t in test)})
+        if overlap:
+            raise _UsageError(f"subjects in both --train and --test: {_few(overlap)}; a test subject must not "
+                              "be in the training data")
+    if args.pool is not None and train_study is None:
+        raise _UsageError("--pool caps a bank built from --train; give --train too, or drop --pool to use "
+                          "the bank as it is")
+    try:  # before anything is built or loaded: results already in --out are never replaced by surprise
+        check_results_folder(args.out, args.resume, args.overwrite)
+    except ResultsExist as e:
+        raise usage(e) from None
+    bank_path = args.bank if args.bank is not None else args.out / "bank"
+    show = not args.no_progress
+    for line in _skipped_lines("--test", test_study) + (_skipped_lines("--train", train_study) if train_study else []):
+        print(line, file=sys.stderr)
+
+    has_bank = (bank_path / "bank.json").exists()
+    record = read_build_record(bank_path) if has_bank else None
+    rebuild_hint = (f"remove it (rm -r '{bank_path}') and run the same command again to rebuild it, "
+                    "or give another --out / --bank")
+    if has_bank and train_study is not None:
+        if record is None:
+            raise _UsageError(
+                f"the bank at {bank_path} was not built completely by this rseg evaluate (no "
+                f"{BUILD_FILE}: an interrupted build of an older version, or a bank made with `rseg bank`); "
+                f"to use it as it is, drop --train and --pool; else {rebuild_hint}"
+            )
+        wanted = build_record(train_study, labels, args.pool, args.axis, window, record.get("dinov2"))
+        diffs = record_differences(record, wanted)
+        if diffs:
+            raise _UsageError(f"the bank at {bank_path} was built with other parameters ({'; '.join(diffs)}); "
+                              f"{rebuild_hint}")
+    elif not has_bank and train_study is None:
+        raise _UsageError("give --train (to build a bank) or --bank with an existing bank"
+                          + (f" (no bank at {bank_path})" if args.bank is not None else ""))
+    elif not has_bank and bank_path.exists() and any(bank_path.iterdir()):
+        raise _UsageError(f"{bank_path} exists and is not a support bank; give another --out / --bank")
+
+    embedder = make_embedder(args)
+    if has_bank:
+        bank = SupportBank.open(bank_path)
+        if record is not None and record.get("dinov2") != embedder.identity:
+            raise _UsageError(f"the bank at {bank_path} was built with DINOv2 {record.get('dinov2')}, the "
+                              f"engine uses {embedder.identity}; {rebuild_hint}")
+        print(f"rseg evaluate: using the bank at {bank_path} ({len(bank)} entries"
+              + (", built from the same --train, --pool and --labels)" if record is not None else ")"),
+              file=sys.stderr)
+    else:
+        for stale in remove_stale_builds(bank_path):
+            print(f"rseg evaluate: removed {stale} (an interrupted bank build)", file=sys.stderr)
+        rec = build_record(train_study, labels, args.pool, args.axis, window, embedder.identity)
+        try:
+            bank = build_bank_atomically(train_study, bank_path, labels, embedder, args.axis, args.pool,
+                                         window, show, rec)
+        except LabelError as e:
+            raise usage(e) from None
+    try:
+        check_plan(test, bank, [lab.value for lab in labels], args.k)
+    except (LabelError, ExclusionError) as e:
+        raise usage(e) from None
+    bank_names = {lab.value: lab.name for lab in bank.labels}
+    renamed = [f"{lab.value} is {bank_names[lab.value]!r} in the bank, {lab.name!r} in --labels"
+               for lab in labels if bank_names.get(lab.value, lab.name) != lab.name]
+    if renamed:
+        print(f"rseg evaluate: warning: label {'; '.join(renamed)}; results use the bank's names",
+              file=sys.stderr)
+    engine = make_engine(args)
+    skipped = {"test": {r: len(f) for r, f in test_study.skipped.items()},
+               **({"train": {r: len(f) for r, f in train_study.skipped.items()}} if train_study else {})}
+    if args.max_cases is not None and args.max_cases < len(test_study.cases):
+        skipped["test"]["beyond --max-cases"] = len(test_study.cases) - args.max_cases
+    extra = {"compile": bool(args.compile), "skipped_inputs": skipped,
+             "test": str(args.test), "train": None if args.train is None else str(args.train)}
+    try:
+        result = evaluate(test, bank, engine, labels=[lab.value for lab in labels], k=args.k, axis=args.axis,
+                          window=window, out=args.out, save_predictions=args.save_predictions or args.report, progress=show,
+                          precision=args.precision, batch_size=args.batch_size, resume=args.resume,
+                          overwrite=args.overwrite, extra=extra)
+    except (LabelError, ExclusionError, ResumeMismatch, ResultsExist) as e:
+        raise usage(e) from None
+    except EvaluationInterrupted as e:
+        print(f"rseg evaluate: interrupted; {len(e.finished)} finished case(s) kept in {args.out / CASES_DIR} and "
+              f"{args.out / 'metrics.csv'}; run the same command with --resume"
+              + (" instead of --overwrite" if args.overwrite else "") + " to skip them", file=sys.stderr)
+        if e.kept:
+            print(f"rseg evaluate: {len(e.kept)} case(s) not evaluated again keep their earlier results (files in "
+                  f"{args.out / CASES_DIR} and {args.out / PREDICTIONS_DIR}, not in metrics.csv): {_few(e.kept, 5)}; "
+                  "--resume reuses them only if they were made with the same settings", file=sys.stderr)
+        raise
+    for w in result.get("warnings", []):
+        print(f"rseg evaluate: warning: {w}", file=sys.stderr)
+    if args.report:
+        from .report import report_after_run
+
+        result["report"] = str(report_after_run(args.out, quiet=args.json))
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2, allow_nan=False))
+    else:
+        print(format_table(result))
+        excl = ", ".join(f"{cid} {info['excluded_supports']}" for cid, info in result["per_case"].items())
+        print(f"supports excluded per case (own subject): {excl}")
+        total_skipped = sum(sum(v.values()) for v in skipped.values())
+        if total_skipped:
+            print("skipped inputs: " + "; ".join(
+                f"{where}: " + ", ".join(f"{n} {reason}" for reason, n in d.items())
+                for where, d in skipped.items() if d))
+        if result["random_weights"]:
+            print(RANDOM_BANNER)
+        print(f"wrote {args.out / 'metrics.csv'} and {args.out / 'metrics.json'}")
+    return 0

@@ -1,0 +1,1 @@
+"""Many volumes: the manifest, shards, resume rule, local worker processes or Ray actors."""

@@ -1,0 +1,1 @@
+"""The paper's evaluation protocol: study folders, per-case Dice and HD95, summaries."""

@@ -1,0 +1,162 @@
+"""What a prediction file is: its provenance and per-slice diagnostics, in a sidecar JSON.
+
+NIfTI keeps no custom metadata, so every label map rseg writes (`rseg segment`, `rseg evaluate`)
+gets a sidecar `<output>.json` beside it: the output's full file name plus `.json`
+(`case01.nii.gz` -> `case01.nii.gz.json`), so outputs in different formats never share one.
+
+The sidecar is strict JSON (no NaN: undefined numbers are null) and holds
+
+- `format`: "rseg-prediction", `format_version`: 1;
+- `provenance`: rseg version, the models' identities, `random_weights`, precision, batch size,
+  image size, k, the bank's id, revision and path, labels, axis, slice range, time; the intensity
+  `window` [low, high] the slices were windowed with, the `annotated_slices` of this case in the
+  bank along the axis, and the `working_dir` relative paths (image, bank) are relative to (what
+  `rseg report` needs to draw the run);
+- `slices`: one record per slice of the volume along the axis, in order: `index`, `status`
+  (one of `SLICE_STATUSES`), and for segmented slices `confidence`, `object_score` and `iou` per
+  label value, `present` per label value (true: object score > the presence threshold, recorded
+  in the provenance as `presence_threshold`; false: the label is absent and its mask on the slice
+  is empty), and the `retrieved` supports as [entry id, score].
+
+`rseg suggest --seg` reads `slices` back (`read_sidecar`); a slice that was not segmented is a
+gap to rank, not an empty slice.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ..data.fileio import atomic_write_bytes
+
+FORMAT = "rseg-prediction"
+FORMAT_VERSION = 1
+
+#: Per-slice status: segmented; outside the user's slice range; beyond the structure's extent
+#: (the extent stop); not reached because the run was cancelled.
+SEGMENTED = "segmented"
+OUTSIDE_RANGE = "not segmented (outside slice range)"
+BEYOND_EXTENT = "not segmented (beyond extent)"
+CANCELLED = "not segmented (cancelled)"
+SLICE_STATUSES = (SEGMENTED, OUTSIDE_RANGE, BEYOND_EXTENT, CANCELLED)
+
+
+def sidecar_path(output: str | Path) -> Path:
+    """`case.nii.gz` -> `case.nii.gz.json` (same folder)."""
+    output = Path(output)
+    return output.with_name(output.name + ".json")
+
+
+def finite_or_none(x: Any) -> float | None:
+    """float -> float or None (NaN/inf are not JSON)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def engine_provenance(engine) -> dict:
+    """Model part of the provenance (works for a RetrievalEngine)."""
+    from .. import __version__
+
+    return {
+        "rseg_version": __version__,
+        "sam2": engine.sam2_identity,
+        "dinov2": engine.dinov2_identity,
+        "random_weights": bool(engine.random_weights),
+        "image_size": int(engine.sam.image_size),
+    }
+
+
+def segmentation_provenance(seg, engine, bank, *, k: int, extra: dict | None = None) -> dict:
+    """Provenance of one `VolumeSegmentation` made with `engine` from `bank`."""
+    prov = engine_provenance(engine)
+    prov.update({
+        "precision": seg.precision,
+        "batch_size": int(seg.batch_size),
+        "k": int(k),
+        "presence_threshold": float(getattr(seg, "presence_threshold", 0.0)),
+        # the revision retrieval used (read when the segmentation began), not the bank's now
+        "bank": {"path": str(bank.path), "bank_id": bank.bank_id,
+                 "revision": int(seg.bank_revision if getattr(seg, "bank_revision", None) is not None
+                                 else bank.revision)},
+        "labels": {str(lab.value): lab.name for lab in seg.labels},
+        "axis": "ijk"[seg.axis],
+        "seconds": finite_or_none(round(seg.seconds, 3)),
+        "cancelled": bool(seg.cancelled),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "window": None if seg.window is None else [finite_or_none(v) for v in seg.window],
+        "annotated_slices": [int(i) for i in seg.annotated_slices],
+        "working_dir": os.getcwd(),
+    })
+    if extra:
+        prov.update(extra)
+    return prov
+
+
+def slice_records(seg, slice_range: tuple[int, int] | None = None) -> list[dict]:
+    """One record per slice along the segmentation's axis (see the module docstring).
+
+    A slice without a result is outside `slice_range` if given and outside it, else 'beyond
+    extent' when the segmentation says so (`seg.beyond_extent`, a set of indices, if present),
+    else 'cancelled'.
+    """
+    n = len(seg.confidence)
+    beyond = set(getattr(seg, "beyond_extent", ()) or ())
+    records = []
+    for i in range(n):
+        r = seg.slices.get(i)
+        if r is not None:
+            records.append({
+                "index": i,
+                "status": SEGMENTED,
+                "confidence": finite_or_none(r.confidence),
+                "object_score": {str(k): finite_or_none(v) for k, v in r.object_score.items()},
+                "iou": {str(k): finite_or_none(v) for k, v in r.iou.items()},
+                "present": {str(k): bool(v) for k, v in (getattr(r, "present", None) or {}).items()},
+                "retrieved": [[str(eid), finite_or_none(s)] for eid, s in r.retrieved],
+            })
+            continue
+        if slice_range is not None and not (slice_range[0] <= i < slice_range[1]):
+            status = OUTSIDE_RANGE
+        elif i in beyond:
+            status = BEYOND_EXTENT
+        else:
+            status = CANCELLED
+        records.append({"index": i, "status": status})
+    return records
+
+
+def write_sidecar(output: str | Path, provenance: dict, slices: list[dict] | None = None) -> Path:
+    """Write `<output>.json` atomically (refusing links, as every rseg write); returns its path."""
+    path = sidecar_path(output)
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "provenance": provenance,
+           "slices": slices if slices is not None else []}
+    data = json.dumps(doc, indent=1, allow_nan=False).encode("utf-8") + b"\n"
+    atomic_write_bytes(path, data, root=path.parent, what="an output folder")
+    return path
+
+
+def read_sidecar(path: str | Path) -> dict:
+    """Read a sidecar (give the sidecar or the prediction it describes); ValueError if not one."""
+    path = Path(path)
+    if not path.name.endswith(".json"):
+        path = sidecar_path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"),
+                         parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"{c} is not JSON")))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no sidecar; it is written by `rseg segment` beside its --out") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable rseg sidecar ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an rseg prediction sidecar (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+    if int(doc.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{path}: sidecar format version {doc.get('format_version')} is newer than this rseg reads ({FORMAT_VERSION})")
+    slices = doc.get("slices")
+    if not isinstance(slices, list) or any(not isinstance(s, dict) or s.get("status") not in SLICE_STATUSES for s in slices):
+        raise ValueError(f"{path}: malformed 'slices' list")
+    return doc

@@ -1,0 +1,1 @@
+"""The Slicer module's logic without Qt: MRML <-> library, results, corrections."""

@@ -1,0 +1,1 @@
+"""The model worker process (python -m RetrievalSegLib.worker), its client and protocol."""
