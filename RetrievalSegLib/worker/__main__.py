@@ -1,4 +1,4 @@
-"""python -m RetrievalSegLib.worker: runs RetrievalSegLib.worker.server.server."""
+"""python -m RetrievalSegLib.worker: runs RetrievalSegLib.worker.server.main."""
 from .server import main
 
 raise SystemExit(main())
