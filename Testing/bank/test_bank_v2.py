@@ -182,17 +182,24 @@ def test_readers_see_whole_revisions_while_two_writers_add(tmp_path):
     readers = [subprocess.Popen([sys.executable, str(tmp_path / "reader.py"), str(bank.path), str(go), str(stop)],
                                 env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for _ in range(2)]
-    go.touch()
-    for p in writers:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-    stop.touch()
-    for p in readers:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        reads, last, slowest = out.split()
-        assert int(reads) >= 5 and 0 <= int(last) <= bank.revision
-        assert float(slowest) < 30  # never blocked for a writer's whole run
+    try:
+        go.touch()
+        for p in writers:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+        stop.touch()
+        for p in readers:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+            reads, last, slowest = out.split()
+            assert int(reads) >= 5 and 0 <= int(last) <= bank.revision
+            assert float(slowest) < 30  # never blocked for a writer's whole run
+    finally:  # a failed writer must not leave the readers spinning for the rest of the suite
+        stop.touch()
+        for p in writers + readers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert sorted((e.case_id, e.index) for e in bank.entries()) == sorted(
         (c, i) for c in ("alice", "bob") for i in range(6))
     assert bank.verify().ok
