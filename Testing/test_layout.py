@@ -131,7 +131,7 @@ def test_the_graph_sees_module_and_function_level_imports() -> None:
     assert "bank.format" in graph["bank.support_bank"]  # module level: from .format import (...)
     assert "cli.evaluate" in graph["cli.main"]          # inside add_evaluate_parser: from .evaluate import ...
     assert "cli.common" in graph["cli.evaluate"]        # inside cmd_evaluate
-    assert "engine.preprocess" in graph["segmentation.segment"]  # across packages: from ..engine.preprocess
+    assert "engine.preprocess" in graph["segmentation.slices"]  # across packages: from ..engine.preprocess
     assert "" in graph["cli.main"]                      # from .. import __version__ (the package itself)
     assert sum(len(v) for v in graph.values()) > 50
 

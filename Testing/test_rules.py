@@ -17,7 +17,7 @@ import torch
 from RetrievalSegLib.bank.support_bank import BankCorruptError, SupportBank
 from RetrievalSegLib.engine.sam2_memory import QueryResult
 from RetrievalSegLib.engine.preprocess import robust_window, to_uint8
-from RetrievalSegLib.segmentation.segment import fuse_labels, slice_confidence
+from RetrievalSegLib.segmentation.labelmap import fuse_labels, slice_confidence
 from RetrievalSegLib.data.volume import through_plane_axis
 
 from _bank_helpers import LABELS, HashEmbedder, make_case

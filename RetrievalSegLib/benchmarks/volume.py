@@ -1,11 +1,11 @@
-"""Whole-volume throughput: today's per-slice fp32 path vs the batched path, one run, one device.
+"""Whole-volume throughput: one slice per call in fp32 vs batches (and the device's precision), one run, one device.
 
 A synthetic cardiac volume (`synthetic.py`) is segmented from a bank of the labelled slices of
 other synthetic cases, k supports per slice, SAM 2.1 with random weights:
 
-* baseline: `segment_volume(..., precision="fp32", batch_size=1)`: the per-slice reference path
-  (what `segment_volume` did before batching: image encoder in batches of 4, one memory-attention
-  + decoder call per slice);
+* baseline: `segment_volume(..., precision="fp32", batch_size=1)`: the per-slice reference case
+  (image encoder in batches of 4, one memory-attention + decoder call per slice; the same query
+  code as batches, `Sam2MemoryEngine.query_batch`);
 * batched: `segment_volume(..., precision="auto", batch_size=None)`: the precision and batch size
   chosen for the device (bf16 autocast and batches on CUDA). On CPU the automatic batch size is 1
   (batching does not pay there), so the CPU run times batches of 4 (`--batch-size` to change) to
@@ -215,7 +215,7 @@ def run(device: str = "auto", image_size: int | None = None, slices: int | None 
         bank.add(c.case_id, _windowed(c.image), list(c.labels.array), engine.embedder)
     bank_s = time.perf_counter() - t
     new_prec = resolve_precision(precision, dev)
-    # CPU: auto is the per-slice path (segment.CPU_BATCH_SIZE); time a batch anyway, to show its effect.
+    # CPU: auto is the per-slice path (segmentation.queries.CPU_BATCH_SIZE); time a batch anyway, to show its effect.
     batched = batch_size if batch_size is not None else (None if cuda else 4)
     print(f"bank: {len(bank)} labelled slices from {bank_cases} synthetic cases ({bank_s:.1f} s); "
           f"query volume {slices} x {hw} x {hw}; SAM 2.1 {sam2} at {image_size} px; k={k}; {dev}",

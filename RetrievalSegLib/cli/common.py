@@ -40,8 +40,8 @@ def model_options() -> argparse.ArgumentParser:
                         "fp32 on CPU and MPS), fp32, or bf16 (autocast)")
     g.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
                    help="query slices per SAM 2 memory-attention + decoder call (default: chosen for the "
-                        "device: 1 on CPU, where batching does not pay, up to 32 on CUDA; 1 = the "
-                        "per-slice reference path)")
+                        "device: 1 on CPU, where batching does not pay, up to 32 on CUDA; 1 = one "
+                        "slice per call, the per-slice reference case)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the SAM 2 image encoder and memory attention (slow first batch)")
     g.add_argument("--random-weights", action="store_true",
@@ -81,7 +81,7 @@ _non_negative_int = _int_at_least(0)
 
 def _presence_threshold(text: str) -> float:
     """An argparse type: --presence-threshold, a finite number >= 0 (`segment.check_presence_threshold`)."""
-    from ..segmentation.segment import check_presence_threshold
+    from ..segmentation.labelmap import check_presence_threshold
 
     try:
         return check_presence_threshold(float(text))

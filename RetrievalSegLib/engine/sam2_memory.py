@@ -228,29 +228,13 @@ class Sam2MemoryEngine:
 
     # ------------------------------------------------------------------ image encoder
     @torch.inference_mode()
-    def encode_images(self, images: Sequence[np.ndarray]) -> list[ImageFeatures]:
-        """Run the image encoder once on a batch of slices (uint8, or windowed here)."""
-        if len(images) == 0:
-            return []
-        batch = torch.stack([sam2_image_tensor(_as_uint8(im), self.image_size) for im in images])
-        backbone_out = self.model.forward_image(batch.to(self.device))
-        _, feats, pos, sizes = self.model._prepare_backbone_features(backbone_out)
-        out = []
-        for b in range(len(images)):
-            out.append(
-                ImageFeatures(
-                    [f[:, b : b + 1] for f in feats], [p[:, b : b + 1] for p in pos], list(sizes)
-                )
-            )
-        return out
-
-    @torch.inference_mode()
     def encode_batch(self, images: Sequence[np.ndarray], device_preprocess: bool | None = None) -> BatchFeatures:
-        """Image encoder on a batch of slices; the features stay batched on the device.
+        """The image encoder on a batch of slices (uint8, or windowed here); the features stay
+        batched on the device.
 
-        Preprocessing gives the same tensor as `encode_images`: on CUDA (device_preprocess None)
-        it is one upload of the uint8 slices and tensor ops there, on CPU Pillow per image
-        (faster there; both are bit-identical, see `preprocess.sam2_image_batch`).
+        Preprocessing is the official predictor's (resize, /255, ImageNet mean/std): on CUDA
+        (device_preprocess None) one upload of the uint8 slices and tensor ops there, on CPU Pillow
+        per image (faster there; both are bit-identical, see `preprocess.sam2_image_batch`).
         """
         if len(images) == 0:
             raise ValueError("encode_batch needs at least one image")
@@ -292,7 +276,7 @@ class Sam2MemoryEngine:
             m = np.zeros(hw, dtype=bool) if m is None else validate_mask(m, hw, f"mask of label {lab}")
             mask_list.append(m)
         if features is None:
-            features = self.encode_images([img])[0]
+            features = self.encode_batch([img]).image(0)
         L = len(labels)
         feats, pos = features.expand(L)
         mask_inputs = torch.cat([sam2_mask_tensor(m, self.image_size, self.device) for m in mask_list])
@@ -365,39 +349,22 @@ class Sam2MemoryEngine:
         return self._maskmem_pos_enc
 
     # ------------------------------------------------------------------ query
-    @torch.inference_mode()
     def query(
         self,
         image: np.ndarray,
         supports: Sequence[SupportMemory],
         labels: Sequence[int] | None = None,
-        features: ImageFeatures | None = None,
+        features: BatchFeatures | None = None,
     ) -> QueryResult:
-        """Segment `image` conditioned on the memories of `supports` (no prompt on the query)."""
+        """Segment one slice conditioned on the memories of `supports` (no prompt on the query):
+        `query_batch` on a batch of one. `features`: `encode_batch([image])`, if already computed."""
         img = validate_image(image, "query image")
         if len(supports) == 0:
             raise ValueError("at least one support is needed to segment a slice (the bank gave none)")
         labels = tuple(supports[0].labels) if labels is None else tuple(labels)
-        mems = [s.select(labels).to(self.device) for s in supports]
         if features is None:
-            features = self.encode_images([img])[0]
-        L, k = len(labels), len(mems)
-        feats, pos = features.expand(L)
-        pos_enc = self._pos_enc().expand(L, -1, -1, -1)
-        cond = {
-            i: {"maskmem_features": m.maskmem_features, "maskmem_pos_enc": [pos_enc], "obj_ptr": m.obj_ptr}
-            for i, m in enumerate(mems)
-        }
-        # Query at index k after supports 0..k-1 in a k+1 frame pseudo-video (num_frames >= 2).
-        ious, low_res, obj_scores = self._track_query(k, feats, pos, features.feat_sizes, cond)
-        logits = logits_to_grid(low_res.float(), img.shape[:2])[:, 0]
-        best_iou = ious.max(dim=-1).values  # the returned mask is the highest-IoU candidate
-        return QueryResult(
-            labels,
-            logits.cpu().numpy().astype(np.float32),
-            best_iou.float().cpu().numpy(),
-            obj_scores[:, 0].float().cpu().numpy(),
-        )
+            features = self.encode_batch([img])
+        return self.query_batch(features, supports, [list(range(len(supports)))], labels).to_numpy()[0]
 
     @torch.inference_mode()
     def _track_query(self, k: int, feats: torch.Tensor, pos: list, feat_sizes: list, cond: dict) -> tuple:
@@ -424,6 +391,7 @@ class Sam2MemoryEngine:
             low_res = fill_holes(low_res, self.fill_hole_area)
         return ious, low_res, obj_scores
 
+    @torch.inference_mode()
     def query_batch(
         self,
         features: BatchFeatures,
@@ -432,14 +400,16 @@ class Sam2MemoryEngine:
         labels: Sequence[int],
         items: Sequence[int] | None = None,
     ) -> BatchQueryResult:
-        """Segment B slices x L labels in one memory-attention + mask-decoder call.
+        """Segment B slices x L labels in one memory-attention + mask-decoder call: the one query
+        path (`query` is a batch of one; B = 1 is the per-slice case the fidelity tests compare
+        with the official predictor).
 
         `memories` are the distinct support memories needed by the batch (each fetched and moved
         to the device once); `support_index[b]` lists, for slice b, the positions in `memories`
         of its own k supports (every slice has k). `items` picks which images of `features` are
         the B slices (default: all, in order). Like SAM 2 with several objects, slice b's memories
-        are stacked at batch position b*L + l: the math of each (slice, label) pair is that of
-        `query` on that slice alone; only the float reduction order may differ.
+        are stacked at batch position b*L + l: the math of each (slice, label) pair is that of the
+        slice alone in a batch of one; only the float reduction order may differ.
         """
         labels = tuple(labels)
         idx = np.asarray(support_index, dtype=np.int64)
@@ -459,9 +429,12 @@ class Sam2MemoryEngine:
         mem_feats = torch.stack([m.maskmem_features for m in mems]).to(self.device)  # [U, L, C, h, w]
         mem_ptrs = torch.stack([m.obj_ptr for m in mems]).to(self.device)  # [U, L, C]
         # batch position b*L + l <- image items[b]
-        rows = torch.tensor(items, device=self.device).repeat_interleave(L)
-        feats = [f.index_select(1, rows) for f in features.vision_feats]
-        pos = [p.index_select(1, rows) for p in features.vision_pos_embeds]
+        if B == 1:  # one slice: its features repeated over the labels as views, as SAM 2 batches objects
+            feats, pos = features.image(items[0]).expand(L)
+        else:
+            rows = torch.tensor(items, device=self.device).repeat_interleave(L)
+            feats = [f.index_select(1, rows) for f in features.vision_feats]
+            pos = [p.index_select(1, rows) for p in features.vision_pos_embeds]
         pos_enc = self._pos_enc().expand(B * L, -1, -1, -1)
         sel = torch.from_numpy(idx).to(self.device)
         cond = {}

@@ -490,7 +490,7 @@ def suggest_slices(
     pass and may raise to stop it. embeddings_cache: reuse the embeddings of a volume seen before
     (`VolumeEmbeddingCache`; the result then carries `REUSED_NOTE`).
     """
-    from .segment import slices_to_uint8, window_for_volume
+    from .slices import slices_to_uint8, window_for_volume
 
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")

@@ -227,7 +227,7 @@ class RetrievalSegLogic:
         extent_stop None: this logic's `extent_stop` (0 = every slice); start_slice None: the
         worker picks it (annotated slices of `case_id`, else the middle of the range, else the
         slice most similar to the bank)."""
-        from ..segmentation.segment import window_for_volume
+        from ..segmentation.slices import window_for_volume
 
         self._require_idle()
         self._require_bank()
@@ -497,7 +497,7 @@ class RetrievalSegLogic:
         Each slice is windowed exactly as the segmentation of this volume windows it, so the bank
         holds what the models will see. An older entry of the same case, axis and slice is retired.
         """
-        from ..segmentation.segment import window_for_volume
+        from ..segmentation.slices import window_for_volume
 
         self._require_idle()
         bank = self._require_bank()
@@ -542,7 +542,7 @@ class RetrievalSegLogic:
         self, volume_node: Any, segmentation_node: Any, case_id: str | None = None, axis: int | str | None = None
     ) -> WorkerJob:
         """Add the user's hand-drawn slices (first annotations) of a volume to the bank."""
-        from ..segmentation.segment import window_for_volume
+        from ..segmentation.slices import window_for_volume
 
         self._require_idle()
         bank = self._require_bank()
@@ -625,7 +625,7 @@ class RetrievalSegLogic:
         result is of this volume, its per-slice confidence (slices it did not segment are gaps).
         This volume's slices already in the bank (its case id) are never suggested.
         """
-        from ..segmentation.segment import window_for_volume
+        from ..segmentation.slices import window_for_volume
         from ..segmentation.suggest import Suggestions
 
         self._require_idle()

@@ -31,7 +31,7 @@ def estimate_advice(estimate: dict[str, Any] | None, long_s: float = LONG_CPU_ES
     seconds = float(estimate["seconds_left"])
     if seconds <= long_s or int(estimate.get("image_size", 0)) <= 512:
         return None
-    from ..segmentation.segment import format_seconds
+    from ..segmentation.results import format_seconds
 
     bound = "up to " if estimate.get("upper_bound") else ""
     return (
@@ -144,7 +144,7 @@ def _segmentation_from_result(volume: Volume) -> Callable[[dict[str, Any], Path]
 
     def convert(result: dict[str, Any], folder: Path) -> list[Any]:
         from ..bank.support_bank import LabelInfo
-        from ..segmentation.segment import SliceResult, VolumeSegmentation
+        from ..segmentation.results import SliceResult, VolumeSegmentation
         from ..worker.protocol import load_array
 
         array = load_array(folder, result["labelmap"])

@@ -31,7 +31,7 @@ from RetrievalSegLib.engine.preprocess import (
     sam2_image_tensor,
     to_uint8,
 )
-from RetrievalSegLib.segmentation.segment import fuse_labels
+from RetrievalSegLib.segmentation.labelmap import fuse_labels
 from RetrievalSegLib.data.synthetic import make_synthetic_study
 
 from _reference import build_reference_predictor, reference_query_logits, write_pseudo_video
@@ -176,19 +176,20 @@ def test_batched_preprocessing_equals_pillow_per_image():
     assert torch.equal(sam2_image_batch(rgb, 256, "cpu"), torch.stack([sam2_image_tensor(i, 256) for i in rgb]))
 
 
-def test_batched_encoder_with_device_preprocessing_equals_encode_images(engine, volume_slices):
+def test_batched_encoder_with_device_preprocessing_equals_each_image_alone(engine, volume_slices):
+    """A batch of slices gives each slice the features it gets alone, with both preprocessing routes."""
     imgs = [img for img, _ in volume_slices[1][:3]]
-    per_image = engine.encode_images(imgs)
+    alone = [engine.encode_batch([img], device_preprocess=False).image(0) for img in imgs]
     for device_preprocess in (True, False):
         batch = engine.encode_batch(imgs, device_preprocess=device_preprocess)
-        for b, f in enumerate(per_image):
+        for b, f in enumerate(alone):
             for x, y in zip(batch.image(b).vision_feats, f.vision_feats):
                 torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
 
 
 def test_batched_auto_size_is_the_per_slice_path_on_cpu():
     """On CPU batching does not pay (README, Performance), so auto is 1 whatever the size or k."""
-    from RetrievalSegLib.segmentation.segment import auto_batch_size
+    from RetrievalSegLib.segmentation.queries import auto_batch_size
 
     for size, k, labels in ((256, 2, 1), (512, 8, 3), (1024, 16, 3)):
         assert auto_batch_size("cpu", size, k, labels) == 1, (size, k, labels)
@@ -283,7 +284,7 @@ def test_precision_bf16_run_leaves_the_fp32_position_encoding_alone():
 
 def test_batched_windowing_on_device_equals_numpy():
     """The CUDA windowing (tensor ops) gives to_uint8's values, ties at .5 included (run on CPU)."""
-    from RetrievalSegLib.segmentation.segment import window_on_device
+    from RetrievalSegLib.segmentation.slices import window_on_device
 
     rng = np.random.default_rng(5)
     for stack, bounds in [

@@ -147,7 +147,7 @@ def test_mask_shape_mismatch_names_both_shapes(engine, slices):
 @pytest.mark.parametrize("bad", [np.zeros((4, 5, 6)), np.zeros(10), np.zeros((1, 1))])
 def test_non_2d_input_is_refused(engine, bad):
     with pytest.raises(ValueError, match="2D|too small"):
-        engine.encode_images([bad])
+        engine.encode_batch([bad])
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])

@@ -16,7 +16,8 @@ from RetrievalSegLib.bank.support_bank import LabelInfo, SupportBank
 from RetrievalSegLib.segmentation.extent import ExtentWalker, extent_slices
 from RetrievalSegLib.engine.pipeline import RetrievalEngine
 from RetrievalSegLib.segmentation.provenance import BEYOND_EXTENT, SEGMENTED, slice_records
-from RetrievalSegLib.segmentation.segment import _start_slices, segment_volume
+from RetrievalSegLib.segmentation.segment import segment_volume
+from RetrievalSegLib.segmentation.slices import start_slices
 from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
 
 N_SLICES = 10
@@ -182,13 +183,13 @@ def test_extent_start_slice_precedence(bank, study, full_run):
     hits = [full_run.slices[i].retrieved for i in range(N_SLICES)]
     own = sorted(e.index for e in bank.entries() if e.case_id == study[0].case_id)
     assert own
-    assert _start_slices(None, bank, study[0].case_id, 2, 0, N_SLICES, True, hits) == (own, "annotated")
-    assert _start_slices(None, bank, "another-case", 2, 2, 9, True, hits) == ([5], "middle of the slice range")
+    assert start_slices(None, bank, study[0].case_id, 2, 0, N_SLICES, True, hits) == (own, "annotated")
+    assert start_slices(None, bank, "another-case", 2, 2, 9, True, hits) == ([5], "middle of the slice range")
     best = int(np.argmax([h[0][1] for h in hits]))
-    assert _start_slices(None, bank, None, 2, 0, N_SLICES, False, hits) == ([best], "most similar to the bank")
-    assert _start_slices([7, 3, 7], bank, study[0].case_id, 2, 0, N_SLICES, False, hits) == ([3, 7], "given")
+    assert start_slices(None, bank, None, 2, 0, N_SLICES, False, hits) == ([best], "most similar to the bank")
+    assert start_slices([7, 3, 7], bank, study[0].case_id, 2, 0, N_SLICES, False, hits) == ([3, 7], "given")
     with pytest.raises(ValueError, match="slice range"):
-        _start_slices(12, bank, None, 2, 0, N_SLICES, False, hits)
+        start_slices(12, bank, None, 2, 0, N_SLICES, False, hits)
 
 
 def test_extent_arguments_are_checked_before_any_work(bank, engine, study):
@@ -373,7 +374,7 @@ def test_extent_stop_and_estimate_through_the_worker(worker_client, study, tmp_p
 
 def test_extent_estimate_advice_offers_512_px_only_for_a_long_measured_cpu_run():
     from RetrievalSegLib.slicer_logic.logic import LONG_CPU_ESTIMATE_S, estimate_advice
-    from RetrievalSegLib.segmentation.segment import TimeEstimate
+    from RetrievalSegLib.segmentation.results import TimeEstimate
 
     def est(seconds_per_slice, left, device="cpu", size=1024):
         return TimeEstimate(4, 4 * seconds_per_slice, 4, left, True, device, size, "fp32", 4).to_json()
@@ -394,7 +395,7 @@ def test_extent_panel_shows_the_estimate_and_switches_to_512_px_only_when_asked(
     estimate is shown with the offer; only the button cancels and segments again at 512 px."""
     from unittest.mock import MagicMock
 
-    from RetrievalSegLib.segmentation.segment import TimeEstimate
+    from RetrievalSegLib.segmentation.results import TimeEstimate
     from RetrievalSegLib.worker.protocol import JobEvent
     from _slicer_fakes import _module_with_fake_gui
 

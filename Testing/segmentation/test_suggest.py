@@ -27,7 +27,7 @@ import pytest
 
 from RetrievalSegLib.segmentation import provenance
 from RetrievalSegLib.bank.support_bank import BankModelMismatchError, LabelInfo, SupportBank
-from RetrievalSegLib.segmentation.segment import slices_to_uint8, window_for_volume
+from RetrievalSegLib.segmentation.slices import slices_to_uint8, window_for_volume
 from RetrievalSegLib.segmentation.suggest import (
     EMPTY_INTENSITY,
     EMPTY_SEGMENTATION,
