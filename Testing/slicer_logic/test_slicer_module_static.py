@@ -266,8 +266,11 @@ def test_cmake_installs_every_library_file_the_module_needs() -> None:
         f"listed but missing: {sorted(set(data) - set(on_disk_data))}"
     )
     assert "${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/RetrievalSegLib/${file}" in cmake
-    # Transitive closure of what the module (and through it the bridge) imports.
-    todo = list(_lib_imports(MODULE))
+    # Transitive closure of what the module (and through it the bridge) imports, and of what the
+    # worker it starts (`python -m RetrievalSegLib.worker`, worker/client.py) imports.
+    client = (LIB / "worker" / "client.py").read_text(encoding="utf-8")
+    assert '"-m", "RetrievalSegLib.worker"' in client
+    todo = list(_lib_imports(MODULE)) + ["worker.__main__"]
     assert "slicer_logic.mrml_bridge" in todo
     seen: set[str] = set()
     while todo:
