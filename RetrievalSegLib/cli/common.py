@@ -50,6 +50,24 @@ def model_options() -> argparse.ArgumentParser:
     return p
 
 
+#: --k's help where it matters: SAM 2.1 normalises pointer distances by max_obj_ptrs_in_encoder - 1.
+K_HELP = ("supports retrieved per slice (default 8). k > 15 puts the farthest support's object pointer "
+          "past SAM 2.1's normalised temporal range (max_obj_ptrs_in_encoder 16): it still attends, with "
+          "an encoding SAM 2 never saw in training")
+
+
+def add_accuracy_options(p: argparse.ArgumentParser) -> None:
+    """The accuracy switches of `segment`, `segment-cohort` and `evaluate` (issue 26/27)."""
+    from ..engine.sam2_memory import SUPPORT_ORDERS
+
+    p.add_argument("--support-order", default=SUPPORT_ORDERS[0], choices=list(SUPPORT_ORDERS),
+                   help="where the most similar support sits in each slice's SAM 2 pseudo-video: nearest "
+                        "(default: last, object-pointer distance 1, as an adjacent frame in SAM 2's "
+                        "training) or farthest (first, distance k: the order before this option, so "
+                        "today's default output differs from earlier versions'). Only the object "
+                        "pointers see the order: every support's spatial memory has temporal code 0")
+
+
 def _sam2_backbone(text: str) -> str:
     """An argparse type: a SAM 2 backbone name or alias -> its canonical name."""
     from ..models.registry import canonical_sam2

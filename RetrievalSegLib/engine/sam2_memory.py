@@ -10,6 +10,10 @@ support's memory computed once and cached:
 * The query is a non-conditioning frame at index k after supports 0..k-1, with num_frames = k+1
   (the pseudo-video [support_1..support_k, query]); memories of all supports have temporal
   position 0, object pointers get the distance k - i to the query, exactly as in the predictor.
+* Support order (`SUPPORT_ORDERS`): supports are given most similar first; 'nearest' (default)
+  puts the most similar at frame k-1 (pointer distance 1, as an adjacent frame in SAM 2's
+  training), 'farthest' at frame 0 (distance k, the only order before the option). Spatial memories are
+  order-invariant (all t_pos 0); only the object pointers' temporal encoding sees the order.
 * Labels are SAM 2 objects; the predictor runs each object as its own batch of 1, we batch the
   labels of one slice (same math, float reordering only).
 
@@ -41,6 +45,23 @@ from .preprocess import (
 
 NO_OBJ_SCORE = -1024.0
 PRECISIONS = ("auto", "fp32", "bf16")
+#: Where the most similar support sits in the pseudo-video: 'nearest' = frame k-1 (pointer
+#: distance 1 to the query), 'farthest' = frame 0 (distance k). Default 'nearest'.
+SUPPORT_ORDERS = ("nearest", "farthest")
+
+
+def check_support_order(order: str) -> str:
+    """`order` if it is one of SUPPORT_ORDERS, else ValueError."""
+    if order not in SUPPORT_ORDERS:
+        raise ValueError(f"support_order must be one of {SUPPORT_ORDERS}, got {order!r}")
+    return order
+
+
+def frame_order(support_index: np.ndarray, order: str) -> np.ndarray:
+    """[B, k] support positions by pseudo-video frame (column i = frame i) from [B, k] most similar
+    first: 'nearest' reverses each row (most similar at frame k-1), 'farthest' keeps it."""
+    check_support_order(order)
+    return support_index[:, ::-1] if order == "nearest" else support_index
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
@@ -355,16 +376,19 @@ class Sam2MemoryEngine:
         supports: Sequence[SupportMemory],
         labels: Sequence[int] | None = None,
         features: BatchFeatures | None = None,
+        support_order: str = "nearest",
     ) -> QueryResult:
-        """Segment one slice conditioned on the memories of `supports` (no prompt on the query):
-        `query_batch` on a batch of one. `features`: `encode_batch([image])`, if already computed."""
+        """Segment one slice conditioned on the memories of `supports` (most similar first; no
+        prompt on the query): `query_batch` on a batch of one. `features`: `encode_batch([image])`,
+        if already computed. `support_order`: see `SUPPORT_ORDERS`."""
         img = validate_image(image, "query image")
         if len(supports) == 0:
             raise ValueError("at least one support is needed to segment a slice (the bank gave none)")
         labels = tuple(supports[0].labels) if labels is None else tuple(labels)
         if features is None:
             features = self.encode_batch([img])
-        return self.query_batch(features, supports, [list(range(len(supports)))], labels).to_numpy()[0]
+        return self.query_batch(features, supports, [list(range(len(supports)))], labels,
+                                support_order=support_order).to_numpy()[0]
 
     @torch.inference_mode()
     def _track_query(self, k: int, feats: torch.Tensor, pos: list, feat_sizes: list, cond: dict) -> tuple:
@@ -399,6 +423,7 @@ class Sam2MemoryEngine:
         support_index: Sequence[Sequence[int]] | np.ndarray,
         labels: Sequence[int],
         items: Sequence[int] | None = None,
+        support_order: str = "nearest",
     ) -> BatchQueryResult:
         """Segment B slices x L labels in one memory-attention + mask-decoder call: the one query
         path (`query` is a batch of one; B = 1 is the per-slice case the fidelity tests compare
@@ -406,7 +431,9 @@ class Sam2MemoryEngine:
 
         `memories` are the distinct support memories needed by the batch (each fetched and moved
         to the device once); `support_index[b]` lists, for slice b, the positions in `memories`
-        of its own k supports (every slice has k). `items` picks which images of `features` are
+        of its own k supports, most similar first (every slice has k); `support_order` places
+        them in the pseudo-video ('nearest': the first at frame k-1; 'farthest': at frame 0;
+        `frame_order`). `items` picks which images of `features` are
         the B slices (default: all, in order). Like SAM 2 with several objects, slice b's memories
         are stacked at batch position b*L + l: the math of each (slice, label) pair is that of the
         slice alone in a batch of one; only the float reduction order may differ.
@@ -415,6 +442,7 @@ class Sam2MemoryEngine:
         idx = np.asarray(support_index, dtype=np.int64)
         if idx.ndim != 2 or idx.shape[1] == 0:
             raise ValueError(f"support_index must be [B, k] with k >= 1, got shape {idx.shape}")
+        idx = frame_order(idx, support_order).copy()  # column i = frame i (copy: no negative strides)
         items = list(range(len(features))) if items is None else [int(i) for i in items]
         B, k = idx.shape
         if len(items) != B:

@@ -8,7 +8,7 @@ The sidecar is strict JSON (no NaN: undefined numbers are null) and holds
 
 - `format`: "rseg-prediction", `format_version`: 1;
 - `provenance`: rseg version, the models' identities, `random_weights`, precision, batch size,
-  image size, k, the bank's id, revision and path, labels, axis, slice range, time; the intensity
+  image size, k, `support_order`, the bank's id, revision and path, labels, axis, slice range, time; the intensity
   `window` [low, high] the slices were windowed with, the `annotated_slices` of this case in the
   bank along the axis, and the `working_dir` relative paths (image, bank) are relative to (what
   `rseg report` needs to draw the run);
@@ -78,6 +78,9 @@ def segmentation_provenance(seg, engine, bank, *, k: int, extra: dict | None = N
         "precision": seg.precision,
         "batch_size": int(seg.batch_size),
         "k": int(k),
+        # pseudo-video layout: 'nearest' = most similar support at frame k-1 (the default since the
+        # option exists; before it, and in sidecars without this key, the order was 'farthest')
+        "support_order": str(getattr(seg, "support_order", "nearest")),
         "presence_threshold": float(getattr(seg, "presence_threshold", 0.0)),
         # the revision retrieval used (read when the segmentation began), not the bank's now
         "bank": {"path": str(bank.path), "bank_id": bank.bank_id,

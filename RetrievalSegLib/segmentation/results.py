@@ -97,6 +97,7 @@ class VolumeSegmentation:
     bank_revision: int | None = None  # the bank's revision when its supports were retrieved
     window: tuple[float, float] | None = None  # intensity bounds every slice was windowed with
     annotated_slices: list[int] = field(default_factory=list)  # this case's bank entries along the axis
+    support_order: str = "nearest"  # where the most similar support sat in each pseudo-video
 
     def low_confidence_slices(self, threshold: float = 0.5) -> list[int]:
         """Segmented slices whose confidence is below `threshold`, in slice order."""

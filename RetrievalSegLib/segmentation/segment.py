@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..data.volume import Volume
-from ..engine.sam2_memory import resolve_precision
+from ..engine.sam2_memory import check_support_order, resolve_precision
 from .extent import ExtentWalker
 from .labelmap import LabelMapAssembler, check_presence_threshold, label_presence
 from .queries import Retrieval, SupportMemories, auto_batch_size, query_slices, retrieve
@@ -92,6 +92,7 @@ def segment_volume(
     presence_threshold: float = 0.0,
     start_slice: int | Sequence[int] | None = None,
     estimate: Callable[[TimeEstimate], None] | None = None,
+    support_order: str = "nearest",
 ) -> VolumeSegmentation:
     """Segment `volume` slice by slice from the support `bank`; partial result if cancelled.
 
@@ -110,10 +111,14 @@ def segment_volume(
     this axis), the middle of `slice_range` if given, else the slice most similar to the bank
     (highest DINOv2 top-1 score). estimate: called once, after the first batch, with a
     `TimeEstimate` of the rest (before the second batch starts).
+    support_order: where the most similar support sits in each slice's pseudo-video: 'nearest'
+    (default; frame k-1, object-pointer distance 1) or 'farthest' (frame 0, distance k; the order
+    before this option existed). See `engine.sam2_memory.SUPPORT_ORDERS`.
     """
     t0 = time.perf_counter()
     _check_options(k, batch_size, encoder_batch, extent_stop, case_id, case_policy)
     presence_threshold = check_presence_threshold(presence_threshold)
+    check_support_order(support_order)
     prec = resolve_precision(precision, engine.sam.device)
     bank.check_models(engine.embedder.identity)
     plan = plan_slices(volume, bank, labels=labels, axis=axis, slice_range=slice_range, window=window)
@@ -134,6 +139,7 @@ def segment_volume(
         presence_threshold=presence_threshold,
         window=plan.bounds,
         annotated_slices=annotated_slices(bank, case_id, plan.axis),
+        support_order=support_order,
     )
     if keep_label_masks:
         result.label_masks = np.zeros((len(plan.labels),) + volume.array.shape, dtype=bool)
@@ -156,7 +162,8 @@ def segment_volume(
         return result.cancelled
 
     def compute(positions: list[int]):
-        return query_slices(engine.sam, images, positions, found.hits, memories, batch_size, prec, cancelled)
+        return query_slices(engine.sam, images, positions, found.hits, memories, batch_size, prec, cancelled,
+                            support_order)
 
     def report_estimate(n_computed: int, seconds: float, left: int) -> None:
         result.estimate = TimeEstimate(
