@@ -149,7 +149,7 @@ def cohort_settings(args: argparse.Namespace, bank, window) -> tuple:
         "window": list(window) if window else None, "case_policy": args.case_policy,
         "fill_hole_area": args.fill_hole_area, "dinov2_input_size": args.dinov2_input_size,
         "precision": args.precision, "batch_size": args.batch_size, "encoder_batch": args.batch,
-        "support_order": args.support_order,
+        "support_order": args.support_order, "propagate": args.propagate,
     }
     assert set(COHORT_OPTIONS) <= set(options)
     settings = CohortSettings(bank=str(args.bank), out_dir=str(args.out), bank_id=bank.bank_id,

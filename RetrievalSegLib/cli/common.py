@@ -66,6 +66,23 @@ def add_accuracy_options(p: argparse.ArgumentParser) -> None:
                         "training) or farthest (first, distance k: the order before this option, so "
                         "today's default output differs from earlier versions'). Only the object "
                         "pointers see the order: every support's spatial memory has temporal code 0")
+    p.add_argument("--propagate", type=_propagate, default=0, metavar="N",
+                   help="retrieval plus propagation: walk outwards from the start slice(s) (as the extent "
+                        "stop does) and give each slice the SAM 2 memories of the N slices segmented before "
+                        "it in its walk, as SAM 2 tracks a video (N in 0..6; default 0 = off, every slice "
+                        "alone; 6 = SAM 2's own memory rule). Costs a memory encoding per slice and "
+                        "walks step by step (see README, Propagation)")
+
+
+def _propagate(text: str) -> int:
+    """An argparse type: --propagate, an integer in 0..6."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 6:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..6 (0 = off), got {text!r}")
+    return value
 
 
 def _sam2_backbone(text: str) -> str:

@@ -139,6 +139,7 @@ class BatchQueryResult:
     logits: torch.Tensor  # [B, L, H, W] float32 on the slices' grid
     iou: torch.Tensor  # [B, L]
     object_score: torch.Tensor  # [B, L]
+    memories: list["SliceMemory"] | None = None  # per slice, with encode_memory (propagation)
 
     def to_numpy(self) -> list[QueryResult]:
         """One QueryResult per slice (a single device-to-host copy per tensor)."""
@@ -178,6 +179,14 @@ class SupportMemory:
         return SupportMemory(
             self.labels, self.maskmem_features.to(device), self.obj_ptr.to(device), self.present
         )
+
+
+@dataclass
+class SliceMemory:
+    """SAM 2 memory of a segmented slice (a tracked, non-conditioning frame), one row per label."""
+
+    maskmem_features: torch.Tensor  # [L, C_mem, h, w], bfloat16 as the predictor stores it
+    obj_ptr: torch.Tensor  # [L, C], float32
 
 
 @dataclass
@@ -391,29 +400,31 @@ class Sam2MemoryEngine:
                                 support_order=support_order).to_numpy()[0]
 
     @torch.inference_mode()
-    def _track_query(self, k: int, feats: torch.Tensor, pos: list, feat_sizes: list, cond: dict) -> tuple:
-        """SAM 2's tracking step for the query at index k of a k+1 frame pseudo-video.
+    def _track_query(self, frame_idx: int, num_frames: int, feats: torch.Tensor, pos: list, feat_sizes: list,
+                     cond: dict, non_cond: dict) -> tuple:
+        """SAM 2's tracking step for the query at `frame_idx` of a `num_frames` frame pseudo-video.
 
-        Returns (IoU predictions, low-resolution mask logits, object scores); holes are filled as
-        the official predictor fills them when fill_hole_area > 0.
+        Returns (IoU predictions, low-resolution mask logits, object scores, high-resolution mask
+        logits before hole filling, object pointers); holes are filled in the low-resolution
+        logits as the official predictor fills its output when fill_hole_area > 0.
         """
         _, sam_outputs, _, _ = self.model._track_step(
-            k,
+            frame_idx,
             False,
             feats,
             pos,
             feat_sizes,
             None,
             None,
-            {"cond_frame_outputs": cond, "non_cond_frame_outputs": {}},
-            k + 1,
+            {"cond_frame_outputs": cond, "non_cond_frame_outputs": non_cond},
+            num_frames,
             False,
             None,
         )
-        _, _, ious, low_res, _, _, obj_scores = sam_outputs
+        _, _, ious, low_res, high_res, obj_ptr, obj_scores = sam_outputs
         if self.fill_hole_area > 0:
             low_res = fill_holes(low_res, self.fill_hole_area)
-        return ious, low_res, obj_scores
+        return ious, low_res, obj_scores, high_res, obj_ptr
 
     @torch.inference_mode()
     def query_batch(
@@ -424,6 +435,10 @@ class Sam2MemoryEngine:
         labels: Sequence[int],
         items: Sequence[int] | None = None,
         support_order: str = "nearest",
+        neighbours: Sequence[Sequence["SliceMemory"]] | None = None,
+        frame_idx: int | None = None,
+        num_frames: int | None = None,
+        encode_memory: bool = False,
     ) -> BatchQueryResult:
         """Segment B slices x L labels in one memory-attention + mask-decoder call: the one query
         path (`query` is a batch of one; B = 1 is the per-slice case the fidelity tests compare
@@ -437,6 +452,14 @@ class Sam2MemoryEngine:
         the B slices (default: all, in order). Like SAM 2 with several objects, slice b's memories
         are stacked at batch position b*L + l: the math of each (slice, label) pair is that of the
         slice alone in a batch of one; only the float reduction order may differ.
+
+        Propagation (`segmentation.propagation`): the query sits at `frame_idx` (default k) of a
+        `num_frames` frame pseudo-video (default frame_idx + 1); `neighbours[b]` are the memories
+        of slices segmented before slice b in its walk, oldest first, as non-conditioning frames at
+        frame_idx - W .. frame_idx - 1 (W = len(neighbours[b]), the same for every row, frames
+        after the k supports). SAM 2's `_prepare_memory_conditioned_features` then gives them their
+        temporal codes and pointer distances. `encode_memory`: also run the memory encoder on the
+        predicted masks, as SAM 2 does for a tracked frame (`BatchQueryResult.memories`).
         """
         labels = tuple(labels)
         idx = np.asarray(support_index, dtype=np.int64)
@@ -463,6 +486,14 @@ class Sam2MemoryEngine:
             rows = torch.tensor(items, device=self.device).repeat_interleave(L)
             feats = [f.index_select(1, rows) for f in features.vision_feats]
             pos = [p.index_select(1, rows) for p in features.vision_pos_embeds]
+        frame_idx = k if frame_idx is None else int(frame_idx)
+        num_frames = frame_idx + 1 if num_frames is None else int(num_frames)
+        W = 0 if neighbours is None else len(neighbours[0]) if len(neighbours) else 0
+        if neighbours is not None and (len(neighbours) != B or any(len(n) != W for n in neighbours)):
+            raise ValueError(f"neighbours must list the same number of memories for each of the {B} slices")
+        if frame_idx - W < k or num_frames <= frame_idx:
+            raise ValueError(f"query frame {frame_idx} with {W} neighbours after {k} supports in a "
+                             f"{num_frames} frame video is not a valid pseudo-video")
         pos_enc = self._pos_enc().expand(B * L, -1, -1, -1)
         sel = torch.from_numpy(idx).to(self.device)
         cond = {}
@@ -472,15 +503,37 @@ class Sam2MemoryEngine:
                 "maskmem_pos_enc": [pos_enc],
                 "obj_ptr": mem_ptrs.index_select(0, sel[:, i]).flatten(0, 1),
             }
-        ious, low_res, obj_scores = self._track_query(k, feats, pos, features.feat_sizes, cond)
+        non_cond = {}
+        for w in range(W):  # tracked slices: temporal position from their frame, not 0
+            non_cond[frame_idx - W + w] = {
+                "maskmem_features": torch.cat([n[w].maskmem_features for n in neighbours]).to(self.device),
+                "maskmem_pos_enc": [pos_enc],
+                "obj_ptr": torch.cat([n[w].obj_ptr for n in neighbours]).to(self.device),
+            }
+        ious, low_res, obj_scores, high_res, obj_ptr = self._track_query(
+            frame_idx, num_frames, feats, pos, features.feat_sizes, cond, non_cond)
         (shape,) = shapes
         logits = logits_to_grid(low_res.float(), shape)[:, 0]
-        return BatchQueryResult(
+        result = BatchQueryResult(
             labels,
             logits.reshape(B, L, *logits.shape[-2:]),
             ious.max(dim=-1).values.reshape(B, L),
             obj_scores[:, 0].reshape(B, L),
         )
+        if encode_memory:
+            # as SAM 2's track_step for a tracked frame: the decoder's high-resolution logits,
+            # not binarised (is_mask_from_pts False); stored as the predictor stores them
+            maskmem, _ = self.model._encode_new_memory(
+                current_vision_feats=feats,
+                feat_sizes=features.feat_sizes,
+                pred_masks_high_res=high_res,
+                object_score_logits=obj_scores,
+                is_mask_from_pts=False,
+            )
+            maskmem = maskmem.to(self.memory_dtype)
+            result.memories = [SliceMemory(maskmem[b * L:(b + 1) * L], obj_ptr[b * L:(b + 1) * L].float())
+                               for b in range(B)]
+        return result
 
     # ------------------------------------------------------------------ convenience
     def segment(

@@ -124,7 +124,7 @@ def write_metrics(out: Path, result: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- per-case records
 def run_key(bank, engine, *, k: int, labels: dict[int, str], axis, window, precision: str,
-            support_order: str = "nearest") -> dict[str, Any]:
+            support_order: str = "nearest", propagate: int = 0) -> dict[str, Any]:
     """What a finished case's result depends on: `--resume` reuses a case only when this matches."""
     import hashlib
 
@@ -137,7 +137,7 @@ def run_key(bank, engine, *, k: int, labels: dict[int, str], axis, window, preci
             "window": None if window is None else [float(x) for x in window],
             "sam2": engine.sam2_identity, "dinov2": engine.dinov2_identity,
             "random_weights": bool(engine.random_weights), "precision": precision,
-            "support_order": support_order}
+            "support_order": support_order, "propagate": int(propagate)}
 
 
 def _case_file(out: Path, case_id: str) -> Path:
@@ -249,7 +249,7 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
              batch_size: int | None = None, resume: bool = False, overwrite: bool = False,
              extra: dict[str, Any] | None = None,
              on_case: Callable[[str, int, int], None] | None = None,
-             support_order: str = "nearest") -> dict[str, Any]:
+             support_order: str = "nearest", propagate: int = 0) -> dict[str, Any]:
     """Segment each test case and compute per-label Dice/HD95; write CSV + JSON into `out`.
 
     Each case's rows go to `out/cases/<case>.json` and metrics.csv/metrics.json are rewritten
@@ -258,8 +258,8 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
     `overwrite` replaces each case's files only when its new result is written. Ctrl-C raises
     `EvaluationInterrupted` (a KeyboardInterrupt) naming the cases finished and the earlier results
     kept. Raises ValueError when exclusion of a case's subject leaves fewer than k candidate
-    supports (before segmenting anything). `support_order`: as in `segment_volume` (recorded in
-    the results and in the resume key).
+    supports (before segmenting anything). `support_order`, `propagate`: as in `segment_volume`
+    (recorded in the results and in the resume key).
     """
     from ..engine.sam2_memory import check_support_order, resolve_precision
     from .metrics import per_label_metrics
@@ -272,8 +272,11 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
     names, excluded = check_plan(test, bank, labels, k)
     prec = resolve_precision(precision, engine.sam.device)
     check_support_order(support_order)
+    from ..segmentation.propagation import check_propagate
+
+    propagate = check_propagate(propagate)
     key = run_key(bank, engine, k=k, labels=names, axis=axis, window=window, precision=prec,
-                  support_order=support_order)
+                  support_order=support_order, propagate=propagate)
     out.mkdir(parents=True, exist_ok=True)
     (out / CASES_DIR).mkdir(exist_ok=True)
     finished = load_finished(out, key, test) if resume else {}
@@ -302,6 +305,7 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
             "bank_entries": len(bank),
             "sam2": engine.sam2_identity, "dinov2": engine.dinov2_identity,
             "precision": prec, "batch_size": used_batch, "support_order": support_order,
+            "propagate": int(propagate),
         }
         from .. import __version__
 
@@ -334,7 +338,8 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
 
             seg = segment_volume(img, bank, engine, labels=list(names), k=k, axis=axis, window=window,
                                  case_id=c.subject, case_policy="exclude", progress=update,
-                                 precision=precision, batch_size=batch_size, support_order=support_order)
+                                 precision=precision, batch_size=batch_size, support_order=support_order,
+                                 propagate=propagate)
             used_batch = seg.batch_size
             truth_arr = np.where(np.isin(truth.array, list(names)), truth.array, 0)
             truth = truth.with_array(truth_arr.astype(np.int32))

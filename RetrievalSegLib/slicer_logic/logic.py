@@ -72,6 +72,7 @@ class RetrievalSegLogic:
         self.extent_stop = DEFAULT_EXTENT_STOP  # 0: segment every slice (see extent.py)
         self.presence_threshold = 0.0  # SAM 2's own: a label is present where its object score > 0
         self.support_order = "nearest"  # most similar support last in the pseudo-video (SUPPORT_ORDERS)
+        self.propagate = 0  # N previous slices of a walk as SAM 2 memory (0 = off; propagation.py)
         self.client = client or WorkerClient()
         self.job: WorkerJob | None = None
         self._after: Callable[[JobEvent], None] | None = None  # main-thread bookkeeping at the job's end
@@ -294,6 +295,7 @@ class RetrievalSegLogic:
             "precision": self.precision, "batch_size": self.batch_size,
             "extent_stop": request.extent_stop, "presence_threshold": float(self.presence_threshold),
             "start_slice": request.start_slice, "support_order": self.support_order,
+            "propagate": int(self.propagate),
         }
         self._request = request
         self._pending = None
