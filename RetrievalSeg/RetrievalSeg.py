@@ -138,6 +138,8 @@ class RetrievalSegParameterNode:
     dinov2Size: Annotated[str, Choice(["small", "base", "large"])] = "small"
     imageSize: Annotated[int, Choice([1024, 512])] = 1024  # follows the backbone's native size when it changes
     extentStop: Annotated[int, WithinRange(0, 1000)] = 5  # RetrievalSegLib.segmentation.extent.DEFAULT_EXTENT_STOP
+    supportOrder: Annotated[str, Choice(["nearest", "farthest"])] = "nearest"  # engine.sam2_memory.SUPPORT_ORDERS
+    propagate: Annotated[int, WithinRange(0, 6)] = 0  # segmentation.propagation.MAX_PROPAGATE
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     suggestCount: Annotated[int, WithinRange(1, 50)] = 3
 
@@ -551,6 +553,8 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.core.settings = settings
         self.logic.core.precision = self._parameterNode.precision
         self.logic.core.extent_stop = int(self._parameterNode.extentStop)
+        self.logic.core.support_order = str(self._parameterNode.supportOrder)
+        self.logic.core.propagate = int(self._parameterNode.propagate)
         return True
 
     # ------------------------------------------------------------------ segmenting

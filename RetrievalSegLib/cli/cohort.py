@@ -21,7 +21,9 @@ from .common import (
     _parse_labels_arg,
     _parse_range,
     _positive_int,
+    K_HELP,
     _UsageError,
+    add_accuracy_options,
     _window,
 )
 
@@ -92,7 +94,7 @@ def add_cohort_parser(sub, models: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-gb", type=_cache_gb, default=None, metavar="GB",
                    help="cap on the memory cache, in RAM and on disk per worker, least recently used "
                         "evicted first (default: $RSEG_MEMORY_CACHE_GB or 4)")
-    p.add_argument("--k", type=_positive_int, default=8, help="supports retrieved per slice (default 8)")
+    p.add_argument("--k", type=_positive_int, default=8, help=K_HELP)
     p.add_argument("--axis", default="auto", help="slice axis: auto (largest spacing), i, j or k")
     p.add_argument("--labels", type=_parse_labels_arg, default=None, help="label values to segment, e.g. 1,3 (default all)")
     p.add_argument("--slices", type=_parse_range, default=None, metavar="START:STOP",
@@ -101,6 +103,7 @@ def add_cohort_parser(sub, models: argparse.ArgumentParser) -> None:
                    help=f"as in `rseg segment` (default {DEFAULT_EXTENT_STOP}; 0 = every slice)")
     p.add_argument("--presence-threshold", type=_presence_threshold, default=0.0, metavar="T",
                    help="as in `rseg segment` (default 0)")
+    add_accuracy_options(p)
     p.add_argument("--case-policy", default="ignore", choices=["ignore", "exclude", "prefer"],
                    help="bank entries of each volume's case id: ignore (default), exclude, prefer")
     p.add_argument("--window", type=float, default=None, help="intensity window width (with --level)")
@@ -146,6 +149,7 @@ def cohort_settings(args: argparse.Namespace, bank, window) -> tuple:
         "window": list(window) if window else None, "case_policy": args.case_policy,
         "fill_hole_area": args.fill_hole_area, "dinov2_input_size": args.dinov2_input_size,
         "precision": args.precision, "batch_size": args.batch_size, "encoder_batch": args.batch,
+        "support_order": args.support_order, "propagate": args.propagate,
     }
     assert set(COHORT_OPTIONS) <= set(options)
     settings = CohortSettings(bank=str(args.bank), out_dir=str(args.out), bank_id=bank.bank_id,

@@ -50,6 +50,41 @@ def model_options() -> argparse.ArgumentParser:
     return p
 
 
+#: --k's help where it matters: SAM 2.1 normalises pointer distances by max_obj_ptrs_in_encoder - 1.
+K_HELP = ("supports retrieved per slice (default 8). k > 15 puts the farthest support's object pointer "
+          "past SAM 2.1's normalised temporal range (max_obj_ptrs_in_encoder 16): it still attends, with "
+          "an encoding SAM 2 never saw in training")
+
+
+def add_accuracy_options(p: argparse.ArgumentParser) -> None:
+    """The accuracy switches of `segment`, `segment-cohort` and `evaluate` (issue 26/27)."""
+    from ..engine.sam2_memory import SUPPORT_ORDERS
+
+    p.add_argument("--support-order", default=SUPPORT_ORDERS[0], choices=list(SUPPORT_ORDERS),
+                   help="where the most similar support sits in each slice's SAM 2 pseudo-video: nearest "
+                        "(default: last, object-pointer distance 1, as an adjacent frame in SAM 2's "
+                        "training) or farthest (first, distance k: the order before this option, so "
+                        "today's default output differs from earlier versions'). Only the object "
+                        "pointers see the order: every support's spatial memory has temporal code 0")
+    p.add_argument("--propagate", type=_propagate, default=0, metavar="N",
+                   help="retrieval plus propagation: walk outwards from the start slice(s) (as the extent "
+                        "stop does) and give each slice the SAM 2 memories of the N slices segmented before "
+                        "it in its walk, as SAM 2 tracks a video (N in 0..6; default 0 = off, every slice "
+                        "alone; 6 = SAM 2's own memory rule). Costs a memory encoding per slice and "
+                        "walks step by step (see README, Propagation)")
+
+
+def _propagate(text: str) -> int:
+    """An argparse type: --propagate, an integer in 0..6."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 6:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..6 (0 = off), got {text!r}")
+    return value
+
+
 def _sam2_backbone(text: str) -> str:
     """An argparse type: a SAM 2 backbone name or alias -> its canonical name."""
     from ..models.registry import canonical_sam2

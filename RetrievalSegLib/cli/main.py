@@ -25,7 +25,9 @@ from .common import (  # shared with the other commands
     _positive_int,
     _presence_threshold,
     _progress_bar,
+    K_HELP,
     _UsageError,
+    add_accuracy_options,
     _window,
     model_options,
 )
@@ -121,7 +123,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             case_id=args.case, case_policy=args.case_policy, window=window,
             encoder_batch=args.batch, progress=update, precision=args.precision, batch_size=args.batch_size,
             extent_stop=args.extent_stop, presence_threshold=args.presence_threshold, start_slice=args.start_slice,
-            estimate=estimate,
+            estimate=estimate, support_order=args.support_order, propagate=args.propagate,
         )
     finally:
         close()
@@ -210,7 +212,7 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="output label map (.nii.gz/.nrrd/.mha) or Slicer segmentation (.seg.nrrd)")
     p.add_argument("--seg-nrrd", type=Path, default=None, help="also write a Slicer .seg.nrrd here")
-    p.add_argument("--k", type=int, default=8, help="supports retrieved per slice (default 8)")
+    p.add_argument("--k", type=int, default=8, help=K_HELP)
     p.add_argument("--axis", default="auto", help="slice axis: auto (largest spacing), i, j or k")
     p.add_argument("--labels", type=_parse_labels_arg, default=None, help="label values to segment, e.g. 1,3 (default all)")
     p.add_argument("--slices", type=_parse_range, default=None, metavar="START:STOP",
@@ -228,6 +230,7 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
     p.add_argument("--start-slice", type=_parse_slice_list, default=None, metavar="I[,I...]",
                    help="where the extent stop starts (default: the annotated slices of --case in the bank, "
                         "else the middle of --slices, else the slice most similar to the bank)")
+    add_accuracy_options(p)
     p.add_argument("--case", default=None, help="case id of IMAGE in the bank (for --case-policy)")
     p.add_argument("--case-policy", default="ignore", choices=["ignore", "exclude", "prefer"],
                    help="entries of --case: ignore (default), exclude (evaluation), prefer (corrections)")
@@ -264,13 +267,14 @@ def add_evaluate_parser(sub, models: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", required=True, metavar="V:NAME,...", help="labels, e.g. '1:RV,2:Myo,3:LV'")
     p.add_argument("--pool", type=_positive_int, default=None, metavar="N",
                    help="cap the bank at N annotated slices drawn evenly from the training cases (paper: 50)")
-    p.add_argument("--k", type=_positive_int, default=8, help="supports per slice (default 8)")
+    p.add_argument("--k", type=_positive_int, default=8, help=K_HELP)
     p.add_argument("--axis", default="auto", help="slice axis: auto (largest spacing), i, j or k")
     p.add_argument("--window", type=float, default=None, metavar="WIDTH",
                    help="intensity window width for every image (with --level; default: a robust automatic "
                         "window per image, from its 0.5-99.5 percentiles)")
     p.add_argument("--level", type=float, default=None, metavar="CENTER",
                    help="intensity window centre (with --window)")
+    add_accuracy_options(p)
     p.add_argument("--max-cases", type=_positive_int, default=None, metavar="N",
                    help="evaluate only the first N test cases")
     p.add_argument("--out", type=Path, required=True,

@@ -35,7 +35,8 @@ OUTPUT_FORMATS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
 RECORDS_DIR = "cohort-records"
 #: Options that change a volume's result: an output made with other values is segmented again.
 COHORT_OPTIONS = ("k", "labels", "axis", "slices", "extent_stop", "presence_threshold", "window",
-                  "case_policy", "fill_hole_area", "dinov2_input_size")
+                  "case_policy", "fill_hole_area", "dinov2_input_size", "support_order",
+                  "propagate")
 
 
 class ManifestError(ValueError):
@@ -457,6 +458,7 @@ def segment_one(vol: CohortVolume, engine, bank: ReadOnlyBank, settings: CohortS
             encoder_batch=opts.get("encoder_batch"), progress=on_progress, precision=precision,
             batch_size=opts.get("batch_size"), extent_stop=int(opts.get("extent_stop", 0)),
             presence_threshold=float(opts.get("presence_threshold", 0.0)),
+            support_order=opts.get("support_order") or "nearest", propagate=int(opts.get("propagate") or 0),
         )
         out = out_dir / vol.output_name
         stale = sidecar_path(out)

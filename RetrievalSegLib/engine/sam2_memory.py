@@ -10,6 +10,10 @@ support's memory computed once and cached:
 * The query is a non-conditioning frame at index k after supports 0..k-1, with num_frames = k+1
   (the pseudo-video [support_1..support_k, query]); memories of all supports have temporal
   position 0, object pointers get the distance k - i to the query, exactly as in the predictor.
+* Support order (`SUPPORT_ORDERS`): supports are given most similar first; 'nearest' (default)
+  puts the most similar at frame k-1 (pointer distance 1, as an adjacent frame in SAM 2's
+  training), 'farthest' at frame 0 (distance k, the only order before the option). Spatial memories are
+  order-invariant (all t_pos 0); only the object pointers' temporal encoding sees the order.
 * Labels are SAM 2 objects; the predictor runs each object as its own batch of 1, we batch the
   labels of one slice (same math, float reordering only).
 
@@ -41,6 +45,23 @@ from .preprocess import (
 
 NO_OBJ_SCORE = -1024.0
 PRECISIONS = ("auto", "fp32", "bf16")
+#: Where the most similar support sits in the pseudo-video: 'nearest' = frame k-1 (pointer
+#: distance 1 to the query), 'farthest' = frame 0 (distance k). Default 'nearest'.
+SUPPORT_ORDERS = ("nearest", "farthest")
+
+
+def check_support_order(order: str) -> str:
+    """`order` if it is one of SUPPORT_ORDERS, else ValueError."""
+    if order not in SUPPORT_ORDERS:
+        raise ValueError(f"support_order must be one of {SUPPORT_ORDERS}, got {order!r}")
+    return order
+
+
+def frame_order(support_index: np.ndarray, order: str) -> np.ndarray:
+    """[B, k] support positions by pseudo-video frame (column i = frame i) from [B, k] most similar
+    first: 'nearest' reverses each row (most similar at frame k-1), 'farthest' keeps it."""
+    check_support_order(order)
+    return support_index[:, ::-1] if order == "nearest" else support_index
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
@@ -118,6 +139,7 @@ class BatchQueryResult:
     logits: torch.Tensor  # [B, L, H, W] float32 on the slices' grid
     iou: torch.Tensor  # [B, L]
     object_score: torch.Tensor  # [B, L]
+    memories: list["SliceMemory"] | None = None  # per slice, with encode_memory (propagation)
 
     def to_numpy(self) -> list[QueryResult]:
         """One QueryResult per slice (a single device-to-host copy per tensor)."""
@@ -157,6 +179,14 @@ class SupportMemory:
         return SupportMemory(
             self.labels, self.maskmem_features.to(device), self.obj_ptr.to(device), self.present
         )
+
+
+@dataclass
+class SliceMemory:
+    """SAM 2 memory of a segmented slice (a tracked, non-conditioning frame), one row per label."""
+
+    maskmem_features: torch.Tensor  # [L, C_mem, h, w], bfloat16 as the predictor stores it
+    obj_ptr: torch.Tensor  # [L, C], float32
 
 
 @dataclass
@@ -355,41 +385,46 @@ class Sam2MemoryEngine:
         supports: Sequence[SupportMemory],
         labels: Sequence[int] | None = None,
         features: BatchFeatures | None = None,
+        support_order: str = "nearest",
     ) -> QueryResult:
-        """Segment one slice conditioned on the memories of `supports` (no prompt on the query):
-        `query_batch` on a batch of one. `features`: `encode_batch([image])`, if already computed."""
+        """Segment one slice conditioned on the memories of `supports` (most similar first; no
+        prompt on the query): `query_batch` on a batch of one. `features`: `encode_batch([image])`,
+        if already computed. `support_order`: see `SUPPORT_ORDERS`."""
         img = validate_image(image, "query image")
         if len(supports) == 0:
             raise ValueError("at least one support is needed to segment a slice (the bank gave none)")
         labels = tuple(supports[0].labels) if labels is None else tuple(labels)
         if features is None:
             features = self.encode_batch([img])
-        return self.query_batch(features, supports, [list(range(len(supports)))], labels).to_numpy()[0]
+        return self.query_batch(features, supports, [list(range(len(supports)))], labels,
+                                support_order=support_order).to_numpy()[0]
 
     @torch.inference_mode()
-    def _track_query(self, k: int, feats: torch.Tensor, pos: list, feat_sizes: list, cond: dict) -> tuple:
-        """SAM 2's tracking step for the query at index k of a k+1 frame pseudo-video.
+    def _track_query(self, frame_idx: int, num_frames: int, feats: torch.Tensor, pos: list, feat_sizes: list,
+                     cond: dict, non_cond: dict) -> tuple:
+        """SAM 2's tracking step for the query at `frame_idx` of a `num_frames` frame pseudo-video.
 
-        Returns (IoU predictions, low-resolution mask logits, object scores); holes are filled as
-        the official predictor fills them when fill_hole_area > 0.
+        Returns (IoU predictions, low-resolution mask logits, object scores, high-resolution mask
+        logits before hole filling, object pointers); holes are filled in the low-resolution
+        logits as the official predictor fills its output when fill_hole_area > 0.
         """
         _, sam_outputs, _, _ = self.model._track_step(
-            k,
+            frame_idx,
             False,
             feats,
             pos,
             feat_sizes,
             None,
             None,
-            {"cond_frame_outputs": cond, "non_cond_frame_outputs": {}},
-            k + 1,
+            {"cond_frame_outputs": cond, "non_cond_frame_outputs": non_cond},
+            num_frames,
             False,
             None,
         )
-        _, _, ious, low_res, _, _, obj_scores = sam_outputs
+        _, _, ious, low_res, high_res, obj_ptr, obj_scores = sam_outputs
         if self.fill_hole_area > 0:
             low_res = fill_holes(low_res, self.fill_hole_area)
-        return ious, low_res, obj_scores
+        return ious, low_res, obj_scores, high_res, obj_ptr
 
     @torch.inference_mode()
     def query_batch(
@@ -399,6 +434,11 @@ class Sam2MemoryEngine:
         support_index: Sequence[Sequence[int]] | np.ndarray,
         labels: Sequence[int],
         items: Sequence[int] | None = None,
+        support_order: str = "nearest",
+        neighbours: Sequence[Sequence["SliceMemory"]] | None = None,
+        frame_idx: int | None = None,
+        num_frames: int | None = None,
+        encode_memory: bool = False,
     ) -> BatchQueryResult:
         """Segment B slices x L labels in one memory-attention + mask-decoder call: the one query
         path (`query` is a batch of one; B = 1 is the per-slice case the fidelity tests compare
@@ -406,15 +446,26 @@ class Sam2MemoryEngine:
 
         `memories` are the distinct support memories needed by the batch (each fetched and moved
         to the device once); `support_index[b]` lists, for slice b, the positions in `memories`
-        of its own k supports (every slice has k). `items` picks which images of `features` are
+        of its own k supports, most similar first (every slice has k); `support_order` places
+        them in the pseudo-video ('nearest': the first at frame k-1; 'farthest': at frame 0;
+        `frame_order`). `items` picks which images of `features` are
         the B slices (default: all, in order). Like SAM 2 with several objects, slice b's memories
         are stacked at batch position b*L + l: the math of each (slice, label) pair is that of the
         slice alone in a batch of one; only the float reduction order may differ.
+
+        Propagation (`segmentation.propagation`): the query sits at `frame_idx` (default k) of a
+        `num_frames` frame pseudo-video (default frame_idx + 1); `neighbours[b]` are the memories
+        of slices segmented before slice b in its walk, oldest first, as non-conditioning frames at
+        frame_idx - W .. frame_idx - 1 (W = len(neighbours[b]), the same for every row, frames
+        after the k supports). SAM 2's `_prepare_memory_conditioned_features` then gives them their
+        temporal codes and pointer distances. `encode_memory`: also run the memory encoder on the
+        predicted masks, as SAM 2 does for a tracked frame (`BatchQueryResult.memories`).
         """
         labels = tuple(labels)
         idx = np.asarray(support_index, dtype=np.int64)
         if idx.ndim != 2 or idx.shape[1] == 0:
             raise ValueError(f"support_index must be [B, k] with k >= 1, got shape {idx.shape}")
+        idx = frame_order(idx, support_order).copy()  # column i = frame i (copy: no negative strides)
         items = list(range(len(features))) if items is None else [int(i) for i in items]
         B, k = idx.shape
         if len(items) != B:
@@ -435,6 +486,14 @@ class Sam2MemoryEngine:
             rows = torch.tensor(items, device=self.device).repeat_interleave(L)
             feats = [f.index_select(1, rows) for f in features.vision_feats]
             pos = [p.index_select(1, rows) for p in features.vision_pos_embeds]
+        frame_idx = k if frame_idx is None else int(frame_idx)
+        num_frames = frame_idx + 1 if num_frames is None else int(num_frames)
+        W = 0 if neighbours is None else len(neighbours[0]) if len(neighbours) else 0
+        if neighbours is not None and (len(neighbours) != B or any(len(n) != W for n in neighbours)):
+            raise ValueError(f"neighbours must list the same number of memories for each of the {B} slices")
+        if frame_idx - W < k or num_frames <= frame_idx:
+            raise ValueError(f"query frame {frame_idx} with {W} neighbours after {k} supports in a "
+                             f"{num_frames} frame video is not a valid pseudo-video")
         pos_enc = self._pos_enc().expand(B * L, -1, -1, -1)
         sel = torch.from_numpy(idx).to(self.device)
         cond = {}
@@ -444,15 +503,37 @@ class Sam2MemoryEngine:
                 "maskmem_pos_enc": [pos_enc],
                 "obj_ptr": mem_ptrs.index_select(0, sel[:, i]).flatten(0, 1),
             }
-        ious, low_res, obj_scores = self._track_query(k, feats, pos, features.feat_sizes, cond)
+        non_cond = {}
+        for w in range(W):  # tracked slices: temporal position from their frame, not 0
+            non_cond[frame_idx - W + w] = {
+                "maskmem_features": torch.cat([n[w].maskmem_features for n in neighbours]).to(self.device),
+                "maskmem_pos_enc": [pos_enc],
+                "obj_ptr": torch.cat([n[w].obj_ptr for n in neighbours]).to(self.device),
+            }
+        ious, low_res, obj_scores, high_res, obj_ptr = self._track_query(
+            frame_idx, num_frames, feats, pos, features.feat_sizes, cond, non_cond)
         (shape,) = shapes
         logits = logits_to_grid(low_res.float(), shape)[:, 0]
-        return BatchQueryResult(
+        result = BatchQueryResult(
             labels,
             logits.reshape(B, L, *logits.shape[-2:]),
             ious.max(dim=-1).values.reshape(B, L),
             obj_scores[:, 0].reshape(B, L),
         )
+        if encode_memory:
+            # as SAM 2's track_step for a tracked frame: the decoder's high-resolution logits,
+            # not binarised (is_mask_from_pts False); stored as the predictor stores them
+            maskmem, _ = self.model._encode_new_memory(
+                current_vision_feats=feats,
+                feat_sizes=features.feat_sizes,
+                pred_masks_high_res=high_res,
+                object_score_logits=obj_scores,
+                is_mask_from_pts=False,
+            )
+            maskmem = maskmem.to(self.memory_dtype)
+            result.memories = [SliceMemory(maskmem[b * L:(b + 1) * L], obj_ptr[b * L:(b + 1) * L].float())
+                               for b in range(B)]
+        return result
 
     # ------------------------------------------------------------------ convenience
     def segment(

@@ -123,7 +123,8 @@ def write_metrics(out: Path, result: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- per-case records
-def run_key(bank, engine, *, k: int, labels: dict[int, str], axis, window, precision: str) -> dict[str, Any]:
+def run_key(bank, engine, *, k: int, labels: dict[int, str], axis, window, precision: str,
+            support_order: str = "nearest", propagate: int = 0) -> dict[str, Any]:
     """What a finished case's result depends on: `--resume` reuses a case only when this matches."""
     import hashlib
 
@@ -135,7 +136,8 @@ def run_key(bank, engine, *, k: int, labels: dict[int, str], axis, window, preci
             "labels": {str(v): n for v, n in labels.items()}, "axis": str(axis),
             "window": None if window is None else [float(x) for x in window],
             "sam2": engine.sam2_identity, "dinov2": engine.dinov2_identity,
-            "random_weights": bool(engine.random_weights), "precision": precision}
+            "random_weights": bool(engine.random_weights), "precision": precision,
+            "support_order": support_order, "propagate": int(propagate)}
 
 
 def _case_file(out: Path, case_id: str) -> Path:
@@ -246,7 +248,8 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
              out: Path, save_predictions: bool = False, progress: bool = True, precision: str = "auto",
              batch_size: int | None = None, resume: bool = False, overwrite: bool = False,
              extra: dict[str, Any] | None = None,
-             on_case: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+             on_case: Callable[[str, int, int], None] | None = None,
+             support_order: str = "nearest", propagate: int = 0) -> dict[str, Any]:
     """Segment each test case and compute per-label Dice/HD95; write CSV + JSON into `out`.
 
     Each case's rows go to `out/cases/<case>.json` and metrics.csv/metrics.json are rewritten
@@ -255,9 +258,10 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
     `overwrite` replaces each case's files only when its new result is written. Ctrl-C raises
     `EvaluationInterrupted` (a KeyboardInterrupt) naming the cases finished and the earlier results
     kept. Raises ValueError when exclusion of a case's subject leaves fewer than k candidate
-    supports (before segmenting anything).
+    supports (before segmenting anything). `support_order`, `propagate`: as in `segment_volume`
+    (recorded in the results and in the resume key).
     """
-    from ..engine.sam2_memory import resolve_precision
+    from ..engine.sam2_memory import check_support_order, resolve_precision
     from .metrics import per_label_metrics
     from ..segmentation.provenance import segmentation_provenance, sidecar_path, slice_records, write_sidecar
     from ..segmentation.segment import segment_volume
@@ -267,7 +271,12 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
     check_results_folder(out, resume, overwrite)
     names, excluded = check_plan(test, bank, labels, k)
     prec = resolve_precision(precision, engine.sam.device)
-    key = run_key(bank, engine, k=k, labels=names, axis=axis, window=window, precision=prec)
+    check_support_order(support_order)
+    from ..segmentation.propagation import check_propagate
+
+    propagate = check_propagate(propagate)
+    key = run_key(bank, engine, k=k, labels=names, axis=axis, window=window, precision=prec,
+                  support_order=support_order, propagate=propagate)
     out.mkdir(parents=True, exist_ok=True)
     (out / CASES_DIR).mkdir(exist_ok=True)
     finished = load_finished(out, key, test) if resume else {}
@@ -295,7 +304,8 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
             "bank": str(bank.path), "bank_id": bank.bank_id, "bank_revision": int(bank.revision),
             "bank_entries": len(bank),
             "sam2": engine.sam2_identity, "dinov2": engine.dinov2_identity,
-            "precision": prec, "batch_size": used_batch,
+            "precision": prec, "batch_size": used_batch, "support_order": support_order,
+            "propagate": int(propagate),
         }
         from .. import __version__
 
@@ -328,7 +338,8 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
 
             seg = segment_volume(img, bank, engine, labels=list(names), k=k, axis=axis, window=window,
                                  case_id=c.subject, case_policy="exclude", progress=update,
-                                 precision=precision, batch_size=batch_size)
+                                 precision=precision, batch_size=batch_size, support_order=support_order,
+                                 propagate=propagate)
             used_batch = seg.batch_size
             truth_arr = np.where(np.isin(truth.array, list(names)), truth.array, 0)
             truth = truth.with_array(truth_arr.astype(np.int32))

@@ -8,7 +8,8 @@ The sidecar is strict JSON (no NaN: undefined numbers are null) and holds
 
 - `format`: "rseg-prediction", `format_version`: 1;
 - `provenance`: rseg version, the models' identities, `random_weights`, precision, batch size,
-  image size, k, the bank's id, revision and path, labels, axis, slice range, time; the intensity
+  image size, k, `support_order`, `propagate` (N) and `propagation_start_slices`, the bank's id,
+  revision and path, labels, axis, slice range, time; the intensity
   `window` [low, high] the slices were windowed with, the `annotated_slices` of this case in the
   bank along the axis, and the `working_dir` relative paths (image, bank) are relative to (what
   `rseg report` needs to draw the run);
@@ -16,7 +17,8 @@ The sidecar is strict JSON (no NaN: undefined numbers are null) and holds
   (one of `SLICE_STATUSES`), and for segmented slices `confidence`, `object_score` and `iou` per
   label value, `present` per label value (true: object score > the presence threshold, recorded
   in the provenance as `presence_threshold`; false: the label is absent and its mask on the slice
-  is empty), and the `retrieved` supports as [entry id, score].
+  is empty), the `retrieved` supports as [entry id, score], and with propagation the
+  `neighbours`: the slices whose memories its pseudo-video held, oldest first.
 
 `rseg suggest --seg` reads `slices` back (`read_sidecar`); a slice that was not segmented is a
 gap to rank, not an empty slice.
@@ -78,7 +80,14 @@ def segmentation_provenance(seg, engine, bank, *, k: int, extra: dict | None = N
         "precision": seg.precision,
         "batch_size": int(seg.batch_size),
         "k": int(k),
+        # pseudo-video layout: 'nearest' = most similar support at frame k-1 (the default since the
+        # option exists; before it, and in sidecars without this key, the order was 'farthest')
+        "support_order": str(getattr(seg, "support_order", "nearest")),
         "presence_threshold": float(getattr(seg, "presence_threshold", 0.0)),
+        # propagation: N (0 = off) and where its walks started
+        "propagate": int(getattr(seg, "propagate", 0)),
+        "propagation_start_slices": ([int(i) for i in seg.start_slices]
+                                     if getattr(seg, "propagate", 0) else None),
         # the revision retrieval used (read when the segmentation began), not the bank's now
         "bank": {"path": str(bank.path), "bank_id": bank.bank_id,
                  "revision": int(seg.bank_revision if getattr(seg, "bank_revision", None) is not None
@@ -119,6 +128,8 @@ def slice_records(seg, slice_range: tuple[int, int] | None = None) -> list[dict]
                 "present": {str(k): bool(v) for k, v in (getattr(r, "present", None) or {}).items()},
                 "retrieved": [[str(eid), finite_or_none(s)] for eid, s in r.retrieved],
             })
+            if getattr(r, "neighbours", None) is not None:  # propagation: slices used as memory
+                records[-1]["neighbours"] = [int(x) for x in r.neighbours]
             continue
         if slice_range is not None and not (slice_range[0] <= i < slice_range[1]):
             status = OUTSIDE_RANGE

@@ -111,10 +111,11 @@ def auto_batch_size(device, image_size: int, k: int, n_labels: int) -> int:
 
 def query_slices(sam, images: Sequence[np.ndarray], positions: Sequence[int], hits: Sequence[Hits],
                  memories: SupportMemories, batch_size: int, precision: str,
-                 cancelled: Callable[[], bool]) -> Iterator[tuple[int, QueryResult]]:
+                 cancelled: Callable[[], bool], support_order: str = "nearest") -> Iterator[tuple[int, QueryResult]]:
     """(position, QueryResult) of each position in turn: the image encoder on all of `positions`
     at once, then memory attention + mask decoder on `batch_size` slices per call. Stops as soon as
-    `cancelled()` says so (a result computed but cancelled is discarded)."""
+    `cancelled()` says so (a result computed but cancelled is discarded). `support_order`: where
+    each slice's most similar support sits in its pseudo-video (`Sam2MemoryEngine.query_batch`)."""
     ctx = autocast(precision, sam.device)
     with ctx:
         feats = sam.encode_batch([images[j] for j in positions])
@@ -124,7 +125,8 @@ def query_slices(sam, images: Sequence[np.ndarray], positions: Sequence[int], hi
         sub = list(positions[q0 : q0 + batch_size])
         mems, index = memories.for_slices([hits[j] for j in sub])
         with ctx:
-            batch = sam.query_batch(feats, mems, index, memories.labels, items=list(range(q0, q0 + len(sub))))
+            batch = sam.query_batch(feats, mems, index, memories.labels, items=list(range(q0, q0 + len(sub))),
+                                    support_order=support_order)
         for j, res in zip(sub, batch.to_numpy()):
             if cancelled():
                 return

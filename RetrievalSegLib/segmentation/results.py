@@ -20,6 +20,7 @@ class SliceResult:
     object_score: dict[int, float]
     confidence: float
     present: dict[int, bool] = field(default_factory=dict)
+    neighbours: list[int] | None = None  # propagation: slices whose memories it used (oldest first)
 
 
 @dataclass
@@ -97,6 +98,8 @@ class VolumeSegmentation:
     bank_revision: int | None = None  # the bank's revision when its supports were retrieved
     window: tuple[float, float] | None = None  # intensity bounds every slice was windowed with
     annotated_slices: list[int] = field(default_factory=list)  # this case's bank entries along the axis
+    support_order: str = "nearest"  # where the most similar support sat in each pseudo-video
+    propagate: int = 0  # N: previous slices of a walk as memory (0 = every slice alone)
 
     def low_confidence_slices(self, threshold: float = 0.5) -> list[int]:
         """Segmented slices whose confidence is below `threshold`, in slice order."""

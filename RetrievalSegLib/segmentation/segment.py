@@ -46,9 +46,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..data.volume import Volume
-from ..engine.sam2_memory import resolve_precision
+from ..engine.sam2_memory import check_support_order, resolve_precision
 from .extent import ExtentWalker
 from .labelmap import LabelMapAssembler, check_presence_threshold, label_presence
+from .propagation import check_propagate, propagate as propagate_walks
 from .queries import Retrieval, SupportMemories, auto_batch_size, query_slices, retrieve
 from .results import TimeEstimate, VolumeSegmentation
 from .slices import SlicePlan, annotated_slices, plan_slices, slices_to_uint8, start_slices
@@ -92,6 +93,8 @@ def segment_volume(
     presence_threshold: float = 0.0,
     start_slice: int | Sequence[int] | None = None,
     estimate: Callable[[TimeEstimate], None] | None = None,
+    support_order: str = "nearest",
+    propagate: int = 0,
 ) -> VolumeSegmentation:
     """Segment `volume` slice by slice from the support `bank`; partial result if cancelled.
 
@@ -110,14 +113,23 @@ def segment_volume(
     this axis), the middle of `slice_range` if given, else the slice most similar to the bank
     (highest DINOv2 top-1 score). estimate: called once, after the first batch, with a
     `TimeEstimate` of the rest (before the second batch starts).
+    support_order: where the most similar support sits in each slice's pseudo-video: 'nearest'
+    (default; frame k-1, object-pointer distance 1) or 'farthest' (frame 0, distance k; the order
+    before this option existed). See `engine.sam2_memory.SUPPORT_ORDERS`.
+    propagate: N in 0..6 (default 0, off): walk out from the start slices (chosen as for the
+    extent stop, which applies if extent_stop > 0) and give each slice the memories of the slices
+    segmented before it in its walk, as SAM 2 tracks a video (`propagation.py`); each slice's
+    `SliceResult.neighbours` lists them.
     """
     t0 = time.perf_counter()
     _check_options(k, batch_size, encoder_batch, extent_stop, case_id, case_policy)
     presence_threshold = check_presence_threshold(presence_threshold)
+    check_support_order(support_order)
+    propagate = check_propagate(propagate)
     prec = resolve_precision(precision, engine.sam.device)
     bank.check_models(engine.embedder.identity)
     plan = plan_slices(volume, bank, labels=labels, axis=axis, slice_range=slice_range, window=window)
-    if extent_stop and start_slice is not None:
+    if (extent_stop or propagate) and start_slice is not None:
         start_slices(start_slice, bank, None, plan.axis, plan.start, plan.stop, True, [])  # checked before any work
     if batch_size is None:
         batch_size = auto_batch_size(engine.sam.device, engine.sam.image_size, k, len(plan.labels))
@@ -134,6 +146,8 @@ def segment_volume(
         presence_threshold=presence_threshold,
         window=plan.bounds,
         annotated_slices=annotated_slices(bank, case_id, plan.axis),
+        support_order=support_order,
+        propagate=propagate,
     )
     if keep_label_masks:
         result.label_masks = np.zeros((len(plan.labels),) + volume.array.shape, dtype=bool)
@@ -156,7 +170,8 @@ def segment_volume(
         return result.cancelled
 
     def compute(positions: list[int]):
-        return query_slices(engine.sam, images, positions, found.hits, memories, batch_size, prec, cancelled)
+        return query_slices(engine.sam, images, positions, found.hits, memories, batch_size, prec, cancelled,
+                            support_order)
 
     def report_estimate(n_computed: int, seconds: float, left: int) -> None:
         result.estimate = TimeEstimate(
@@ -166,7 +181,13 @@ def segment_volume(
         if estimate is not None:
             estimate(result.estimate)
 
-    if not extent_stop:
+    if propagate:
+        result.start_slices, result.start_reason = start_slices(
+            start_slice, bank, case_id, plan.axis, plan.start, plan.stop, slice_range is not None, found.hits)
+        result.extent_stop = int(extent_stop)
+        _walk_propagating(plan, found, out, memories, engine.sam, images, k, batch_size, prec, support_order,
+                          propagate, int(extent_stop), presence_threshold, cancelled, report_estimate)
+    elif not extent_stop:
         _walk_every_slice(plan, found, out, compute, cancelled, encoder_batch, report_estimate)
     else:
         result.start_slices, result.start_reason = start_slices(
@@ -193,6 +214,29 @@ def _walk_every_slice(plan: SlicePlan, found: Retrieval, out: LabelMapAssembler,
             break
         if b0 == 0:
             report_estimate(len(batch_idx), time.perf_counter() - tb, total - out.done)
+
+
+def _walk_propagating(plan: SlicePlan, found: Retrieval, out: LabelMapAssembler, memories, sam, images, k: int,
+                      batch_size: int, prec: str, support_order: str, n: int, extent_stop: int,
+                      presence_threshold: float, cancelled, report_estimate) -> None:
+    """Outwards from the start slices, each slice with its walk's previous slices as memory."""
+    result, start = out.result, plan.start
+
+    def record(i: int, res, neighbours: list[int]) -> None:
+        out.record(i, found.hits[i - start], res)
+        result.slices[i].neighbours = [int(x) for x in neighbours]
+
+    def first_step(n_slices: int, seconds: float) -> None:
+        report_estimate(n_slices, seconds, plan.stop - plan.start - out.done)
+
+    done = propagate_walks(
+        sam, images, start, found.hits, memories, result.start_slices, (plan.start, plan.stop), n, k,
+        batch_size, prec, support_order, extent_stop,
+        lambda res: any(label_presence(res.object_score, presence_threshold)), record, cancelled, first_step)
+    if not result.cancelled:
+        result.beyond_extent = set(range(plan.start, plan.stop)) - done
+        if out.progress is not None:
+            out.progress(out.done, out.done)
 
 
 def _walk_out_to_the_extent(plan: SlicePlan, found: Retrieval, out: LabelMapAssembler, compute, cancelled,

@@ -71,6 +71,8 @@ class RetrievalSegLogic:
         self.batch_size: int | None = None  # slices per memory-attention call; None: by device
         self.extent_stop = DEFAULT_EXTENT_STOP  # 0: segment every slice (see extent.py)
         self.presence_threshold = 0.0  # SAM 2's own: a label is present where its object score > 0
+        self.support_order = "nearest"  # most similar support last in the pseudo-video (SUPPORT_ORDERS)
+        self.propagate = 0  # N previous slices of a walk as SAM 2 memory (0 = off; propagation.py)
         self.client = client or WorkerClient()
         self.job: WorkerJob | None = None
         self._after: Callable[[JobEvent], None] | None = None  # main-thread bookkeeping at the job's end
@@ -292,7 +294,8 @@ class RetrievalSegLogic:
             "window": list(request.window), "labels": request.labels,
             "precision": self.precision, "batch_size": self.batch_size,
             "extent_stop": request.extent_stop, "presence_threshold": float(self.presence_threshold),
-            "start_slice": request.start_slice,
+            "start_slice": request.start_slice, "support_order": self.support_order,
+            "propagate": int(self.propagate),
         }
         self._request = request
         self._pending = None

@@ -157,6 +157,8 @@ def _segmentation_from_result(volume: Volume) -> Callable[[dict[str, Any], Path]
             confidence=np.full(num_slices(array, axis), np.nan, dtype=np.float32), seconds=float(result["seconds"]),
             precision=str(result["precision"]), batch_size=int(result["batch_size"]),
             beyond_extent={int(i) for i in result.get("beyond_extent", [])},
+            support_order=str(result.get("support_order") or "nearest"),
+            propagate=int(result.get("propagate") or 0),
         )
         extent = result.get("extent") or {}
         if extent:

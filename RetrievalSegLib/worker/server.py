@@ -210,6 +210,7 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
             cancel=ctx.cancelled, precision=params.get("precision", "auto"), batch_size=params.get("batch_size"),
             extent_stop=extent_stop, presence_threshold=float(params.get("presence_threshold") or 0.0),
             start_slice=params.get("start_slice"), estimate=first_batch,
+            support_order=params.get("support_order") or "nearest", propagate=int(params.get("propagate") or 0),
         )
         if r.cancelled:
             raise JobCancelled("segmentation cancelled")
@@ -237,6 +238,8 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
         "seconds": seconds,
         "precision": precision,
         "batch_size": batch_size,
+        "support_order": params.get("support_order") or "nearest",
+        "propagate": int(params.get("propagate") or 0),
         "beyond_extent": sorted(int(i) for i in beyond),
         "extent": extent,
         "estimate": estimate or None,

@@ -119,8 +119,14 @@ def _run_case(
     engine: Sam2MemoryEngine | None = None,
     engine_masks: Callable[[dict], dict] = lambda m: m,
     backbone: str = "tiny",
+    support_order: str = "nearest",
 ) -> Case:
     """Engine and predictor on the pseudo-video [support_1..support_k, query]; per-tensor errors.
+
+    The engine gets the supports most similar first, as retrieval gives them, and `support_order`:
+    for 'nearest' the most similar is the predictor's frame k-1 (so the engine's list is the
+    frames reversed), for 'farthest' frame 0 (the frames in order). The predictor's video is the
+    same for both; the engine must place each support on its frame.
 
     `engine` and `engine_masks` exist for the negative controls (another engine configuration, or
     the masks the engine is given); the predictor always gets the true masks. The predictor's side
@@ -139,7 +145,8 @@ def _run_case(
     ref_inputs, ref_logits = _references[key]
     with recording(engine.model) as rec:
         mems = [engine.encode_support(decoded[i], engine_masks(support_masks[i]), LABELS) for i in range(k)]
-        ours = engine.query(decoded[k], mems, LABELS)
+        ranked = mems[::-1] if support_order == "nearest" else mems  # most similar first
+        ours = engine.query(decoded[k], ranked, LABELS, support_order=support_order)
     eng_inputs = canonical(rec, "engine", k, len(LABELS))
     errors = compare_paths(eng_inputs, ref_inputs, ours.logits, ref_logits)
     return Case(errors, eng_inputs, ref_inputs, ours.object_score, ref_logits)
@@ -185,6 +192,12 @@ _DEFAULT_256 = {(1, 4), (3, 0), (8, 2)}
 ])
 def test_fidelity_matches_official_predictor_256(tmp_path, seed, k):
     _assert_same(_run_case(tmp_path, 256, seed, k), k)
+
+
+@pytest.mark.parametrize("support_order", ["nearest", "farthest"])
+def test_fidelity_both_support_orders_match_official_predictor(tmp_path, support_order):
+    """Each order, fed to the predictor as the frame order it stands for, matches it exactly."""
+    _assert_same(_run_case(tmp_path, 256, 0, 3, support_order=support_order), 3)
 
 
 def test_fidelity_matches_official_predictor_non_square(tmp_path):

@@ -1,0 +1,190 @@
+"""Retrieval plus propagation (`propagate` N > 0): neighbour slices as SAM 2 memory (issue 27).
+
+Without propagation every slice is its own pseudo-video [k supports, slice]. With N > 0 the slices
+are walked outwards from start slices (the extent stop's start slices: an annotated slice of this
+volume, else the slice most similar to the bank, or the ones given) and a slice segmented earlier in
+its walk becomes a non-conditioning memory of the next ones, as a tracked frame of a SAM 2 video:
+
+* Each start slice has two walks, up (s, s+1, ...) and down (s, s-1, ...); the start slice is
+  segmented once and is frame k of both. Walk position j (the start is j = 0) is frame k + j of a
+  pseudo-video [k supports (frames 0..k-1), the walk's slices s_0 .. s_j]. The k supports are the
+  slice's own retrieved ones (conditioning frames, temporal code 0, placed by `support_order`).
+* The walk's previous slices enter that pseudo-video as SAM 2 tracked frames: their predicted
+  masks went through the memory encoder (`Sam2MemoryEngine.query_batch(encode_memory=True)`,
+  SAM 2's track_step rule), and `_prepare_memory_conditioned_features` gives them their temporal
+  codes and object-pointer distances from their frame positions. Which previous slices are in it
+  (`memory_window`): the last N for N < 6; for N = 6 (SAM 2's num_maskmem - 1) the last 15, so
+  that SAM 2's own rule applies unchanged (spatial memories of the last 6, object pointers of the
+  last 15 = max_obj_ptrs_in_encoder - 1).
+* num_frames of both walks of a start slice is k + the longer walk's length to the range edge
+  (SAM 2 normalises pointer distances by min(num_frames, 16) - 1; the shorter walk is read as part
+  of a video as long as the longer one, which changes nothing once k + length >= 16).
+* A walk ends at the range edge, at a slice another walk has segmented, or by the extent stop
+  (after `extent_stop` consecutive slices with every label absent; 0 = never).
+
+Walks advance in lock step: step j segments the next slice of every active walk, batched across
+walks and labels (the image encoder on the step's slices in one call, memory attention + decoder on
+`batch_size` slices per call). Each slice records the neighbour slices in its pseudo-video.
+
+With the same k supports for every slice (`FixedSupports`, the test hook) one walk equals the
+official `SAM2VideoPredictor` on the video [supports with add_new_mask, then the walk's slices]
+propagated from frame k (Testing/segmentation/test_propagation.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..engine.sam2_memory import QueryResult, SliceMemory, SupportMemory, autocast
+
+#: The largest N: SAM 2's num_maskmem - 1 (the non-conditioning memories it attends to).
+MAX_PROPAGATE = 6
+#: SAM 2.1's max_obj_ptrs_in_encoder - 1: object pointers of this many previous frames.
+POINTER_WINDOW = 15
+
+
+def check_propagate(n) -> int:
+    """`n` as an int if it is an integer in 0..MAX_PROPAGATE, else ValueError."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= MAX_PROPAGATE:
+        raise ValueError(f"propagate must be an integer in 0..{MAX_PROPAGATE} (0 = off), got {n!r}")
+    return int(n)
+
+
+def memory_window(n: int) -> int:
+    """How many previous slices of a walk are in a slice's pseudo-video (see the module docstring)."""
+    n = check_propagate(n)
+    return POINTER_WINDOW if n == MAX_PROPAGATE else n
+
+
+class FixedSupports:
+    """The same k support memories for every slice (retrieval off): the fidelity test's hook, with
+    the interface of `queries.SupportMemories` that the walk uses."""
+
+    def __init__(self, memories: Sequence[SupportMemory], labels: Sequence[int]) -> None:
+        self.labels = list(labels)
+        self.memories = [m.select(self.labels) for m in memories]
+
+    def for_slices(self, hits) -> tuple[list[SupportMemory], list[list[int]]]:
+        return self.memories, [list(range(len(self.memories))) for _ in hits]
+
+
+@dataclass
+class Walk:
+    """One direction from a start slice: the slices segmented so far (walk order) and their memories."""
+
+    start: int
+    step: int  # +1 up, -1 down
+    num_frames: int
+    slices: list[int] = field(default_factory=list)
+    memories: list[SliceMemory] = field(default_factory=list)
+    streak: int = 0  # consecutive slices with every label absent
+    active: bool = True
+
+
+@dataclass
+class Step:
+    """A slice to segment at walk position j of `walks` (several walks share a start slice)."""
+
+    slice: int
+    j: int
+    walks: list[Walk]
+    neighbours: list[int]  # slices whose memories are in its pseudo-video, oldest first
+
+
+def plan_walks(starts: Sequence[int], slice_range: tuple[int, int], k: int) -> list[Walk]:
+    lo, hi = slice_range
+    walks = []
+    for s in sorted(set(int(x) for x in starts)):
+        longest = max(hi - s, s - lo + 1)  # slices from s to the range edge, s included
+        walks += [Walk(s, +1, k + longest), Walk(s, -1, k + longest)]
+    return walks
+
+
+def next_steps(walks: list[Walk], j: int, slice_range: tuple[int, int], done: set[int], window: int) -> list[Step]:
+    """The slices of walk position j (j = 0: the start slices, each once for its two walks)."""
+    lo, hi = slice_range
+    steps: dict[int, Step] = {}
+    for w in walks:
+        if not w.active:
+            continue
+        i = w.start + w.step * j
+        if not lo <= i < hi or (i in done and j > 0):
+            w.active = False  # the range edge, or another walk got there first
+            continue
+        if j == 0:
+            steps.setdefault(i, Step(i, 0, [], []))
+            steps[i].walks.append(w)
+            continue
+        if i in steps:  # two walks meet on a slice at the same step: the first one takes it
+            w.active = False
+            continue
+        n = min(j, window)
+        steps[i] = Step(i, j, [w], w.slices[len(w.slices) - n:] if n else [])
+    return [steps[i] for i in sorted(steps)]
+
+
+def propagate(sam, images: Sequence[np.ndarray], first: int, hits, memories, starts: Sequence[int],
+              slice_range: tuple[int, int], n: int, k: int, batch_size: int, precision: str,
+              support_order: str, extent_stop: int, present: Callable[[QueryResult], bool],
+              record: Callable[[int, QueryResult, list[int]], None], cancelled: Callable[[], bool],
+              after_first_step: Callable[[int, float], None] | None = None) -> set[int]:
+    """Walk and segment (see the module docstring); returns the slices segmented.
+
+    `images[i - first]` and `hits[i - first]` are slice i's uint8 image and retrieved supports;
+    `record(i, result, neighbour slices)` is called once per segmented slice in walk order.
+    """
+    import time
+
+    window = memory_window(n)
+    walks = plan_walks(starts, slice_range, k)
+    done: set[int] = set()
+    ctx = autocast(precision, sam.device)
+    j = 0
+    while any(w.active for w in walks) and not cancelled():
+        tb = time.perf_counter()
+        steps = next_steps(walks, j, slice_range, done, window)
+        if not steps:
+            break
+        with ctx:
+            feats = sam.encode_batch([images[s.slice - first] for s in steps])
+        # one pseudo-video layout per call: frame k + j, the walk's num_frames
+        groups: dict[int, list[int]] = {}
+        for b, s in enumerate(steps):
+            groups.setdefault(s.walks[0].num_frames, []).append(b)
+        results: dict[int, tuple[QueryResult, SliceMemory]] = {}
+        for num_frames, rows in groups.items():
+            for r0 in range(0, len(rows), batch_size):
+                if cancelled():
+                    return done
+                sub = rows[r0:r0 + batch_size]
+                mems, index = memories.for_slices([hits[steps[b].slice - first] for b in sub])
+                neighbours = None
+                if j > 0 and window > 0:
+                    nb = min(j, window)
+                    neighbours = [steps[b].walks[0].memories[-nb:] for b in sub]
+                with ctx:
+                    out = sam.query_batch(feats, mems, index, memories.labels, items=sub,
+                                          support_order=support_order, neighbours=neighbours,
+                                          frame_idx=k + j, num_frames=num_frames, encode_memory=True)
+                for b, res, mem in zip(sub, out.to_numpy(), out.memories):
+                    results[b] = (res, mem)
+        if cancelled():
+            return done
+        for b, s in enumerate(steps):
+            res, mem = results[b]
+            record(s.slice, res, s.neighbours)
+            done.add(s.slice)
+            found = present(res)
+            for w in s.walks:
+                w.slices.append(s.slice)
+                w.memories.append(mem)
+                del w.memories[:-window]  # keep only what later slices can use
+                w.streak = 0 if found else w.streak + 1
+                if extent_stop and w.streak >= extent_stop:
+                    w.active = False
+        if j == 0 and after_first_step is not None:
+            after_first_step(len(steps), time.perf_counter() - tb)
+        j += 1
+    return done

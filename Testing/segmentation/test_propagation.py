@@ -1,0 +1,215 @@
+"""Retrieval plus propagation (`propagate` N, issue 27): neighbour slices as SAM 2 memory.
+
+Fidelity: with the same k supports for every slice (`FixedSupports`, retrieval off), one walk with
+N = 6 equals the official SAM2VideoPredictor on the video [supports with add_new_mask, then the
+walk's slices] propagated from frame k: masks identical, logits within fp32 noise (observed on the
+2-core CPU, 256 px, seed 0, k = 2, 9 slices: max |logit diff| see MAX_LOGIT_DIFF). Nine slices make
+the rules act: from the 8th slice on, SAM 2 keeps the spatial memories of the last 6 slices only
+while object pointers of all previous slices (up to 15) still count; the pointer normaliser is
+min(num_frames, 16) - 1 with num_frames the video's length.
+
+Negative controls (Testing/mutants.txt): dropping the neighbour memories
+(`propagation_neighbours_dropped`) or giving them temporal position 0 as conditioning frames
+(`propagation_neighbours_t_pos_0`) must make the fidelity test fail.
+
+With retrieval on (supports change per slice), the unit tests pin the frame positions,
+neighbour frames and video length the engine hands to SAM 2's
+`_prepare_memory_conditioned_features` for a given walk; that function then computes the temporal
+codes and pointer distances from them (what the fidelity test checks against the predictor).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from RetrievalSegLib.engine.sam2_memory import Sam2MemoryEngine
+from RetrievalSegLib.models.loaders import load_sam2
+from RetrievalSegLib.segmentation.propagation import (
+    FixedSupports,
+    check_propagate,
+    memory_window,
+    next_steps,
+    plan_walks,
+    propagate,
+)
+
+from _reference import build_reference_predictor, write_pseudo_video
+from synthetic_slices import disc_slice
+
+LABELS = (1, 2)
+K = 2
+N_SLICES = 9
+#: fp32 noise of engine vs predictor over a 9-slice walk (observed 3.0e-7 on the 2-core CPU, both
+#: directions; labels batched: float order only), with 30x room.
+MAX_LOGIT_DIFF = 1e-5
+
+
+@pytest.fixture(scope="module")
+def models():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sam = load_sam2("tiny", random_weights=True, seed=0, device="cpu", image_size=256)
+    return Sam2MemoryEngine(sam), build_reference_predictor(sam.model, "tiny", 256)
+
+
+def _frames(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    sup = [disc_slice(64, 64, shift=1.5 * i, rng=rng) for i in range(K)]
+    walk = [disc_slice(64, 64, shift=1.0 * i - 2.0, rng=rng)[0] for i in range(N_SLICES)]
+    return [img for img, _ in sup], [m for _, m in sup], walk
+
+
+@torch.inference_mode()
+def _reference(predictor, video_dir, support_masks) -> dict[int, np.ndarray]:
+    """Per frame >= k: [L, H, W] logits of the official predictor propagating from frame k."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = predictor.init_state(str(video_dir))
+        for i, masks in enumerate(support_masks):
+            for lab in LABELS:
+                predictor.add_new_mask(state, frame_idx=i, obj_id=lab, mask=masks[lab])
+        out = {}
+        for frame_idx, obj_ids, masks in predictor.propagate_in_video(state, start_frame_idx=K):
+            assert list(obj_ids) == list(LABELS)
+            out[frame_idx] = masks[:, 0].float().cpu().numpy()
+    return out
+
+
+def _engine_walk(engine, decoded, support_masks, n, direction):
+    """The engine's walk over the decoded walk frames (frames K..), as `segment_volume` runs it."""
+    mems = [engine.encode_support(decoded[i], support_masks[i], LABELS) for i in range(K)]
+    fixed = FixedSupports(mems[::-1], LABELS)  # most similar first: 'nearest' puts it at frame K-1
+    walk = decoded[K:]
+    n_sl = len(walk)
+    # slice i of the volume <- walk position: up = i, down = n_sl - 1 - i
+    images = walk if direction == "up" else walk[::-1]
+    start = 0 if direction == "up" else n_sl - 1
+    got = {}
+
+    def record(i, res, neighbours):
+        got[i] = (res, neighbours)
+
+    propagate(engine, images, 0, [[] for _ in images], fixed, [start], (0, n_sl), n, K, 1, "fp32", "nearest",
+              0, lambda r: True, record, lambda: False)
+    pos = (lambda i: i) if direction == "up" else (lambda i: n_sl - 1 - i)
+    return {K + pos(i): v for i, v in got.items()}
+
+
+@pytest.mark.parametrize("direction", ["up", pytest.param("down", marks=pytest.mark.slow)])
+def test_propagate_6_equals_the_official_predictor(tmp_path, models, direction):
+    engine, predictor = models
+    sup_imgs, sup_masks, walk = _frames()
+    decoded = write_pseudo_video(tmp_path / "video", sup_imgs + walk)
+    ref = _reference(predictor, tmp_path / "video", sup_masks)
+    ours = _engine_walk(engine, decoded, sup_masks, 6, direction)
+    assert sorted(ours) == sorted(ref) == list(range(K, K + N_SLICES))
+    worst = 0.0
+    for f in sorted(ref):
+        res, neighbours = ours[f]
+        assert len(neighbours) == min(f - K, 15)
+        diff = float(np.abs(res.logits - ref[f]).max())
+        worst = max(worst, diff)
+        assert np.array_equal(res.logits > 0, ref[f] > 0), f"frame {f}: masks differ (max |diff| {diff:.3g})"
+        assert diff <= MAX_LOGIT_DIFF, f"frame {f}: max |logit diff| {diff:.3g} > {MAX_LOGIT_DIFF}"
+    # non-vacuous: objects present and masks neither empty nor full on the last frame
+    last = ours[K + N_SLICES - 1][0]
+    assert (last.object_score > 0).all()
+    for li in range(len(LABELS)):
+        fg = (ref[K + N_SLICES - 1][li] > 0).mean()
+        assert 0.001 < fg < 0.999
+    print(f"propagate 6 ({direction}) vs predictor: max |logit diff| {worst:.3g}")
+
+
+def test_propagate_and_window_are_checked():
+    assert [memory_window(n) for n in range(7)] == [0, 1, 2, 3, 4, 5, 15]
+    for bad in (-1, 7, 2.0, True, "3"):
+        with pytest.raises(ValueError, match="propagate must be an integer in 0..6"):
+            check_propagate(bad)
+
+
+def test_walk_positions_neighbours_and_video_length():
+    """Two start slices in 0..10: lock-step walks, each slice once, its previous N slices as memory."""
+    walks = plan_walks([2, 7], (0, 10), k=3)
+    # num_frames: k + the longer walk from the start to the range edge (start included)
+    assert [(w.start, w.step, w.num_frames) for w in walks] == [(2, 1, 3 + 8), (2, -1, 3 + 8), (7, 1, 3 + 8), (7, -1, 3 + 8)]
+    done: set[int] = set()
+    seen = []
+    for j in range(8):
+        steps = next_steps(walks, j, (0, 10), done, window=2)
+        for s in steps:
+            seen.append((j, s.slice, s.neighbours))
+            done.add(s.slice)
+            for w in s.walks:
+                w.slices.append(s.slice)
+        if not steps:
+            break
+    assert seen == [
+        (0, 2, []), (0, 7, []),
+        (1, 1, [2]), (1, 3, [2]), (1, 6, [7]), (1, 8, [7]),
+        (2, 0, [2, 1]), (2, 4, [2, 3]), (2, 5, [7, 6]), (2, 9, [7, 8]),
+    ]  # the walks from 2 up and 7 down meet between 4 and 5; nothing is segmented twice
+
+
+class _Spy:
+    """Records what the engine hands to SAM 2's `_prepare_memory_conditioned_features` per query."""
+
+    def __init__(self, monkeypatch, model):
+        self.calls = []
+        original = model._prepare_memory_conditioned_features
+
+        def spy(frame_idx, is_init_cond_frame, current_vision_feats, current_vision_pos_embeds, feat_sizes,
+                output_dict, num_frames, track_in_reverse=False):
+            if not is_init_cond_frame:
+                self.calls.append((frame_idx, num_frames, sorted(output_dict["cond_frame_outputs"]),
+                                   sorted(output_dict["non_cond_frame_outputs"]), track_in_reverse))
+            return original(frame_idx, is_init_cond_frame, current_vision_feats, current_vision_pos_embeds,
+                            feat_sizes, output_dict, num_frames, track_in_reverse)
+
+        monkeypatch.setattr(model, "_prepare_memory_conditioned_features", spy)
+
+
+def test_segment_volume_with_retrieval_pins_frames_for_the_walk(monkeypatch, tmp_path):
+    """segment_volume(propagate=2): per slice, supports at frames 0..k-1 (t_pos 0), the walk's last
+    2 slices at frames k+j-2, k+j-1 (non-conditioning: temporal codes from their positions), the
+    slice at k+j; the sidecar lists the neighbour slices; provenance records N and the start."""
+    from RetrievalSegLib.bank.support_bank import LabelInfo, SupportBank
+    from RetrievalSegLib.data.synthetic import LABELS as SYN_LABELS, make_synthetic_study
+    from RetrievalSegLib.engine.pipeline import RetrievalEngine
+    from RetrievalSegLib.segmentation.provenance import segmentation_provenance, slice_records
+    from RetrievalSegLib.segmentation.segment import segment_volume
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = RetrievalEngine.load(random_weights=True, image_size=256, device="cpu", dinov2_input_size=56)
+    study = make_synthetic_study(2, shape=(6, 40, 36), spacing=(1.2, 1.2, 5.0))
+    bank = SupportBank.create(tmp_path / "bank", [LabelInfo(v, n, c) for v, (n, c) in SYN_LABELS.items()],
+                              engine.embedder.identity)
+    bank.add_volume(study[0].image, study[0].labels, study[0].case_id, engine.embedder)
+    spy = _Spy(monkeypatch, engine.sam.model)
+    k = 2
+    seg = segment_volume(study[1].image, bank, engine, k=k, propagate=2, start_slice=1, batch_size=1)
+    assert seg.propagate == 2 and seg.start_slices == [1] and sorted(seg.slices) == [0, 1, 2, 3, 4, 5]
+    # walk order: j=0 slice 1; j=1 slices 0 (down) and 2 (up); j=2: 3; j=3: 4; j=4: 5.
+    # num_frames: k + 5 (the up walk 1..5)
+    assert spy.calls == [
+        (k + 0, k + 5, [0, 1], [], False),
+        (k + 1, k + 5, [0, 1], [k], False),
+        (k + 1, k + 5, [0, 1], [k], False),
+        (k + 2, k + 5, [0, 1], [k, k + 1], False),
+        (k + 3, k + 5, [0, 1], [k + 1, k + 2], False),
+        (k + 4, k + 5, [0, 1], [k + 2, k + 3], False),
+    ]
+    assert {i: seg.slices[i].neighbours for i in seg.slices} == {
+        1: [], 0: [1], 2: [1], 3: [1, 2], 4: [2, 3], 5: [3, 4]}
+    # supports still retrieved per slice
+    assert len({tuple(e for e, _ in s.retrieved) for s in seg.slices.values()}) > 1
+    records = slice_records(seg)
+    assert [r["neighbours"] for r in records] == [[1], [], [1], [1, 2], [2, 3], [3, 4]]
+    prov = segmentation_provenance(seg, engine, bank, k=k)
+    assert prov["propagate"] == 2 and prov["propagation_start_slices"] == [1]
+    off = segment_volume(study[1].image, bank, engine, k=k, slice_range=(0, 1))
+    assert off.slices[0].neighbours is None and "neighbours" not in slice_records(off)[0]
+    assert segmentation_provenance(off, engine, bank, k=k)["propagate"] == 0
