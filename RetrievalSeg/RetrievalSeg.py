@@ -138,6 +138,9 @@ class RetrievalSegParameterNode:
     dinov2Size: Annotated[str, Choice(["small", "base", "large"])] = "small"
     imageSize: Annotated[int, Choice([1024, 512])] = 1024  # follows the backbone's native size when it changes
     extentStop: Annotated[int, WithinRange(0, 1000)] = 5  # RetrievalSegLib.segmentation.extent.DEFAULT_EXTENT_STOP
+    # RetrievalSegLib.engine.retrieval.RETRIEVAL_FEATURES and segmentation.queries.SUPPORT_FILTERS
+    retrievalFeature: Annotated[str, Choice(["cls", "mean", "cls+mean", "gem"])] = "cls"
+    supportFilter: Annotated[str, Choice(["all", "foreground"])] = "all"
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     suggestCount: Annotated[int, WithinRange(1, 50)] = 3
 
@@ -551,6 +554,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.core.settings = settings
         self.logic.core.precision = self._parameterNode.precision
         self.logic.core.extent_stop = int(self._parameterNode.extentStop)
+        self.logic.core.support_filter = self._parameterNode.supportFilter
         return True
 
     # ------------------------------------------------------------------ segmenting
@@ -1041,6 +1045,7 @@ class RetrievalSegLogic(ScriptedLoadableModuleLogic):
             device=parameterNode.device,
             image_size=int(parameterNode.imageSize),
             weights_dir=weightsDir,
+            retrieval_feature=parameterNode.retrievalFeature,
         )
 
     # ------------------------------------------------------------------ dependencies

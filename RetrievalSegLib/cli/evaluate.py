@@ -144,7 +144,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         result = evaluate(test, bank, engine, labels=[lab.value for lab in labels], k=args.k, axis=args.axis,
                           window=window, out=args.out, save_predictions=args.save_predictions or args.report, progress=show,
                           precision=args.precision, batch_size=args.batch_size, resume=args.resume,
-                          overwrite=args.overwrite, extra=extra)
+                          overwrite=args.overwrite, extra=extra,
+                          support_filter=getattr(args, "support_filter", "all"))
     except (LabelError, ExclusionError, ResumeMismatch, ResultsExist) as e:
         raise usage(e) from None
     except EvaluationInterrupted as e:

@@ -121,7 +121,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             case_id=args.case, case_policy=args.case_policy, window=window,
             encoder_batch=args.batch, progress=update, precision=args.precision, batch_size=args.batch_size,
             extent_stop=args.extent_stop, presence_threshold=args.presence_threshold, start_slice=args.start_slice,
-            estimate=estimate,
+            estimate=estimate, support_filter=args.support_filter,
         )
     finally:
         close()

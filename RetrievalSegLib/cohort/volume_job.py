@@ -35,7 +35,7 @@ OUTPUT_FORMATS = (".nii.gz", ".nii", ".nrrd", ".mha", ".seg.nrrd")
 RECORDS_DIR = "cohort-records"
 #: Options that change a volume's result: an output made with other values is segmented again.
 COHORT_OPTIONS = ("k", "labels", "axis", "slices", "extent_stop", "presence_threshold", "window",
-                  "case_policy", "fill_hole_area", "dinov2_input_size")
+                  "case_policy", "fill_hole_area", "dinov2_input_size", "retrieval_feature", "support_filter")
 
 
 class ManifestError(ValueError):
@@ -457,6 +457,7 @@ def segment_one(vol: CohortVolume, engine, bank: ReadOnlyBank, settings: CohortS
             encoder_batch=opts.get("encoder_batch"), progress=on_progress, precision=precision,
             batch_size=opts.get("batch_size"), extent_stop=int(opts.get("extent_stop", 0)),
             presence_threshold=float(opts.get("presence_threshold", 0.0)),
+            support_filter=opts.get("support_filter") or "all",
         )
         out = out_dir / vol.output_name
         stale = sidecar_path(out)

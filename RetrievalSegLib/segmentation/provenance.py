@@ -16,7 +16,11 @@ The sidecar is strict JSON (no NaN: undefined numbers are null) and holds
   (one of `SLICE_STATUSES`), and for segmented slices `confidence`, `object_score` and `iou` per
   label value, `present` per label value (true: object score > the presence threshold, recorded
   in the provenance as `presence_threshold`; false: the label is absent and its mask on the slice
-  is empty), and the `retrieved` supports as [entry id, score].
+  is empty), and the `retrieved` supports as [entry id, score]; with the support filter
+  `foreground` (provenance `support_filter`) also `supports_per_label` (each label's own k
+  supports) and `filter_fallback` (labels with fewer than k retrieved slices containing them,
+  conditioned on `retrieved` instead). The provenance names the `retrieval_feature` (also part of
+  the `dinov2` identity unless it is the default cls).
 
 `rseg suggest --seg` reads `slices` back (`read_sidecar`); a slice that was not segmented is a
 gap to rank, not an empty slice.
@@ -66,6 +70,7 @@ def engine_provenance(engine) -> dict:
         "rseg_version": __version__,
         "sam2": engine.sam2_identity,
         "dinov2": engine.dinov2_identity,
+        "retrieval_feature": str(getattr(getattr(engine, "embedder", None), "feature", "cls")),
         "random_weights": bool(engine.random_weights),
         "image_size": int(engine.sam.image_size),
     }
@@ -79,6 +84,7 @@ def segmentation_provenance(seg, engine, bank, *, k: int, extra: dict | None = N
         "batch_size": int(seg.batch_size),
         "k": int(k),
         "presence_threshold": float(getattr(seg, "presence_threshold", 0.0)),
+        "support_filter": str(getattr(seg, "support_filter", "all")),
         # the revision retrieval used (read when the segmentation began), not the bank's now
         "bank": {"path": str(bank.path), "bank_id": bank.bank_id,
                  "revision": int(seg.bank_revision if getattr(seg, "bank_revision", None) is not None
@@ -119,6 +125,11 @@ def slice_records(seg, slice_range: tuple[int, int] | None = None) -> list[dict]
                 "present": {str(k): bool(v) for k, v in (getattr(r, "present", None) or {}).items()},
                 "retrieved": [[str(eid), finite_or_none(s)] for eid, s in r.retrieved],
             })
+            per_label = getattr(r, "supports_per_label", None)
+            if per_label is not None:  # support filter `foreground`
+                records[-1]["supports_per_label"] = {
+                    str(lab): [[str(eid), finite_or_none(s)] for eid, s in h] for lab, h in per_label.items()}
+                records[-1]["filter_fallback"] = [int(v) for v in getattr(r, "filter_fallback", [])]
             continue
         if slice_range is not None and not (slice_range[0] <= i < slice_range[1]):
             status = OUTSIDE_RANGE

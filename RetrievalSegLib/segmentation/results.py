@@ -20,6 +20,10 @@ class SliceResult:
     object_score: dict[int, float]
     confidence: float
     present: dict[int, bool] = field(default_factory=dict)
+    # support filter `foreground`: each label's own k supports, and the labels that fell back to
+    # `retrieved` (fewer than k retrieved slices contain them); None / [] with the filter `all`
+    supports_per_label: dict[int, list[tuple[str, float]]] | None = None
+    filter_fallback: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -97,6 +101,7 @@ class VolumeSegmentation:
     bank_revision: int | None = None  # the bank's revision when its supports were retrieved
     window: tuple[float, float] | None = None  # intensity bounds every slice was windowed with
     annotated_slices: list[int] = field(default_factory=list)  # this case's bank entries along the axis
+    support_filter: str = "all"  # which retrieved slices condition each label ('all' or 'foreground')
 
     def low_confidence_slices(self, threshold: float = 0.5) -> list[int]:
         """Segmented slices whose confidence is below `threshold`, in slice order."""

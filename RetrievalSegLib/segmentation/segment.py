@@ -49,7 +49,7 @@ from ..data.volume import Volume
 from ..engine.sam2_memory import resolve_precision
 from .extent import ExtentWalker
 from .labelmap import LabelMapAssembler, check_presence_threshold, label_presence
-from .queries import Retrieval, SupportMemories, auto_batch_size, query_slices, retrieve
+from .queries import Retrieval, SupportMemories, auto_batch_size, check_support_filter, query_slices, retrieve
 from .results import TimeEstimate, VolumeSegmentation
 from .slices import SlicePlan, annotated_slices, plan_slices, slices_to_uint8, start_slices
 
@@ -92,6 +92,7 @@ def segment_volume(
     presence_threshold: float = 0.0,
     start_slice: int | Sequence[int] | None = None,
     estimate: Callable[[TimeEstimate], None] | None = None,
+    support_filter: str = "all",
 ) -> VolumeSegmentation:
     """Segment `volume` slice by slice from the support `bank`; partial result if cancelled.
 
@@ -109,10 +110,14 @@ def segment_volume(
     in this order, the annotated slices of this volume in the bank (entries of `case_id` along
     this axis), the middle of `slice_range` if given, else the slice most similar to the bank
     (highest DINOv2 top-1 score). estimate: called once, after the first batch, with a
-    `TimeEstimate` of the rest (before the second batch starts).
+    `TimeEstimate` of the rest (before the second batch starts). support_filter: 'all' (default)
+    conditions every label on the slice's top k; 'foreground' conditions each label on the top k
+    retrieved slices that contain it (searching deeper than k), falling back to the top k for a
+    label with fewer such slices in the bank (recorded per slice: `SliceResult.filter_fallback`).
     """
     t0 = time.perf_counter()
     _check_options(k, batch_size, encoder_batch, extent_stop, case_id, case_policy)
+    check_support_filter(support_filter)
     presence_threshold = check_presence_threshold(presence_threshold)
     prec = resolve_precision(precision, engine.sam.device)
     bank.check_models(engine.embedder.identity)
@@ -134,6 +139,7 @@ def segment_volume(
         presence_threshold=presence_threshold,
         window=plan.bounds,
         annotated_slices=annotated_slices(bank, case_id, plan.axis),
+        support_filter=support_filter,
     )
     if keep_label_masks:
         result.label_masks = np.zeros((len(plan.labels),) + volume.array.shape, dtype=bool)
@@ -145,7 +151,8 @@ def segment_volume(
     if cancel is not None and cancel():
         result.cancelled = True
         return result
-    found = retrieve(engine.embedder, bank, images, k, case_id, case_policy)
+    found = retrieve(engine.embedder, bank, images, k, case_id, case_policy, support_filter, plan.labels)
+    supports = found.supports()
     result.bank_revision = found.bank_revision
     memories = SupportMemories(engine, bank, plan.labels, prec)
     out = LabelMapAssembler(result, plan.label_lut, presence_threshold, progress, total)
@@ -156,7 +163,7 @@ def segment_volume(
         return result.cancelled
 
     def compute(positions: list[int]):
-        return query_slices(engine.sam, images, positions, found.hits, memories, batch_size, prec, cancelled)
+        return query_slices(engine.sam, images, positions, supports, memories, batch_size, prec, cancelled)
 
     def report_estimate(n_computed: int, seconds: float, left: int) -> None:
         result.estimate = TimeEstimate(
@@ -174,8 +181,18 @@ def segment_volume(
         result.extent_stop = int(extent_stop)
         _walk_out_to_the_extent(plan, found, out, compute, cancelled, encoder_batch, report_estimate,
                                 int(extent_stop), presence_threshold)
+    _record_label_supports(result, found, plan.start)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _record_label_supports(result: VolumeSegmentation, found: Retrieval, start: int) -> None:
+    """With the `foreground` filter: each segmented slice's supports per label and its fallbacks."""
+    if found.per_label is None or found.fallback is None:
+        return
+    for i, r in result.slices.items():
+        r.supports_per_label = {lab: list(h) for lab, h in found.per_label[i - start].items()}
+        r.filter_fallback = list(found.fallback[i - start])
 
 
 def _walk_every_slice(plan: SlicePlan, found: Retrieval, out: LabelMapAssembler, compute, cancelled,

@@ -71,6 +71,7 @@ class RetrievalSegLogic:
         self.batch_size: int | None = None  # slices per memory-attention call; None: by device
         self.extent_stop = DEFAULT_EXTENT_STOP  # 0: segment every slice (see extent.py)
         self.presence_threshold = 0.0  # SAM 2's own: a label is present where its object score > 0
+        self.support_filter = "all"  # 'foreground': each label conditioned on supports that contain it
         self.client = client or WorkerClient()
         self.job: WorkerJob | None = None
         self._after: Callable[[JobEvent], None] | None = None  # main-thread bookkeeping at the job's end
@@ -292,7 +293,7 @@ class RetrievalSegLogic:
             "window": list(request.window), "labels": request.labels,
             "precision": self.precision, "batch_size": self.batch_size,
             "extent_stop": request.extent_stop, "presence_threshold": float(self.presence_threshold),
-            "start_slice": request.start_slice,
+            "start_slice": request.start_slice, "support_filter": self.support_filter,
         }
         self._request = request
         self._pending = None
