@@ -140,6 +140,9 @@ class RetrievalSegParameterNode:
     extentStop: Annotated[int, WithinRange(0, 1000)] = 5  # RetrievalSegLib.segmentation.extent.DEFAULT_EXTENT_STOP
     supportOrder: Annotated[str, Choice(["nearest", "farthest"])] = "nearest"  # engine.sam2_memory.SUPPORT_ORDERS
     propagate: Annotated[int, WithinRange(0, 6)] = 0  # segmentation.propagation.MAX_PROPAGATE
+    # RetrievalSegLib.engine.retrieval.RETRIEVAL_FEATURES and segmentation.queries.SUPPORT_FILTERS
+    retrievalFeature: Annotated[str, Choice(["cls", "mean", "cls+mean", "gem"])] = "cls"
+    supportFilter: Annotated[str, Choice(["all", "foreground"])] = "all"
     confidenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     suggestCount: Annotated[int, WithinRange(1, 50)] = 3
 
@@ -555,6 +558,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.core.extent_stop = int(self._parameterNode.extentStop)
         self.logic.core.support_order = str(self._parameterNode.supportOrder)
         self.logic.core.propagate = int(self._parameterNode.propagate)
+        self.logic.core.support_filter = self._parameterNode.supportFilter
         return True
 
     # ------------------------------------------------------------------ segmenting
@@ -1045,6 +1049,7 @@ class RetrievalSegLogic(ScriptedLoadableModuleLogic):
             device=parameterNode.device,
             image_size=int(parameterNode.imageSize),
             weights_dir=weightsDir,
+            retrieval_feature=parameterNode.retrievalFeature,
         )
 
     # ------------------------------------------------------------------ dependencies

@@ -428,11 +428,19 @@ def _nonfinite_ids(state: "_State", rows: np.ndarray) -> list[str]:
     return [e.id for e, ok in zip(state.entries, finite) if not ok and e.damaged is None]
 
 
+def _retrieval_feature(identity: str) -> str:
+    """The retrieval feature an embedder identity names after '#' (none: cls, the default)."""
+    _, sep, feature = str(identity).rpartition("#")
+    return feature if sep else "cls"
+
+
 def _reembed_hint(path: Path, identity: str) -> str:
     m = re.match(r"dinov2-([a-z_]+)", identity)
     size = f" --dinov2 {m.group(1)}" if m else ""
     random = " --random-weights" if "random" in identity else ""
-    return f"`rseg bank verify --reembed {path}{size}{random}`"
+    feature = _retrieval_feature(identity)
+    feat = f" --retrieval-feature {feature}" if feature != "cls" else ""
+    return f"`rseg bank verify --reembed {path}{size}{feat}{random}`"
 
 
 

@@ -44,6 +44,7 @@ from .format import (
     _now,
     _parse_entry_file,
     _reembed_hint,
+    _retrieval_feature,
     _rows_sha256,
     _sha256,
     _State,
@@ -544,9 +545,12 @@ class BankStore:
         """Raise BankModelMismatchError unless the bank was embedded with `embedder_identity`."""
         made_with = self._current().dinov2
         if embedder_identity != made_with:
+            have, want = _retrieval_feature(made_with), _retrieval_feature(embedder_identity)
+            features = (f" (retrieval feature {have} in the bank, {want} asked for: embeddings of two "
+                        "features are never mixed)") if have != want else ""
             raise BankModelMismatchError(
                 f"support bank at {self.path} was made with {made_with}, engine uses "
-                f"{embedder_identity}: re-embed it with {_reembed_hint(self.path, embedder_identity)}"
+                f"{embedder_identity}{features}: re-embed it with {_reembed_hint(self.path, embedder_identity)}"
             )
 
     # ---------------------------------------------------------------- locking

@@ -29,6 +29,7 @@ from .common import (
 
 #: The model options handed to each worker's `make_engine` (plain values only).
 MODEL_ARGS = ("sam2", "dinov2", "sam2_checkpoint", "dinov2_path", "device", "image_size", "dinov2_input_size",
+              "retrieval_feature",
               "fill_hole_area", "precision", "batch_size", "compile", "random_weights", "seed")
 
 
@@ -148,6 +149,7 @@ def cohort_settings(args: argparse.Namespace, bank, window) -> tuple:
         "extent_stop": args.extent_stop, "presence_threshold": args.presence_threshold,
         "window": list(window) if window else None, "case_policy": args.case_policy,
         "fill_hole_area": args.fill_hole_area, "dinov2_input_size": args.dinov2_input_size,
+        "retrieval_feature": args.retrieval_feature, "support_filter": args.support_filter,
         "precision": args.precision, "batch_size": args.batch_size, "encoder_batch": args.batch,
         "support_order": args.support_order, "propagate": args.propagate,
     }

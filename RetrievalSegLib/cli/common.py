@@ -32,6 +32,17 @@ def model_options() -> argparse.ArgumentParser:
                    help="SAM 2 input size, a multiple of 32 (default: the backbone's native size, "
                         "1024 for SAM 2.1, 512 for MedSAM2; another value is used with a warning)")
     g.add_argument("--dinov2-input-size", type=int, default=224, help="DINOv2 input size (default 224)")
+    g.add_argument("--retrieval-feature", dest="retrieval_feature", default="cls",
+                   choices=["cls", "mean", "cls+mean", "gem"],
+                   help="DINOv2 feature slices are retrieved by: cls (default: the CLS token, DINOv2's kNN "
+                        "protocol), mean (mean of the patch tokens), cls+mean (both, DINOv2's linear-probe "
+                        "input; twice the size), gem (GeM p=3 over the patch tokens). Part of the embedder "
+                        "identity: a bank answers only the feature it was embedded with (re-embed it with "
+                        "`rseg bank verify --reembed BANK --retrieval-feature F`)")
+    g.add_argument("--support-filter", dest="support_filter", default="all", choices=["all", "foreground"],
+                   help="which retrieved slices condition each label when segmenting: all (default: the "
+                        "top k, for every label) or foreground (per label the top k among retrieved slices "
+                        "that contain it, searching deeper; the top k where fewer exist, recorded per slice)")
     g.add_argument("--fill-hole-area", type=int, default=0, metavar="PX",
                    help="fill background holes up to PX low-res pixels, SAM 2's optional post-processing "
                         "(default 0: off)")

@@ -145,7 +145,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           window=window, out=args.out, save_predictions=args.save_predictions or args.report, progress=show,
                           precision=args.precision, batch_size=args.batch_size, resume=args.resume,
                           overwrite=args.overwrite, extra=extra, support_order=args.support_order,
-                          propagate=args.propagate)
+                          propagate=args.propagate, support_filter=getattr(args, "support_filter", "all"))
     except (LabelError, ExclusionError, ResumeMismatch, ResultsExist) as e:
         raise usage(e) from None
     except EvaluationInterrupted as e:

@@ -124,6 +124,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             encoder_batch=args.batch, progress=update, precision=args.precision, batch_size=args.batch_size,
             extent_stop=args.extent_stop, presence_threshold=args.presence_threshold, start_slice=args.start_slice,
             estimate=estimate, support_order=args.support_order, propagate=args.propagate,
+            support_filter=args.support_filter,
         )
     finally:
         close()

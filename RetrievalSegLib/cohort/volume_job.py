@@ -36,7 +36,7 @@ RECORDS_DIR = "cohort-records"
 #: Options that change a volume's result: an output made with other values is segmented again.
 COHORT_OPTIONS = ("k", "labels", "axis", "slices", "extent_stop", "presence_threshold", "window",
                   "case_policy", "fill_hole_area", "dinov2_input_size", "support_order",
-                  "propagate")
+                  "propagate", "retrieval_feature", "support_filter")
 
 
 class ManifestError(ValueError):
@@ -459,6 +459,7 @@ def segment_one(vol: CohortVolume, engine, bank: ReadOnlyBank, settings: CohortS
             batch_size=opts.get("batch_size"), extent_stop=int(opts.get("extent_stop", 0)),
             presence_threshold=float(opts.get("presence_threshold", 0.0)),
             support_order=opts.get("support_order") or "nearest", propagate=int(opts.get("propagate") or 0),
+            support_filter=opts.get("support_filter") or "all",
         )
         out = out_dir / vol.output_name
         stale = sidecar_path(out)

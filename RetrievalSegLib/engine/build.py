@@ -52,7 +52,7 @@ def make_embedder(args):
     from .retrieval import SliceEmbedder
 
     key = ("dino", args.dinov2, str(args.dinov2_path), args.device, args.random_weights, args.seed,
-           args.dinov2_input_size)
+           args.dinov2_input_size, getattr(args, "retrieval_feature", "cls"))
     if key not in _loaded:
         warn_random(args)
         try:
@@ -62,7 +62,8 @@ def make_embedder(args):
                                    random_weights=args.random_weights, seed=args.seed)
         except MissingWeightsError as e:
             raise WeightsUnavailable(str(e)) from None
-        _loaded[key] = SliceEmbedder(dino, input_size=args.dinov2_input_size)
+        _loaded[key] = SliceEmbedder(dino, input_size=args.dinov2_input_size,
+                                     feature=getattr(args, "retrieval_feature", "cls"))
     return _loaded[key]
 
 

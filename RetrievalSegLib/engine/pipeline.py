@@ -34,11 +34,13 @@ class RetrievalEngine:
         fill_hole_area: int = 0,
         dinov2_input_size: int = 224,
         compile: bool = False,
+        retrieval_feature: str = "cls",
     ) -> "RetrievalEngine":
         """Load both models from local weights (or random weights when explicitly asked).
 
         `sam2_size` is a SAM 2 backbone (registry.SAM2_MODELS, e.g. "sam2.1-tiny", "medsam2", or an
-        old size name); `image_size` None uses its native input size.
+        old size name); `image_size` None uses its native input size; `retrieval_feature` is one of
+        `retrieval.RETRIEVAL_FEATURES` (part of the embedder identity a bank is checked against).
         """
         sam = load_sam2(
             sam2_size, sam2_checkpoint, device=device, image_size=image_size,
@@ -50,7 +52,7 @@ class RetrievalEngine:
         engine = Sam2MemoryEngine(sam, fill_hole_area)
         if compile:
             engine.compile()
-        return cls(SliceEmbedder(dino, input_size=dinov2_input_size), engine)
+        return cls(SliceEmbedder(dino, input_size=dinov2_input_size, feature=retrieval_feature), engine)
 
     @property
     def sam2_identity(self) -> str:

@@ -10,22 +10,70 @@ from ..models.loaders import LoadedDinov2
 from .preprocess import dinov2_batch, dinov2_batch_on_device, validate_image
 
 
-class SliceEmbedder:
-    """L2-normalised DINOv2 CLS embeddings (`pooler_output`) of uint8 slices, batched."""
+#: The retrieval features a SliceEmbedder computes from DINOv2's last layer (layer-normed tokens):
+#: `cls` the CLS token (`pooler_output`; DINOv2's own kNN protocol, the default), `mean` the mean of
+#: the patch tokens, `cls+mean` both concatenated (DINOv2's linear-probe input), `gem` generalised
+#: mean pooling (p = 3) over the patch tokens. Every one is L2-normalised (cosine = inner product).
+RETRIEVAL_FEATURES = ("cls", "mean", "cls+mean", "gem")
+DEFAULT_RETRIEVAL_FEATURE = "cls"
+#: GeM's exponent and the floor its tokens are clamped to (GeM is defined on non-negative values).
+GEM_P, GEM_EPS = 3.0, 1e-6
 
-    def __init__(self, dinov2: LoadedDinov2, batch_size: int = 16, input_size: int = 224) -> None:
+
+def check_retrieval_feature(feature: object) -> str:
+    """`feature` if it is one of RETRIEVAL_FEATURES, else ValueError naming the choices."""
+    if feature not in RETRIEVAL_FEATURES:
+        raise ValueError(f"retrieval feature must be one of {', '.join(RETRIEVAL_FEATURES)}, got {feature!r}")
+    return str(feature)
+
+
+def pool_feature(last_hidden_state: torch.Tensor, pooler_output: torch.Tensor, feature: str) -> torch.Tensor:
+    """[N, D or 2D] L2-normalised retrieval feature from DINOv2's outputs (float32).
+
+    last_hidden_state: [N, 1 + patches, D] (layer-normed, CLS first); pooler_output: [N, D] (the CLS).
+    """
+    cls = pooler_output.float()
+    patches = last_hidden_state[:, 1:].float()
+    if feature == "cls":
+        feats = cls
+    elif feature == "mean":
+        feats = patches.mean(dim=1)
+    elif feature == "cls+mean":
+        feats = torch.cat([cls, patches.mean(dim=1)], dim=-1)
+    elif feature == "gem":
+        feats = patches.clamp(min=GEM_EPS).pow(GEM_P).mean(dim=1).pow(1.0 / GEM_P)
+    else:
+        raise ValueError(f"retrieval feature must be one of {', '.join(RETRIEVAL_FEATURES)}, got {feature!r}")
+    return torch.nn.functional.normalize(feats, dim=-1)
+
+
+def feature_of_identity(identity: str) -> str:
+    """The retrieval feature an embedder identity names (`cls` when it names none, as before the switch)."""
+    _, sep, feature = str(identity).rpartition("#")
+    return feature if sep and feature in RETRIEVAL_FEATURES else DEFAULT_RETRIEVAL_FEATURE
+
+
+class SliceEmbedder:
+    """L2-normalised DINOv2 retrieval features of uint8 slices, batched (`RETRIEVAL_FEATURES`;
+    default the CLS token, `pooler_output`)."""
+
+    def __init__(self, dinov2: LoadedDinov2, batch_size: int = 16, input_size: int = 224,
+                 feature: str = DEFAULT_RETRIEVAL_FEATURE) -> None:
         self.dinov2 = dinov2
         self.batch_size = int(batch_size)
         self.input_size = int(input_size)
+        self.feature = check_retrieval_feature(feature)
 
     @property
     def identity(self) -> str:
-        """Model identity plus input size: embeddings are only comparable when these agree."""
-        return f"{self.dinov2.identity}@{(self.input_size // 14) * 14}"
+        """Model identity, input size and feature: embeddings are only comparable when these agree.
+        The default feature (cls) adds nothing, so banks made before the switch keep their identity."""
+        base = f"{self.dinov2.identity}@{(self.input_size // 14) * 14}"
+        return base if self.feature == DEFAULT_RETRIEVAL_FEATURE else f"{base}#{self.feature}"
 
     @property
     def dim(self) -> int:
-        return self.dinov2.dim
+        return self.dinov2.dim * (2 if self.feature == "cls+mean" else 1)
 
     @torch.inference_mode()
     def embed(
@@ -46,8 +94,8 @@ class SliceEmbedder:
                 x = dinov2_batch_on_device(chunk, self.input_size, self.dinov2.device)
             else:
                 x = dinov2_batch(chunk, self.input_size).to(self.dinov2.device)
-            feats = self.dinov2.model(pixel_values=x).pooler_output.float()
-            feats = torch.nn.functional.normalize(feats, dim=-1)
+            o = self.dinov2.model(pixel_values=x)
+            feats = pool_feature(o.last_hidden_state, o.pooler_output, self.feature)
             out[start : start + len(chunk)] = feats.cpu().numpy()
             if progress is not None:
                 progress(min(start + len(chunk), n), n)

@@ -124,8 +124,11 @@ def write_metrics(out: Path, result: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- per-case records
 def run_key(bank, engine, *, k: int, labels: dict[int, str], axis, window, precision: str,
-            support_order: str = "nearest", propagate: int = 0) -> dict[str, Any]:
-    """What a finished case's result depends on: `--resume` reuses a case only when this matches."""
+            support_order: str = "nearest", propagate: int = 0,
+            support_filter: str = "all") -> dict[str, Any]:
+    """What a finished case's result depends on: `--resume` reuses a case only when this matches.
+    (The retrieval feature is part of the `dinov2` identity; the support filter is named only when
+    it is not the default, so results made before the switch still resume.)"""
     import hashlib
 
     # The entries retrieval can return, not the revision: some changes raise the revision without
@@ -137,7 +140,8 @@ def run_key(bank, engine, *, k: int, labels: dict[int, str], axis, window, preci
             "window": None if window is None else [float(x) for x in window],
             "sam2": engine.sam2_identity, "dinov2": engine.dinov2_identity,
             "random_weights": bool(engine.random_weights), "precision": precision,
-            "support_order": support_order, "propagate": int(propagate)}
+            "support_order": support_order, "propagate": int(propagate),
+            **({"support_filter": support_filter} if support_filter != "all" else {})}
 
 
 def _case_file(out: Path, case_id: str) -> Path:
@@ -158,8 +162,9 @@ def load_finished(out: Path, key: dict[str, Any], cases: Sequence[CaseFiles]) ->
         if not isinstance(doc, dict) or doc.get("format") != CASE_FORMAT:
             continue
         if doc.get("run") != key:
-            diffs = [f"{n}: {doc.get('run', {}).get(n)} (then) vs {v} (now)" for n, v in key.items()
-                     if (doc.get("run") or {}).get(n) != v]
+            then = doc.get("run") if isinstance(doc.get("run"), dict) else {}
+            diffs = [f"{n}: {then.get(n)} (then) vs {key.get(n)} (now)" for n in {**then, **key}
+                     if then.get(n) != key.get(n)]
             raise ResumeMismatch(
                 f"--resume: finished case {c.case_id} in {out / CASES_DIR} was evaluated with other "
                 f"settings ({'; '.join(diffs)}); rerun with --overwrite instead of --resume to evaluate every "
@@ -249,7 +254,8 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
              batch_size: int | None = None, resume: bool = False, overwrite: bool = False,
              extra: dict[str, Any] | None = None,
              on_case: Callable[[str, int, int], None] | None = None,
-             support_order: str = "nearest", propagate: int = 0) -> dict[str, Any]:
+             support_order: str = "nearest", propagate: int = 0,
+             support_filter: str = "all") -> dict[str, Any]:
     """Segment each test case and compute per-label Dice/HD95; write CSV + JSON into `out`.
 
     Each case's rows go to `out/cases/<case>.json` and metrics.csv/metrics.json are rewritten
@@ -276,7 +282,7 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
 
     propagate = check_propagate(propagate)
     key = run_key(bank, engine, k=k, labels=names, axis=axis, window=window, precision=prec,
-                  support_order=support_order, propagate=propagate)
+                  support_order=support_order, propagate=propagate, support_filter=support_filter)
     out.mkdir(parents=True, exist_ok=True)
     (out / CASES_DIR).mkdir(exist_ok=True)
     finished = load_finished(out, key, test) if resume else {}
@@ -305,7 +311,7 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
             "bank_entries": len(bank),
             "sam2": engine.sam2_identity, "dinov2": engine.dinov2_identity,
             "precision": prec, "batch_size": used_batch, "support_order": support_order,
-            "propagate": int(propagate),
+            "propagate": int(propagate), "support_filter": support_filter,
         }
         from .. import __version__
 
@@ -339,7 +345,7 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
             seg = segment_volume(img, bank, engine, labels=list(names), k=k, axis=axis, window=window,
                                  case_id=c.subject, case_policy="exclude", progress=update,
                                  precision=precision, batch_size=batch_size, support_order=support_order,
-                                 propagate=propagate)
+                                 propagate=propagate, support_filter=support_filter)
             used_batch = seg.batch_size
             truth_arr = np.where(np.isin(truth.array, list(names)), truth.array, 0)
             truth = truth.with_array(truth_arr.astype(np.int32))

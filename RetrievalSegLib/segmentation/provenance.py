@@ -18,7 +18,11 @@ The sidecar is strict JSON (no NaN: undefined numbers are null) and holds
   label value, `present` per label value (true: object score > the presence threshold, recorded
   in the provenance as `presence_threshold`; false: the label is absent and its mask on the slice
   is empty), the `retrieved` supports as [entry id, score], and with propagation the
-  `neighbours`: the slices whose memories its pseudo-video held, oldest first.
+  `neighbours`: the slices whose memories its pseudo-video held, oldest first; with the support
+  filter `foreground` (provenance `support_filter`) also `supports_per_label` (each label's own k
+  supports) and `filter_fallback` (labels with fewer than k retrieved slices containing them,
+  conditioned on `retrieved` instead). The provenance names the `retrieval_feature` (also part of
+  the `dinov2` identity unless it is the default cls).
 
 `rseg suggest --seg` reads `slices` back (`read_sidecar`); a slice that was not segmented is a
 gap to rank, not an empty slice.
@@ -68,6 +72,7 @@ def engine_provenance(engine) -> dict:
         "rseg_version": __version__,
         "sam2": engine.sam2_identity,
         "dinov2": engine.dinov2_identity,
+        "retrieval_feature": str(getattr(getattr(engine, "embedder", None), "feature", "cls")),
         "random_weights": bool(engine.random_weights),
         "image_size": int(engine.sam.image_size),
     }
@@ -88,6 +93,7 @@ def segmentation_provenance(seg, engine, bank, *, k: int, extra: dict | None = N
         "propagate": int(getattr(seg, "propagate", 0)),
         "propagation_start_slices": ([int(i) for i in seg.start_slices]
                                      if getattr(seg, "propagate", 0) else None),
+        "support_filter": str(getattr(seg, "support_filter", "all")),
         # the revision retrieval used (read when the segmentation began), not the bank's now
         "bank": {"path": str(bank.path), "bank_id": bank.bank_id,
                  "revision": int(seg.bank_revision if getattr(seg, "bank_revision", None) is not None
@@ -130,6 +136,11 @@ def slice_records(seg, slice_range: tuple[int, int] | None = None) -> list[dict]
             })
             if getattr(r, "neighbours", None) is not None:  # propagation: slices used as memory
                 records[-1]["neighbours"] = [int(x) for x in r.neighbours]
+            per_label = getattr(r, "supports_per_label", None)
+            if per_label is not None:  # support filter `foreground`
+                records[-1]["supports_per_label"] = {
+                    str(lab): [[str(eid), finite_or_none(s)] for eid, s in h] for lab, h in per_label.items()}
+                records[-1]["filter_fallback"] = [int(v) for v in getattr(r, "filter_fallback", [])]
             continue
         if slice_range is not None and not (slice_range[0] <= i < slice_range[1]):
             status = OUTSIDE_RANGE

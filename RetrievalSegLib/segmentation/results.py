@@ -21,6 +21,10 @@ class SliceResult:
     confidence: float
     present: dict[int, bool] = field(default_factory=dict)
     neighbours: list[int] | None = None  # propagation: slices whose memories it used (oldest first)
+    # support filter `foreground`: each label's own k supports, and the labels that fell back to
+    # `retrieved` (fewer than k retrieved slices contain them); None / [] with the filter `all`
+    supports_per_label: dict[int, list[tuple[str, float]]] | None = None
+    filter_fallback: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -100,6 +104,7 @@ class VolumeSegmentation:
     annotated_slices: list[int] = field(default_factory=list)  # this case's bank entries along the axis
     support_order: str = "nearest"  # where the most similar support sat in each pseudo-video
     propagate: int = 0  # N: previous slices of a walk as memory (0 = every slice alone)
+    support_filter: str = "all"  # which retrieved slices condition each label ('all' or 'foreground')
 
     def low_confidence_slices(self, threshold: float = 0.5) -> list[int]:
         """Segmented slices whose confidence is below `threshold`, in slice order."""

@@ -50,7 +50,7 @@ from ..engine.sam2_memory import check_support_order, resolve_precision
 from .extent import ExtentWalker
 from .labelmap import LabelMapAssembler, check_presence_threshold, label_presence
 from .propagation import check_propagate, propagate as propagate_walks
-from .queries import Retrieval, SupportMemories, auto_batch_size, query_slices, retrieve
+from .queries import Retrieval, SupportMemories, auto_batch_size, check_support_filter, query_slices, retrieve
 from .results import TimeEstimate, VolumeSegmentation
 from .slices import SlicePlan, annotated_slices, plan_slices, slices_to_uint8, start_slices
 
@@ -95,6 +95,7 @@ def segment_volume(
     estimate: Callable[[TimeEstimate], None] | None = None,
     support_order: str = "nearest",
     propagate: int = 0,
+    support_filter: str = "all",
 ) -> VolumeSegmentation:
     """Segment `volume` slice by slice from the support `bank`; partial result if cancelled.
 
@@ -120,9 +121,14 @@ def segment_volume(
     extent stop, which applies if extent_stop > 0) and give each slice the memories of the slices
     segmented before it in its walk, as SAM 2 tracks a video (`propagation.py`); each slice's
     `SliceResult.neighbours` lists them.
+    support_filter: 'all' (default) conditions every label on the slice's top k; 'foreground'
+    conditions each label on the top k retrieved slices that contain it (searching deeper than k),
+    falling back to the top k for a label with fewer such slices in the bank (recorded per slice:
+    `SliceResult.filter_fallback`).
     """
     t0 = time.perf_counter()
     _check_options(k, batch_size, encoder_batch, extent_stop, case_id, case_policy)
+    check_support_filter(support_filter)
     presence_threshold = check_presence_threshold(presence_threshold)
     check_support_order(support_order)
     propagate = check_propagate(propagate)
@@ -148,6 +154,7 @@ def segment_volume(
         annotated_slices=annotated_slices(bank, case_id, plan.axis),
         support_order=support_order,
         propagate=propagate,
+        support_filter=support_filter,
     )
     if keep_label_masks:
         result.label_masks = np.zeros((len(plan.labels),) + volume.array.shape, dtype=bool)
@@ -159,7 +166,8 @@ def segment_volume(
     if cancel is not None and cancel():
         result.cancelled = True
         return result
-    found = retrieve(engine.embedder, bank, images, k, case_id, case_policy)
+    found = retrieve(engine.embedder, bank, images, k, case_id, case_policy, support_filter, plan.labels)
+    supports = found.supports()
     result.bank_revision = found.bank_revision
     memories = SupportMemories(engine, bank, plan.labels, prec)
     out = LabelMapAssembler(result, plan.label_lut, presence_threshold, progress, total)
@@ -170,7 +178,7 @@ def segment_volume(
         return result.cancelled
 
     def compute(positions: list[int]):
-        return query_slices(engine.sam, images, positions, found.hits, memories, batch_size, prec, cancelled,
+        return query_slices(engine.sam, images, positions, supports, memories, batch_size, prec, cancelled,
                             support_order)
 
     def report_estimate(n_computed: int, seconds: float, left: int) -> None:
@@ -195,8 +203,18 @@ def segment_volume(
         result.extent_stop = int(extent_stop)
         _walk_out_to_the_extent(plan, found, out, compute, cancelled, encoder_batch, report_estimate,
                                 int(extent_stop), presence_threshold)
+    _record_label_supports(result, found, plan.start)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _record_label_supports(result: VolumeSegmentation, found: Retrieval, start: int) -> None:
+    """With the `foreground` filter: each segmented slice's supports per label and its fallbacks."""
+    if found.per_label is None or found.fallback is None:
+        return
+    for i, r in result.slices.items():
+        r.supports_per_label = {lab: list(h) for lab, h in found.per_label[i - start].items()}
+        r.filter_fallback = list(found.fallback[i - start])
 
 
 def _walk_every_slice(plan: SlicePlan, found: Retrieval, out: LabelMapAssembler, compute, cancelled,
@@ -230,7 +248,7 @@ def _walk_propagating(plan: SlicePlan, found: Retrieval, out: LabelMapAssembler,
         report_estimate(n_slices, seconds, plan.stop - plan.start - out.done)
 
     done = propagate_walks(
-        sam, images, start, found.hits, memories, result.start_slices, (plan.start, plan.stop), n, k,
+        sam, images, start, found.supports(), memories, result.start_slices, (plan.start, plan.stop), n, k,
         batch_size, prec, support_order, extent_stop,
         lambda res: any(label_presence(res.object_score, presence_threshold)), record, cancelled, first_step)
     if not result.cancelled:

@@ -73,6 +73,7 @@ class RetrievalSegLogic:
         self.presence_threshold = 0.0  # SAM 2's own: a label is present where its object score > 0
         self.support_order = "nearest"  # most similar support last in the pseudo-video (SUPPORT_ORDERS)
         self.propagate = 0  # N previous slices of a walk as SAM 2 memory (0 = off; propagation.py)
+        self.support_filter = "all"  # 'foreground': each label conditioned on supports that contain it
         self.client = client or WorkerClient()
         self.job: WorkerJob | None = None
         self._after: Callable[[JobEvent], None] | None = None  # main-thread bookkeeping at the job's end
@@ -295,7 +296,7 @@ class RetrievalSegLogic:
             "precision": self.precision, "batch_size": self.batch_size,
             "extent_stop": request.extent_stop, "presence_threshold": float(self.presence_threshold),
             "start_slice": request.start_slice, "support_order": self.support_order,
-            "propagate": int(self.propagate),
+            "propagate": int(self.propagate), "support_filter": self.support_filter,
         }
         self._request = request
         self._pending = None

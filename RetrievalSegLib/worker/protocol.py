@@ -177,6 +177,7 @@ class EngineSettings:
     weights_dir: str | None = None  # a plain weights folder; None: $RSEG_WEIGHTS_DIR or the HF cache
     random_weights: bool = False  # tests and demos only: meaningless output
     seed: int = 0
+    retrieval_feature: str = "cls"  # engine.retrieval.RETRIEVAL_FEATURES: part of the embedder identity
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON form (sent with every job)."""
@@ -210,6 +211,7 @@ class EngineSettings:
             image_size=None if self.image_size is None else int(self.image_size),
             random_weights=self.random_weights,
             seed=self.seed,
+            retrieval_feature=self.retrieval_feature,
             **kwargs,
         )
 

@@ -157,6 +157,10 @@ def _slice_json(sr: Any) -> dict[str, Any]:
         "iou": [[int(k), float(v)] for k, v in sr.iou.items()],
         "object_score": [[int(k), float(v)] for k, v in sr.object_score.items()],
         "confidence": float(sr.confidence),
+        **({"supports_per_label": [[int(lab), [[str(e), float(sc)] for e, sc in h]]
+                                   for lab, h in sr.supports_per_label.items()],
+            "filter_fallback": [int(v) for v in sr.filter_fallback]}
+           if getattr(sr, "supports_per_label", None) is not None else {}),
     }
 
 
@@ -211,6 +215,7 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
             extent_stop=extent_stop, presence_threshold=float(params.get("presence_threshold") or 0.0),
             start_slice=params.get("start_slice"), estimate=first_batch,
             support_order=params.get("support_order") or "nearest", propagate=int(params.get("propagate") or 0),
+            support_filter=params.get("support_filter") or "all",
         )
         if r.cancelled:
             raise JobCancelled("segmentation cancelled")
