@@ -77,6 +77,7 @@ def segmentation_provenance(seg, engine, bank, *, k: int, extra: dict | None = N
     prov.update({
         "precision": seg.precision,
         "batch_size": int(seg.batch_size),
+        "batch_sizing": getattr(seg, "batch_sizing", None),  # start/end size, measured footprint, OOM halvings
         "k": int(k),
         "presence_threshold": float(getattr(seg, "presence_threshold", 0.0)),
         # the revision retrieval used (read when the segmentation began), not the bank's now

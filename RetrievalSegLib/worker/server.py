@@ -210,6 +210,7 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
             cancel=ctx.cancelled, precision=params.get("precision", "auto"), batch_size=params.get("batch_size"),
             extent_stop=extent_stop, presence_threshold=float(params.get("presence_threshold") or 0.0),
             start_slice=params.get("start_slice"), estimate=first_batch,
+            log=lambda line: (log.info(line), ctx.status(line)),  # batch size chosen / halved after out of memory
         )
         if r.cancelled:
             raise JobCancelled("segmentation cancelled")
