@@ -173,3 +173,18 @@ def test_mps_windows_slices_with_numpy_not_the_cuda_path(monkeypatch):
     want = [slices.slice_to_uint8(vol, 2, i, (0.0, 59.0)) for i in (0, 1)]
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+# ----------------------------------------------------------------------------- bench-volume's memory table
+@pytest.mark.slow  # builds SAM 2 and runs 4 encoder + query calls: ~10 s on a quiet 2-core machine
+def test_the_memory_table_has_a_row_per_size_k_and_batch_and_no_peak_off_cuda(capsys):
+    from RetrievalSegLib.benchmarks.volume import memory_table, print_memory_table
+
+    rows = memory_table("cpu", sizes=(256,), ks=(1, 2), batches=(1, 2), n_labels=1)
+    assert [(r["image_size"], r["k"], r["batch"]) for r in rows] == [(256, 1, 1), (256, 1, 2), (256, 2, 1), (256, 2, 2)]
+    assert all(r["peak"] is None and r["over_model"] is None and not r["oom"] and r["precision"] == "fp32"
+               for r in rows)
+    print_memory_table(rows + [dict(image_size=1024, k=16, batch=32, precision="bf16", oom=True, peak=None,
+                                    over_model=None)], n_labels=1)
+    out = capsys.readouterr().out
+    assert "| 256 | 2 | 2 | fp32 | n/a | n/a |" in out and "| 1024 | 16 | 32 | bf16 | out of memory | out of memory |" in out

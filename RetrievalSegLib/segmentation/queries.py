@@ -151,7 +151,7 @@ class BatchSizer:
         self.auto = bool(auto)
         self.log = log
         self.slice_bytes: int | None = None  # measured memory-attention footprint of one slice
-        self.peak_bytes: int | None = None  # most bytes allocated during a measured call (CUDA)
+        self.peak_bytes: int | None = None  # CUDA: most bytes allocated from the run's start to the end of the first query
         self.free_bytes: int | None = None
         self.halvings = 0
         self.encoder_size: int | None = None  # image-encoder slices per call once one ran out of memory
@@ -169,13 +169,14 @@ class BatchSizer:
 
         if self._measured or self.device.type != "cuda":
             return call()
+        before = peak_memory(self.device)  # the run's peak so far (the image encoder's included)
         base = reset_peak(self.device)
         out = call()
         peak = peak_memory(self.device)
         self._measured = True
         if base is None or peak is None:
             return out
-        self.peak_bytes = peak
+        self.peak_bytes = max(int(before or 0), peak)
         self.slice_bytes = max(1, (peak - base) // max(1, int(n_slices)))
         self.free_bytes = free_memory(self.device)
         if self.auto and self.free_bytes is not None:

@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..data.volume import Volume
+from ..engine.device import reset_peak
 from ..engine.sam2_memory import resolve_precision
 from .extent import ExtentWalker
 from .labelmap import LabelMapAssembler, check_presence_threshold, label_presence
@@ -129,6 +130,7 @@ def segment_volume(
         batch_size = auto_batch_size(engine.sam.device, engine.sam.image_size, k, len(plan.labels))
     batch_size = int(batch_size)
     sizer = BatchSizer(batch_size, engine.sam.device, auto=auto, log=log)
+    reset_peak(engine.sam.device)  # CUDA: the peak the time estimate reports is this run's
     if log is not None and auto and sizer.device.type == "cuda":
         log(f"batch size {batch_size}: estimated for the free memory of {sizer.device} (re-sized after the first batch)")
     encoder_batch = int(encoder_batch) if encoder_batch is not None else max(batch_size, 4)
