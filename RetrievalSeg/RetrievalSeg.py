@@ -131,7 +131,8 @@ class RetrievalSegParameterNode:
     firstSlice: Annotated[int, WithinRange(0, 100000)] = 0
     lastSlice: Annotated[int, WithinRange(0, 100000)] = 0
     casePolicy: Annotated[str, Choice(["ignore", "prefer", "exclude"])] = "ignore"
-    device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    # cuda:N: that GPU for SAM 2 and DINOv2 (a number the machine lacks fails with the GPUs it has)
+    device: Annotated[str, Choice(["auto", "cpu", "cuda", "cuda:0", "cuda:1", "cuda:2", "cuda:3", "mps"])] = "auto"
     precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
     # SAM 2 backbones: RetrievalSegLib.models.registry.SAM2_MODELS (a static test keeps the two equal).
     sam2Size: Annotated[str, Choice(["sam2.1-tiny", "sam2.1-small", "sam2.1-base-plus", "sam2.1-large", "medsam2"])] = "sam2.1-tiny"

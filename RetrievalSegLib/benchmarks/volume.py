@@ -30,6 +30,10 @@ structure from those without (an oracle on this volume, standing in for what tra
 do; it says nothing about accuracy). Reported: slices segmented and seconds with and without
 the stop, the structure slices covered, and whether every segmented slice equals the full run's.
 
+On CUDA (or with `--memory-table`) it then prints the peak device memory of one encoder + query
+call for image size 512/1024 x k 4/8/16 x batch 1/8/32 (`memory_table`); the per-row `peak MB`
+column is the GPU allocator's peak on CUDA.
+
 The last lines are `volume_speedup_<device> X`, `volume_agreement_<device> Y` and, with the
 extent part, `extent_slices_<device> A/B` and `extent_speedup_<device> Z`.
 The bank is an in-memory stand-in with exact inner-product search in numpy (the GPU machine has
@@ -351,6 +355,76 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+MEMORY_TABLE = dict(sizes=(512, 1024), ks=(4, 8, 16), batches=(1, 8, 32))
+
+
+def memory_table(device, sam2: str = "tiny", sizes=MEMORY_TABLE["sizes"], ks=MEMORY_TABLE["ks"],
+                 batches=MEMORY_TABLE["batches"], n_labels: int = 3, precision: str = "auto", seed: int = 0) -> list[dict]:
+    """Peak device memory of one image-encoder + memory-attention + decoder call on `batch` slices
+    x `n_labels` labels with k supports, for each image size x k x batch (random weights; the
+    supports' memories are on the device first, as in a run). `peak` is the allocator's peak
+    during the call (CUDA; None elsewhere), `over_model` that minus what was allocated before it;
+    an out-of-memory error is a row with `oom` True."""
+    from ..engine.device import is_out_of_memory, peak_memory, release_memory, reset_peak
+    from ..engine.sam2_memory import Sam2MemoryEngine, autocast, resolve_precision
+    from ..models.loaders import load_sam2, resolve_device
+
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    rng = np.random.default_rng(seed)
+    hw = 256
+    img = rng.integers(0, 256, (hw, hw), dtype=np.uint8)
+    yy, xx = np.mgrid[:hw, :hw]
+    masks = {lab: np.hypot(yy - hw / 2, xx - hw / 2) < 20 * lab for lab in range(1, n_labels + 1)}
+    rows = []
+    for size in sizes:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sam = Sam2MemoryEngine(load_sam2(sam2, device=str(dev), image_size=size, random_weights=True, seed=seed))
+        with autocast(prec, dev):
+            mem = sam.encode_support(img, masks)
+        for k in ks:
+            mems = [mem] * k
+            for b in batches:
+                release_memory(dev)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                base = reset_peak(dev)
+                oom = False
+                try:
+                    with autocast(prec, dev):
+                        feats = sam.encode_batch([img] * b)
+                        out = sam.query_batch(feats, mems, [list(range(k))] * b, sorted(masks))
+                    del feats, out
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                except Exception as e:  # noqa: BLE001 - only out of memory is a row; anything else is an error
+                    if not is_out_of_memory(e):
+                        raise
+                    oom = True
+                peak = peak_memory(dev)
+                rows.append(dict(image_size=size, k=k, batch=b, precision=prec, oom=oom, peak=peak,
+                                 over_model=None if peak is None or base is None else peak - base))
+        del sam, mem
+        release_memory(dev)
+    return rows
+
+
+def print_memory_table(rows: list[dict], n_labels: int = 3) -> None:
+    """The memory table as Markdown."""
+    print(f"peak device memory of one encoder + query call ({n_labels} labels; GiB, allocator peak; "
+          "'over model': above what was allocated before the call)")
+    print("| image size | k | batch | precision | peak GiB | over model GiB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if r["oom"]:
+            peak = over = "out of memory"
+        else:
+            peak = "n/a" if r["peak"] is None else f"{r['peak'] / 2**30:.2f}"
+            over = "n/a" if r["over_model"] is None else f"{r['over_model'] / 2**30:.2f}"
+        print(f"| {r['image_size']} | {r['k']} | {r['batch']} | {r['precision']} | {peak} | {over} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m RetrievalSegLib.benchmarks.volume", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto")
@@ -369,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extent-slices", type=int, default=120,
                    help="slices of the CT-like volume for the extent-stop comparison (default 120; 0 skips it)")
     p.add_argument("--extent-stop", type=int, default=None, help="N for that comparison (default: rseg's default)")
+    p.add_argument("--memory-table", action=argparse.BooleanOptionalAction, default=None,
+                   help="also print the peak device memory of image size 512/1024 x k 4/8/16 x batch 1/8/32 "
+                        "(default: on CUDA only; elsewhere there is no allocator peak to read)")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
     sizes = a.batch_size or [None]
@@ -402,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"structure slices segmented: {x['covered']} of {x['structure']}; slices beyond the extent: {x['beyond']}; "
               f"segmented slices identical to the full run's: {x['identical']}; slices = the rule on the full run's "
               f"scores: {x['rule_matches']}")
+    if a.memory_table or (a.memory_table is None and r["device"] == "cuda"):
+        print_memory_table(memory_table(a.device, a.sam2, precision=a.precision))
     print(f"volume_speedup_{r['device']} {r['speedup']:.2f}")
     print(f"volume_agreement_{r['device']} {r['agreement']:.5f}")
     if x is not None:

@@ -180,7 +180,7 @@ def _sigterm_as_ctrl_c():
 def cmd_segment_cohort(args: argparse.Namespace) -> int:
     from ..bank.support_bank import SupportBank
     from ..cohort.volume_job import ManifestError, read_manifest, select_shard
-    from ..cohort.run import CohortFatal, CohortInterrupted, run_local, run_ray, visible_gpus
+    from ..cohort.run import CohortFatal, CohortInterrupted, run_local, run_ray, visible_gpus, worker_devices
 
     window = _window(args)
     try:
@@ -195,8 +195,7 @@ def cmd_segment_cohort(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     settings, model_args = cohort_settings(args, bank, window)
     gpus = visible_gpus() if args.ray is None and str(args.device) in ("auto", "cuda") else 0
-    workers = args.workers or max(1, gpus)
-    devices = [f"cuda:{i % gpus}" for i in range(workers)] if gpus else None
+    workers, devices = worker_devices(str(args.device), args.workers, gpus)  # one per GPU by default
     want_bar = not args.no_progress
     bar = None
     if want_bar and volumes:

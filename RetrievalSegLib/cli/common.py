@@ -27,7 +27,9 @@ def model_options() -> argparse.ArgumentParser:
                         "(default: $RSEG_SAM2_CHECKPOINT, $RSEG_WEIGHTS_DIR or the HF cache)")
     g.add_argument("--dinov2-path", type=Path, default=None, metavar="DIR",
                    help="DINOv2 folder with config.json + model.safetensors (default: $RSEG_DINOV2_PATH, $RSEG_WEIGHTS_DIR or the HF cache)")
-    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument("--device", default="auto",
+                   help="auto (default: the first CUDA GPU, then mps, then cpu), cpu, cuda, cuda:N (that GPU, for "
+                        "SAM 2 and DINOv2 alike) or mps")
     g.add_argument("--image-size", type=int, default=None,
                    help="SAM 2 input size, a multiple of 32 (default: the backbone's native size, "
                         "1024 for SAM 2.1, 512 for MedSAM2; another value is used with a warning)")
@@ -51,8 +53,10 @@ def model_options() -> argparse.ArgumentParser:
                         "fp32 on CPU and MPS), fp32, or bf16 (autocast)")
     g.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
                    help="query slices per SAM 2 memory-attention + decoder call (default: chosen for the "
-                        "device: 1 on CPU, where batching does not pay, up to 32 on CUDA; 1 = one "
-                        "slice per call, the per-slice reference case)")
+                        "device: 1 on CPU and MPS, where batching does not pay or is unmeasured; on CUDA up to 32, "
+                        "sized from the free GPU memory and the first batch's measured footprint; 1 = one "
+                        "slice per call, the per-slice reference case). Out of GPU memory, a batch is halved "
+                        "and retried (same output)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the SAM 2 image encoder and memory attention (slow first batch)")
     g.add_argument("--random-weights", action="store_true",

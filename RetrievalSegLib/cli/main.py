@@ -117,6 +117,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if bars:
             bars[0].write(f"rseg: estimate: {e.describe()}", file=sys.stderr)
 
+    def log(line: str) -> None:  # the batch size chosen, re-sized, halved after an out-of-memory error
+        if args.json:
+            return
+        if bars:
+            bars[0].write(f"rseg: {line}", file=sys.stderr)
+        else:
+            print(f"rseg: {line}", file=sys.stderr)
+
     try:
         seg = segment_volume(
             image, bank, engine, labels=args.labels, k=args.k, axis=args.axis, slice_range=args.slices,
@@ -124,7 +132,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             encoder_batch=args.batch, progress=update, precision=args.precision, batch_size=args.batch_size,
             extent_stop=args.extent_stop, presence_threshold=args.presence_threshold, start_slice=args.start_slice,
             estimate=estimate, support_order=args.support_order, propagate=args.propagate,
-            support_filter=args.support_filter,
+            support_filter=args.support_filter, log=log,
         )
     finally:
         close()

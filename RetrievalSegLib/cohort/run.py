@@ -81,6 +81,18 @@ def visible_gpus() -> int:
         return 0
 
 
+def worker_devices(device: str, workers: int | None, gpus: int) -> tuple[int, list[str] | None]:
+    """(number of local workers, device of each worker or None for the options' own device).
+
+    --device auto or cuda on a machine with `gpus` GPUs: one worker per GPU by default, worker i
+    on cuda:(i mod gpus) (more workers than GPUs share them round-robin). An explicit device
+    (cuda:N, cpu, mps) is every worker's; without GPUs, one worker unless --workers says more.
+    """
+    gpus = int(gpus) if str(device) in ("auto", "cuda") else 0
+    n = int(workers) if workers else max(1, gpus)
+    return n, ([f"cuda:{i % gpus}" for i in range(n)] if gpus else None)
+
+
 class _Models:
     """A worker's models and bank view, loaded once (`make_engine` from the model options)."""
 

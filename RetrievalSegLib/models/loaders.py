@@ -61,6 +61,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             f"device {device!r} requested but this torch ({torch.__version__}) sees no CUDA GPU; "
             "use --device cpu or auto, or install a CUDA build of torch"
         )
+    if name.startswith("cuda"):
+        try:
+            index = torch.device(name).index
+        except RuntimeError:
+            raise ValueError(f"device must be auto, cpu, cuda[:N] or mps, got {device!r}") from None
+        count = torch.cuda.device_count()
+        if index is not None and index >= count:
+            raise RuntimeError(
+                f"device {device!r} requested but this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1}"
+                f"{', as CUDA_VISIBLE_DEVICES shows them' if os.environ.get('CUDA_VISIBLE_DEVICES') else ''}); "
+                "choose one of those or --device cpu"
+            )
     if name == "mps" and not (
         getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     ):

@@ -84,6 +84,7 @@ def segmentation_provenance(seg, engine, bank, *, k: int, extra: dict | None = N
     prov.update({
         "precision": seg.precision,
         "batch_size": int(seg.batch_size),
+        "batch_sizing": getattr(seg, "batch_sizing", None),  # start/end size, measured footprint, OOM halvings
         "k": int(k),
         # pseudo-video layout: 'nearest' = most similar support at frame k-1 (the default since the
         # option exists; before it, and in sidecars without this key, the order was 'farthest')

@@ -191,46 +191,195 @@ class SupportMemories:
 CPU_BATCH_SIZE = 1
 
 
+#: The most slices per memory-attention call on CUDA: per-slice cost is flat from 8 to 32 on an H100
+#: (README, GPU memory), so larger batches only take memory.
 CUDA_MAX_BATCH = 32
+
+#: Share of the device's free memory (driver free + torch's unused cache) a batch may take; the
+#: rest is left to other processes on the GPU (a viewer, another job) and to fragmentation.
+MEMORY_SHARE = 0.6
+
+#: What to try when one slice does not fit: the end of the out-of-memory message.
+OOM_ADVICE = ("try --image-size 512 (or smaller), a smaller k (--k), fewer labels (--labels), or --device cpu; "
+              "close other programs that use the GPU")
+
+
+class OutOfDeviceMemory(RuntimeError):
+    """SAM 2 ran out of device memory on one slice alone (nothing left to halve); says what to try."""
+
+
+def estimated_slice_bytes(image_size: int, k: int, n_labels: int) -> int:
+    """A deliberately generous bound on the memory-attention activations of one slice (all its
+    labels): float32 tokens x 256 channels x (k memories + query + 1) x 8 live tensors per label.
+    Used only until the first batch has measured the real footprint."""
+    tokens = (int(image_size) // 16) ** 2
+    return 4 * 256 * tokens * (int(k) + 2) * 8 * max(1, int(n_labels))
+
+
+def batch_from_free_memory(free_bytes: int, slice_bytes: int, cap: int = CUDA_MAX_BATCH) -> int:
+    """Slices per call that fit in `MEMORY_SHARE` of `free_bytes` at `slice_bytes` each, within 1..cap."""
+    fit = int(free_bytes * MEMORY_SHARE) // max(1, int(slice_bytes))
+    return int(max(1, min(int(cap), fit)))
 
 
 def auto_batch_size(device, image_size: int, k: int, n_labels: int) -> int:
-    """Slices per memory-attention call for `device`: the measured-best on CPU; on CUDA up to 32
-    (per-slice cost flat from 8 to 32 on an H100), fewer where free memory is short.
+    """Slices per memory-attention call for `device` before any batch ran: the measured-best on CPU
+    (and on MPS, which has no free-memory call and no measurement here); on CUDA up to
+    CUDA_MAX_BATCH, fewer where free memory is short (`estimated_slice_bytes`). `BatchSizer`
+    replaces the estimate by the footprint the first batch measures."""
+    from ..engine.device import free_memory
 
-    The memory estimate is a deliberately generous bound on the activations of one (slice, label)
-    item: float32 tokens x 256 channels x (k memories + query) x 8 live tensors.
-    """
-    import torch
-
-    dev = torch.device(device)
-    if dev.type != "cuda":
+    free = free_memory(device)
+    if free is None:
         return CPU_BATCH_SIZE
-    free, _ = torch.cuda.mem_get_info(dev)
-    tokens = (int(image_size) // 16) ** 2
-    per_slice = 4 * 256 * tokens * (int(k) + 2) * 8 * max(1, int(n_labels))
-    return int(max(1, min(CUDA_MAX_BATCH, (free // 2) // per_slice)))
+    return batch_from_free_memory(free, estimated_slice_bytes(image_size, k, n_labels))
+
+
+class BatchSizer:
+    """The batch size of one run, and how it came about.
+
+    Starts at `size`. With `auto` on CUDA, the first query batch measures its own footprint (peak
+    bytes allocated during the call over the slices it held) and the size becomes what fits in
+    `MEMORY_SHARE` of the free memory at that footprint (`measure`). An out-of-memory error halves
+    the size (`halve`); the batch is then retried, so the output is the one an uninterrupted run
+    gives. `notes` is what happened, in words (the log and the provenance say it).
+    """
+
+    def __init__(self, size: int, device, auto: bool = False, log: Callable[[str], None] | None = None) -> None:
+        from ..engine.device import device_of
+
+        self.size = int(size)
+        self.start = int(size)
+        self.device = device_of(device)
+        self.auto = bool(auto)
+        self.log = log
+        self.slice_bytes: int | None = None  # measured memory-attention footprint of one slice
+        self.peak_bytes: int | None = None  # CUDA: most bytes allocated from the run's start to the end of the first query
+        self.free_bytes: int | None = None
+        self.halvings = 0
+        self.encoder_size: int | None = None  # image-encoder slices per call once one ran out of memory
+        self.notes: list[str] = []
+        self._measured = False
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        if self.log is not None:
+            self.log(text)
+
+    def measure(self, n_slices: int, call: Callable[[], object]):
+        """`call()` (a query on `n_slices` slices); the first time, on CUDA, its footprint sizes the batch."""
+        from ..engine.device import free_memory, peak_memory, reset_peak
+
+        if self._measured or self.device.type != "cuda":
+            return call()
+        before = peak_memory(self.device)  # the run's peak so far (the image encoder's included)
+        base = reset_peak(self.device)
+        out = call()
+        peak = peak_memory(self.device)
+        self._measured = True
+        if base is None or peak is None:
+            return out
+        self.peak_bytes = max(int(before or 0), peak)
+        self.slice_bytes = max(1, (peak - base) // max(1, int(n_slices)))
+        self.free_bytes = free_memory(self.device)
+        if self.auto and self.free_bytes is not None:
+            size = batch_from_free_memory(self.free_bytes, self.slice_bytes)
+            if size != self.size:
+                self.note(f"batch size {self.size} -> {size}: {self.slice_bytes / 2**20:.0f} MiB per slice measured, "
+                          f"{self.free_bytes / 2**30:.1f} GiB free on {self.device}")
+                self.size = size
+        return out
+
+    def halve(self, what: str, n: int) -> int:
+        """The size after an out-of-memory error in a call on `n` slices (`what`: 'image encoder' or
+        'memory attention'), kept for the rest of the run."""
+        new = max(1, n // 2)
+        self.halvings += 1
+        if what == "image encoder":
+            self.encoder_size = new
+        else:
+            self.size = new
+        self.note(f"out of memory on {self.device} in the {what} at {n} slices: retrying with {new}")
+        return new
+
+    def to_json(self) -> dict:
+        return {
+            "start": self.start, "end": self.size, "auto": self.auto, "device": str(self.device),
+            "slice_bytes": self.slice_bytes, "peak_bytes": self.peak_bytes, "free_bytes": self.free_bytes,
+            "encoder_size": self.encoder_size, "out_of_memory_halvings": self.halvings, "notes": list(self.notes),
+        }
+
+
+def _out_of_memory(sam, what: str, k: int, n_labels: int) -> OutOfDeviceMemory:
+    return OutOfDeviceMemory(
+        f"SAM 2 ran out of memory on {sam.device} in the {what} with one slice per call "
+        f"(image size {sam.image_size}, k = {k}, {n_labels} label(s)): {OOM_ADVICE}"
+    )
 
 
 def query_slices(sam, images: Sequence[np.ndarray], positions: Sequence[int], hits: Sequence[SliceSupports],
-                 memories: SupportMemories, batch_size: int, precision: str,
+                 memories: SupportMemories, batch_size: int | BatchSizer, precision: str,
                  cancelled: Callable[[], bool], support_order: str = "nearest") -> Iterator[tuple[int, QueryResult]]:
     """(position, QueryResult) of each position in turn: the image encoder on all of `positions`
     at once, then memory attention + mask decoder on `batch_size` slices per call. Stops as soon as
     `cancelled()` says so (a result computed but cancelled is discarded). `support_order`: where
-    each slice's most similar support sits in its pseudo-video (`Sam2MemoryEngine.query_batch`)."""
+    each slice's most similar support sits in its pseudo-video (`Sam2MemoryEngine.query_batch`).
+
+    `batch_size` is a number or the run's `BatchSizer`. An out-of-memory error (CUDA or MPS) frees
+    what it can and retries the same slices in halves (the image encoder in halves of its group,
+    memory attention at half the batch size, kept for the rest of the run); one slice that does
+    not fit raises `OutOfDeviceMemory`, which says what to try.
+    """
+    from ..engine.device import is_out_of_memory, release_memory
+
+    sizer = batch_size if isinstance(batch_size, BatchSizer) else BatchSizer(int(batch_size), sam.device)
     ctx = autocast(precision, sam.device)
-    with ctx:
-        feats = sam.encode_batch([images[j] for j in positions])
-    for q0 in range(0, len(positions), batch_size):
-        if cancelled():
-            return
-        sub = list(positions[q0 : q0 + batch_size])
-        mems, index = memories.for_slices([hits[j] for j in sub])
-        with ctx:
-            batch = sam.query_batch(feats, mems, index, memories.labels, items=list(range(q0, q0 + len(sub))),
-                                    support_order=support_order)
-        for j, res in zip(sub, batch.to_numpy()):
+    k = max((len(next(iter(hits[j].values()), ())) if isinstance(hits[j], Mapping) else len(hits[j])
+             for j in positions), default=0)
+    n_labels = len(memories.labels)
+    todo = list(positions)
+    while todo:
+        group = todo[: sizer.encoder_size or len(todo)]
+        feats = None  # the previous group's features are freed before this group is encoded
+        try:
+            with ctx:
+                feats = sam.encode_batch([images[j] for j in group])
+        except Exception as e:  # noqa: BLE001 - only out of memory is retried; anything else goes on
+            if not is_out_of_memory(e):
+                raise
+            feats = None
+        if feats is None:
+            release_memory(sam.device)  # the exception and its frames are gone here
+            if len(group) == 1:
+                raise _out_of_memory(sam, "image encoder", k, n_labels) from None
+            sizer.halve("image encoder", len(group))
+            continue
+        q0 = 0
+        while q0 < len(group):
             if cancelled():
                 return
-            yield j, res
+            sub = group[q0 : q0 + sizer.size]
+            mems, index = memories.for_slices([hits[j] for j in sub])
+            items = list(range(q0, q0 + len(sub)))
+            try:
+                with ctx:
+                    batch = sizer.measure(len(sub), lambda: sam.query_batch(feats, mems, index, memories.labels,
+                                                                            items=items,
+                                                                            support_order=support_order))
+            except Exception as e:  # noqa: BLE001 - as above
+                if not is_out_of_memory(e):
+                    raise
+                batch = None
+            if batch is None:
+                del mems
+                release_memory(sam.device)
+                if len(sub) == 1:
+                    raise _out_of_memory(sam, "memory attention", k, n_labels) from None
+                sizer.halve("memory attention", len(sub))
+                continue
+            for j, res in zip(sub, batch.to_numpy()):
+                if cancelled():
+                    return
+                yield j, res
+            q0 += len(sub)
+        todo = todo[len(group):]

@@ -40,6 +40,7 @@ class TimeEstimate:
     image_size: int
     precision: str
     batch_size: int
+    peak_memory_bytes: int | None = None  # CUDA: peak allocated during the first batch (None elsewhere)
 
     @property
     def seconds_per_slice(self) -> float:
@@ -55,17 +56,18 @@ class TimeEstimate:
             "seconds_per_slice": self.seconds_per_slice, "slices_done": self.slices_done,
             "slices_left": self.slices_left, "seconds_left": self.seconds_left, "upper_bound": self.upper_bound,
             "device": self.device, "image_size": self.image_size, "precision": self.precision,
-            "batch_size": self.batch_size,
+            "batch_size": self.batch_size, "peak_memory_bytes": self.peak_memory_bytes,
         }
 
     def describe(self) -> str:
         """One line for a person: the measurement and what it implies."""
         left = f"at most {self.slices_left}" if self.upper_bound else f"{self.slices_left}"
         tail = " (the extent stop usually ends sooner)" if self.upper_bound else ""
+        peak = "" if self.peak_memory_bytes is None else f", peak GPU memory {self.peak_memory_bytes / 2**30:.1f} GiB"
         return (
             f"first batch: {self.first_batch_slices} slices in {self.first_batch_seconds:.1f} s "
-            f"({self.seconds_per_slice:.2f} s/slice, {self.device}, {self.image_size} px, {self.precision}); "
-            f"{left} slices left: about {format_seconds(self.seconds_left)}{tail}"
+            f"({self.seconds_per_slice:.2f} s/slice, {self.device}, {self.image_size} px, {self.precision}, "
+            f"batch {self.batch_size}{peak}); {left} slices left: about {format_seconds(self.seconds_left)}{tail}"
         )
 
 
@@ -92,7 +94,8 @@ class VolumeSegmentation:
     seconds: float = 0.0
     label_masks: np.ndarray | None = None  # [L, *volume shape] bool, logit > 0 per label, if kept
     precision: str = "fp32"  # as resolved for the device: 'fp32' or 'bf16'
-    batch_size: int = 1  # slices per memory-attention call (1 = the per-slice reference path)
+    batch_size: int = 1  # slices per memory-attention call at the end (1 = the per-slice reference path)
+    batch_sizing: dict | None = None  # how the batch size came about (`queries.BatchSizer.to_json`)
     extent_stop: int = 0  # 0: every slice of the range was asked for
     presence_threshold: float = 0.0
     start_slices: list[int] = field(default_factory=list)  # where the extent walks began

@@ -46,11 +46,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..data.volume import Volume
+from ..engine.device import reset_peak
 from ..engine.sam2_memory import check_support_order, resolve_precision
 from .extent import ExtentWalker
 from .labelmap import LabelMapAssembler, check_presence_threshold, label_presence
 from .propagation import check_propagate, propagate as propagate_walks
-from .queries import Retrieval, SupportMemories, auto_batch_size, check_support_filter, query_slices, retrieve
+from .queries import (BatchSizer, Retrieval, SupportMemories, auto_batch_size, check_support_filter, query_slices,
+                      retrieve)
 from .results import TimeEstimate, VolumeSegmentation
 from .slices import SlicePlan, annotated_slices, plan_slices, slices_to_uint8, start_slices
 
@@ -96,13 +98,18 @@ def segment_volume(
     support_order: str = "nearest",
     propagate: int = 0,
     support_filter: str = "all",
+    log: Callable[[str], None] | None = None,
 ) -> VolumeSegmentation:
     """Segment `volume` slice by slice from the support `bank`; partial result if cancelled.
 
     slice_range is (start, stop) with stop exclusive; slices outside it stay background.
     precision: 'auto' (bf16 autocast on CUDA with bf16 support, else fp32), 'fp32' or 'bf16'.
     batch_size: slices per memory-attention + decoder call; None picks it for the device
-    (`auto_batch_size`), 1 is the per-slice reference path. encoder_batch: slices per image
+    (`auto_batch_size`; on CUDA re-sized from the footprint the first batch measures and the free
+    memory, `queries.BatchSizer`), 1 is the per-slice reference path. An out-of-memory error halves
+    the batch and retries it (same output); one slice that does not fit raises
+    `queries.OutOfDeviceMemory` with what to try. `result.batch_size` is the size at the end,
+    `result.batch_sizing` how it came about; `log` receives those decisions as lines. encoder_batch: slices per image
     encoder call (None: batch_size, at least 4). keep_label_masks: also return each label's own
     foreground mask (logit > 0, overlaps kept) as `label_masks`.
     presence_threshold (>= 0; default 0, SAM 2's own rule): a label whose object score on a slice is
@@ -137,9 +144,14 @@ def segment_volume(
     plan = plan_slices(volume, bank, labels=labels, axis=axis, slice_range=slice_range, window=window)
     if (extent_stop or propagate) and start_slice is not None:
         start_slices(start_slice, bank, None, plan.axis, plan.start, plan.stop, True, [])  # checked before any work
-    if batch_size is None:
+    auto = batch_size is None
+    if auto:
         batch_size = auto_batch_size(engine.sam.device, engine.sam.image_size, k, len(plan.labels))
     batch_size = int(batch_size)
+    sizer = BatchSizer(batch_size, engine.sam.device, auto=auto, log=log)
+    reset_peak(engine.sam.device)  # CUDA: the peak the time estimate reports is this run's
+    if log is not None and auto and sizer.device.type == "cuda":
+        log(f"batch size {batch_size}: estimated for the free memory of {sizer.device} (re-sized after the first batch)")
     encoder_batch = int(encoder_batch) if encoder_batch is not None else max(batch_size, 4)
     bank_labels = {lab.value: lab for lab in bank.labels}
     result = VolumeSegmentation(
@@ -178,13 +190,13 @@ def segment_volume(
         return result.cancelled
 
     def compute(positions: list[int]):
-        return query_slices(engine.sam, images, positions, supports, memories, batch_size, prec, cancelled,
+        return query_slices(engine.sam, images, positions, supports, memories, sizer, prec, cancelled,
                             support_order)
 
     def report_estimate(n_computed: int, seconds: float, left: int) -> None:
         result.estimate = TimeEstimate(
             n_computed, seconds, out.done, left, bool(extent_stop), str(engine.sam.device),
-            int(engine.sam.image_size), prec, batch_size,
+            int(engine.sam.image_size), prec, sizer.size, sizer.peak_bytes,
         )
         if estimate is not None:
             estimate(result.estimate)
@@ -204,6 +216,8 @@ def segment_volume(
         _walk_out_to_the_extent(plan, found, out, compute, cancelled, encoder_batch, report_estimate,
                                 int(extent_stop), presence_threshold)
     _record_label_supports(result, found, plan.start)
+    result.batch_size = sizer.size
+    result.batch_sizing = sizer.to_json()
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -216,6 +216,7 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
             start_slice=params.get("start_slice"), estimate=first_batch,
             support_order=params.get("support_order") or "nearest", propagate=int(params.get("propagate") or 0),
             support_filter=params.get("support_filter") or "all",
+            log=lambda line: (log.info(line), ctx.status(line)),  # batch size chosen / halved after out of memory
         )
         if r.cancelled:
             raise JobCancelled("segmentation cancelled")
