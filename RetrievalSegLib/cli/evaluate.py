@@ -273,6 +273,8 @@ def _configurations(args: argparse.Namespace) -> dict:
         a = argparse.Namespace(**vars(args))
         for d, v in c.values:
             setattr(a, d, v)
+        if not c.reference:  # the report draws the reference's cases: only its predictions are needed
+            a.report = False
         if a.image_size is not None:
             try:
                 check_image_size(a.image_size)
