@@ -306,7 +306,13 @@ def _compare(args: argparse.Namespace, configs: dict, run, show: bool) -> int:
     def run_one(c, folder, label):
         a = configs[c]
         folder.mkdir(parents=True, exist_ok=True)
-        return run(a, engine_for(c, a), folder, label, {"configuration": c.name, "compare_reference": c.reference})
+        try:
+            return run(a, engine_for(c, a), folder, label, {"configuration": c.name, "compare_reference": c.reference})
+        except EvaluationInterrupted:
+            print(f"rseg evaluate: interrupted in configuration {c.name} (its results: {folder}); compare.csv holds "
+                  "the configurations finished before it, and `--resume` skips every finished configuration and "
+                  "case", file=sys.stderr)
+            raise
 
     doc = run_compare(list(configs), run_one, args.out)
     print(f"rseg evaluate: {len(configs)} configurations, {len(engines)} model set(s) loaded, "

@@ -8,6 +8,7 @@ import contextlib
 import csv
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -55,7 +56,7 @@ def compared(study, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(build, "make_engine", lambda a: engines.append(a) or real(a))
     try:
-        rc, stdout, stderr = run(argv(study, out, "--compare", "k=2,1"))
+        rc, stdout, stderr = run(argv(study, out, "--compare", "k=2,1", "--report"))
     finally:
         mp.undo()
     assert rc == 0, stderr
@@ -100,6 +101,11 @@ def test_two_configurations_on_the_same_cases_share_the_models(compared):
     assert all(r["random_weights"] == "True" for r in rows)
     assert ref["random_weights"] and other["random_weights"]
     assert "RANDOM WEIGHTS" in stdout and "reference: k=1" in stdout and "too few to conclude" in stdout
+    # --report: the reference's cases with their predictions, and the comparison section.
+    page = (out / "report" / "report.html").read_text()
+    assert "Configurations compared" in page and page.count('<tr class="reference">') == 3
+    assert len(list((out / "predictions").glob("*.nii.gz"))) == 2
+    assert not (out / "compare/k-2/predictions").exists()  # only the reference's are drawn
 
 
 def test_resume_skips_every_finished_configuration_and_case(compared, study, monkeypatch):
@@ -116,6 +122,31 @@ def test_resume_skips_every_finished_configuration_and_case(compared, study, mon
     assert rc == 0, err
     after = json.loads((out / "compare.json").read_text())
     assert after["rows"] == before["rows"] and after["differences"] == before["differences"]
+
+
+def test_resume_evaluates_only_the_missing_case_of_an_unfinished_configuration(compared, study, tmp_path,
+                                                                                 monkeypatch):
+    out, *_ = compared
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    before = json.loads((copy / "compare.json").read_text())
+    missing = before["cases"][1]
+    (copy / "compare/k-2/cases" / f"{missing}.json").unlink()  # as if interrupted in config 2's second case
+    real, calls = segment_module.segment_volume, []
+
+    def counted(image, bank, engine, **kw):
+        calls.append((kw["k"], kw["case_id"]))
+        return real(image, bank, engine, **kw)
+
+    monkeypatch.setattr(segment_module, "segment_volume", counted)
+    rc, _, err = run(argv(study, copy, "--compare", "k=2", "--resume", "--no-progress"))
+    assert rc == 0, err
+    assert len(calls) == 1 and calls[0][0] == 2  # only that case, only in that configuration
+    after = json.loads((copy / "compare.json").read_text())
+    key = lambda r: (r["configuration"], r["case"], r["label"])  # noqa: E731
+    assert sorted(map(key, after["rows"])) == sorted(map(key, before["rows"]))
+    for a, b in zip(sorted(after["rows"], key=key), sorted(before["rows"], key=key)):
+        assert a["dice"] == pytest.approx(b["dice"], abs=1e-6)  # seeded random weights: the same result
 
 
 def test_compare_option_errors_exit_2_before_any_model_loads(study, tmp_path, monkeypatch):
