@@ -32,6 +32,74 @@ from ..evaluation.study import (
     remove_stale_builds,
     scan_study,
 )
+#: evaluate options `--compare` refuses, with the reason (every other option with a value can be compared).
+NOT_COMPARABLE = {
+    "train": "the cases and the bank are the same for every configuration",
+    "test": "the cases are the same for every configuration",
+    "bank": "the bank is the same for every configuration",
+    "labels": "the bank is the same for every configuration",
+    "pool": "the bank is the same for every configuration",
+    "axis": "the bank is built along one axis",
+    "window": "the bank is built with one window", "level": "the bank is built with one window",
+    "dinov2": "the bank's embeddings are made with one DINOv2",
+    "dinov2_path": "the bank's embeddings are made with one DINOv2",
+    "dinov2_input_size": "the bank's embeddings are made with one DINOv2 input size",
+    "random_weights": "a comparison of random and trained weights says nothing",
+    "seed": "the seed of random weights is not a setting",
+    "device": "the device is not an accuracy setting",
+    "max_cases": "the cases are the same for every configuration",
+    "out": "the output folder is one", "compare": "--compare itself",
+    "sam2_checkpoint": "compare two checkpoints with two runs",
+}
+
+
+def comparable_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """dest -> action of the evaluate options `--compare` accepts (options that take one value)."""
+    return {a.dest: a for a in parser._actions
+            if a.option_strings and a.nargs is None and a.dest not in NOT_COMPARABLE
+            and isinstance(a, argparse._StoreAction)}
+
+
+class CompareAction(argparse.Action):
+    """`--compare NAME=V1,V2,...` (repeatable): NAME an evaluate option (dashes or underscores),
+    each value parsed with that option's own type and choices ('default': its default). Checked
+    while the command line is parsed, so a wrong one exits 2 before anything is loaded."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        text = str(values)
+        options = comparable_actions(parser)
+        valid = ", ".join(sorted(d.replace("_", "-") for d in options))
+        name, eq, raw = text.partition("=")
+        dest = name.strip().lstrip("-").replace("-", "_")
+        if not eq or not raw.strip():
+            parser.error(f"--compare {text!r}: give NAME=VALUE1,VALUE2,... (options that can be compared: {valid})")
+        if dest in NOT_COMPARABLE:
+            parser.error(f"--compare {name}: cannot be compared ({NOT_COMPARABLE[dest]}); options that can: {valid}")
+        if dest not in options:
+            parser.error(f"--compare {name}: not an option of rseg evaluate that can be compared; options that can: "
+                         f"{valid}")
+        action = options[dest]
+        parsed = []
+        for v in (x.strip() for x in raw.split(",")):
+            if v == "default":
+                parsed.append(action.default)
+                continue
+            try:
+                value = action.type(v) if callable(action.type) else v
+            except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+                parser.error(f"--compare {name}: invalid value {v!r} for {action.option_strings[-1]}"
+                             + (f" ({e})" if str(e) else ""))
+            if action.choices is not None and value not in action.choices:
+                parser.error(f"--compare {name}: invalid value {v!r} (choose from "
+                             f"{', '.join(map(str, action.choices))})")
+            parsed.append(value)
+        grid = list(getattr(namespace, self.dest, None) or [])
+        if any(d == dest for d, _ in grid):
+            parser.error(f"--compare {name} given twice; give all its values in one --compare")
+        grid.append((dest, parsed))
+        setattr(namespace, self.dest, grid)
+
+
 def _parse_eval_labels(text: str):
     from ..bank.support_bank import LabelInfo
     from .bank import DEFAULT_COLORS, parse_labels
@@ -78,6 +146,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         check_results_folder(args.out, args.resume, args.overwrite)
     except ResultsExist as e:
         raise usage(e) from None
+    configs = _configurations(args) if args.compare else None  # usage errors before any model loads
     bank_path = args.bank if args.bank is not None else args.out / "bank"
     show = not args.no_progress
     for line in _skipped_lines("--test", test_study) + (_skipped_lines("--train", train_study) if train_study else []):
@@ -124,7 +193,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         except LabelError as e:
             raise usage(e) from None
     try:
-        check_plan(test, bank, [lab.value for lab in labels], args.k)
+        for k in sorted({args.k} | {c_args.k for c_args in (configs or {}).values()}):
+            check_plan(test, bank, [lab.value for lab in labels], k)
     except (LabelError, ExclusionError) as e:
         raise usage(e) from None
     bank_names = {lab.value: lab.name for lab in bank.labels}
@@ -133,19 +203,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if renamed:
         print(f"rseg evaluate: warning: label {'; '.join(renamed)}; results use the bank's names",
               file=sys.stderr)
-    engine = make_engine(args)
     skipped = {"test": {r: len(f) for r, f in test_study.skipped.items()},
                **({"train": {r: len(f) for r, f in train_study.skipped.items()}} if train_study else {})}
     if args.max_cases is not None and args.max_cases < len(test_study.cases):
         skipped["test"]["beyond --max-cases"] = len(test_study.cases) - args.max_cases
     extra = {"compile": bool(args.compile), "skipped_inputs": skipped,
              "test": str(args.test), "train": None if args.train is None else str(args.train)}
+
+    def run(a: argparse.Namespace, engine, out, label: str = "evaluate ", more: dict | None = None) -> dict:
+        """One evaluation with the options `a` (the command's, or a compared configuration's)."""
+        return evaluate(test, bank, engine, labels=[lab.value for lab in labels], k=a.k, axis=a.axis,
+                        window=window, out=out, save_predictions=a.save_predictions or a.report, progress=show,
+                        precision=a.precision, batch_size=a.batch_size, resume=a.resume,
+                        overwrite=a.overwrite, extra={**extra, **(more or {})}, progress_label=label,
+                        support_order=a.support_order, propagate=a.propagate,
+                        support_filter=getattr(a, "support_filter", "all"))
+
     try:
-        result = evaluate(test, bank, engine, labels=[lab.value for lab in labels], k=args.k, axis=args.axis,
-                          window=window, out=args.out, save_predictions=args.save_predictions or args.report, progress=show,
-                          precision=args.precision, batch_size=args.batch_size, resume=args.resume,
-                          overwrite=args.overwrite, extra=extra, support_order=args.support_order,
-                          propagate=args.propagate, support_filter=getattr(args, "support_filter", "all"))
+        if configs:
+            return _compare(args, configs, run, show)
+        result = run(args, make_engine(args), args.out)
     except (LabelError, ExclusionError, ResumeMismatch, ResultsExist) as e:
         raise usage(e) from None
     except EvaluationInterrupted as e:
@@ -177,4 +254,80 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if result["random_weights"]:
             print(RANDOM_BANNER)
         print(f"wrote {args.out / 'metrics.csv'} and {args.out / 'metrics.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- --compare
+#: Compared options that do not change the models: configurations differing only in these share
+#: one engine (SAM 2 loaded once, one memory cache). Any other compared option gets its own engine.
+SHARES_MODELS = {"k", "precision", "batch_size", "support_order", "support_filter", "propagate"}
+
+
+def _configurations(args: argparse.Namespace) -> dict:
+    """{Configuration: its options} for `--compare` (the reference first); usage errors before any model."""
+    from ..evaluation.compare import configurations
+    from ..models.loaders import check_image_size
+    from .common import _UsageError
+
+    configs = configurations(args.compare, {d: getattr(args, d) for d, _ in args.compare})
+    out = {}
+    for c in configs:
+        a = argparse.Namespace(**vars(args))
+        for d, v in c.values:
+            setattr(a, d, v)
+        if not c.reference:  # the report draws the reference's cases: only its predictions are needed
+            a.report = False
+        if a.image_size is not None:
+            try:
+                check_image_size(a.image_size)
+            except ValueError as e:
+                raise _UsageError(f"--compare image-size: {e}") from None
+        out[c] = a
+    if len(out) < 2:
+        raise _UsageError(f"--compare gives only the reference configuration ({configs[0].name}); give other values")
+    return out
+
+
+def _compare(args: argparse.Namespace, configs: dict, run, show: bool) -> int:
+    """`rseg evaluate --compare`: every configuration, models shared, then the paired statistics."""
+    from ..engine.build import make_engine
+    from ..evaluation.compare import MemoEmbedder, format_compare, run_compare
+
+    engines: dict = {}
+    memos: dict = {}
+
+    def engine_for(c, a):
+        key = tuple((d, repr(v)) for d, v in c.values if d not in SHARES_MODELS)
+        if key not in engines:
+            engine = make_engine(a)
+            inner = engine.embedder
+            engine.embedder = memos.setdefault(id(inner), MemoEmbedder(inner))  # one DINOv2 pass per embedder
+            engines[key] = engine
+        return engines[key]
+
+    def run_one(c, folder, label):
+        a = configs[c]
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            return run(a, engine_for(c, a), folder, label, {"configuration": c.name, "compare_reference": c.reference})
+        except EvaluationInterrupted:
+            print(f"rseg evaluate: interrupted in configuration {c.name} (its results: {folder}); compare.csv holds "
+                  "the configurations finished before it, and `--resume` skips every finished configuration and "
+                  "case", file=sys.stderr)
+            raise
+
+    doc = run_compare(list(configs), run_one, args.out)
+    print(f"rseg evaluate: {len(configs)} configurations, {len(engines)} model set(s) loaded, "
+          f"{sum(m.passes for m in memos.values())} DINOv2 pass(es) over the test cases", file=sys.stderr)
+    if args.report:
+        from .report import report_after_run
+
+        doc["report"] = str(report_after_run(args.out, quiet=args.json))
+    if args.json:
+        print(json.dumps({k: v for k, v in doc.items() if k != "rows"}, indent=2, allow_nan=False))
+    else:
+        print(format_compare(doc))
+        if doc["random_weights"]:
+            print(RANDOM_BANNER)
+        print(f"wrote {args.out / 'compare.csv'} and {args.out / 'compare.json'}")
     return 0

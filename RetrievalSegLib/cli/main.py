@@ -256,7 +256,7 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- evaluate
 def add_evaluate_parser(sub, models: argparse.ArgumentParser) -> None:
-    from .evaluate import cmd_evaluate
+    from .evaluate import CompareAction, cmd_evaluate
 
     p = sub.add_parser(
         "evaluate", parents=[models], help="Dice and HD95 on held-out cases (the paper's protocol)",
@@ -304,6 +304,13 @@ def add_evaluate_parser(sub, models: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="print the summary as JSON on stdout (progress stays on stderr)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    p.add_argument("--compare", action=CompareAction, default=None, metavar="NAME=V1,V2,...",
+                   help="run every combination of these values of evaluate's options (repeatable, e.g. "
+                        "--compare k=4,8,16 --compare image-size=512,1024; 'default' names the option's default) "
+                        "on the same cases and bank, and write OUT/compare.csv and compare.json: Dice and HD95 per "
+                        "case, label and configuration, per configuration mean/sd/median, and against the "
+                        "reference (this command's own values, run in OUT; the others in OUT/compare/) the paired "
+                        "differences with a 95%% bootstrap CI and the Wilcoxon signed-rank p-value")
     p.set_defaults(func=cmd_evaluate)
 
 

@@ -193,7 +193,10 @@ class EvaluationInterrupted(KeyboardInterrupt):
 def existing_results(out: Path) -> list[str]:
     """What in `out` an earlier `rseg evaluate` wrote (metrics files, case records, predictions)."""
     out = Path(out)
-    found = [name for name in ("metrics.csv", "metrics.json") if (out / name).is_file()]
+    found = [name for name in ("metrics.csv", "metrics.json", "compare.csv", "compare.json") if (out / name).is_file()]
+    compared = [p for p in (out / "compare").glob("*/metrics.json")] if (out / "compare").is_dir() else []
+    if compared:  # `rseg evaluate --compare`: the other configurations' folders
+        found.append(f"{len(compared)} compared configuration(s) in compare/")
     for sub, pattern, what in ((CASES_DIR, "*.json", "finished case(s)"), (PREDICTIONS_DIR, "*", "prediction file(s)")):
         n = len([p for p in (out / sub).glob(pattern) if p.is_file()]) if (out / sub).is_dir() else 0
         if n:
@@ -252,7 +255,7 @@ def check_plan(test: Sequence[CaseFiles], bank, labels: Sequence[int] | None, k:
 def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8, axis=None, window=None,
              out: Path, save_predictions: bool = False, progress: bool = True, precision: str = "auto",
              batch_size: int | None = None, resume: bool = False, overwrite: bool = False,
-             extra: dict[str, Any] | None = None,
+             extra: dict[str, Any] | None = None, progress_label: str = "evaluate ",
              on_case: Callable[[str, int, int], None] | None = None,
              support_order: str = "nearest", propagate: int = 0,
              support_filter: str = "all") -> dict[str, Any]:
@@ -326,7 +329,7 @@ def evaluate(test: Sequence[CaseFiles], bank, engine, *, labels=None, k: int = 8
     try:
         for n, c in enumerate(test):
             if bar is not None:
-                bar.set_description(f"evaluate case {n + 1}/{len(test)}")
+                bar.set_description(f"{progress_label}case {n + 1}/{len(test)}")
             if c.case_id in finished:
                 doc = finished[c.case_id]
                 rows += doc["rows"]

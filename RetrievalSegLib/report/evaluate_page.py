@@ -5,8 +5,8 @@ its saved prediction (`--save-predictions`, which `--report` turns on), its grou
 (the paths metrics.json records) in the window the prediction's sidecar records: ground truth and
 prediction as contours in the label colours, and the errors on a panel of their own.
 
-`compare_section` is where `rseg evaluate --compare` results will be drawn (see its docstring); the
-page shows the section whenever it returns something.
+With `rseg evaluate --compare`, `compare_section` draws the configurations against the reference
+from compare.json (tables and paired plots; see its docstring).
 """
 from __future__ import annotations
 
@@ -29,18 +29,66 @@ def _fmt(x: Any, spec: str) -> str:
 def compare_section(run: EvaluateRun) -> dict[str, Any] | None:
     """The "configurations compared" section, or None when the run has no `compare.json`.
 
-    `rseg evaluate --compare` does not exist yet. Once it writes `compare.json` (per case, label and
-    configuration: Dice and HD95; per label and configuration against the reference: the paired
-    statistics), this function draws, per label and metric, one paired plot (each case a line from
-    the reference's value to the configuration's, the median difference and the test's p-value in
-    the title) and a table of the paired statistics; it returns {"notes": [...], "plots": [Picture]}
-    and `build` adds the plots to the report's pictures. Until that format is fixed, a compare.json
-    is only acknowledged.
+    From `rseg evaluate --compare`'s compare.json: a table of the configurations (mean, sd, median
+    per label), a table of the paired differences against the reference per label and metric
+    (mean and median difference, 95% bootstrap CI, Wilcoxon p, n, the small-n note), and per label
+    and metric one paired plot (each case a line through its value in every configuration). Returns
+    {"reference", "notes", "summary_rows", "difference_rows", "plots"}; `build` adds the plots to
+    the report's pictures.
     """
-    if run.compare is None:
+    from .plots import paired_plot
+
+    doc = run.compare
+    if doc is None:
         return None
-    return {"notes": [f"{run.folder / 'compare.json'} is present, but this version of rseg report does not draw "
-                      "configuration comparisons yet; read compare.csv"], "plots": []}
+    if not isinstance(doc, dict) or doc.get("format") != "rseg-evaluate-compare" \
+            or not isinstance(doc.get("configurations"), list) or not isinstance(doc.get("rows"), list):
+        return {"notes": [f"{run.folder / 'compare.json'} was not written by rseg evaluate --compare: not drawn"],
+                "plots": [], "summary_rows": [], "difference_rows": [], "reference": None}
+    configs = [str(c.get("name")) for c in doc["configurations"] if isinstance(c, dict)]
+    reference = str(doc.get("reference"))
+    notes = []
+    if not doc.get("complete", False):
+        notes.append("the comparison did not finish: configurations not finished have fewer cases or none")
+    if doc.get("random_weights"):
+        notes.append("RANDOM WEIGHTS: every configuration ran with random weights; the differences are meaningless")
+    summary_rows, difference_rows = [], []
+    for cfg in configs:
+        for label, per in (doc.get("summary", {}).get(cfg) or {}).items():
+            d, h = per.get("dice") or {}, per.get("hd95") or {}
+            summary_rows.append({"configuration": cfg, "reference": cfg == reference, "label": label,
+                                 "dice": f"{_fmt(d.get('mean'), '.4f')} / {_fmt(d.get('sd'), '.4f')} / "
+                                         f"{_fmt(d.get('median'), '.4f')}",
+                                 "hd95": f"{_fmt(h.get('mean'), '.2f')} / {_fmt(h.get('sd'), '.2f')} / "
+                                         f"{_fmt(h.get('median'), '.2f')}", "n": d.get("n")})
+        for label, per in (doc.get("differences", {}).get(cfg) or {}).items():
+            for key, metric, spec in (("dice", "Dice", ".4f"), ("hd95", "HD95 (mm)", ".2f")):
+                s = per.get(key) or {}
+                difference_rows.append({
+                    "configuration": cfg, "label": label, "metric": metric, "n": s.get("n"),
+                    "mean": _fmt(s.get("mean_difference"), "+" + spec), "median": _fmt(s.get("median_difference"), "+" + spec),
+                    "ci": f"[{_fmt(s.get('ci95_low'), '+' + spec)}, {_fmt(s.get('ci95_high'), '+' + spec)}]",
+                    "p": _fmt(s.get("wilcoxon_p"), ".3g"), "note": s.get("note") or ""})
+    plots = []
+    labels = list(dict.fromkeys(str(r.get("name")) for r in doc["rows"] if isinstance(r, dict)))
+    for i, label in enumerate(labels):
+        for field, key, metric, unit, higher in (("dice", "dice", "Dice", "", True), ("hd95_mm", "hd95", "HD95", "mm", False)):
+            values: dict[str, dict[str, float]] = {}
+            for r in doc["rows"]:
+                if isinstance(r, dict) and str(r.get("name")) == label and isinstance(r.get(field), (int, float)):
+                    values.setdefault(str(r.get("configuration")), {})[str(r.get("case"))] = float(r[field])
+            if not values:
+                continue
+            titles = {reference: "(reference)"}
+            for cfg in configs:
+                s = ((doc.get("differences", {}).get(cfg) or {}).get(label) or {}).get(key) or {}
+                if s:
+                    titles[cfg] = f"mean diff {_fmt(s.get('mean_difference'), '+.3g')}, p {_fmt(s.get('wilcoxon_p'), '.2g')}"
+            plots.append(paired_plot(label, metric, unit, configs, values, titles, picture_name(f"compare-{key}", label, i),
+                                     higher))
+    return {"reference": reference, "notes": notes, "summary_rows": summary_rows,
+            "difference_rows": difference_rows, "plots": plots,
+            "statistics": [f"{k}: {v}" for k, v in (doc.get("statistics") or {}).items()]}
 
 
 def _case_pictures(run: EvaluateRun, case: str, names: dict[int, str], colors: dict, n: int,

@@ -112,3 +112,33 @@ def metric_plot(metric: str, unit: str, values: dict[str, list[float]], notes: d
     ax.grid(axis="y", color="#e0e0e0", lw=0.6)
     return _png(fig, name, f"{metric} per label: " + ", ".join(f"{k} ({len(values[k])} cases)" for k in labels))
 
+
+
+def paired_plot(label: str, metric: str, unit: str, configurations: list[str], values: dict[str, dict[str, float]],
+                titles: dict[str, str], name: str, higher_is_better: bool) -> Picture:
+    """Paired values per configuration: each case a grey line through its value in every configuration
+    (the reference first), each configuration's median a black bar; `titles[configuration]` (the
+    difference against the reference and its p-value) under each configuration's name."""
+    fig = _figure(max(3.6, 1.6 * len(configurations) + 1.4), 3.3)
+    ax = fig.add_axes((0.16, 0.3, 0.8, 0.6))
+    cases = sorted({c for per in values.values() for c in per})
+    x = np.arange(len(configurations))
+    line = _rgb01(_PAL["blue"])
+    for case in cases:
+        ys = np.array([values.get(cfg, {}).get(case, np.nan) for cfg in configurations], dtype=float)
+        ax.plot(x, ys, "-o", color=line, alpha=0.55, ms=3.5, lw=1.0)
+    for i, cfg in enumerate(configurations):
+        v = [y for y in values.get(cfg, {}).values() if y is not None and np.isfinite(y)]
+        if v:
+            ax.hlines(np.median(v), i - 0.22, i + 0.22, color="black", lw=2.2, zorder=4)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{cfg}\n{titles.get(cfg, '')}" for cfg in configurations], fontsize=7)
+    ax.set_xlim(-0.5, len(configurations) - 0.5)
+    ax.set_ylabel(f"{metric} ({unit})" if unit else metric)
+    if metric.lower().startswith("dice"):
+        ax.set_ylim(-0.03, 1.03)
+    ax.set_title(f"{label}: {metric} per case, paired "
+                 f"({'higher' if higher_is_better else 'lower'} is better; bar: median)", fontsize=8)
+    ax.grid(axis="y", color="#e0e0e0", lw=0.6)
+    return _png(fig, name, f"{label}: {metric} per case in each configuration ({len(cases)} cases, {len(configurations)} "
+                           "configurations), each case a line")
