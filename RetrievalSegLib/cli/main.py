@@ -107,6 +107,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     )
     image = read_volume(args.image)
     bank = SupportBank.open(args.bank)
+    check_against_bank(bank, args)  # usage errors (exit 2) before any model loads
     engine = make_engine(args)
     bars: list = []
     update, close = _progress_bar(not args.no_progress and not args.json, "segmenting", bars)
@@ -182,6 +183,23 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def check_against_bank(bank, args: argparse.Namespace) -> None:
+    """Usage errors that need only the bank, found before any model loads: --labels values the bank
+    does not define, --k larger than the entries it can retrieve for --case under --case-policy."""
+    have = sorted(lab.value for lab in bank.labels)
+    unknown = [v for v in (args.labels or []) if v not in have]
+    if unknown:
+        names = ", ".join(f"{lab.value}:{lab.name}" for lab in bank.labels)
+        raise _UsageError(f"--labels {','.join(map(str, unknown))}: not in the support bank at {args.bank} "
+                          f"(it has {names}); give some of these values, or leave --labels out for all")
+    if args.case_policy != "ignore" and args.case is None:
+        raise _UsageError(f"--case-policy {args.case_policy} needs --case, the case id of IMAGE in the bank")
+    try:
+        bank.check_k(args.k, args.case, args.case_policy)
+    except ValueError as e:
+        raise _UsageError(f"--k {args.k}: {e}") from None
+
+
 def _extent_json(seg) -> dict:
     """The extent stop as it ran (in the summary and the sidecar's provenance)."""
     return {
@@ -210,7 +228,7 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="output label map (.nii.gz/.nrrd/.mha) or Slicer segmentation (.seg.nrrd)")
     p.add_argument("--seg-nrrd", type=Path, default=None, help="also write a Slicer .seg.nrrd here")
-    p.add_argument("--k", type=int, default=8, help="supports retrieved per slice (default 8)")
+    p.add_argument("--k", type=_positive_int, default=8, help="supports retrieved per slice (default 8)")
     p.add_argument("--axis", default="auto", help="slice axis: auto (largest spacing), i, j or k")
     p.add_argument("--labels", type=_parse_labels_arg, default=None, help="label values to segment, e.g. 1,3 (default all)")
     p.add_argument("--slices", type=_parse_range, default=None, metavar="START:STOP",

