@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: `rseg bank list | head` (issue "What a new user met", item 8)
 
 
 def model_options() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """`rseg`: the RetrievalSeg command line (weights, support banks, segmentation, evaluation).
 
 Exit codes: 0 success; 1 failure (bad input file, corrupt bank, failed check); 2 usage error;
-3 weights unavailable (missing and not downloadable, or offline); 130 interrupted (Ctrl-C).
+3 weights unavailable (missing and not downloadable, or offline); 130 interrupted (Ctrl-C);
+141 the reader of standard output stopped reading (`| head`; 128 + SIGPIPE, as other tools give).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .common import (  # shared with the other commands
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_PIPE_CLOSED,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     _non_negative_int,
@@ -324,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rseg",
         description="RetrievalSeg: few-shot segmentation of medical volumes from a support bank of "
                     "annotated slices (DINOv2 retrieval + SAM 2 memory attention), no training.",
-        epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 weights unavailable/offline, 130 interrupted. "
+        epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 weights unavailable/offline, 130 interrupted, "
+               "141 output pipe closed early (e.g. `| head`). "
                "Environment: RSEG_WEIGHTS_DIR, RSEG_SAM2_CHECKPOINT, RSEG_DINOV2_PATH, RSEG_WEIGHTS_MIRROR, "
                "RSEG_OFFLINE=1, HF_HOME (the Hugging Face cache the weights go to by default).",
     )
@@ -359,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rseg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError as e:
+        if _stdout_closed():
+            return _quiet_after_closed_stdout()
+        print(f"rseg: error: {e}", file=sys.stderr)  # another pipe (a worker's): a failure like any other
+        return EXIT_FAILURE
     except Exception as e:  # noqa: BLE001 - any library error ends as a message, not a traceback
         from ..bank.support_bank import BankError
 
@@ -366,6 +374,31 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"rseg: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _stdout_closed() -> bool:
+    """Whether the reader of our standard output has gone (`rseg bank list | head`): poll reports
+    an error on the write end of a pipe whose read end is closed."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _quiet_after_closed_stdout() -> int:
+    """The reader stopped reading (as `head` does): no message, no traceback when Python flushes
+    stdout at exit, and the exit status of a program ended by SIGPIPE, as other tools give."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return EXIT_PIPE_CLOSED
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ command line and the cohort's worker processes build their models here.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -47,6 +48,24 @@ def warn_random(args) -> None:
 _loaded: dict[tuple, Any] = {}
 
 
+@contextlib.contextmanager
+def transformers_bars(enabled: bool):
+    """transformers' own progress bars ("Loading weights") on or off while loading (--no-progress:
+    off); their earlier setting is restored afterwards."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def make_embedder(args):
     """The DINOv2 slice embedder the options describe (loaded once per process)."""
     from ..models.loaders import MissingWeightsError, load_dinov2
@@ -57,7 +76,7 @@ def make_embedder(args):
     if key not in _loaded:
         warn_random(args)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), transformers_bars(not getattr(args, "no_progress", False)):
                 warnings.simplefilter("ignore", UserWarning)
                 dino = load_dinov2(args.dinov2, args.dinov2_path, device=args.device,
                                    random_weights=args.random_weights, seed=args.seed)

@@ -82,3 +82,68 @@ def test_every_missing_model_in_one_message(study, tmp_path, capsys, monkeypatch
     assert rc == 3, err
     assert "DINOv2 small weights not found" in err and "SAM 2.1" in err and "checkpoint not found" in err
     assert "rseg weights download --sam2 sam2.1-tiny --dinov2 small" in err
+
+
+# ----------------------------------------------------------------------------- item 8
+def test_no_progress_silences_transformers_loading_bar(tmp_path, capsys, monkeypatch):
+    import argparse
+
+    import torch
+    from transformers import Dinov2Model
+
+    from RetrievalSegLib.engine import build
+    from RetrievalSegLib.models.loaders import dinov2_config
+
+    torch.manual_seed(0)
+    folder = tmp_path / "dinov2-small"
+    Dinov2Model(dinov2_config("small")).save_pretrained(folder)
+    seen = {}
+    for quiet in (False, True):  # the bar is there without the switch: the test can fail
+        monkeypatch.setattr(build, "_loaded", {})
+        args = argparse.Namespace(dinov2="small", dinov2_path=folder, device="cpu", random_weights=False, seed=0,
+                                  dinov2_input_size=56, no_progress=quiet)
+        capsys.readouterr()
+        build.make_embedder(args)
+        seen[quiet] = capsys.readouterr().err
+    assert "Loading weights" in seen[False]
+    assert "Loading weights" not in seen[True] and seen[True].strip() == ""
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # restored for whoever loads next
+
+
+def test_bank_list_into_a_closed_pipe_says_nothing(study):
+    import os
+    import subprocess
+    import sys
+
+    bank, _, _ = study
+    env = dict(os.environ, RSEG_OFFLINE="1", HF_HUB_OFFLINE="1")
+    p = subprocess.Popen([sys.executable, "-m", "RetrievalSegLib.cli", "bank", "list", str(bank)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # as `head` does, before rseg has written anything
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert "Broken pipe" not in err and "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_verify_after_repair_suggests_nothing_that_cannot_help_and_names_bank_db(study, tmp_path, capsys):
+    import shutil
+
+    bank0, _, _ = study
+    bank = tmp_path / "bank"
+    shutil.copytree(bank0, bank)
+    entries = sorted((bank / "entries").glob("*.npz"))
+    shutil.copy(entries[0], bank / "entries" / "orphan.npz")  # as an interrupted add leaves it
+    entries[1].unlink()  # a lost entry file: repair marks it damaged, only a backup brings it back
+    capsys.readouterr()
+    assert main(["bank", "verify", str(bank)]) == 1
+    before = capsys.readouterr().out
+    assert "--repair` to fix what can be fixed" in before  # repair can help: it is said
+    assert "not listed in bank.db" in before and "bank.json" not in before
+    assert main(["bank", "verify", str(bank), "--repair", *FAST]) == 1
+    capsys.readouterr()
+    assert main(["bank", "verify", str(bank)]) == 1
+    after = capsys.readouterr().out
+    assert "damaged" in after and "rseg bank remove" in after
+    assert "--repair" not in after  # repair has done what it can: no suggestion that cannot help
