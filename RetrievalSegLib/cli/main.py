@@ -21,6 +21,7 @@ from .common import (  # shared with the other commands
     EXIT_PIPE_CLOSED,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    PhaseProgress,
     _non_negative_int,
     _parse_labels_arg,
     _parse_range,
@@ -110,6 +111,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     image = read_volume(args.image)
     bank = SupportBank.open(args.bank)
     check_against_bank(bank, args)  # usage errors (exit 2) before any model loads
+    phases = PhaseProgress(not args.no_progress and not args.json)
+    phases.say(f"loading models (DINOv2 {args.dinov2}, SAM 2 {args.sam2}"
+               + (", random weights" if args.random_weights else "") + ")")
     engine = make_engine(args)
     bars: list = []
     update, close = _progress_bar(not args.no_progress and not args.json, "segmenting", bars)
@@ -124,16 +128,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
             case_id=args.case, case_policy=args.case_policy, window=window,
             encoder_batch=args.batch, progress=update, precision=args.precision, batch_size=args.batch_size,
             extent_stop=args.extent_stop, presence_threshold=args.presence_threshold, start_slice=args.start_slice,
-            estimate=estimate,
+            estimate=estimate, phase=phases,
         )
     finally:
+        phases.close()
         close()
+    outputs_extra = _post_process(seg, args)  # --keep-largest, --statistics
     written = write_outputs(seg, out, args.seg_nrrd)
     from ..segmentation.provenance import segmentation_provenance, slice_records, write_sidecar
 
     prov = segmentation_provenance(seg, engine, bank, k=args.k,
                                    extra={"image": str(args.image), "compile": bool(args.compile),
-                                          "extent": _extent_json(seg)})
+                                          "extent": _extent_json(seg), **outputs_extra})
     records = slice_records(seg, args.slices)
     sidecars = [write_sidecar(p, prov, records) for p in written]
     report = None
@@ -163,6 +169,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "sam2": engine.sam2_identity,
         "dinov2": engine.dinov2_identity,
         "report": None if report is None else str(report),
+        **outputs_extra,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -174,8 +181,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print(f"extent stop {x['stop']} (presence threshold {x['presence_threshold']:g}), started at slice(s) "
                   f"{x['start_slices']} ({x['start_reason']}): {summary['slices_beyond_extent']} slices beyond the "
                   f"extent not segmented (background; --extent-stop 0 segments every slice)")
+        stats = summary.get("statistics") or {}
         for name, n in summary["labels"].items():
-            print(f"  {name}: {n} voxels")
+            ml = f", {stats[name]['volume_ml']:.3f} ml" if name in stats else ""
+            print(f"  {name}: {n} voxels{ml}")
+        for v, n in (summary.get("keep_largest") or {}).get("voxels_removed", {}).items():
+            print(f"  --keep-largest: label {v}: {n} voxels outside its largest connected component removed")
         if summary["random_weights"]:
             print("RANDOM WEIGHTS: this output is meaningless (models were not loaded from real weights)")
         for p in written + sidecars:
@@ -183,6 +194,35 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if summary["low_confidence_slices"]:
             print(f"low-confidence slices (< {args.low_confidence}): {summary['low_confidence_slices']}")
     return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- segment outputs
+# (issue "What a new user met", items 11 and 14: --statistics, --keep-largest)
+def _post_process(seg, args: argparse.Namespace) -> dict:
+    """--keep-largest applied to `seg.labelmap` (before anything is written), then --statistics of
+    the label map as written; what the summary and the sidecar's provenance record of both."""
+    from ..segmentation.postprocess import keep_largest_component, label_statistics
+
+    extra: dict = {}
+    if args.keep_largest is not None:
+        values = [lab.value for lab in seg.labels] if args.keep_largest == "all" else [
+            v for v in args.keep_largest if v in {lab.value for lab in seg.labels}]
+        seg.labelmap, removed = keep_largest_component(seg.labelmap, values)
+        extra["keep_largest"] = {"labels": values, "connectivity": "face (6-neighbourhood)",
+                                 "voxels_removed": {str(v): n for v, n in removed.items()}}
+    if args.statistics:
+        extra["statistics"] = label_statistics(seg.labelmap, seg.labels)
+    return extra
+
+
+def _parse_keep_largest(text: str) -> str | list[int]:
+    """An argparse type: --keep-largest, `all` or label values like 1,3."""
+    if text.strip().lower() == "all":
+        return "all"
+    values = _parse_labels_arg(text)
+    if not values:
+        raise argparse.ArgumentTypeError(f"--keep-largest takes label values like 1,3 or 'all', got {text!r}")
+    return values
 
 
 def check_against_bank(bank, args: argparse.Namespace) -> None:
@@ -194,6 +234,11 @@ def check_against_bank(bank, args: argparse.Namespace) -> None:
         names = ", ".join(f"{lab.value}:{lab.name}" for lab in bank.labels)
         raise _UsageError(f"--labels {','.join(map(str, unknown))}: not in the support bank at {args.bank} "
                           f"(it has {names}); give some of these values, or leave --labels out for all")
+    wanted = args.labels or have
+    outside = [v for v in (args.keep_largest if isinstance(args.keep_largest, list) else []) if v not in wanted]
+    if outside:
+        raise _UsageError(f"--keep-largest {','.join(map(str, outside))}: not among the labels segmented "
+                          f"({','.join(map(str, wanted))})")
     if args.case_policy != "ignore" and args.case is None:
         raise _UsageError(f"--case-policy {args.case_policy} needs --case, the case id of IMAGE in the bank")
     try:
@@ -258,7 +303,15 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
     p.add_argument("--low-confidence", type=float, default=0.5, help="threshold for the low-confidence list")
     p.add_argument("--report", action="store_true", help="also write <out>.report/report.html (see `rseg report`)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars or phase lines on stderr (transformers' own bar included)")
+    # -- outputs other tools give (issue "What a new user met", items 11 and 14)
+    p.add_argument("--statistics", action="store_true",
+                   help="voxel count and volume in ml per label (in the summary, --json and the sidecar)")
+    p.add_argument("--keep-largest", type=_parse_keep_largest, default=None, metavar="LABELS",
+                   help="keep only the largest 3D connected component (face-connected) of these labels, "
+                        "e.g. 1,3 or all; the other components become background (voxels removed are "
+                        "reported)")
     p.set_defaults(func=cmd_segment)
 
 

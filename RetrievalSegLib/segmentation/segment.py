@@ -92,6 +92,7 @@ def segment_volume(
     presence_threshold: float = 0.0,
     start_slice: int | Sequence[int] | None = None,
     estimate: Callable[[TimeEstimate], None] | None = None,
+    phase: Callable[[str, int, int], None] | None = None,
 ) -> VolumeSegmentation:
     """Segment `volume` slice by slice from the support `bank`; partial result if cancelled.
 
@@ -109,7 +110,12 @@ def segment_volume(
     in this order, the annotated slices of this volume in the bank (entries of `case_id` along
     this axis), the middle of `slice_range` if given, else the slice most similar to the bank
     (highest DINOv2 top-1 score). estimate: called once, after the first batch, with a
-    `TimeEstimate` of the rest (before the second batch starts).
+    `TimeEstimate` of the rest (before the second batch starts). phase: called as
+    phase(name, done, total) for the steps before the slices' own progress: "embedding" (DINOv2 on
+    every slice: 0 of n, then n of n) and "support memories" (each SAM 2 support memory computed,
+    of those the retrieved entries lack in the cache: an upper bound with the extent stop; a last
+    call with done == total ends it). Memories are still computed when first needed, in the same
+    order as without `phase`.
     """
     t0 = time.perf_counter()
     _check_options(k, batch_size, encoder_batch, extent_stop, case_id, case_policy)
@@ -145,9 +151,17 @@ def segment_volume(
     if cancel is not None and cancel():
         result.cancelled = True
         return result
+    if phase is not None:
+        phase("embedding", 0, len(images))
     found = retrieve(engine.embedder, bank, images, k, case_id, case_policy)
+    if phase is not None:
+        phase("embedding", len(images), len(images))
     result.bank_revision = found.bank_revision
     memories = SupportMemories(engine, bank, plan.labels, prec)
+    n_memories = memories.to_compute(found.hits) if phase is not None else 0
+    if n_memories:
+        memories.on_computed = lambda done: phase("support memories", done, max(done, n_memories))
+        phase("support memories", 0, n_memories)
     out = LabelMapAssembler(result, plan.label_lut, presence_threshold, progress, total)
 
     def cancelled() -> bool:
@@ -174,6 +188,8 @@ def segment_volume(
         result.extent_stop = int(extent_stop)
         _walk_out_to_the_extent(plan, found, out, compute, cancelled, encoder_batch, report_estimate,
                                 int(extent_stop), presence_threshold)
+    if n_memories and memories.computed < n_memories:  # the extent stop needed fewer: the phase ends
+        phase("support memories", memories.computed, memories.computed)
     result.seconds = time.perf_counter() - t0
     return result
 

@@ -147,3 +147,64 @@ def test_verify_after_repair_suggests_nothing_that_cannot_help_and_names_bank_db
     after = capsys.readouterr().out
     assert "damaged" in after and "rseg bank remove" in after
     assert "--repair" not in after  # repair has done what it can: no suggestion that cannot help
+
+
+# ----------------------------------------------------------------------------- item 5
+def test_segment_says_each_phase_from_the_first_second(study, tmp_path, capsys):
+    bank, image, _ = study
+    capsys.readouterr()
+    args = ["segment", str(image), "--bank", str(bank), "--k", "2", "--extent-stop", "0", "--slices", "1:3", *FAST]
+    assert main([*args, "--out", str(tmp_path / "a.nii.gz")]) == 0
+    err = capsys.readouterr().err
+    steps = ["rseg: loading models (DINOv2 small, SAM 2 sam2.1-tiny, random weights)",
+             "rseg: embedding 2 slices with DINOv2",
+             "rseg: computing 2 SAM 2 support memories",
+             "rseg: estimate: the first support memory took",
+             "support memories: 100%",
+             "segmenting: 100%"]
+    at = [err.find(s) for s in steps]
+    assert -1 not in at, (steps[at.index(-1)], err)
+    assert at == sorted(at), err  # in this order
+    assert "about" in err.split("the first support memory took")[1].splitlines()[0]
+    # The memories are cached now: a second run has none to compute and says so by silence.
+    assert main([*args, "--out", str(tmp_path / "b.nii.gz")]) == 0
+    err = capsys.readouterr().err
+    assert "rseg: embedding 2 slices" in err and "support memories" not in err
+    # --no-progress: nothing at all.
+    assert main([*args, "--out", str(tmp_path / "c.nii.gz"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "rseg: loading" not in err and "support memories" not in err and "rseg: embedding" not in err
+
+
+# ----------------------------------------------------------------------------- items 11 and 14
+def test_statistics_and_keep_largest_in_summary_json_and_sidecar(study, tmp_path, capsys):
+    from RetrievalSegLib.data.volume import read_volume
+    from RetrievalSegLib.segmentation.postprocess import keep_largest_component
+    from RetrievalSegLib.segmentation.provenance import read_sidecar
+
+    bank, image, _ = study
+    out = tmp_path / "s.nii.gz"
+    capsys.readouterr()
+    assert main(["segment", str(image), "--bank", str(bank), "--out", str(out), "--k", "2", "--extent-stop", "0",
+                 "--statistics", "--keep-largest", "all", "--json", *FAST]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    written = read_volume(out)
+    voxel_ml = float(np.prod(written.spacing)) / 1000.0
+    assert set(summary["statistics"]) == {"RV", "Myo", "LV"}
+    for name, st in summary["statistics"].items():
+        n = int((written.array == st["value"]).sum())
+        assert st["voxels"] == n == summary["labels"][name]
+        assert st["volume_ml"] == pytest.approx(n * voxel_ml)
+    assert summary["keep_largest"]["labels"] == [1, 2, 3]
+    _, again = keep_largest_component(written, [1, 2, 3])
+    assert again == {1: 0, 2: 0, 3: 0}  # what was written has one component per label
+    prov = read_sidecar(out)["provenance"]
+    assert prov["statistics"] == summary["statistics"] and prov["keep_largest"] == summary["keep_largest"]
+
+
+def test_keep_largest_of_a_label_not_segmented_is_a_usage_error(study, tmp_path, capsys, monkeypatch):
+    bank, image, _ = study
+    _no_models(monkeypatch)
+    assert main(["segment", str(image), "--bank", str(bank), "--out", str(tmp_path / "s.nii.gz"), "--labels", "1",
+                 "--keep-largest", "2", *FAST]) == 2
+    assert "--keep-largest 2" in capsys.readouterr().err
