@@ -134,6 +134,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         phases.close()
         close()
     outputs_extra = _post_process(seg, args)  # --keep-largest, --statistics
+    from ..segmentation.provenance import weights_official
+
+    outputs_extra.update(weights_official(engine))  # published weights or not, by SHA-256
     written = write_outputs(seg, out, args.seg_nrrd)
     from ..segmentation.provenance import segmentation_provenance, slice_records, write_sidecar
 
@@ -189,6 +192,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print(f"  --keep-largest: label {v}: {n} voxels outside its largest connected component removed")
         if summary["random_weights"]:
             print("RANDOM WEIGHTS: this output is meaningless (models were not loaded from real weights)")
+        elif summary["weights_official"] is False:
+            differ = [f"{kind} {w['file']} (SHA-256 {w['sha256']}, published {w['published_sha256']})"
+                      for kind, w in summary["weights"].items() if w.get("official") is False]
+            print("NOT THE PUBLISHED WEIGHTS (a fine-tune or a changed copy): " + "; ".join(differ))
         for p in written + sidecars:
             print(f"wrote {p}")
         if summary["low_confidence_slices"]:

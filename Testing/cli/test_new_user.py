@@ -200,6 +200,8 @@ def test_statistics_and_keep_largest_in_summary_json_and_sidecar(study, tmp_path
     assert again == {1: 0, 2: 0, 3: 0}  # what was written has one component per label
     prov = read_sidecar(out)["provenance"]
     assert prov["statistics"] == summary["statistics"] and prov["keep_largest"] == summary["keep_largest"]
+    # Item 9: random weights are never the published ones, in the summary and the sidecar.
+    assert summary["weights_official"] is False and prov["weights_official"] is False
 
 
 def test_keep_largest_of_a_label_not_segmented_is_a_usage_error(study, tmp_path, capsys, monkeypatch):
