@@ -111,6 +111,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     image = read_volume(args.image)
     bank = SupportBank.open(args.bank)
     check_against_bank(bank, args)  # usage errors (exit 2) before any model loads
+    if args.save_probabilities:  # their names need the bank's labels: checked as the other outputs
+        wanted = [lab for lab in bank.labels if args.labels is None or lab.value in args.labels]
+        check_outputs({**outputs, **{f"--save-probabilities ({p.name})": p for p in probability_paths(out, wanted)}},
+                      inputs={"input image": image_path} if not image_path.is_dir() else {},
+                      folders={"support bank": Path(args.bank),
+                               **({"input DICOM folder": image_path} if image_path.is_dir() else {})})
     phases = PhaseProgress(not args.no_progress and not args.json)
     phases.say(f"loading models (DINOv2 {args.dinov2}, SAM 2 {args.sam2}"
                + (", random weights" if args.random_weights else "") + ")")
@@ -128,12 +134,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
             case_id=args.case, case_policy=args.case_policy, window=window,
             encoder_batch=args.batch, progress=update, precision=args.precision, batch_size=args.batch_size,
             extent_stop=args.extent_stop, presence_threshold=args.presence_threshold, start_slice=args.start_slice,
-            estimate=estimate, phase=phases,
+            estimate=estimate, phase=phases, keep_probabilities=bool(args.save_probabilities),
         )
     finally:
         phases.close()
         close()
+    prob_paths = probability_paths(out, seg.labels) if args.save_probabilities else []
     outputs_extra = _post_process(seg, args)  # --keep-largest, --statistics
+    if prob_paths:
+        outputs_extra["probabilities"] = [str(p) for p in write_probabilities(seg, prob_paths)]
     from ..segmentation.provenance import weights_official
 
     outputs_extra.update(weights_official(engine))  # published weights or not, by SHA-256
@@ -220,6 +229,26 @@ def _post_process(seg, args: argparse.Namespace) -> dict:
     if args.statistics:
         extra["statistics"] = label_statistics(seg.labelmap, seg.labels)
     return extra
+
+
+def probability_paths(out: Path, labels) -> list[Path]:
+    """--save-probabilities: `<out without its extension>.prob-<value>-<name>.nii.gz` per label."""
+    import re
+
+    base = out.name
+    for suffix in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return [out.with_name(f"{base}.prob-{lab.value}-{re.sub(r'[^A-Za-z0-9_-]+', '_', lab.name)}.nii.gz")
+            for lab in labels]
+
+
+def write_probabilities(seg, paths: list[Path]) -> list[Path]:
+    """Each label's probability map (float32 NIfTI, the label map's geometry; before --keep-largest)."""
+    from ..data.volume import write_volume
+
+    return [write_volume(seg.labelmap.with_array(seg.probabilities[i]), p) for i, p in enumerate(paths)]
 
 
 def _parse_keep_largest(text: str) -> str | list[int]:
@@ -319,6 +348,10 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
                    help="keep only the largest 3D connected component (face-connected) of these labels, "
                         "e.g. 1,3 or all; the other components become background (voxels removed are "
                         "reported)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write each label's probability map, sigmoid of SAM 2's logit (float32 NIfTI "
+                        "<out>.prob-<value>-<name>.nii.gz beside --out; 0 where the label is absent; before "
+                        "--keep-largest). The label map is their argmax where the largest is > 0.5")
     p.set_defaults(func=cmd_segment)
 
 

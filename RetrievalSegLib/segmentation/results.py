@@ -86,6 +86,7 @@ class VolumeSegmentation:
     cancelled: bool = False
     seconds: float = 0.0
     label_masks: np.ndarray | None = None  # [L, *volume shape] bool, logit > 0 per label, if kept
+    probabilities: np.ndarray | None = None  # [L, *volume shape] float32 sigmoid(logit) per label, if kept
     precision: str = "fp32"  # as resolved for the device: 'fp32' or 'bf16'
     batch_size: int = 1  # slices per memory-attention call (1 = the per-slice reference path)
     extent_stop: int = 0  # 0: every slice of the range was asked for

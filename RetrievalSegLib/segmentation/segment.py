@@ -88,6 +88,7 @@ def segment_volume(
     precision: str = "auto",
     batch_size: int | None = None,
     keep_label_masks: bool = False,
+    keep_probabilities: bool = False,
     extent_stop: int = 0,
     presence_threshold: float = 0.0,
     start_slice: int | Sequence[int] | None = None,
@@ -101,7 +102,9 @@ def segment_volume(
     batch_size: slices per memory-attention + decoder call; None picks it for the device
     (`auto_batch_size`), 1 is the per-slice reference path. encoder_batch: slices per image
     encoder call (None: batch_size, at least 4). keep_label_masks: also return each label's own
-    foreground mask (logit > 0, overlaps kept) as `label_masks`.
+    foreground mask (logit > 0, overlaps kept) as `label_masks`. keep_probabilities: also return each
+    label's probability sigmoid(logit) as `probabilities` (float32; 0 where the label is absent and on
+    slices not segmented): the label map is their argmax where the largest is > 0.5.
     presence_threshold (>= 0; default 0, SAM 2's own rule): a label whose object score on a slice is
     <= it is absent there: its mask on that slice is empty (both paths; recorded per slice and
     label in `SliceResult.present`). extent_stop: 0 (default) segments every slice of the range;
@@ -143,6 +146,8 @@ def segment_volume(
     )
     if keep_label_masks:
         result.label_masks = np.zeros((len(plan.labels),) + volume.array.shape, dtype=bool)
+    if keep_probabilities:
+        result.probabilities = np.zeros((len(plan.labels),) + volume.array.shape, dtype=np.float32)
     total = plan.stop - plan.start
     if progress is not None:
         progress(0, total)

@@ -210,3 +210,26 @@ def test_keep_largest_of_a_label_not_segmented_is_a_usage_error(study, tmp_path,
     assert main(["segment", str(image), "--bank", str(bank), "--out", str(tmp_path / "s.nii.gz"), "--labels", "1",
                  "--keep-largest", "2", *FAST]) == 2
     assert "--keep-largest 2" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- item 13
+def test_save_probabilities_writes_one_float_map_per_label_whose_argmax_is_the_label_map(study, tmp_path, capsys):
+    from RetrievalSegLib.data.volume import read_volume
+
+    bank, image, _ = study
+    out = tmp_path / "seg.nii.gz"
+    capsys.readouterr()
+    assert main(["segment", str(image), "--bank", str(bank), "--out", str(out), "--k", "2", "--extent-stop", "0",
+                 "--save-probabilities", "--json", *FAST]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    names = [tmp_path / f"seg.prob-{v}-{n}.nii.gz" for v, n in ((1, "RV"), (2, "Myo"), (3, "LV"))]
+    assert summary["probabilities"] == [str(p) for p in names]
+    labelmap = read_volume(out)
+    maps = [read_volume(p) for p in names]
+    for m in maps:
+        assert m.array.dtype == np.float32 and m.same_geometry(read_volume(image), tol=1e-4)
+        assert 0.0 <= float(m.array.min()) and float(m.array.max()) <= 1.0
+    prob = np.stack([m.array for m in maps])
+    assert prob.max() > 0.5  # not vacuous: some foreground to compare
+    rebuilt = np.where(prob.max(axis=0) > 0.5, np.array([1, 2, 3])[prob.argmax(axis=0)], 0)
+    np.testing.assert_array_equal(rebuilt, labelmap.array)
