@@ -435,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub, models)
     add_suggest_parser(sub, make_embedder, parents=[models])
     add_report_parser(sub)
+    from .sample_data import add_sample_data_parser
+
+    add_sample_data_parser(sub)
     return parser
 
 

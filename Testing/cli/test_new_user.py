@@ -233,3 +233,43 @@ def test_save_probabilities_writes_one_float_map_per_label_whose_argmax_is_the_l
     assert prob.max() > 0.5  # not vacuous: some foreground to compare
     rebuilt = np.where(prob.max(axis=0) > 0.5, np.array([1, 2, 3])[prob.argmax(axis=0)], 0)
     np.testing.assert_array_equal(rebuilt, labelmap.array)
+
+
+# ----------------------------------------------------------------------------- item 10
+def test_sample_data_writes_a_study_the_printed_commands_run_on(tmp_path, capsys):
+    import shlex
+
+    from RetrievalSegLib.data.volume import read_volume
+
+    out = tmp_path / "sample"
+    assert main(["sample-data", str(out), "--cases", "1"]) == 0
+    text = capsys.readouterr().out
+    for split in ("train", "test"):
+        images = sorted((out / split / "images").glob("*.nii.gz"))
+        assert len(images) == 1
+        img, lab = read_volume(images[0]), read_volume(out / split / "labels" / images[0].name)
+        assert img.same_geometry(lab) and set(np.unique(lab.array)) == {0, 1, 2, 3}
+    commands = [shlex.split(line.strip())[1:] for line in text.splitlines() if line.strip().startswith("rseg bank")]
+    assert [c[:2] for c in commands] == [["bank", "create"], ["bank", "add"]]
+    for c in commands:  # the printed commands work as printed (random weights here: no download)
+        assert main([*c, *FAST]) == 0
+    assert main(["sample-data", str(out)]) == 2  # never written over
+    assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_the_readme_library_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+
+    from RetrievalSegLib.data.volume import read_volume
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"<!-- library example[^>]*-->\n```python\n(.*?)```", readme, re.S).group(1)
+    real = 'RetrievalEngine.load("sam2.1-tiny", "small", image_size=512)'
+    assert real in code
+    code = code.replace(real, 'RetrievalEngine.load("sam2.1-tiny", "small", image_size=256, random_weights=True, '
+                              'device="cpu", dinov2_input_size=56)')  # no weights here: random ones
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample-data", "try"]) == 0  # as the README says
+    exec(compile(code, "README.md library example", "exec"), {})
+    assert read_volume(tmp_path / "try/seg.nii.gz").same_geometry(read_volume(tmp_path / "try/test/images/synth000_002.nii.gz"))
