@@ -273,3 +273,23 @@ def test_the_readme_library_example_runs_as_written(tmp_path, monkeypatch, capsy
     assert main(["sample-data", "try"]) == 0  # as the README says
     exec(compile(code, "README.md library example", "exec"), {})
     assert read_volume(tmp_path / "try/seg.nii.gz").same_geometry(read_volume(tmp_path / "try/test/images/synth000_002.nii.gz"))
+
+
+def test_cohort_summary_has_statistics_per_volume(study, tmp_path, capsys):
+    from RetrievalSegLib.data.volume import read_volume
+
+    bank, image, _ = study
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"image,case_id\n{image},test1\n")
+    out = tmp_path / "segs"
+    capsys.readouterr()
+    assert main(["segment-cohort", str(manifest), "--bank", str(bank), "--out", str(out), "--k", "2",
+                 "--workers", "1", "--json", "--no-progress", *FAST]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    (r,) = summary["results"]
+    written = read_volume(out / "test1.nii.gz")
+    for name, st in r["statistics"].items():
+        n = int((written.array == st["value"]).sum())
+        assert st["voxels"] == n and st["volume_ml"] == pytest.approx(n * float(np.prod(written.spacing)) / 1000.0)
+    assert set(r["statistics"]) == {"RV", "Myo", "LV"}
+    assert json.loads((out / "cohort-summary.json").read_text())["results"][0]["statistics"] == r["statistics"]
