@@ -293,3 +293,21 @@ def test_cohort_summary_has_statistics_per_volume(study, tmp_path, capsys):
         assert st["voxels"] == n and st["volume_ml"] == pytest.approx(n * float(np.prod(written.spacing)) / 1000.0)
     assert set(r["statistics"]) == {"RV", "Myo", "LV"}
     assert json.loads((out / "cohort-summary.json").read_text())["results"][0]["statistics"] == r["statistics"]
+
+
+def test_cohort_usage_errors_exit_2_before_the_models_load(study, tmp_path, capsys, monkeypatch):
+    from RetrievalSegLib.cohort import run as cohort_run
+
+    bank, image, _ = study
+
+    def refuse(*a, **kw):
+        raise AssertionError("volumes were run before the usage error was found")
+
+    monkeypatch.setattr(cohort_run, "run_local", refuse)
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"image,case_id\n{image},test1\n")
+    for extra, words in ((["--k", "50"], "--k 50"), (["--labels", "9"], "--labels 9")):
+        capsys.readouterr()
+        assert main(["segment-cohort", str(manifest), "--bank", str(bank), "--out", str(tmp_path / "o"),
+                     "--workers", "1", *extra, *FAST]) == 2
+        assert words in capsys.readouterr().err
