@@ -285,6 +285,7 @@ class VerifyReport:
     memory_problems: list[str] = field(default_factory=list)  # cached memories that fail their check
     actions: list[str] = field(default_factory=list)  # what repair did
     found_before_repair: list[str] = field(default_factory=list)
+    repairable: int = 0  # problems `verify --repair` fixes (a damaged entry's or a link's it cannot)
 
     @property
     def ok(self) -> bool:
@@ -316,6 +317,7 @@ class VerifyReport:
             "memory_problems": self.memory_problems,
             "actions": self.actions,
             "found_before_repair": self.found_before_repair,
+            "repairable": self.repairable,
         }
 
     def summary(self) -> str:

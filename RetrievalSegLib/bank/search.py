@@ -45,6 +45,30 @@ class BankSearch(BankStore):
                 f"k={k} supports requested but the support bank at {self.path} has no usable "
                 f"entries; add annotated slices with `rseg bank add {self.path} IMAGE LABELS --case ID`"
             )
+        in_case, n_case = self._check_available(state, rows, ix, k, case_id, case_policy)
+        q = np.ascontiguousarray(q)
+        if case_policy == "prefer" and n_case:
+            k1 = min(k, n_case)
+            s, i = ix.search(q, k1, keep=in_case)
+            if k > k1:
+                s2, i2 = ix.search(q, k - k1, keep=~in_case)
+                s, i = np.concatenate([s, s2], axis=1), np.concatenate([i, i2], axis=1)
+        else:
+            s, i = ix.search(q, k, keep=~in_case if case_policy == "exclude" and n_case else None)
+        ids = ix.ids
+        return [[(ids[j], float(sc)) for j, sc in zip(ri.tolist(), rs.tolist())] for rs, ri in zip(s, i)]
+
+    def check_k(self, k: int, case_id: str | None = None, case_policy: str = "exclude") -> None:
+        """ValueError unless `search` can return k supports under this case policy (checked before
+        any model loads, so that `rseg segment --k` larger than the bank is a usage error)."""
+        if case_policy not in CASE_POLICIES:
+            raise ValueError(f"case_policy must be one of {CASE_POLICIES}, got {case_policy!r}")
+        state, rows = self._state_and_rows()
+        self._check_available(state, rows, self._index(state, rows), k, case_id, case_policy)
+
+    def _check_available(self, state: _State, rows: np.ndarray, ix: "_RevisionIndex", k: int,
+                         case_id: str | None, case_policy: str) -> tuple[np.ndarray, int]:
+        """The case mask and its size; ValueError saying why when fewer than k entries are usable."""
         usable = ix.usable
         in_case = ix.case_mask(case_id, case_policy)
         n_case = int(in_case.sum())
@@ -69,17 +93,7 @@ class BankSearch(BankStore):
                 f"{available} usable entries" + (f" ({', '.join(why)})" if why else "")
                 + "; lower k or add annotated slices"
             )
-        q = np.ascontiguousarray(q)
-        if case_policy == "prefer" and n_case:
-            k1 = min(k, n_case)
-            s, i = ix.search(q, k1, keep=in_case)
-            if k > k1:
-                s2, i2 = ix.search(q, k - k1, keep=~in_case)
-                s, i = np.concatenate([s, s2], axis=1), np.concatenate([i, i2], axis=1)
-        else:
-            s, i = ix.search(q, k, keep=~in_case if case_policy == "exclude" and n_case else None)
-        ids = ix.ids
-        return [[(ids[j], float(sc)) for j, sc in zip(ri.tolist(), rs.tolist())] for rs, ri in zip(s, i)]
+        return in_case, n_case
 
     def _index(self, state: _State, rows: np.ndarray) -> "_RevisionIndex":
         """The faiss index and case tables of this revision (built once per revision)."""

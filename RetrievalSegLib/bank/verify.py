@@ -14,7 +14,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .format import (
+    BANK_FILE,
+    DB_FILE,
     EMBEDDINGS_FILE,
+    SCHEMA_VERSION,
     ENTRIES_DIR,
     INDEX_FILE,
     BankCorruptError,
@@ -26,6 +29,11 @@ from .format import (
     _reembed_hint,
     _State,
 )
+
+
+def _index_name(state: _State) -> str:
+    """The file that lists the bank's entries: bank.db (schema 2) or bank.json (schema 1)."""
+    return DB_FILE if state.schema == SCHEMA_VERSION else BANK_FILE
 from ..engine.memory_cache import MEMORIES_DIR, memory_cache_name
 from .storage import BankStore
 from ..data.fileio import TMP_PREFIX, check_no_links, is_link, read_bytes
@@ -229,6 +237,7 @@ class BankVerify(BankStore):
             where = f"entry {e.id} (case {e.case_id}, {AXIS_NAMES[e.axis]}={e.index}, {e.status})"
             if problem is None:
                 if e.damaged is not None:
+                    report.repairable += 1
                     report.problems.append(
                         f"{where} is marked damaged but its file is fine now: "
                         f"`rseg bank verify {self.path} --repair` clears the mark"
@@ -248,12 +257,14 @@ class BankVerify(BankStore):
                     f"backup, or retire it with `rseg bank remove {self.path} {e.id}`"
                 )
             else:
+                report.repairable += 1  # repair marks it damaged (kept, never retrieved)
                 report.problems.append(f"{where}: {reason}")
         _, kind, message = self._embeddings_status(state)
         if kind == "extra":
             report.notes.append(str(message))
         elif kind is not None:
             report.embeddings_problem = message
+            report.repairable += 1
             report.problems.append(str(message))
         if embedder is not None and embedder.identity != state.dinov2:
             report.model_problem = (
@@ -268,10 +279,12 @@ class BankVerify(BankStore):
 
                 ntotal = faiss.read_index(str(index_file)).ntotal
                 if ntotal != len(state.entries):
-                    report.index_problem = f"{INDEX_FILE} has {ntotal} rows, bank.json lists {len(state.entries)}"
+                    report.index_problem = (f"{INDEX_FILE} has {ntotal} rows, {_index_name(state)} lists "
+                                           f"{len(state.entries)}")
             except Exception as e:  # noqa: BLE001
                 report.index_problem = f"{INDEX_FILE} cannot be read ({e})"
             if report.index_problem:
+                report.repairable += 0 if report.links else 1  # repair leaves it while a link is inside
                 report.problems.append(report.index_problem + "; `verify --repair` removes it")
         ids = {e.id for e in state.entries}
         for folder in (self.path, self.path / ENTRIES_DIR, self.path / MEMORIES_DIR):
@@ -289,7 +302,7 @@ class BankVerify(BankStore):
             )
         if report.orphan_files:
             report.notes.append(
-                f"{len(report.orphan_files)} entry file(s) not listed in bank.json (from interrupted "
+                f"{len(report.orphan_files)} entry file(s) not listed in {_index_name(state)} (from interrupted "
                 f"adds; never part of the bank; kept): {', '.join(report.orphan_files[:5])}"
             )
         mem = self.path / MEMORIES_DIR
@@ -330,6 +343,7 @@ class BankVerify(BankStore):
                         why = f"computed for entry {meta.get('key')!r}, but named {f.name}"
                 if why is not None:
                     report.memory_problems.append(rel)
+                    report.repairable += 1
                     report.problems.append(
                         f"memory cache file {rel}: {why}; it is not used (segment recomputes it). "
                         f"`rseg bank verify {self.path} --repair` deletes the caches (rebuilt on use)"

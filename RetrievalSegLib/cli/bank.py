@@ -136,6 +136,8 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
         except _UsageError as e:
             _err(str(e))
             return EXIT_USAGE
+        except BrokenPipeError:
+            raise  # the reader of stdout stopped (`| head`): main() ends quietly
         except (BankError, ValueError, TypeError, LookupError, OSError) as e:
             _err(str(e))
             return EXIT_FAILURE
@@ -382,7 +384,7 @@ def add_bank_parser(
             print(json.dumps(report.to_json(), indent=1))
         else:
             print(report.summary())
-            if not report.ok and not args.repair:
+            if report.repairable and not args.repair:  # never a suggestion that cannot help
                 print(f"run `rseg bank verify {b.path} --repair` to fix what can be fixed")
         return EXIT_OK if report.ok else EXIT_FAILURE
 

@@ -177,6 +177,20 @@ def _sigterm_as_ctrl_c():
     return lambda: signal.signal(signal.SIGTERM, old)
 
 
+def _check_against_bank(bank, args: argparse.Namespace) -> None:
+    """--labels the bank lacks and --k above its usable entries are usage errors, found before any
+    model loads (as `rseg segment`); a volume's own exclusions (--case-policy exclude) are per volume."""
+    have = sorted(lab.value for lab in bank.labels)
+    unknown = [v for v in (args.labels or []) if v not in have]
+    if unknown:
+        raise _UsageError(f"--labels {','.join(map(str, unknown))}: not in the support bank at {args.bank} "
+                          f"(it has {','.join(map(str, have))})")
+    try:
+        bank.check_k(args.k, None, "ignore")
+    except ValueError as e:
+        raise _UsageError(f"--k {args.k}: {e}") from None
+
+
 def cmd_segment_cohort(args: argparse.Namespace) -> int:
     from ..bank.support_bank import SupportBank
     from ..cohort.volume_job import ManifestError, read_manifest, select_shard
@@ -192,6 +206,7 @@ def cmd_segment_cohort(args: argparse.Namespace) -> int:
     if args.shard is not None:
         volumes = select_shard(volumes, *args.shard)
     bank = SupportBank.open(args.bank)  # read only: id, revision and labels for the provenance
+    _check_against_bank(bank, args)  # usage errors (exit 2) before any model loads
     args.out.mkdir(parents=True, exist_ok=True)
     settings, model_args = cohort_settings(args, bank, window)
     gpus = visible_gpus() if args.ray is None and str(args.device) in ("auto", "cuda") else 0

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: `rseg bank list | head` (issue "What a new user met", item 8)
 
 
 def model_options() -> argparse.ArgumentParser:
@@ -189,3 +190,58 @@ def _parse_range(text: str | None) -> tuple[int, int] | None:
         return int(a), int(b)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--slices takes START:STOP (stop exclusive), got {text!r}") from None
+
+
+# ----------------------------------------------------------------------------- phases of a run
+class PhaseProgress:
+    """What a run is doing, on stderr, from its first second (issue "What a new user met", item 5):
+    loading the models, embedding the slices, computing the support memories (its own bar, and an
+    estimate as soon as the first memory is done), then the slices' own bar. Off: says nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.started = 0.0
+
+    def say(self, text: str) -> None:
+        """One line on stderr (above any bar)."""
+        if self.enabled:
+            print(f"rseg: {text}", file=sys.stderr, flush=True)
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        """`segment_volume`'s phase callback."""
+        if not self.enabled:
+            return
+        if name == "embedding":
+            if done == 0:
+                self.say(f"embedding {total} slices with DINOv2 and retrieving their supports")
+            return
+        if name != "support memories":
+            return
+        import time
+
+        if self.bar is None:
+            if done >= total:
+                return
+            from tqdm import tqdm
+
+            self.say(f"computing {total} SAM 2 support memories (once per bank entry and model; cached for "
+                     "later runs)")
+            self.bar = tqdm(total=total, desc="support memories", unit="memory", file=sys.stderr,
+                            dynamic_ncols=True)
+            self.started = time.perf_counter()
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+        if done == 1:
+            took = time.perf_counter() - self.started
+            self.bar.write(f"rseg: estimate: the first support memory took {took:.1f} s: about "
+                           f"{took * (total - 1):.0f} s for the {total - 1} left, then the slices", file=sys.stderr)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        """Ends the memories' bar if it is still open."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from .common import PhaseProgress
+
 EXIT_UNAVAILABLE = 3
 
 
@@ -68,6 +70,7 @@ def run(out: Path, sam2: str = "tiny", dinov2: str = "small", device: str = "aut
 
     if check_weights and not _ensure_weights(sam2, dinov2, assume_yes):
         return EXIT_UNAVAILABLE
+    print(f"demo: loading models (SAM 2.1 {sam2} at {image_size} px, DINOv2 {dinov2})", flush=True)
     try:
         engine = RetrievalEngine.load(sam2, dinov2, device=device, image_size=image_size)
     except MissingWeightsError as e:
@@ -100,10 +103,12 @@ def run(out: Path, sam2: str = "tiny", dinov2: str = "small", device: str = "aut
         bar.n = done
         bar.refresh()
 
+    phases = PhaseProgress(True)  # embedding, the support memories' own bar and its estimate
     t = time.perf_counter()
     try:
-        seg = segment_volume(test.image, bank, engine, k=min(k, len(bank)), progress=progress)
+        seg = segment_volume(test.image, bank, engine, k=min(k, len(bank)), progress=progress, phase=phases)
     finally:
+        phases.close()
         bar.close()
     written = write_outputs(seg, out / f"{test.case_id}_pred.nii.gz", out / f"{test.case_id}_pred.seg.nrrd")
     print(f"demo: {len(seg.slices)} slices in {time.perf_counter() - t:.1f} s; wrote " + ", ".join(map(str, written)))
@@ -129,3 +134,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -1,7 +1,8 @@
 """`rseg`: the RetrievalSeg command line (weights, support banks, segmentation, evaluation).
 
 Exit codes: 0 success; 1 failure (bad input file, corrupt bank, failed check); 2 usage error;
-3 weights unavailable (missing and not downloadable, or offline); 130 interrupted (Ctrl-C).
+3 weights unavailable (missing and not downloadable, or offline); 130 interrupted (Ctrl-C);
+141 the reader of standard output stopped reading (`| head`; 128 + SIGPIPE, as other tools give).
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from .common import (  # shared with the other commands
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_PIPE_CLOSED,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    PhaseProgress,
     _non_negative_int,
     _parse_labels_arg,
     _parse_range,
@@ -109,6 +112,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
     )
     image = read_volume(args.image)
     bank = SupportBank.open(args.bank)
+    check_against_bank(bank, args)  # usage errors (exit 2) before any model loads
+    if args.save_probabilities:  # their names need the bank's labels: checked as the other outputs
+        wanted = [lab for lab in bank.labels if args.labels is None or lab.value in args.labels]
+        check_outputs({**outputs, **{f"--save-probabilities ({p.name})": p for p in probability_paths(out, wanted)}},
+                      inputs={"input image": image_path} if not image_path.is_dir() else {},
+                      folders={"support bank": Path(args.bank),
+                               **({"input DICOM folder": image_path} if image_path.is_dir() else {})})
+    phases = PhaseProgress(not args.no_progress and not args.json)
+    phases.say(f"loading models (DINOv2 {args.dinov2}, SAM 2 {args.sam2}"
+               + (", random weights" if args.random_weights else "") + ")")
     engine = make_engine(args)
     bars: list = []
     update, close = _progress_bar(not args.no_progress and not args.json, "segmenting", bars)
@@ -133,15 +146,24 @@ def cmd_segment(args: argparse.Namespace) -> int:
             extent_stop=args.extent_stop, presence_threshold=args.presence_threshold, start_slice=args.start_slice,
             estimate=estimate, support_order=args.support_order, propagate=args.propagate,
             support_filter=args.support_filter, log=log,
+            phase=phases, keep_probabilities=bool(args.save_probabilities),
         )
     finally:
+        phases.close()
         close()
+    prob_paths = probability_paths(out, seg.labels) if args.save_probabilities else []
+    outputs_extra = _post_process(seg, args)  # --keep-largest, --statistics
+    if prob_paths:
+        outputs_extra["probabilities"] = [str(p) for p in write_probabilities(seg, prob_paths)]
+    from ..segmentation.provenance import weights_official
+
+    outputs_extra.update(weights_official(engine))  # published weights or not, by SHA-256
     written = write_outputs(seg, out, args.seg_nrrd)
     from ..segmentation.provenance import segmentation_provenance, slice_records, write_sidecar
 
     prov = segmentation_provenance(seg, engine, bank, k=args.k,
                                    extra={"image": str(args.image), "compile": bool(args.compile),
-                                          "extent": _extent_json(seg)})
+                                          "extent": _extent_json(seg), **outputs_extra})
     records = slice_records(seg, args.slices)
     sidecars = [write_sidecar(p, prov, records) for p in written]
     report = None
@@ -171,6 +193,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "sam2": engine.sam2_identity,
         "dinov2": engine.dinov2_identity,
         "report": None if report is None else str(report),
+        **outputs_extra,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -182,15 +205,94 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print(f"extent stop {x['stop']} (presence threshold {x['presence_threshold']:g}), started at slice(s) "
                   f"{x['start_slices']} ({x['start_reason']}): {summary['slices_beyond_extent']} slices beyond the "
                   f"extent not segmented (background; --extent-stop 0 segments every slice)")
+        stats = summary.get("statistics") or {}
         for name, n in summary["labels"].items():
-            print(f"  {name}: {n} voxels")
+            ml = f", {stats[name]['volume_ml']:.3f} ml" if name in stats else ""
+            print(f"  {name}: {n} voxels{ml}")
+        for v, n in (summary.get("keep_largest") or {}).get("voxels_removed", {}).items():
+            print(f"  --keep-largest: label {v}: {n} voxels outside its largest connected component removed")
         if summary["random_weights"]:
             print("RANDOM WEIGHTS: this output is meaningless (models were not loaded from real weights)")
+        elif summary["weights_official"] is False:
+            differ = [f"{kind} {w['file']} (SHA-256 {w['sha256']}, published {w['published_sha256']})"
+                      for kind, w in summary["weights"].items() if w.get("official") is False]
+            print("NOT THE PUBLISHED WEIGHTS (a fine-tune or a changed copy): " + "; ".join(differ))
         for p in written + sidecars:
             print(f"wrote {p}")
         if summary["low_confidence_slices"]:
             print(f"low-confidence slices (< {args.low_confidence}): {summary['low_confidence_slices']}")
     return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- segment outputs
+# (issue "What a new user met", items 11 and 14: --statistics, --keep-largest)
+def _post_process(seg, args: argparse.Namespace) -> dict:
+    """--keep-largest applied to `seg.labelmap` (before anything is written), then --statistics of
+    the label map as written; what the summary and the sidecar's provenance record of both."""
+    from ..segmentation.postprocess import keep_largest_component, label_statistics
+
+    extra: dict = {}
+    if args.keep_largest is not None:
+        values = [lab.value for lab in seg.labels] if args.keep_largest == "all" else [
+            v for v in args.keep_largest if v in {lab.value for lab in seg.labels}]
+        seg.labelmap, removed = keep_largest_component(seg.labelmap, values)
+        extra["keep_largest"] = {"labels": values, "connectivity": "face (6-neighbourhood)",
+                                 "voxels_removed": {str(v): n for v, n in removed.items()}}
+    if args.statistics:
+        extra["statistics"] = label_statistics(seg.labelmap, seg.labels)
+    return extra
+
+
+def probability_paths(out: Path, labels) -> list[Path]:
+    """--save-probabilities: `<out without its extension>.prob-<value>-<name>.nii.gz` per label."""
+    import re
+
+    base = out.name
+    for suffix in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return [out.with_name(f"{base}.prob-{lab.value}-{re.sub(r'[^A-Za-z0-9_-]+', '_', lab.name)}.nii.gz")
+            for lab in labels]
+
+
+def write_probabilities(seg, paths: list[Path]) -> list[Path]:
+    """Each label's probability map (float32 NIfTI, the label map's geometry; before --keep-largest)."""
+    from ..data.volume import write_volume
+
+    return [write_volume(seg.labelmap.with_array(seg.probabilities[i]), p) for i, p in enumerate(paths)]
+
+
+def _parse_keep_largest(text: str) -> str | list[int]:
+    """An argparse type: --keep-largest, `all` or label values like 1,3."""
+    if text.strip().lower() == "all":
+        return "all"
+    values = _parse_labels_arg(text)
+    if not values:
+        raise argparse.ArgumentTypeError(f"--keep-largest takes label values like 1,3 or 'all', got {text!r}")
+    return values
+
+
+def check_against_bank(bank, args: argparse.Namespace) -> None:
+    """Usage errors that need only the bank, found before any model loads: --labels values the bank
+    does not define, --k larger than the entries it can retrieve for --case under --case-policy."""
+    have = sorted(lab.value for lab in bank.labels)
+    unknown = [v for v in (args.labels or []) if v not in have]
+    if unknown:
+        names = ", ".join(f"{lab.value}:{lab.name}" for lab in bank.labels)
+        raise _UsageError(f"--labels {','.join(map(str, unknown))}: not in the support bank at {args.bank} "
+                          f"(it has {names}); give some of these values, or leave --labels out for all")
+    wanted = args.labels or have
+    outside = [v for v in (args.keep_largest if isinstance(args.keep_largest, list) else []) if v not in wanted]
+    if outside:
+        raise _UsageError(f"--keep-largest {','.join(map(str, outside))}: not among the labels segmented "
+                          f"({','.join(map(str, wanted))})")
+    if args.case_policy != "ignore" and args.case is None:
+        raise _UsageError(f"--case-policy {args.case_policy} needs --case, the case id of IMAGE in the bank")
+    try:
+        bank.check_k(args.k, args.case, args.case_policy)
+    except ValueError as e:
+        raise _UsageError(f"--k {args.k}: {e}") from None
 
 
 def _extent_json(seg) -> dict:
@@ -221,7 +323,7 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="output label map (.nii.gz/.nrrd/.mha) or Slicer segmentation (.seg.nrrd)")
     p.add_argument("--seg-nrrd", type=Path, default=None, help="also write a Slicer .seg.nrrd here")
-    p.add_argument("--k", type=int, default=8, help=K_HELP)
+    p.add_argument("--k", type=_positive_int, default=8, help=K_HELP)
     p.add_argument("--axis", default="auto", help="slice axis: auto (largest spacing), i, j or k")
     p.add_argument("--labels", type=_parse_labels_arg, default=None, help="label values to segment, e.g. 1,3 (default all)")
     p.add_argument("--slices", type=_parse_range, default=None, metavar="START:STOP",
@@ -250,7 +352,19 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
     p.add_argument("--low-confidence", type=float, default=0.5, help="threshold for the low-confidence list")
     p.add_argument("--report", action="store_true", help="also write <out>.report/report.html (see `rseg report`)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars or phase lines on stderr (transformers' own bar included)")
+    # -- outputs other tools give (issue "What a new user met", items 11 and 14)
+    p.add_argument("--statistics", action="store_true",
+                   help="voxel count and volume in ml per label (in the summary, --json and the sidecar)")
+    p.add_argument("--keep-largest", type=_parse_keep_largest, default=None, metavar="LABELS",
+                   help="keep only the largest 3D connected component (face-connected) of these labels, "
+                        "e.g. 1,3 or all; the other components become background (voxels removed are "
+                        "reported)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write each label's probability map, sigmoid of SAM 2's logit (float32 NIfTI "
+                        "<out>.prob-<value>-<name>.nii.gz beside --out; 0 where the label is absent; before "
+                        "--keep-largest). The label map is their argmax where the largest is > 0.5")
     p.set_defaults(func=cmd_segment)
 
 
@@ -326,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rseg",
         description="RetrievalSeg: few-shot segmentation of medical volumes from a support bank of "
                     "annotated slices (DINOv2 retrieval + SAM 2 memory attention), no training.",
-        epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 weights unavailable/offline, 130 interrupted. "
+        epilog="Exit codes: 0 ok, 1 failure, 2 usage error, 3 weights unavailable/offline, 130 interrupted, "
+               "141 output pipe closed early (e.g. `| head`). "
                "Environment: RSEG_WEIGHTS_DIR, RSEG_SAM2_CHECKPOINT, RSEG_DINOV2_PATH, RSEG_WEIGHTS_MIRROR, "
                "RSEG_OFFLINE=1, HF_HOME (the Hugging Face cache the weights go to by default).",
     )
@@ -341,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub, models)
     add_suggest_parser(sub, make_embedder, parents=[models])
     add_report_parser(sub)
+    from .sample_data import add_sample_data_parser
+
+    add_sample_data_parser(sub)
     return parser
 
 
@@ -361,6 +479,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rseg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError as e:
+        if _stdout_closed():
+            return _quiet_after_closed_stdout()
+        print(f"rseg: error: {e}", file=sys.stderr)  # another pipe (a worker's): a failure like any other
+        return EXIT_FAILURE
     except Exception as e:  # noqa: BLE001 - any library error ends as a message, not a traceback
         from ..bank.support_bank import BankError
 
@@ -368,6 +491,31 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"rseg: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _stdout_closed() -> bool:
+    """Whether the reader of our standard output has gone (`rseg bank list | head`): poll reports
+    an error on the write end of a pipe whose read end is closed."""
+    try:
+        import select
+
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _quiet_after_closed_stdout() -> int:
+    """The reader stopped reading (as `head` does): no message, no traceback when Python flushes
+    stdout at exit, and the exit status of a program ended by SIGPIPE, as other tools give."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return EXIT_PIPE_CLOSED
 
 
 if __name__ == "__main__":

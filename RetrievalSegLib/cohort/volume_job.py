@@ -474,8 +474,12 @@ def segment_one(vol: CohortVolume, engine, bank: ReadOnlyBank, settings: CohortS
         })
         write_sidecar(written, prov, slice_records(seg, tuple(opts["slices"]) if opts.get("slices") else None))
         seconds = round(time.perf_counter() - t0, 3)
+        from ..segmentation.postprocess import label_statistics
+
         result = {**base, "status": "segmented", "seconds": seconds, "message": "",
-                  "slices_segmented": len(seg.slices), "slices_beyond_extent": len(seg.beyond_extent)}
+                  "slices_segmented": len(seg.slices), "slices_beyond_extent": len(seg.beyond_extent),
+                  # voxels and ml per label, as `rseg segment --statistics` (cohort-summary.json)
+                  "statistics": label_statistics(seg.labelmap, seg.labels)}
         write_record(out_dir, vol, "done", seconds=seconds, slices_segmented=len(seg.slices))
         return result
     except (KeyboardInterrupt, SystemExit):

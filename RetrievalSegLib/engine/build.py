@@ -5,8 +5,10 @@ command line and the cohort's worker processes build their models here.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 
@@ -46,6 +48,24 @@ def warn_random(args) -> None:
 _loaded: dict[tuple, Any] = {}
 
 
+@contextlib.contextmanager
+def transformers_bars(enabled: bool):
+    """transformers' own progress bars ("Loading weights") on or off while loading (--no-progress:
+    off); their earlier setting is restored afterwards."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def make_embedder(args):
     """The DINOv2 slice embedder the options describe (loaded once per process)."""
     from ..models.loaders import MissingWeightsError, load_dinov2
@@ -56,7 +76,7 @@ def make_embedder(args):
     if key not in _loaded:
         warn_random(args)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), transformers_bars(not getattr(args, "no_progress", False)):
                 warnings.simplefilter("ignore", UserWarning)
                 dino = load_dinov2(args.dinov2, args.dinov2_path, device=args.device,
                                    random_weights=args.random_weights, seed=args.seed)
@@ -67,12 +87,48 @@ def make_embedder(args):
     return _loaded[key]
 
 
+def missing_weights(args, sam2: bool = True) -> list[str]:
+    """What each model the options need lacks (one message per missing model; [] when none is
+    missing or the weights are random): looked up before either model loads, so that a user
+    learns of every download at once."""
+    from ..models.loaders import (default_dinov2_folder, default_sam2_checkpoint, missing_dinov2_message,
+                                  missing_sam2_message)
+    from ..models.registry import sam2_spec
+
+    if getattr(args, "random_weights", False):
+        return []
+    missing = []
+    folder = Path(args.dinov2_path).expanduser() if args.dinov2_path else default_dinov2_folder(args.dinov2)
+    if folder is None or not (folder / "config.json").is_file():
+        missing.append(missing_dinov2_message(args.dinov2, folder))
+    if sam2:
+        spec = sam2_spec(args.sam2)
+        path = (Path(args.sam2_checkpoint).expanduser() if args.sam2_checkpoint
+                else default_sam2_checkpoint(spec.name))
+        if path is None or not path.is_file():
+            missing.append(missing_sam2_message(spec.name, path))
+    return missing
+
+
+def check_weights_present(args, sam2: bool = True) -> None:
+    """WeightsUnavailable naming every missing model, with one command that downloads them all."""
+    missing = missing_weights(args, sam2)
+    if len(missing) == 1:
+        raise WeightsUnavailable(missing[0])
+    if missing:
+        raise WeightsUnavailable(
+            f"{len(missing)} models are missing:\n" + "\n".join(f"  - {m}" for m in missing)
+            + f"\nDownload both at once with `rseg weights download --sam2 {args.sam2} --dinov2 {args.dinov2}`."
+        )
+
+
 def make_engine(args):
     """The RetrievalEngine (DINOv2 + SAM 2) the options describe."""
     from .sam2_memory import Sam2MemoryEngine
     from ..models.loaders import MissingWeightsError, load_sam2
     from .pipeline import RetrievalEngine
 
+    check_weights_present(args)  # every missing model in one message, before either loads
     embedder = make_embedder(args)
     try:
         with warnings.catch_warnings():

@@ -308,6 +308,13 @@ class SupportMemoryCache:
         assert self.directory is not None
         return self.directory / f"{sanitize(key)}.safetensors"
 
+    def contains(self, key: str) -> bool:
+        """Whether `key` is held in memory or has a file on disk (not loaded, not checked: a count
+        for progress, never a promise that `get` returns it)."""
+        if key in self._items:
+            return True
+        return self.directory is not None and self._path(key).exists()
+
     def get(self, key: str) -> SupportMemory | None:
         """The cached memory for `key`, from memory or disk (checked), or None."""
         mem = self._items.get(key)

@@ -89,6 +89,10 @@ class LabelMapAssembler:
         if result.label_masks is not None:
             for li in range(len(self.labels)):
                 slice_view(result.label_masks[li], ax, index)[...] = logits[li] > 0
+        if result.probabilities is not None:
+            prob = 1.0 / (1.0 + np.exp(-np.clip(logits.astype(np.float32), -80.0, 80.0)))
+            for li in range(len(self.labels)):
+                slice_view(result.probabilities[li], ax, index)[...] = prob[li]
         conf = slice_confidence(res, self.presence_threshold)
         result.confidence[index] = conf
         result.slices[index] = SliceResult(

@@ -78,6 +78,45 @@ def engine_provenance(engine) -> dict:
     }
 
 
+def weights_official(engine) -> dict:
+    """Whether the weights are the published files, by SHA-256 (as `rseg weights verify` checks):
+    {"weights_official": True (every model's file is its published one) | False (random weights, or
+    a file whose digest is not the published one: a fine-tune, a copy changed by hand) | None (no
+    published digest is known for some model), "weights": per model its file, SHA-256 and the
+    published SHA-256 (None where unknown)}."""
+    from ..data.fileio import file_sha256
+    from ..models.registry import DINOV2_MODELS, SAM2_MODELS
+
+    if engine.random_weights:
+        return {"weights_official": False, "weights": {"random_weights": True}}
+    sam = getattr(engine.sam, "sam2", None)
+    dino = getattr(engine.embedder, "dinov2", None)
+    found: dict[str, dict] = {}
+    for kind, loaded in (("sam2", sam), ("dinov2", dino)):
+        path = getattr(loaded, "path", None)
+        if path is None:
+            found[kind] = {"file": None, "sha256": None, "published_sha256": None, "official": None}
+            continue
+        path = Path(path)
+        if kind == "sam2":
+            spec = SAM2_MODELS.get(str(loaded.size))
+            published = sorted(spec.published_sha256) if spec is not None else []
+            target = path
+        else:
+            spec = DINOV2_MODELS.get(str(loaded.size))
+            known = getattr(spec, "safetensors_sha256", None)
+            published = [known.lower()] if known else []
+            target = path / "model.safetensors"
+        digest = file_sha256(target) if target.is_file() else None
+        official = None if not published or digest is None else digest in published
+        found[kind] = {"file": str(target), "sha256": digest,
+                       "published_sha256": (published[0] if len(published) == 1 else published) or None,
+                       "official": official}
+    verdicts = [w["official"] for w in found.values()]
+    overall = False if False in verdicts else (True if all(v is True for v in verdicts) else None)
+    return {"weights_official": overall, "weights": found}
+
+
 def segmentation_provenance(seg, engine, bank, *, k: int, extra: dict | None = None) -> dict:
     """Provenance of one `VolumeSegmentation` made with `engine` from `bank`."""
     prov = engine_provenance(engine)

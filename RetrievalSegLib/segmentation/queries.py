@@ -124,8 +124,11 @@ class SupportMemories:
     cache), then is restricted to the labels segmented and moved to the device once per volume.
     """
 
-    def __init__(self, engine, bank, labels: Sequence[int], precision: str) -> None:
+    def __init__(self, engine, bank, labels: Sequence[int], precision: str,
+                 on_computed: Callable[[int], None] | None = None) -> None:
         self.sam = engine.sam
+        self.on_computed = on_computed  # called with the count so far after each memory computed
+        self.computed = 0
         self.bank = bank
         self.labels = list(labels)
         self.bank_labels = [lab.value for lab in bank.labels]
@@ -142,9 +145,19 @@ class SupportMemories:
         def compute() -> SupportMemory:
             data = self.bank.load_entry(entry_id)
             with autocast(self.precision, self.sam.device):
-                return self.sam.encode_support(data.image, data.masks, self.bank_labels)
+                mem = self.sam.encode_support(data.image, data.masks, self.bank_labels)
+            self.computed += 1
+            if self.on_computed is not None:
+                self.on_computed(self.computed)
+            return mem
 
         return self.cache.get_or_compute(key, compute)
+
+    def to_compute(self, hits: Sequence[Hits]) -> int:
+        """How many of the distinct entries in `hits` have no cached memory yet (each is computed
+        on first use: with the extent stop, an upper bound)."""
+        ids = {eid for h in hits for eid, _ in h}
+        return sum(1 for eid in ids if not self.cache.contains(memory_key(self.entries[eid])))
 
     def on_device(self, entry_id: str) -> SupportMemory:
         """The entry's memory restricted to the labels segmented, on the device (moved once)."""

@@ -93,6 +93,7 @@ class VolumeSegmentation:
     cancelled: bool = False
     seconds: float = 0.0
     label_masks: np.ndarray | None = None  # [L, *volume shape] bool, logit > 0 per label, if kept
+    probabilities: np.ndarray | None = None  # [L, *volume shape] float32 sigmoid(logit) per label, if kept
     precision: str = "fp32"  # as resolved for the device: 'fp32' or 'bf16'
     batch_size: int = 1  # slices per memory-attention call at the end (1 = the per-slice reference path)
     batch_sizing: dict | None = None  # how the batch size came about (`queries.BatchSizer.to_json`)

@@ -91,6 +91,7 @@ def segment_volume(
     precision: str = "auto",
     batch_size: int | None = None,
     keep_label_masks: bool = False,
+    keep_probabilities: bool = False,
     extent_stop: int = 0,
     presence_threshold: float = 0.0,
     start_slice: int | Sequence[int] | None = None,
@@ -99,6 +100,7 @@ def segment_volume(
     propagate: int = 0,
     support_filter: str = "all",
     log: Callable[[str], None] | None = None,
+    phase: Callable[[str, int, int], None] | None = None,
 ) -> VolumeSegmentation:
     """Segment `volume` slice by slice from the support `bank`; partial result if cancelled.
 
@@ -111,7 +113,9 @@ def segment_volume(
     `queries.OutOfDeviceMemory` with what to try. `result.batch_size` is the size at the end,
     `result.batch_sizing` how it came about; `log` receives those decisions as lines. encoder_batch: slices per image
     encoder call (None: batch_size, at least 4). keep_label_masks: also return each label's own
-    foreground mask (logit > 0, overlaps kept) as `label_masks`.
+    foreground mask (logit > 0, overlaps kept) as `label_masks`. keep_probabilities: also return each
+    label's probability sigmoid(logit) as `probabilities` (float32; 0 where the label is absent and on
+    slices not segmented): the label map is their argmax where the largest is > 0.5.
     presence_threshold (>= 0; default 0, SAM 2's own rule): a label whose object score on a slice is
     <= it is absent there: its mask on that slice is empty (both paths; recorded per slice and
     label in `SliceResult.present`). extent_stop: 0 (default) segments every slice of the range;
@@ -132,6 +136,11 @@ def segment_volume(
     conditions each label on the top k retrieved slices that contain it (searching deeper than k),
     falling back to the top k for a label with fewer such slices in the bank (recorded per slice:
     `SliceResult.filter_fallback`).
+    phase: called as phase(name, done, total) for the steps before the slices' own progress:
+    "embedding" (DINOv2 on every slice: 0 of n, then n of n) and "support memories" (each SAM 2
+    support memory computed, of those the retrieved entries lack in the cache: an upper bound with
+    the extent stop; a last call with done == total ends it). Memories are still computed when
+    first needed, in the same order as without `phase`.
     """
     t0 = time.perf_counter()
     _check_options(k, batch_size, encoder_batch, extent_stop, case_id, case_policy)
@@ -170,6 +179,8 @@ def segment_volume(
     )
     if keep_label_masks:
         result.label_masks = np.zeros((len(plan.labels),) + volume.array.shape, dtype=bool)
+    if keep_probabilities:
+        result.probabilities = np.zeros((len(plan.labels),) + volume.array.shape, dtype=np.float32)
     total = plan.stop - plan.start
     if progress is not None:
         progress(0, total)
@@ -178,10 +189,18 @@ def segment_volume(
     if cancel is not None and cancel():
         result.cancelled = True
         return result
+    if phase is not None:
+        phase("embedding", 0, len(images))
     found = retrieve(engine.embedder, bank, images, k, case_id, case_policy, support_filter, plan.labels)
     supports = found.supports()
+    if phase is not None:
+        phase("embedding", len(images), len(images))
     result.bank_revision = found.bank_revision
     memories = SupportMemories(engine, bank, plan.labels, prec)
+    n_memories = memories.to_compute(found.hits) if phase is not None else 0
+    if n_memories:
+        memories.on_computed = lambda done: phase("support memories", done, max(done, n_memories))
+        phase("support memories", 0, n_memories)
     out = LabelMapAssembler(result, plan.label_lut, presence_threshold, progress, total)
 
     def cancelled() -> bool:
@@ -218,6 +237,8 @@ def segment_volume(
     _record_label_supports(result, found, plan.start)
     result.batch_size = sizer.size
     result.batch_sizing = sizer.to_json()
+    if n_memories and memories.computed < n_memories:  # the extent stop needed fewer: the phase ends
+        phase("support memories", memories.computed, memories.computed)
     result.seconds = time.perf_counter() - t0
     return result
 

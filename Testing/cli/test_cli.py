@@ -139,9 +139,13 @@ def test_segment_errors_have_exit_codes(study, tmp_path, capsys, monkeypatch):
     assert main(["segment"]) == 2
     # Real weights requested but absent: exit 3 with the download command.
     bank = tmp_path / "bank"
-    assert main(["bank", "create", str(bank), "--labels", "1:RV", *FAST]) == 0
+    assert main(["bank", "create", str(bank), "--labels", "1:RV,2:Myo,3:LV", *FAST]) == 0
+    train = root / "train"
+    assert main(["bank", "add", str(bank), str(train / "images" / f"{cases[0].case_id}.nii.gz"),
+                 str(train / "labels" / f"{cases[0].case_id}.nii.gz"), "--case", cases[0].case_id, *FAST]) == 0
     monkeypatch.setenv("RSEG_WEIGHTS_DIR", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     capsys.readouterr()
-    assert main(["segment", img, "--bank", str(bank), "--out", str(tmp_path / "x.nii.gz"), "--device", "cpu"]) == 3
+    assert main(["segment", img, "--bank", str(bank), "--out", str(tmp_path / "x.nii.gz"), "--k", "1",
+                 "--device", "cpu"]) == 3
     assert "rseg weights download" in capsys.readouterr().err

@@ -38,7 +38,12 @@ def test_demo_runs_on_checkpoint_files_in_the_weights_folder(tmp_path, monkeypat
     out = tmp_path / "out"
     rc = demo.run(out, device="cpu", image_size=256, shape=(6, 40, 40), annotated=2, k=2)
     assert rc == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    # Each phase is said as it starts (issue "What a new user met", item 5): nothing silent.
+    assert "demo: loading models" in text
+    assert "rseg: computing 2 SAM 2 support memories" in captured.err
+    assert "rseg: estimate: the first support memory took" in captured.err
     for name in ("RV", "Myo", "LV", "Dice"):
         assert name in text
     pred = read_volume(next(out.glob("*_pred.nii.gz")))

@@ -384,7 +384,7 @@ def test_cohort_usage_errors(small, tmp_path, capsys):
     # no weights (offline, none on disk): exit 3 with the worker's explanation, every volume "not started"
     out = tmp_path / "noweights"
     assert main(["segment-cohort", str(cohort["good_manifest"]), "--bank", str(cohort["bank"]), "--out", str(out),
-                 "--image-size", "256", "--device", "cpu", "--no-progress"]) == 3
+                 "--k", "1", "--image-size", "256", "--device", "cpu", "--no-progress"]) == 3
     assert "sam2" in capsys.readouterr().err.lower()
     assert not list(out.glob("*.nii.gz"))
     assert _tree_digest(cohort["bank"]) == cohort["bank_before"]
