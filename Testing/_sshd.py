@@ -59,6 +59,7 @@ class Sshd:
                 "-o", "ConnectTimeout=20"]
 
     def start(self, binary: str) -> "Sshd":
+        self.folder.mkdir(parents=True, exist_ok=True)
         for key in (self.host_key, self.user_key):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         (self.folder / "authorized_keys").write_text(self.user_key.with_suffix(".pub").read_text())
@@ -105,3 +106,15 @@ class Sshd:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
+
+
+def start_or_skip(folder: Path) -> Sshd:
+    """A started sshd; skip where none is installed, except in CI ($CI or $RSEG_REQUIRE_SSHD), where it fails."""
+    import pytest
+
+    binary = sshd_binary()
+    if binary is None:
+        if os.environ.get("CI") or os.environ.get("RSEG_REQUIRE_SSHD"):
+            pytest.fail("sshd is missing in CI; .ci/run installs Debian's openssh-server")
+        pytest.skip("OpenSSH's sshd is not installed (apt-get install -y openssh-server)")
+    return Sshd(folder).start(binary)

@@ -255,7 +255,14 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
         slices += run_slices
         done_before += b - a
     assert merged is not None
+    provenance: dict[str, Any] = {}
+    if params.get("provenance") and len(runs) == 1:  # a command-line run: its sidecar, made where the bank is
+        from ..segmentation.provenance import segmentation_provenance, slice_records
+
+        provenance = {"provenance": segmentation_provenance(r, engine, bank, k=int(params["k"])),
+                      "records": slice_records(r, runs[0])}
     return {
+        **provenance,
         "labelmap": ctx.save("labelmap", merged),
         "axis": int(axis),
         "labels": [lab.to_json() for lab in labels],

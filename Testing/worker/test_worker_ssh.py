@@ -3,7 +3,8 @@
 A bank created by a job through ssh, a segmentation that equals the local worker's bit for bit,
 a cancel, a connection killed mid-job that leaves no worker process (its real pid), the next job
 reconnecting, an unknown host key refused with a message saying how to accept it, and the exact
-version message. Skipped only where sshd is absent and this is not CI (CI installs it: `.ci/run`).
+version message. Skipped only where sshd is absent and this is not CI ($CI or $RSEG_REQUIRE_SSHD, which `.ci/run` sets;
+it installs Debian's openssh-server).
 The arrays of every job travel in the protocol (`worker.protocol` frames), checked here too.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 from _launcher import running, wait_gone
-from _sshd import Sshd, sshd_binary
+from _sshd import Sshd, start_or_skip
 from RetrievalSegLib import __version__
 from RetrievalSegLib.bank.support_bank import LabelInfo, SupportBank
 from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
@@ -37,12 +38,7 @@ REMOTE_PYTHON = f"env RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 {sy
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):  # type: ignore[no-untyped-def]
-    binary = sshd_binary()
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("sshd is missing in CI; .ci/run installs Debian's openssh-server")
-        pytest.skip("OpenSSH's sshd is not installed (apt-get install -y openssh-server)")
-    server = Sshd(tmp_path_factory.mktemp("sshd")).start(binary)
+    server = start_or_skip(tmp_path_factory.mktemp("sshd"))
     yield server
     server.stop()
 
