@@ -155,17 +155,17 @@ def test_another_version_on_the_server_is_refused_with_what_to_install(sshd, tmp
     fake = tmp_path / "old-python"
     fake.write_text(f"#!{sys.executable}\n" + textwrap.dedent("""
         import json, os, sys, time
-        sys.stdout.write(json.dumps({"type": "ready", "pid": os.getpid(), "protocol": 1, "version": "0.0.1"}) + "\\n")
+        sys.stdout.write(json.dumps({"type": "ready", "pid": os.getpid(), "protocol": PROTOCOL, "version": "0.0.1"}) + "\\n")
         sys.stdout.flush()
         sys.stdin.read()
-    """))
+    """).replace("PROTOCOL", str(wp.PROTOCOL_VERSION)))
     fake.chmod(0o755)
     client = _client(sshd, tmp_path, python=str(fake))
     job = client.submit("load", {"settings": SETTINGS.to_json()})
     job.wait(60)
     assert job.outcome == "failed"
     assert str(job.error) == (
-        f"the worker on {client.target} runs RetrievalSeg 0.0.1 (protocol 1), this client RetrievalSeg {__version__} "
+        f"the worker on {client.target} runs RetrievalSeg 0.0.1 (protocol {wp.PROTOCOL_VERSION}), this client RetrievalSeg {__version__} "
         f"(protocol {wp.PROTOCOL_VERSION}); install the same version there: "
         f"`{fake} -m pip install retrievalseg=={__version__}`")
     client.stop()
