@@ -33,7 +33,7 @@ def remote_target(args: argparse.Namespace) -> Any:
         target = SshTarget.parse(args.worker, args.worker_python)
     except ValueError as e:
         raise _UsageError(f"--worker: {e}") from None
-    bank = str(args.bank)
+    bank = str(args.bank) if args.bank is not None else "/"
     if not (bank.startswith("/") or bank.startswith("~")):
         raise _UsageError(f"--bank {bank}: with --worker the bank is a path on {target.host}; give it absolute "
                           "or as ~/...")
@@ -45,6 +45,40 @@ def remote_target(args: argparse.Namespace) -> Any:
         raise _UsageError(f"{', '.join(local_only)} cannot be used with --worker (the worker host has its own "
                           "weights: its Hub cache or $RSEG_WEIGHTS_DIR)")
     return target
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from ..worker import protocol as wp
+
+    return wp.EngineSettings(sam2_size=args.sam2, dinov2_size=args.dinov2, device=args.device,
+                             image_size=args.image_size, random_weights=bool(args.random_weights), seed=args.seed)
+
+
+def suggest_remote(args: argparse.Namespace, image: Any, window: Any, last: Any) -> tuple[Any, str | None]:
+    """`rseg suggest --worker`: (Suggestions, the worker's DINOv2 identity); RuntimeError if the job failed."""
+    from ..segmentation.suggest import Suggestions
+    from ..worker.client import WorkerClient, volume_spec
+
+    target = remote_target(args)
+    client = WorkerClient(target=target)
+    folder = client.new_job_folder()
+    params = {"settings": _settings(args).to_json(), "bank": None if args.bank is None else str(args.bank),
+              "volume": volume_spec(folder, "volume", image), "n": int(args.n), "axis": args.axis,
+              "window": None if window is None else [float(w) for w in window],
+              "last": None if last is None else last.to_json(), "case_id": args.case}
+    update, close = _progress_bar(not args.no_progress and not args.json, f"embedding slices on {target.host}")
+    try:
+        job = client.submit("suggest", params, folder)
+        while job.running:
+            for event in job.wait(0.2):
+                if event.kind == "progress" and update is not None:
+                    update(event.done, event.total)
+    finally:
+        close()
+        client.stop()
+    if job.outcome != "finished":
+        raise RuntimeError(f"the worker on {target} did not finish: {job.error}")
+    return Suggestions.from_json(job.result), job.result.get("dinov2_identity")
 
 
 def segment_remote(args: argparse.Namespace, image: Any, out: Path, window: Any, write_outputs: Any) -> int:
@@ -61,8 +95,7 @@ def segment_remote(args: argparse.Namespace, image: Any, out: Path, window: Any,
     axis = through_plane_axis(image.spacing) if axis is None else axis
     n = num_slices(image.array, axis)
     a, b = args.slices if args.slices else (0, n)
-    settings = wp.EngineSettings(sam2_size=args.sam2, dinov2_size=args.dinov2, device=args.device,
-                                 image_size=args.image_size, random_weights=bool(args.random_weights), seed=args.seed)
+    settings = _settings(args)
     client = WorkerClient(target=target)
     folder = client.new_job_folder()
     params = {

@@ -380,7 +380,7 @@ def job_suggest(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
         window=tuple(params["window"]) if params.get("window") is not None else None, last=last,
         case_id=params.get("case_id"), progress=progress, embeddings_cache=ctx.worker.suggest_embeddings,
     )
-    return result.to_json()
+    return {**result.to_json(), "dinov2_identity": engine.embedder.identity}
 
 
 HANDLERS: dict[str, Callable[[JobContext, dict[str, Any]], dict[str, Any]]] = {

@@ -1,4 +1,4 @@
-"""`rseg segment --worker ssh://...`: the same output as a local run, bit for bit, through a real sshd."""
+"""`rseg segment` / `rseg suggest` with `--worker ssh://...`: the same output as a local run, through a real sshd."""
 from __future__ import annotations
 
 import json
@@ -30,6 +30,8 @@ def test_segment_worker_usage_errors(tmp_path, capsys) -> None:  # type: ignore[
                         (["--bank", "/srv/b", "--worker", "gpu", "--compile"], "--compile cannot be used with --worker")):
         assert main(base + extra) == 2
         assert text in capsys.readouterr().err
+    assert main(["suggest", str(image), "--bank", "bank", "--worker", "gpu", *FAST]) == 2
+    assert "absolute or as ~/" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # ~95 s on 2 shared cores: two model loads and a remote worker start
@@ -67,5 +69,12 @@ def test_segment_on_a_worker_over_ssh_equals_the_local_run(tmp_path, capsys, mon
         doc = read_sidecar(remote)
         assert doc["provenance"]["worker"] == sshd.target and doc["provenance"]["bank"]["path"] == str(bank)
         assert read_sidecar(local)["slices"] == doc["slices"]
+        # rseg suggest --worker: the same picks as a local run.
+        suggest = ["suggest", str(image), "--bank", str(bank), "--n", "2", "--json", "--seg", str(local), *FAST]
+        assert main(suggest) == 0
+        here = json.loads(capsys.readouterr().out)
+        assert main(suggest + ["--worker", sshd.target, "--worker-python", REMOTE_PYTHON]) == 0
+        there = json.loads(capsys.readouterr().out)
+        assert there.pop("worker") == sshd.target and there == here
     finally:
         sshd.stop()
