@@ -37,7 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "worker": {"data", "models", "engine", "bank", "segmentation"},
     "report": {"data", "models", "engine", "bank", "segmentation"},
     "slicer_logic": {"data", "models", "engine", "bank", "segmentation", "worker"},
-    "cli": {"data", "models", "engine", "bank", "segmentation", "evaluation", "cohort", "report"},
+    "cli": {"data", "models", "engine", "bank", "segmentation", "evaluation", "cohort", "report", "worker"},
     "benchmarks": {"data", "models", "engine", "bank", "segmentation", "evaluation", "cohort", "report",
                    "cli"},
 }

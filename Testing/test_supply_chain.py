@@ -108,11 +108,14 @@ def test_readme_gives_the_command_that_made_the_lock() -> None:
     assert command in readme, f"README.md should show how the lock was made: {command}"
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     commands = [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd ", "export "))]
-    # Besides the README's test command, CI installs exactly one system package: Debian's chromium
-    # (the report tests render pages in it), and only when it is missing.
+    # Besides the README's test command, CI installs exactly two system packages, each only when it
+    # is missing: Debian's chromium (the report tests render pages in it) and openssh-server (the
+    # remote-worker tests run sshd on 127.0.0.1).
     apt = [line for line in commands if "apt-get" in line]
-    assert len(apt) == 1 and re.search(r"apt-get install -y -qq chromium\b", apt[0]), apt
+    assert len(apt) == 2 and re.search(r"apt-get install -y -qq chromium\b", apt[0]), apt
     assert apt[0].startswith("command -v chromium ") and re.findall(r"install -y -qq (\S+)", apt[0]) == ["chromium"]
+    assert apt[1].startswith("[ -x /usr/sbin/sshd ] ||"), apt
+    assert re.findall(r"install -y -qq (\S+)", apt[1]) == ["openssh-server"]
     assert [line for line in commands if line not in apt] == ["make test"]
     assert commands[-1] == "make test"
 

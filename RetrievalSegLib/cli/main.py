@@ -102,15 +102,23 @@ def cmd_segment(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     window = _window(args)  # option errors before any file or model is loaded
+    if args.worker:
+        from .remote import remote_target
+
+        remote_target(args)
     outputs = {"--out": out, **({"--seg-nrrd": Path(args.seg_nrrd)} if args.seg_nrrd else {})}
     image_path = Path(args.image)
     check_outputs(
         outputs,
         inputs={"input image": image_path} if not image_path.is_dir() else {},
-        folders={"support bank": Path(args.bank),
+        folders={**({} if args.worker else {"support bank": Path(args.bank)}),
                  **({"input DICOM folder": image_path} if image_path.is_dir() else {})},
     )
     image = read_volume(args.image)
+    if args.worker:  # the models and the bank are on another host
+        from .remote import segment_remote
+
+        return segment_remote(args, image, out, window, write_outputs)
     bank = SupportBank.open(args.bank)
     check_against_bank(bank, args)  # usage errors (exit 2) before any model loads
     if args.save_probabilities:  # their names need the bank's labels: checked as the other outputs
@@ -319,7 +327,7 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
         description="Segment every slice of IMAGE from the k most similar slices of the support bank.",
     )
     p.add_argument("image", type=Path, metavar="IMAGE", help="NIfTI/NRRD/MHA file or a DICOM series folder")
-    p.add_argument("--bank", type=Path, required=True, help="support bank folder")
+    p.add_argument("--bank", type=Path, required=True, help="support bank folder (with --worker: on the worker host)")
     p.add_argument("--out", type=Path, required=True,
                    help="output label map (.nii.gz/.nrrd/.mha) or Slicer segmentation (.seg.nrrd)")
     p.add_argument("--seg-nrrd", type=Path, default=None, help="also write a Slicer .seg.nrrd here")
@@ -365,6 +373,9 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
                    help="also write each label's probability map, sigmoid of SAM 2's logit (float32 NIfTI "
                         "<out>.prob-<value>-<name>.nii.gz beside --out; 0 where the label is absent; before "
                         "--keep-largest). The label map is their argmax where the largest is > 0.5")
+    from .remote import add_worker_options
+
+    add_worker_options(p)
     p.set_defaults(func=cmd_segment)
 
 

@@ -1,6 +1,6 @@
 """`rseg suggest`: which slices of a volume to annotate next (RetrievalSegLib.segmentation.suggest).
 
-    rseg suggest IMAGE --bank BANK [--n 3] [--axis auto] [--seg LAST_SEG] [--case ID] [--json]
+    rseg suggest IMAGE --bank BANK [--n 3] [--axis auto] [--seg LAST_SEG] [--case ID] [--json] [--worker ssh://...]
 
 Only DINOv2 is loaded (no SAM 2). Exit codes as every rseg command: 0 ok, 1 failure (unreadable
 input, a bank made with another DINOv2: the message carries the re-embed command), 2 usage
@@ -43,12 +43,21 @@ def read_last_segmentation(path: Path, shape: tuple[int, ...]) -> Any:
 
 
 def cmd_suggest(args: argparse.Namespace, make_embedder: Callable[[argparse.Namespace], Any]) -> int:
-    from ..segmentation.suggest import ranges_text, suggest_slices
+    from ..segmentation.suggest import suggest_slices
     from ..data.volume import read_volume
 
     window = _window(args)  # option errors before any file or model is loaded
+    if args.worker:
+        from .remote import remote_target
+
+        remote_target(args)
     image = read_volume(args.image)
     last = read_last_segmentation(args.seg, image.array.shape) if args.seg is not None else None
+    if args.worker:  # DINOv2 and the bank are on another host
+        from .remote import suggest_remote
+
+        result, identity = suggest_remote(args, image, window, last)
+        return _print_suggestions(args, result, identity, args.bank is not None)
     bank = None
     if args.bank is not None:
         from ..bank.support_bank import SupportBank
@@ -72,13 +81,20 @@ def cmd_suggest(args: argparse.Namespace, make_embedder: Callable[[argparse.Name
     finally:
         if bar is not None:
             bar.close()
+    return _print_suggestions(args, result, embedder.identity, bank is not None)
+
+
+def _print_suggestions(args: argparse.Namespace, result: Any, identity: Any, with_bank: bool) -> int:
+    from ..segmentation.suggest import ranges_text
+
     if args.json:
         doc = {"image": str(args.image), "bank": str(args.bank) if args.bank else None,
-               "dinov2": embedder.identity, "random_weights": bool(args.random_weights), **result.to_json()}
+               **({"worker": args.worker} if args.worker else {}),
+               "dinov2": identity, "random_weights": bool(args.random_weights), **result.to_json()}
         print(json.dumps(doc, indent=2, allow_nan=False))
         return EXIT_OK
     axis = "ijk"[result.axis]
-    where = f"bank {args.bank}: {result.bank_entries} usable entries" if bank is not None else "no bank"
+    where = f"bank {args.bank}: {result.bank_entries} usable entries" if with_bank else "no bank"
     print(f"slices to annotate next along {axis} ({result.n_slices} slices; {where}), best first:")
     print(f"{'rank':>4}  {'slice':>5}  {'to bank':>7}  {'conf.':>5}  covers")
     for s in result.picks:
@@ -122,5 +138,8 @@ def add_suggest_parser(sub: Any, make_embedder: Callable[[argparse.Namespace], A
     p.add_argument("--level", type=float, default=None, help="intensity window level (with --window)")
     p.add_argument("--json", action="store_true", help="print the suggestions as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .remote import add_worker_options
+
+    add_worker_options(p)
     p.set_defaults(func=lambda args: cmd_suggest(args, make_embedder))
 

@@ -4,8 +4,9 @@ Nothing here runs model code or starts a thread: the caller (Slicer's main threa
 calls `WorkerJob.poll()`, which reads whatever the worker has written to its pipe so far and
 never waits. Scripts and tests may block with `WorkerJob.wait()`.
 
-A job's inputs and outputs live in its own folder under the temporary folder (`.npy` files, no
-pickle), removed when the job ends. A worker that dies mid-job (killed, out of memory, a crash in
+A job's inputs and outputs are staged in its own folder under the temporary folder (`.npy` files,
+no pickle), removed when the job ends; they travel to and from the worker as frames in the
+protocol itself, so the worker may run on another host (`target`: over ssh, `worker.remote`). A worker that dies mid-job (killed, out of memory, a crash in
 a native library) ends that job as "failed" with a message and the tail of the worker's log; the
 next job starts a new worker. Cancel is cooperative first; a worker that does not stop within
 `cancel_grace_s` is killed.
@@ -31,8 +32,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .. import __version__
 from . import protocol as wp
 from .protocol import JobEvent
+from .remote import SshTarget, describe_ssh_failure, ssh_options_from_env
 
 log = logging.getLogger("RetrievalSeg")
 
@@ -61,6 +64,7 @@ class WorkerJob:
         self.kind = kind
         self.folder = folder
         self.message = message
+        self.wire = b""  # what was sent: the array frames, then the job line (sent again on an idle restart)
         self._on_result = on_result
         self._events: list[JobEvent] = []
         self.started = False
@@ -127,8 +131,19 @@ class WorkerClient:
         cancel_grace_s: float = 10.0,
         log_dir: str | Path | None = None,
         temp_dir: str | Path | None = None,
+        target: SshTarget | str | None = None,
+        ssh: str = "ssh",
+        ssh_options: Sequence[str] | None = None,
+        compress: bool | None = None,
     ) -> None:
         self.python = python or sys.executable
+        #: None: this computer; else the host the worker runs on, through `ssh` (see worker.remote).
+        self.target = SshTarget.parse(target) if isinstance(target, str) else target
+        self.ssh = ssh
+        self.ssh_options = list(ssh_options) if ssh_options is not None else ssh_options_from_env(env)
+        self.compress = (self.target is not None) if compress is None else bool(compress)
+        self.remote_pid: int | None = None  # a remote worker's pid (on its host; never signalled from here)
+        self.remote_version: str | None = None
         self.env = dict(env if env is not None else os.environ)
         self.idle_timeout_s = idle_timeout_s
         self.cancel_grace_s = cancel_grace_s
@@ -141,14 +156,20 @@ class WorkerClient:
         self._cwd: str | None = None  # the worker's private working directory
         self.protocol_errors: list[str] = []  # what the worker could not understand from us
         self.job: WorkerJob | None = None
-        self._buffer = b""
+        self._reader = wp.FrameReader(wp.FROM_WORKER)
         self._eof = False
+        self._ready = False
         self._exit_reason: str | None = None
         self._ids = itertools.count(1)
         self._starts = 0
         self._launcher_pid: int | None = None
 
     # ---------------------------------------------------------------- process
+    @property
+    def where(self) -> str:
+        """Where the worker runs, for messages: "this computer" or ssh://user@host[:port]."""
+        return "this computer" if self.target is None else str(self.target)
+
     @property
     def alive(self) -> bool:
         """True while a worker process runs."""
@@ -173,8 +194,11 @@ class WorkerClient:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (LIBRARY_PARENT, env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         env["RSEG_WORKER_LOG"] = str(self.log_path)
-        command = [self.python, "-m", "RetrievalSegLib.worker", "--parent-pid", str(os.getpid()),
-                   "--idle-timeout", str(self.idle_timeout_s)]
+        if self.target is not None:  # the remote worker ends when ssh's connection (its stdin) closes
+            command = self.target.command(self.idle_timeout_s, self.ssh, self.ssh_options)
+        else:
+            command = [self.python, "-m", "RetrievalSegLib.worker", "--parent-pid", str(os.getpid()),
+                       "--idle-timeout", str(self.idle_timeout_s)]
         with open(self.log_path, "ab") as log_file:
             try:
                 self.process = subprocess.Popen(
@@ -190,8 +214,9 @@ class WorkerClient:
         assert self.process.stdout is not None
         if os.name == "posix":
             os.set_blocking(self.process.stdout.fileno(), False)
-        self._buffer, self._eof, self._exit_reason, self.worker_pid = b"", False, None, None
-        self._worker_identity = None
+        self._reader = wp.FrameReader(wp.FROM_WORKER)
+        self._eof, self._exit_reason, self.worker_pid, self._ready = False, None, None, False
+        self._worker_identity, self.remote_pid = None, None
         log.info("RetrievalSeg worker started (pid %s), log: %s", self.process.pid, self.log_path)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -293,13 +318,23 @@ class WorkerClient:
             raise RuntimeError("RetrievalSeg is still running; wait for it or cancel it first")
         folder = folder if folder is not None else self.new_job_folder()
         job_id = f"{os.getpid()}-{next(self._ids)}"
-        message = {"type": "job", "id": job_id, "kind": kind, "folder": str(folder), "params": params}
-        wp.encode(message)  # refuse what JSON cannot carry before starting anything
+        # Every .npy file staged in the job's folder travels as a frame before the job line.
+        names = sorted(p.name for p in Path(folder).iterdir() if p.suffix == ".npy")
+        message = {"type": "job", "id": job_id, "kind": kind, "arrays": names, "compress": self.compress,
+                   "params": params}
+        line = wp.encode(message)  # refuse what JSON cannot carry before starting anything
         job = WorkerJob(self, job_id, kind, folder, message, on_result)
         self.job = job
         try:
+            frames = []
+            for name in names:
+                path = Path(folder) / name
+                if path.is_symlink() or not path.is_file():
+                    raise wp.ProtocolError(f"array file {path} is not a regular file; refusing to send it")
+                frames.append(wp.array_frame(job_id, name, path.read_bytes(), self.compress))
+            job.wire = b"".join(frames) + line
             self.start()
-            self._write(message)
+            self._write_bytes(job.wire)
         except Exception as e:
             job._add(JobEvent("failed", f"could not send the job to the worker: {e}", error=e))
         return job
@@ -346,8 +381,11 @@ class WorkerClient:
         self.process.stdin.flush()
 
     def _write(self, message: dict[str, Any]) -> None:
+        self._write_bytes(wp.encode(message))
+
+    def _write_bytes(self, data: bytes) -> None:
         assert self.process is not None and self.process.stdin is not None
-        self.process.stdin.write(wp.encode(message))
+        self.process.stdin.write(data)
         self.process.stdin.flush()
 
     # ---------------------------------------------------------------- reading
@@ -362,18 +400,21 @@ class WorkerClient:
             select.select([self.process.stdout], [], [], block_s)
         elif block_s > 0:
             time.sleep(block_s)
-        for line in self._read_lines():
-            try:
-                message = wp.decode(line, wp.FROM_WORKER)
-            except wp.ProtocolError as e:
-                self._broken(f"the worker sent a malformed message ({e}); it was stopped")
-                return
+        self._read_available()
+        try:
+            messages = self._reader.messages()
+        except wp.ProtocolError as e:
+            self._broken(f"the worker sent a malformed message ({e}); it was stopped")
+            return
+        for message in messages:
             self._dispatch(message)
+            if self.process is None:  # broken off (e.g. a version mismatch)
+                return
         self._check_cancel_grace()
         if self._eof or (self.process is not None and self.process.poll() is not None):
             self._worker_ended()
 
-    def _read_lines(self) -> list[bytes]:
+    def _read_available(self) -> None:
         assert self.process is not None and self.process.stdout is not None
         fd = self.process.stdout.fileno()
         chunks = []
@@ -388,7 +429,7 @@ class WorkerClient:
                         break
                     data = os.read(fd, avail)
                 else:
-                    data = os.read(fd, 1 << 16)
+                    data = os.read(fd, 1 << 20)
             except BlockingIOError:
                 break
             except (BrokenPipeError, OSError):
@@ -396,24 +437,25 @@ class WorkerClient:
             if not data:
                 self._eof = True
                 break
-            chunks.append(data)
-            if len(self._buffer) + sum(map(len, chunks)) > wp.MAX_LINE_BYTES + (1 << 16) and b"\n" not in data:
-                break  # a line past the bound: decided below without reading (holding) more of it
-        self._buffer += b"".join(chunks)
-        *lines, self._buffer = self._buffer.split(b"\n")
-        if len(self._buffer) > wp.MAX_LINE_BYTES:
-            lines.append(self._buffer)
-            self._buffer = b""
-        return [line for line in lines if line.strip()]
+            self._reader.feed(data)
+            if not self._reader.bounded():
+                break  # a line (or frame) past the bound: decided without reading (holding) more of it
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind = message["type"]
         if kind == "ready":
+            self._ready = True
             pid = message.get("pid")
-            self.worker_pid = pid if isinstance(pid, int) and pid > 0 else None
-            self._worker_identity = _process_identity(self.worker_pid) if self.worker_pid else None
-            if message.get("protocol") != wp.PROTOCOL_VERSION:
-                self._broken(f"the worker speaks protocol {message.get('protocol')}, this client {wp.PROTOCOL_VERSION}")
+            pid = pid if isinstance(pid, int) and pid > 0 else None
+            if self.target is not None:  # a pid on another host: reported, never signalled from here
+                self.remote_pid = pid
+            else:
+                self.worker_pid = pid
+                self._worker_identity = _process_identity(self.worker_pid) if self.worker_pid else None
+            self.remote_version = str(message.get("version"))
+            if message.get("protocol") != wp.PROTOCOL_VERSION or message.get("version") != __version__:
+                self._broken(version_mismatch(self.where, message.get("version"), message.get("protocol"),
+                                              self.python if self.target is None else self.target.python))
             return
         if kind == "exit":
             self._exit_reason = str(message.get("reason"))
@@ -428,7 +470,9 @@ class WorkerClient:
             log.warning("RetrievalSeg worker: message for an unknown job ignored: %s", kind)
             return
         elapsed = float(message.get("elapsed_s") or 0.0)
-        if kind == "started":
+        if kind == "array":  # a result's array, written into the job's folder for `on_result`
+            _write_array(job.folder, message["name"], message["npy"])
+        elif kind == "started":
             job.started = True
         elif kind == "status":
             job._add(JobEvent("status", str(message.get("message", "")), elapsed_s=elapsed,
@@ -481,12 +525,19 @@ class WorkerClient:
             log.info("RetrievalSeg worker had exited for idleness; sending the job to a new one")
             try:
                 self.start()
-                self._write(job.message)
+                self._write_bytes(job.wire)
             except Exception as e:
                 job._add(JobEvent("failed", f"could not restart the worker: {e}", error=WorkerError(str(e))))
             return
         how = _describe_exit(code, reason, launcher=self.worker_pid is not None and self._launcher_pid != self.worker_pid)
         tail = self.log_tail()
+        ssh_failure = describe_ssh_failure(self.target, tail, code) if self.target is not None and not self._ready else None
+        if ssh_failure is not None:
+            job._add(JobEvent("failed", f"{ssh_failure} Log: {self.log_path}", elapsed_s=time.monotonic() - job.t0,
+                              error=WorkerError(ssh_failure), traceback=tail))
+            return
+        if self.target is not None:
+            how = f"{how}; the worker ran on {self.target}: a dropped connection ends it there"
         message = (
             f"The RetrievalSeg worker process stopped unexpectedly ({how}) during {job.kind}. Nothing was written "
             "to the scene; the support bank only ever holds complete entries. The next action starts a new "
@@ -516,6 +567,27 @@ class WorkerClient:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def version_mismatch(where: str, version: Any, protocol: Any, python: str) -> str:
+    """The exact message for a worker of another RetrievalSeg or protocol version."""
+    return (f"the worker on {where} runs RetrievalSeg {version} (protocol {protocol}), this client RetrievalSeg "
+            f"{__version__} (protocol {wp.PROTOCOL_VERSION}); install the same version there: "
+            f"`{python} -m pip install retrievalseg=={__version__}`")
+
+
+def _write_array(folder: Path, name: str, npy: bytes) -> None:
+    """A received array into the job's own folder (a fresh name, then renamed: never through a link)."""
+    path = Path(folder) / wp.check_array_name(name)
+    fd, tmp = tempfile.mkstemp(prefix=".recv-", suffix=".npy", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(npy)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _describe_exit(code: int | None, reason: str | None = None, launcher: bool = False) -> str:

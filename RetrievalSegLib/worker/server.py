@@ -19,12 +19,12 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
 from . import protocol as wp
+from .. import __version__
 from ..models.registry import sam2_spec
 
 log = logging.getLogger("RetrievalSeg.worker")
@@ -48,14 +48,23 @@ class Channel:
         self._stream = stream
         self._lock = threading.Lock()
 
-    def send(self, message: dict[str, Any]) -> None:
-        data = wp.encode(message)
+    def send(self, message: dict[str, Any], payload: bytes = b"") -> None:
+        data = wp.encode(message) + payload
         with self._lock:
             try:
                 self._stream.write(data)
                 self._stream.flush()
             except (BrokenPipeError, ValueError, OSError):
                 pass  # the parent is gone; the watchdog ends this process
+
+    def send_frame(self, frame: bytes) -> None:
+        """Bytes already framed (`protocol.array_frame`), written whole under the lock."""
+        with self._lock:
+            try:
+                self._stream.write(frame)
+                self._stream.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                pass
 
 
 def _private_stdout() -> BinaryIO:
@@ -69,12 +78,13 @@ def _private_stdout() -> BinaryIO:
 
 # ============================================================================ job context
 class JobContext:
-    """What a job handler gets: its folder, progress reporting, the cancel flag, the engine."""
+    """What a job handler gets: its input arrays, progress reporting, the cancel flag, the engine."""
 
-    def __init__(self, worker: "Worker", job_id: str, folder: Path, cancel: threading.Event) -> None:
+    def __init__(self, worker: "Worker", job_id: str, arrays: dict[str, np.ndarray], cancel: threading.Event) -> None:
         self.worker = worker
         self.id = job_id
-        self.folder = folder
+        self.arrays = arrays  # what arrived in the job's frames, by name
+        self.outputs: dict[str, np.ndarray] = {}  # sent back as frames before the result
         self._cancel = cancel
         self._t0 = time.monotonic()
         self._progress_t0: float | None = None
@@ -120,10 +130,18 @@ class JobContext:
         return self.worker.engine_for(wp.EngineSettings.from_json(settings_json), self)
 
     def array(self, name: Any) -> np.ndarray:
-        return wp.load_array(self.folder, name)
+        """An input array by the name the job's parameters give (it came in the job's frames)."""
+        if not isinstance(name, str) or name not in self.arrays:
+            raise wp.ProtocolError(f"job {self.id}: array {name!r} was not sent with the job")
+        return self.arrays[name]
 
     def save(self, name: str, array: np.ndarray) -> str:
-        return wp.save_array(self.folder, name, array)
+        """Return an array with the result (as a frame); its name for the result's JSON."""
+        file_name = wp.check_array_name(f"{name}.npy")
+        if np.asarray(array).dtype.hasobject:
+            raise ValueError(f"array {name!r} holds Python objects; only plain numeric arrays travel")
+        self.outputs[file_name] = array
+        return file_name
 
 
 # ============================================================================ handlers
@@ -140,10 +158,18 @@ def _volume(ctx: JobContext, spec: Any) -> Any:
 def _open_bank(ctx: JobContext, params: dict[str, Any], engine: Any | None = None) -> Any:
     from ..bank.support_bank import SupportBank
 
-    bank = SupportBank.open(params["bank"])
+    bank = SupportBank.open(_bank_path(params))
     if engine is not None:
         bank.check_models(engine.embedder.identity)
     return bank
+
+
+def _bank_path(params: dict[str, Any]) -> str:
+    """The bank's path on this host (the worker's: a remote worker opens the server's bank); `~` expanded."""
+    path = params["bank"]
+    if not isinstance(path, str) or not path:
+        raise wp.ProtocolError(f"bank must be a path, got {path!r}")
+    return os.path.expanduser(path)
 
 
 def _entry_json(entry: Any) -> dict[str, Any]:
@@ -236,7 +262,14 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
         slices += run_slices
         done_before += b - a
     assert merged is not None
+    provenance: dict[str, Any] = {}
+    if params.get("provenance") and len(runs) == 1:  # a command-line run: its sidecar, made where the bank is
+        from ..segmentation.provenance import segmentation_provenance, slice_records
+
+        provenance = {"provenance": segmentation_provenance(r, engine, bank, k=int(params["k"])),
+                      "records": slice_records(r, runs[0])}
     return {
+        **provenance,
         "labelmap": ctx.save("labelmap", merged),
         "axis": int(axis),
         "labels": [lab.to_json() for lab in labels],
@@ -258,7 +291,7 @@ def job_create_bank(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
 
     labels = [LabelInfo(int(d["value"]), str(d["name"]), tuple(d["color"])) for d in params["labels"]]
     engine = ctx.engine(params["settings"])
-    bank = SupportBank.create(params["bank"], labels, engine.embedder.identity)
+    bank = SupportBank.create(_bank_path(params), labels, engine.embedder.identity)
     return {"bank": str(bank.path)}
 
 
@@ -306,7 +339,7 @@ def job_verify(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
     """Check (and with repair, mend) a bank; re-embedding loads the embedder here."""
     from ..bank.support_bank import SupportBank
 
-    bank = SupportBank.open(params["bank"])
+    bank = SupportBank.open(_bank_path(params))
     settings = params.get("settings")
     report = bank.verify(
         embedder=(lambda: ctx.engine(settings).embedder) if settings is not None else None,
@@ -356,7 +389,7 @@ def job_suggest(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
         window=tuple(params["window"]) if params.get("window") is not None else None, last=last,
         case_id=params.get("case_id"), progress=progress, embeddings_cache=ctx.worker.suggest_embeddings,
     )
-    return result.to_json()
+    return {**result.to_json(), "dinov2_identity": engine.embedder.identity}
 
 
 HANDLERS: dict[str, Callable[[JobContext, dict[str, Any]], dict[str, Any]]] = {
@@ -386,6 +419,8 @@ class Worker:
         self._lock = threading.Lock()
         self._current: tuple[str, threading.Event] | None = None
         self._cancelled_early: set[str] = set()
+        self._received: dict[str, dict[str, np.ndarray]] = {}  # job id -> arrays sent before its job
+        self._refused: dict[str, list[str]] = {}  # job id -> why some of its arrays were refused
         self._engine: Any = None
         self._engine_settings: wp.EngineSettings | None = None
         self.suggest_embeddings: Any = None  # suggest.VolumeEmbeddingCache, made by the first suggest job
@@ -423,7 +458,10 @@ class Worker:
                 continue
             try:
                 message = wp.decode(line, wp.TO_WORKER)
-                if message["type"] == "cancel":
+                if message["type"] == "array":
+                    if not self._read_array(stream, message):
+                        break
+                elif message["type"] == "cancel":
                     self.cancel(str(message.get("id")))
                 else:
                     self.inbox.put(message)
@@ -436,6 +474,25 @@ class Worker:
                 self._protocol_error(f"{type(e).__name__}: {e}")
         self._stop("eof")
         self.inbox.put(None)
+
+    def _read_array(self, stream: BinaryIO, header: dict[str, Any]) -> bool:
+        """The payload of an "array" frame, size checked before reading; False at EOF."""
+        try:
+            size = wp.array_frame_size(header)
+        except wp.FrameTooLong as e:
+            size = header["bytes"]
+            self._protocol_error(e)
+            return wp.skip_exact(stream, size)  # dropped unread: the stream stays in step
+        payload = wp.read_exact(stream, size)
+        if payload is None:
+            return False
+        try:
+            name, _, array = wp.array_from_frame(header, payload)
+        except wp.ProtocolError as e:  # reported now, and again as the job's error
+            self._refused.setdefault(str(header.get("id")), []).append(str(e))
+            raise
+        self._received.setdefault(str(header.get("id")), {})[name] = array
+        return True
 
     def _protocol_error(self, error: Any) -> None:
         log.error("protocol error: %s", error)
@@ -504,17 +561,25 @@ class Worker:
         self.channel.send({"type": "started", "id": job_id})
         log.info("job %s (%s) started", job_id, kind)
         try:
+            arrays, refused = self._received.pop(job_id, {}), self._refused.pop(job_id, [])
             if not job_id or kind not in HANDLERS:
                 raise wp.ProtocolError(f"job needs an id and a kind in {wp.JOB_KINDS}, got id={job_id!r} kind={kind!r}")
-            folder = Path(str(message.get("folder", "")))
             params = message.get("params")
-            if not folder.is_dir() or not isinstance(params, dict):
-                raise wp.ProtocolError(f"job {job_id}: folder {str(folder)!r} must exist and params must be an object")
-            ctx = JobContext(self, job_id, folder, cancel)
+            if not isinstance(params, dict):
+                raise wp.ProtocolError(f"job {job_id}: params must be an object")
+            expected = message.get("arrays") or []
+            missing = sorted(set(map(str, expected)) - set(arrays)) if isinstance(expected, list) else ["?"]
+            if missing:
+                raise wp.ProtocolError(f"job {job_id}: arrays {missing} did not arrive before the job"
+                                       + "".join(f"; {why}" for why in refused))
+            ctx = JobContext(self, job_id, arrays, cancel)
             ctx.check_cancelled()
             result = HANDLERS[kind](ctx, params)
             if ctx.cancelled():
                 raise JobCancelled(f"{kind} cancelled")
+            compress = bool(message.get("compress"))
+            for name, array in ctx.outputs.items():
+                self.channel.send_frame(wp.array_frame(job_id, name, wp.npy_bytes(array), compress))
         except JobCancelled as e:
             self.channel.send({"type": "cancelled", "id": job_id, "message": str(e), "elapsed_s": time.monotonic() - t0})
             log.info("job %s cancelled", job_id)
@@ -576,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(channel, args.parent_pid, args.idle_timeout)
     threading.Thread(target=worker.read_stdin, args=(sys.stdin.buffer,), name="stdin", daemon=True).start()
     threading.Thread(target=worker.watch_parent, name="parent-watch", daemon=True).start()
-    channel.send({"type": "ready", "pid": os.getpid(), "protocol": wp.PROTOCOL_VERSION,
+    channel.send({"type": "ready", "pid": os.getpid(), "protocol": wp.PROTOCOL_VERSION, "version": __version__,
                   "log": os.environ.get("RSEG_WORKER_LOG", "")})
     log.info("worker %s ready (parent %s, idle timeout %.0f s)", os.getpid(), args.parent_pid, args.idle_timeout)
     reason = worker.serve()

@@ -35,6 +35,11 @@ from RetrievalSegLib.worker import protocol as wp
 from RetrievalSegLib.bank.support_bank import LabelInfo
 from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
 from RetrievalSegLib.worker.client import WorkerClient, WorkerError, labels_json, volume_spec
+from RetrievalSegLib import __version__
+from RetrievalSegLib.worker.protocol import PROTOCOL_VERSION
+
+#: What a fake worker says in its "ready" line to pass the client's version check.
+READY = {"protocol": PROTOCOL_VERSION, "version": __version__}
 
 SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)
 SHAPE = (6, 48, 48)
@@ -350,7 +355,7 @@ def _deaf_worker(folder: Path) -> Path:
     fake.write_text(f"#!{sys.executable}\n" + textwrap.dedent(f"""
         import json, os, sys, time
         open({str(folder / "deaf.pid")!r}, "w").write(str(os.getpid()))
-        sys.stdout.write(json.dumps({{"type": "ready", "pid": os.getpid(), "protocol": 1}}) + "\\n")
+        sys.stdout.write(json.dumps({{"type": "ready", "pid": os.getpid(), **{READY!r}}}) + "\\n")
         sys.stdout.flush()
         time.sleep(120)
     """))

@@ -23,6 +23,11 @@ import pytest
 from _launcher import make_launcher, running, wait_gone
 from RetrievalSegLib.bank.support_bank import LabelInfo, SupportBank
 from RetrievalSegLib.worker.client import WorkerClient
+from RetrievalSegLib import __version__
+from RetrievalSegLib.worker.protocol import PROTOCOL_VERSION
+
+#: What a fake worker says in its "ready" line to pass the client's version check.
+READY = {"protocol": PROTOCOL_VERSION, "version": __version__}
 
 IDENTITY = "dinov2-small:sha256-0123456789abcdef@224"
 
@@ -48,10 +53,10 @@ def _stubborn_worker(folder: Path) -> Path:
     fake.write_text(f"#!{sys.executable}\n" + textwrap.dedent("""
         import json, os, signal, sys, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        sys.stdout.write(json.dumps({"type": "ready", "pid": os.getpid(), "protocol": 1}) + "\\n")
+        sys.stdout.write(json.dumps({"type": "ready", "pid": os.getpid(), **READY}) + "\\n")
         sys.stdout.flush()
         time.sleep(120)
-    """))
+    """).replace("READY", repr(READY)))
     fake.chmod(0o755)
     return fake
 

@@ -1,0 +1,157 @@
+"""`rseg segment --worker ssh://user@host[:port]`: the segmentation runs in a worker on another host.
+
+The image is read here and its voxels travel to the worker in the protocol (`worker.protocol`
+frames); the bank path is the server's (absolute or `~/...`); the label map comes back and is
+written here with the image's exact geometry, with its provenance sidecar made by the worker
+(which opened the bank). Models are found on the server (its Hub cache or $RSEG_WEIGHTS_DIR).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, _progress_bar, _UsageError
+
+
+def add_worker_options(p: argparse.ArgumentParser) -> None:
+    """--worker and --worker-python (shared by the commands that can run on another host)."""
+    p.add_argument("--worker", default=None, metavar="ssh://USER@HOST[:PORT]",
+                   help="run the models on another host through your ssh (keys, agent, ~/.ssh/config; strict "
+                        "host-key checking); --bank is then a path on that host (absolute or ~/...). "
+                        "Extra ssh options: $RSEG_SSH_OPTIONS")
+    p.add_argument("--worker-python", default=None, metavar="COMMAND",
+                   help="the Python command on the worker host (default python3), e.g. /opt/rseg/.venv/bin/python")
+
+
+def remote_target(args: argparse.Namespace) -> Any:
+    """The SshTarget of --worker; a usage error for a malformed one or for options it cannot honour."""
+    from ..worker.remote import SshTarget
+
+    try:
+        target = SshTarget.parse(args.worker, args.worker_python)
+    except ValueError as e:
+        raise _UsageError(f"--worker: {e}") from None
+    bank = str(args.bank) if args.bank is not None else "/"
+    if not (bank.startswith("/") or bank.startswith("~")):
+        raise _UsageError(f"--bank {bank}: with --worker the bank is a path on {target.host}; give it absolute "
+                          "or as ~/...")
+    local_only = [name for name, value in (
+        ("--sam2-checkpoint", args.sam2_checkpoint), ("--dinov2-path", args.dinov2_path), ("--compile", args.compile),
+        ("--fill-hole-area", args.fill_hole_area), ("--batch", getattr(args, "batch", None)),
+        ("--dinov2-input-size", args.dinov2_input_size != 224), ("--report", getattr(args, "report", False)),
+        ("--statistics", getattr(args, "statistics", False)), ("--keep-largest", getattr(args, "keep_largest", None)),
+        ("--save-probabilities", getattr(args, "save_probabilities", False))) if value]
+    if local_only:
+        raise _UsageError(f"{', '.join(local_only)} cannot be used with --worker (the worker host has its own "
+                          "weights: its Hub cache or $RSEG_WEIGHTS_DIR; the label map's statistics, largest "
+                          "component and probability maps are made where the models run, not yet over ssh)")
+    return target
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from ..worker import protocol as wp
+
+    return wp.EngineSettings(sam2_size=args.sam2, dinov2_size=args.dinov2, device=args.device,
+                             image_size=args.image_size, random_weights=bool(args.random_weights), seed=args.seed,
+                             retrieval_feature=getattr(args, "retrieval_feature", "cls"))
+
+
+def suggest_remote(args: argparse.Namespace, image: Any, window: Any, last: Any) -> tuple[Any, str | None]:
+    """`rseg suggest --worker`: (Suggestions, the worker's DINOv2 identity); RuntimeError if the job failed."""
+    from ..segmentation.suggest import Suggestions
+    from ..worker.client import WorkerClient, volume_spec
+
+    target = remote_target(args)
+    client = WorkerClient(target=target)
+    folder = client.new_job_folder()
+    params = {"settings": _settings(args).to_json(), "bank": None if args.bank is None else str(args.bank),
+              "volume": volume_spec(folder, "volume", image), "n": int(args.n), "axis": args.axis,
+              "window": None if window is None else [float(w) for w in window],
+              "last": None if last is None else last.to_json(), "case_id": args.case}
+    update, close = _progress_bar(not args.no_progress and not args.json, f"embedding slices on {target.host}")
+    try:
+        job = client.submit("suggest", params, folder)
+        while job.running:
+            for event in job.wait(0.2):
+                if event.kind == "progress" and update is not None:
+                    update(event.done, event.total)
+    finally:
+        close()
+        client.stop()
+    if job.outcome != "finished":
+        raise RuntimeError(f"the worker on {target} did not finish: {job.error}")
+    return Suggestions.from_json(job.result), job.result.get("dinov2_identity")
+
+
+def segment_remote(args: argparse.Namespace, image: Any, out: Path, window: Any, write_outputs: Any) -> int:
+    """Segment `image` in a worker on --worker's host; write the outputs and sidecars here."""
+    from ..data.volume import num_slices, parse_axis, through_plane_axis
+    from ..segmentation.provenance import write_sidecar
+    from ..segmentation.results import VolumeSegmentation
+    from ..bank.format import LabelInfo
+    from ..worker import protocol as wp
+    from ..worker.client import WorkerClient, volume_spec
+
+    target = remote_target(args)
+    axis = parse_axis(args.axis)
+    axis = through_plane_axis(image.spacing) if axis is None else axis
+    n = num_slices(image.array, axis)
+    a, b = args.slices if args.slices else (0, n)
+    settings = _settings(args)
+    client = WorkerClient(target=target)
+    folder = client.new_job_folder()
+    params = {
+        "settings": settings.to_json(), "bank": str(args.bank), "volume": volume_spec(folder, "volume", image),
+        "runs": [[int(a), int(b)]], "axis": axis, "k": int(args.k), "labels": args.labels, "case_id": args.case,
+        "case_policy": args.case_policy, "window": None if window is None else [float(w) for w in window],
+        "precision": args.precision, "batch_size": args.batch_size, "extent_stop": int(args.extent_stop),
+        "presence_threshold": float(args.presence_threshold), "start_slice": args.start_slice, "provenance": True,
+        "support_order": args.support_order, "propagate": int(args.propagate), "support_filter": args.support_filter,
+    }
+    update, close = _progress_bar(not args.no_progress and not args.json, f"segmenting on {target.host}")
+    arrays: dict[str, Any] = {}
+    job = client.submit("segment", params, folder, on_result=lambda r, f: arrays.update(
+        labelmap=wp.load_array(f, r["labelmap"])) or r)
+    try:
+        while job.running:
+            for event in job.wait(0.2):
+                if event.kind == "progress" and update is not None:
+                    update(event.done, event.total)
+    except KeyboardInterrupt:
+        job.cancel()
+        job.wait(client.cancel_grace_s + 5)
+        client.stop()
+        return EXIT_INTERRUPTED
+    finally:
+        close()
+    client.stop()
+    if job.outcome != "finished":
+        print(f"rseg segment: error: the worker on {target} did not finish: {job.error}", file=sys.stderr)
+        return EXIT_FAILURE
+    result = job.result
+    labelmap = arrays["labelmap"]
+    if labelmap.shape != image.array.shape:
+        print(f"rseg segment: error: the worker returned a label map of shape {labelmap.shape} for an image of "
+              f"shape {image.array.shape}", file=sys.stderr)
+        return EXIT_FAILURE
+    labels = [LabelInfo(int(d["value"]), str(d["name"]), tuple(d["color"])) for d in result["labels"]]
+    seg = VolumeSegmentation(labelmap=image.with_array(labelmap), labels=labels, axis=int(result["axis"]))
+    written = write_outputs(seg, out, args.seg_nrrd)
+    prov = {**result["provenance"], "image": str(args.image), "worker": str(target), "compile": False}
+    sidecars = [write_sidecar(p, prov, result["records"]) for p in written]
+    if args.json:
+        import json
+
+        print(json.dumps({"image": str(args.image), "worker": str(target), "outputs": [str(p) for p in written],
+                          "sidecars": [str(p) for p in sidecars], "axis": "ijk"[seg.axis],
+                          "seconds": round(float(result["seconds"]), 3), "precision": result["precision"],
+                          "batch_size": result["batch_size"], "random_weights": bool(args.random_weights)}, indent=2))
+    else:
+        print(f"segmented slices {a}:{b} along {'ijk'[seg.axis]} on {target} in {float(result['seconds']):.3f} s")
+        if args.random_weights:
+            print("RANDOM WEIGHTS: this output is meaningless (models were not loaded from real weights)")
+        for p in written + sidecars:
+            print(f"wrote {p}")
+    return EXIT_OK

@@ -1,0 +1,80 @@
+"""`rseg segment` / `rseg suggest` with `--worker ssh://...`: the same output as a local run, through a real sshd."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from _sshd import start_or_skip
+from RetrievalSegLib.bank.support_bank import LabelInfo
+from RetrievalSegLib.cli.main import main
+from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
+from RetrievalSegLib.data.volume import read_volume, write_volume
+from RetrievalSegLib.segmentation.provenance import read_sidecar
+from RetrievalSegLib.worker import protocol as wp
+from RetrievalSegLib.worker.client import WorkerClient, labels_json, volume_spec
+
+FAST = ["--random-weights", "--image-size", "256", "--device", "cpu"]
+SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)
+REMOTE_PYTHON = f"env RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 {sys.executable}"
+
+
+def test_segment_worker_usage_errors(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    image = tmp_path / "img.nii.gz"
+    write_volume(make_synthetic_study(1, shape=(4, 16, 16))[0].image, image)
+    base = ["segment", str(image), "--out", str(tmp_path / "o.nii.gz"), *FAST]
+    for extra, text in ((["--bank", "/srv/b", "--worker", "ssh://-oProxyCommand=x"], "not a worker host"),
+                        (["--bank", "relative/bank", "--worker", "gpu"], "absolute or as ~/"),
+                        (["--bank", "/srv/b", "--worker", "gpu", "--compile"], "--compile cannot be used with --worker")):
+        assert main(base + extra) == 2
+        assert text in capsys.readouterr().err
+    assert main(["suggest", str(image), "--bank", "bank", "--worker", "gpu", *FAST]) == 2
+    assert "absolute or as ~/" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # ~95 s on 2 shared cores: two model loads and a remote worker start
+def test_segment_on_a_worker_over_ssh_equals_the_local_run(tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    sshd = start_or_skip(tmp_path / "sshd")
+    try:
+        monkeypatch.setenv("RSEG_SSH_OPTIONS", " ".join(sshd.ssh_options()))
+        cases = make_synthetic_study(2, shape=(5, 40, 36), spacing=(1.3, 1.3, 6.0), seed=11)
+        bank = tmp_path / "server" / "bank"
+        client = WorkerClient(target=sshd.target, ssh_options=sshd.ssh_options(), log_dir=tmp_path)
+        client.target = type(client.target).parse(sshd.target, REMOTE_PYTHON)
+        labels = [LabelInfo(v, name, rgb) for v, (name, rgb) in sorted(LABELS.items())]
+        client.run("create_bank", {"settings": SETTINGS.to_json(), "bank": str(bank), "labels": labels_json(labels)},
+                   timeout=300)
+        folder = client.new_job_folder()
+        client.run("add_volume", {
+            "settings": SETTINGS.to_json(), "bank": str(bank), "volume": volume_spec(folder, "volume", cases[0].image),
+            "labelmap": wp.save_array(folder, "labels", cases[0].labels.array), "case_id": cases[0].case_id,
+            "axis": None, "window": [0.0, 1000.0]}, folder=folder, timeout=300)
+        client.stop()
+        image = tmp_path / "test.nii.gz"
+        write_volume(cases[1].image, image)
+        local, remote = tmp_path / "local.nii.gz", tmp_path / "remote.nii.gz"
+        assert main(["segment", str(image), "--bank", str(bank), "--out", str(local), "--k", "1", "--json", *FAST]) == 0
+        capsys.readouterr()
+        rc = main(["segment", str(image), "--bank", str(bank), "--out", str(remote), "--k", "1", "--json", *FAST,
+                   "--worker", sshd.target, "--worker-python", REMOTE_PYTHON])
+        out = capsys.readouterr()
+        assert rc == 0, out.err
+        summary = json.loads(out.out)
+        assert summary["worker"] == sshd.target and summary["outputs"] == [str(remote)]
+        a, b = read_volume(local), read_volume(remote)
+        assert b.same_geometry(a, tol=0) and a.array.dtype == b.array.dtype
+        assert np.array_equal(a.array, b.array)  # bit for bit
+        doc = read_sidecar(remote)
+        assert doc["provenance"]["worker"] == sshd.target and doc["provenance"]["bank"]["path"] == str(bank)
+        assert read_sidecar(local)["slices"] == doc["slices"]
+        # rseg suggest --worker: the same picks as a local run.
+        suggest = ["suggest", str(image), "--bank", str(bank), "--n", "2", "--json", "--seg", str(local), *FAST]
+        assert main(suggest) == 0
+        here = json.loads(capsys.readouterr().out)
+        assert main(suggest + ["--worker", sshd.target, "--worker-python", REMOTE_PYTHON]) == 0
+        there = json.loads(capsys.readouterr().out)
+        assert there.pop("worker") == sshd.target and there == here
+    finally:
+        sshd.stop()
