@@ -100,3 +100,27 @@ def worker_client(tmp_path_factory, slicer_launcher):  # type: ignore[no-untyped
                           cancel_grace_s=30.0)
     yield client
     client.stop()
+
+
+@pytest.fixture(autouse=True)
+def _shared_worker_left_idle(request):  # type: ignore[no-untyped-def]
+    """After every test that used the shared worker: no job left running, whatever happened.
+
+    A test that fails (or times out) with a job still in the worker would otherwise hand the next
+    worker test "RetrievalSeg is still running": one failure reported as many. The job is
+    cancelled and waited for; one that does not end is stopped with its worker (the next job
+    starts a fresh one).
+    """
+    yield
+    if "worker_client" not in request.fixturenames:
+        return
+    from _deadlines import scaled
+
+    client = request.getfixturevalue("worker_client")
+    job = client.job
+    if job is None or job.outcome is not None:
+        return
+    job.cancel()
+    job.wait(scaled(client.cancel_grace_s + 10.0))  # pump() kills it after the grace time
+    if job.outcome is None:
+        client.stop()

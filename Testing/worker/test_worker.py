@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _deadlines import scaled
 from RetrievalSegLib.worker import protocol as wp
 from RetrievalSegLib.bank.support_bank import LabelInfo
 from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
@@ -97,7 +98,7 @@ def _bank_files(path: Path) -> dict[str, str]:
 def _until(job, predicate, timeout: float = 120.0) -> list:  # type: ignore[no-untyped-def]
     """Poll `job` (never blocking long) until predicate(events so far) holds; return the events."""
     seen: list = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         seen += job.wait(0.05)
         if predicate(seen):
@@ -109,7 +110,7 @@ def _until(job, predicate, timeout: float = 120.0) -> list:  # type: ignore[no-u
 def test_worker_round_trip_progress_in_order(client, bank_path, cases) -> None:  # type: ignore[no-untyped-def]
     job = _segment_job(client, bank_path, cases[1].image)
     folder = job.folder
-    events = job.wait(180)
+    events = job.wait(scaled(180))
     assert job.outcome == "finished", [(e.kind, e.message) for e in events]
     kinds = [e.kind for e in events]
     assert kinds[-1] == "finished" and kinds[-2] == "diagnostics"
@@ -167,7 +168,7 @@ def test_worker_suggest_job(client, bank_path, cases, tmp_path) -> None:  # type
         "settings": SETTINGS.to_json(), "bank": str(bank_path), "volume": volume_spec(folder, "volume", cases[1].image),
         "n": SHAPE[0], "axis": None, "window": [0.0, 1000.0], "case_id": cases[1].case_id, "last": last,
     }, folder, on_result=lambda result, _: Suggestions.from_json(result))
-    events = job.wait(180)
+    events = job.wait(scaled(180))
     assert job.outcome == "finished", [(e.kind, e.message) for e in events]
     assert [(e.done, e.total) for e in events if e.kind == "progress"][-1] == (SHAPE[0], SHAPE[0])
     result = job.result
@@ -201,7 +202,7 @@ def test_worker_cancel_mid_volume_writes_nothing(client, bank_path, cases) -> No
     folder = job.folder
     events = _until(job, lambda evs: any(e.kind == "progress" and e.done >= 1 for e in evs))
     job.cancel()
-    events += job.wait(60)
+    events += job.wait(scaled(60))
     assert job.outcome == "cancelled" and job.result is None
     done = max(e.done for e in events if e.kind == "progress")
     assert 1 <= done < SHAPE[0]
@@ -218,7 +219,7 @@ def test_worker_killed_mid_job_clear_error_bank_unchanged_next_job_works(client,
     pid = client.worker_pid
     assert pid is not None and pid not in (os.getpid(), client.process.pid)  # the launcher's child
     os.kill(pid, signal.SIGKILL)
-    events = job.wait(30)
+    events = job.wait(scaled(30))
     assert job.outcome == "failed"
     message = events[-1].message
     # The launcher turns the signal into exit code 1: the message says what that means, not "exit code 1".
@@ -229,7 +230,7 @@ def test_worker_killed_mid_job_clear_error_bank_unchanged_next_job_works(client,
     assert not client.alive
     # The next action starts a new worker and works.
     again = _segment_job(client, bank_path, cases[1].image)
-    again.wait(180)
+    again.wait(scaled(180))
     assert again.outcome == "finished" and client.worker_pid not in (None, pid)
 
 
@@ -252,14 +253,14 @@ def test_worker_malformed_message_from_the_parent_is_reported_not_fatal(client) 
     errors_before = len(client.protocol_errors)
     client.send_raw(b"this is not json\n")
     client.send_raw(b'{"type": "explode"}\n')
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while len(client.protocol_errors) < errors_before + 2 and time.monotonic() < deadline:
         client.pump(block_s=0.05)
     new = client.protocol_errors[errors_before:]
     assert len(new) == 2 and "not JSON" in new[0] and "unknown message type 'explode'" in new[1]
     # A job with a bad kind or bad params fails with a message; the worker keeps serving.
     bad = client.submit("load", {"settings": {"sam2_size": "tiny", "colour": "red"}})
-    bad.wait(60)
+    bad.wait(scaled(60))
     assert bad.outcome == "failed" and "unknown engine settings ['colour']" in str(bad.error)
     assert client.run("load", {"settings": SETTINGS.to_json()})["dinov2_identity"].startswith("dinov2-small")
 
@@ -282,26 +283,26 @@ def test_worker_survives_a_line_nested_too_deeply_for_the_parser(client) -> None
     errors_before = len(client.protocol_errors)
     client.send_raw(b"[" * 200_000 + b"\n")
     client.send_raw(b'{"type": "still-listening"}\n')
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while len(client.protocol_errors) < errors_before + 2 and time.monotonic() < deadline:
         client.pump(block_s=0.05)
     new = client.protocol_errors[errors_before:]
     assert len(new) == 2, f"the worker went deaf after the nested line: {new}"
     assert "nested too deeply" in new[0] and "'still-listening'" in new[1]
-    assert client.run("load", {"settings": SETTINGS.to_json()}, timeout=120)["dinov2_identity"].startswith("dinov2-small")
+    assert client.run("load", {"settings": SETTINGS.to_json()}, timeout=scaled(120))["dinov2_identity"].startswith("dinov2-small")
 
 
 def test_worker_reports_an_overlong_line_before_its_end_arrives(client) -> None:  # type: ignore[no-untyped-def]
     """A line past MAX_LINE_BYTES is refused once the bound is passed, not buffered until its newline."""
     errors_before = len(client.protocol_errors)
     client.send_raw(b"x" * (wp.MAX_LINE_BYTES + 4096))  # no newline yet
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while len(client.protocol_errors) == errors_before and time.monotonic() < deadline:
         client.pump(block_s=0.05)
     new = client.protocol_errors[errors_before:]
     assert len(new) == 1 and f"longer than {wp.MAX_LINE_BYTES} bytes" in new[0]
     client.send_raw(b"y" * 1000 + b'\n{"type": "explode"}\n')  # the rest of the long line is dropped
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while len(client.protocol_errors) < errors_before + 2 and time.monotonic() < deadline:
         client.pump(block_s=0.05)
     assert len(client.protocol_errors) == errors_before + 2 and "'explode'" in client.protocol_errors[-1]
@@ -324,7 +325,7 @@ def test_worker_refuses_arrays_that_need_pickle(client, bank_path, tmp_path) -> 
         "volume": {"array": "volume.npy", "spacing": [1, 1, 1], "origin": [0, 0, 0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]},
         "runs": [[0, 1]], "axis": 2, "k": 1,
     }, folder)
-    job.wait(60)
+    job.wait(scaled(60))
     assert job.outcome == "failed" and "cannot be read without pickle" in str(job.error)
     with pytest.raises(wp.ProtocolError, match="inside the job folder"):
         wp.load_array(tmp_path, "../elsewhere.npy")
@@ -439,7 +440,7 @@ def test_worker_idle_timeout_then_the_next_job_starts_a_new_worker(tmp_path, sli
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             job = c.submit("verify", {"bank": str(tmp_path / "none")})
-        job.wait(60)
+        job.wait(scaled(60))
         assert job.outcome == "failed" and "none" in str(job.error)  # answered by a new worker
         assert c.process is not None and c.process.pid != first
     finally:
