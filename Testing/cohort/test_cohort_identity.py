@@ -63,6 +63,7 @@ ALTERNATIVES = {
     "labels": ([], ["--labels", "1"]),
     "slices": ([], ["--slices", "0:1"]),
     "extent_stop": ([], ["--extent-stop", "0"]),
+    "propagate": ([], ["--propagate", "2"]),
     "presence_threshold": ([], ["--presence-threshold", "0.5"]),
     "window": ([], ["--window", "400", "--level", "40"]),
     "level": (["--window", "400", "--level", "40"], ["--window", "400", "--level", "50"]),
