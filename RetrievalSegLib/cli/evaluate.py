@@ -44,6 +44,7 @@ NOT_COMPARABLE = {
     "dinov2": "the bank's embeddings are made with one DINOv2",
     "dinov2_path": "the bank's embeddings are made with one DINOv2",
     "dinov2_input_size": "the bank's embeddings are made with one DINOv2 input size",
+    "retrieval_feature": "the bank's embeddings are made with one retrieval feature (evaluate into two folders)",
     "random_weights": "a comparison of random and trained weights says nothing",
     "seed": "the seed of random weights is not a setting",
     "device": "the device is not an accuracy setting",

@@ -98,9 +98,9 @@ def _record_conditioning(monkeypatch, engine) -> list:
     calls = []
     real = engine.sam.query_batch
 
-    def recording(features, memories, support_index, labels, items=None):
+    def recording(features, memories, support_index, labels, items=None, **kw):
         calls.append((tuple(labels), [[memories[i] for i in row] for row in support_index], list(items)))
-        return real(features, memories, support_index, labels, items=items)
+        return real(features, memories, support_index, labels, items=items, **kw)
 
     monkeypatch.setattr(engine.sam, "query_batch", recording)
     return calls

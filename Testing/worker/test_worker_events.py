@@ -16,9 +16,10 @@ read, without a process (fast, and nothing left running if a test fails):
 from __future__ import annotations
 
 import io
-import json
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from RetrievalSegLib.bank.support_bank import LabelInfo
@@ -29,14 +30,29 @@ from RetrievalSegLib.worker import server
 from RetrievalSegLib.worker.client import labels_json, volume_spec
 
 
+class _Worker(server.Worker):
+    """The real worker, its job inputs handed over as the reader thread would after their array
+    frames arrived (`_received`): the .npy files the client staged in the job's folder."""
+
+    def run_job(self, message: dict) -> None:
+        folder = message.pop("folder", None)
+        if folder is not None:
+            arrays = {p.name: np.load(p, allow_pickle=False) for p in sorted(Path(folder).glob("*.npy"))}
+            self._received[message["id"]] = arrays
+            message["arrays"] = sorted(arrays)
+        super().run_job(message)
+
+
 def _worker() -> tuple[server.Worker, io.BytesIO]:
     out = io.BytesIO()
-    return server.Worker(server.Channel(out), parent_pid=None, idle_timeout=600.0), out
+    return _Worker(server.Channel(out), parent_pid=None, idle_timeout=600.0), out
 
 
 def _messages(out: io.BytesIO, job_id: str) -> list[dict]:
-    found = [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
-    return [m for m in found if m.get("id") == job_id]
+    """The job's messages as the client reads them (JSON lines and the array frames between them)."""
+    reader = wp.FrameReader(wp.FROM_WORKER)
+    reader.feed(out.getvalue())
+    return [m for m in reader.messages() if m.get("id") == job_id]
 
 
 def _job(job_id: str, kind: str, folder, params: dict) -> dict:
