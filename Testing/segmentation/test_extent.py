@@ -11,8 +11,9 @@ import warnings
 
 import numpy as np
 import pytest
+from _small_world import bank_of_first_case
 
-from RetrievalSegLib.bank.support_bank import LabelInfo, SupportBank
+from RetrievalSegLib.bank.support_bank import LabelInfo
 from RetrievalSegLib.segmentation.extent import ExtentWalker, extent_slices
 from RetrievalSegLib.engine.pipeline import RetrievalEngine
 from RetrievalSegLib.segmentation.provenance import BEYOND_EXTENT, SEGMENTED, slice_records
@@ -98,13 +99,7 @@ def study():
 
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory, engine, study):
-    b = SupportBank.create(
-        tmp_path_factory.mktemp("bank") / "bank",
-        [LabelInfo(v, n, c) for v, (n, c) in LABELS.items()],
-        engine.embedder.identity,
-    )
-    b.add_volume(study[0].image, study[0].labels, study[0].case_id, engine.embedder)
-    return b
+    return bank_of_first_case(tmp_path_factory.mktemp("bank") / "bank", engine, study)
 
 
 @pytest.fixture(scope="module")

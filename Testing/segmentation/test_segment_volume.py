@@ -1,40 +1,30 @@
 """Whole-volume segmentation: geometry, axis choice, slice ranges, progress, cancel, errors."""
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from RetrievalSegLib.bank.support_bank import LabelInfo, SupportBank
 from RetrievalSegLib.engine.pipeline import RetrievalEngine
+from _small_world import bank_of_first_case, small_engine, small_study
 from RetrievalSegLib.segmentation.segment import segment_volume
-from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
 from RetrievalSegLib.data.volume import Volume, read_volume, write_volume
 
 
 @pytest.fixture(scope="module")
 def engine() -> RetrievalEngine:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return RetrievalEngine.load(random_weights=True, image_size=256, device="cpu", dinov2_input_size=56)
+    return small_engine()
 
 
 @pytest.fixture(scope="module")
 def study():
-    return make_synthetic_study(2, shape=(6, 40, 36), spacing=(1.2, 1.2, 5.0))
+    return small_study()
 
 
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory, engine, study):
-    b = SupportBank.create(
-        tmp_path_factory.mktemp("bank") / "bank",
-        [LabelInfo(v, n, c) for v, (n, c) in LABELS.items()],
-        engine.embedder.identity,
-    )
-    b.add_volume(study[0].image, study[0].labels, study[0].case_id, engine.embedder)
-    return b
+    return bank_of_first_case(tmp_path_factory.mktemp("bank") / "bank", engine, study)
 
 
 def test_label_map_has_the_input_geometry_and_bank_labels(bank, engine, study):

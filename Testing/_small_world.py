@@ -1,0 +1,28 @@
+"""The small segmentation world several test files share: a random-weight engine at 256 px with
+DINOv2 at 56 px, a 2-case synthetic study, and a bank made of the first case."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from RetrievalSegLib.bank.support_bank import LabelInfo, SupportBank
+from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
+from RetrievalSegLib.engine.pipeline import RetrievalEngine
+
+
+def small_engine() -> RetrievalEngine:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return RetrievalEngine.load(random_weights=True, image_size=256, device="cpu", dinov2_input_size=56)
+
+
+def small_study(n_slices: int = 6, seed: int | None = None):
+    kw = {} if seed is None else {"seed": seed}
+    return make_synthetic_study(2, shape=(n_slices, 40, 36), spacing=(1.2, 1.2, 5.0), **kw)
+
+
+def bank_of_first_case(folder: Path, engine: RetrievalEngine, study) -> SupportBank:
+    """A bank with the synthetic labels, holding every annotated slice of the study's first case."""
+    b = SupportBank.create(folder, [LabelInfo(v, n, c) for v, (n, c) in LABELS.items()], engine.embedder.identity)
+    b.add_volume(study[0].image, study[0].labels, study[0].case_id, engine.embedder)
+    return b
