@@ -10,6 +10,10 @@ other synthetic cases, k supports per slice, SAM 2.1 with random weights:
   chosen for the device (bf16 autocast and batches on CUDA). On CPU the automatic batch size is 1
   (batching does not pay there), so the CPU run times batches of 4 (`--batch-size` to change) to
   show what batching does;
+* propagation (`--propagate N`, default 6, 0 skips it): the per-slice fp32 path again with SAM 2's
+  video memory along the slice axis (`segment_volume(..., propagate=N)`, walks from the default
+  start slice; its mask agreement with the per-slice run is not a fidelity figure: the masks are
+  meant to differ);
 * optionally (`--compile`) the batched path again with the image encoder and memory attention
   compiled (compile time reported separately, not in slices/s).
 
@@ -18,7 +22,7 @@ volume from the same bank). Mask agreement is per label (each label's foreground
 the argmax label maps: with random weights the labels are near-tied and argmax flips.
 
     python -m RetrievalSegLib.benchmarks.volume [--device auto] [--image-size N] [--slices N] [--k 8]
-                                           [--extent-slices 120]
+                                           [--propagate 6] [--extent-slices 120]
 
 Then, in the same run, the extent stop (`extent.py`) on a synthetic CT-like volume: 120 slices
 (`--extent-slices`; 0 skips this part) of which the middle 20% hold the structure (a synthetic
@@ -167,7 +171,7 @@ def _warm(bank, engine, precision: str) -> float:
     return time.perf_counter() - t
 
 
-def _run(volume, bank, engine, k: int, precision: str, batch_size):
+def _run(volume, bank, engine, k: int, precision: str, batch_size, propagate: int = 0):
     from ..segmentation.segment import segment_volume
 
     dev = engine.sam.device
@@ -176,7 +180,7 @@ def _run(volume, bank, engine, k: int, precision: str, batch_size):
         torch.cuda.synchronize(dev)
     t = time.perf_counter()
     seg = segment_volume(volume, bank, engine, k=k, precision=precision, batch_size=batch_size,
-                         keep_label_masks=True)
+                         keep_label_masks=True, propagate=propagate)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return seg, time.perf_counter() - t, _peak_mb(dev)
@@ -192,9 +196,10 @@ def _agreement(a, b) -> tuple[float, list[float], list[float]]:
 def run(device: str = "auto", image_size: int | None = None, slices: int | None = None, k: int = 8,
         hw: int = 256, bank_cases: int | None = None, sam2: str = "tiny", compile: bool = False,
         batch_size: int | None = None, precision: str = "auto", seed: int = 0, extent_slices: int = 0,
-        extent_stop: int | None = None, more_batch_sizes: tuple[int, ...] = ()) -> dict:
+        extent_stop: int | None = None, more_batch_sizes: tuple[int, ...] = (), propagate: int = 0) -> dict:
     """more_batch_sizes: further batch sizes timed after the batched path (rows only; the closing
-    lines compare the batched path with the per-slice one)."""
+    lines compare the batched path with the per-slice one). propagate: N > 0 adds a row timing the
+    per-slice fp32 path with `--propagate N` (segment_volume's walk from its default start slice)."""
     from ..engine.sam2_memory import resolve_precision
     from ..models.loaders import resolve_device
     from ..engine.pipeline import RetrievalEngine
@@ -246,6 +251,11 @@ def run(device: str = "auto", image_size: int | None = None, slices: int | None 
         rows.append(dict(path=f"batched (B={b})", precision=more.precision, batch=more.batch_size, seconds=more_s,
                          peak=more_peak, seg=more))
         print(f"  batched {more.precision} B={b}: {more_s:.1f} s", file=sys.stderr, flush=True)
+    if propagate:
+        prop, prop_s, prop_peak = _run(query.image, bank, engine, k, "fp32", 1, propagate=propagate)
+        rows.append(dict(path=f"per-slice + propagate {propagate}", precision="fp32", batch=1, seconds=prop_s,
+                         peak=prop_peak, seg=prop))
+        print(f"  per-slice fp32 propagate {propagate}: {prop_s:.1f} s", file=sys.stderr, flush=True)
     compile_s = None
     if compile:
         t = time.perf_counter()
@@ -440,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="batched path precision")
     p.add_argument("--compile", action="store_true", help="also time the batched path with torch.compile")
     p.add_argument("--sam2", default="tiny")
+    p.add_argument("--propagate", type=int, default=6, choices=range(0, 7), metavar="N",
+                   help="also time the per-slice fp32 path with --propagate N, 0..6 (default 6; 0 skips the row)")
     p.add_argument("--extent-slices", type=int, default=120,
                    help="slices of the CT-like volume for the extent-stop comparison (default 120; 0 skips it)")
     p.add_argument("--extent-stop", type=int, default=None, help="N for that comparison (default: rseg's default)")
@@ -450,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     sizes = a.batch_size or [None]
     r = run(a.device, a.image_size, a.slices, a.k, a.hw, a.bank_cases, a.sam2, a.compile, sizes[0], a.precision,
-            extent_slices=a.extent_slices, extent_stop=a.extent_stop, more_batch_sizes=tuple(sizes[1:]))
+            extent_slices=a.extent_slices, extent_stop=a.extent_stop, more_batch_sizes=tuple(sizes[1:]),
+            propagate=a.propagate)
     print(f"machine: {r['machine']}")
     print(f"volume {r['slices']} x {r['hw']} x {r['hw']}, SAM 2.1 {a.sam2} at {r['image_size']} px, k={r['k']}, "
           f"bank of {r['bank']} slices, random weights, support memories cached before timing")
