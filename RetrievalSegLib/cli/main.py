@@ -102,11 +102,24 @@ def cmd_segment(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     window = _window(args)  # option errors before any file or model is loaded
+    dcm_seg = None
+    if getattr(args, "format", "label-map") == "dcm-seg":
+        from ..segmentation.dicom_seg import dicom_seg_path
+
+        if not Path(args.image).is_dir():
+            print(f"rseg segment: error: --format dcm-seg needs a DICOM series folder as IMAGE, got {args.image}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        if args.worker:
+            print("rseg segment: error: --format dcm-seg is not available with --worker", file=sys.stderr)
+            return EXIT_USAGE
+        dcm_seg = dicom_seg_path(out)
     if args.worker:
         from .remote import remote_target
 
         remote_target(args)
-    outputs = {"--out": out, **({"--seg-nrrd": Path(args.seg_nrrd)} if args.seg_nrrd else {})}
+    outputs = {"--out": out, **({"--seg-nrrd": Path(args.seg_nrrd)} if args.seg_nrrd else {}),
+               **({"--format dcm-seg": dcm_seg} if dcm_seg else {})}
     image_path = Path(args.image)
     check_outputs(
         outputs,
@@ -167,6 +180,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     outputs_extra.update(weights_official(engine))  # published weights or not, by SHA-256
     written = write_outputs(seg, out, args.seg_nrrd)
+    if dcm_seg is not None:
+        from .. import __version__
+        from ..segmentation.dicom_seg import write_dicom_seg
+
+        written.append(write_dicom_seg(seg.labelmap, seg.labels, Path(args.image), dcm_seg,
+                                       software_version=__version__))
     from ..segmentation.provenance import segmentation_provenance, slice_records, write_sidecar
 
     prov = segmentation_provenance(seg, engine, bank, k=args.k,
@@ -331,6 +350,10 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="output label map (.nii.gz/.nrrd/.mha) or Slicer segmentation (.seg.nrrd)")
     p.add_argument("--seg-nrrd", type=Path, default=None, help="also write a Slicer .seg.nrrd here")
+    p.add_argument("--format", default="label-map", choices=["label-map", "dcm-seg"],
+                   help="dcm-seg: also write a DICOM SEG beside --out (<out name>.dcm, e.g. seg.nii.gz -> "
+                        "seg.dcm), one BINARY segment per label, referencing the source images; IMAGE must "
+                        "be a DICOM series folder (default label-map: --out only)")
     p.add_argument("--k", type=_positive_int, default=8, help=K_HELP)
     p.add_argument("--axis", default="auto", help="slice axis: auto (largest spacing), i, j or k")
     p.add_argument("--labels", type=_parse_labels_arg, default=None, help="label values to segment, e.g. 1,3 (default all)")
