@@ -68,18 +68,38 @@ def test_dicom_seg_frames_reference_their_source_and_equal_the_label_map(study, 
     assert np.array_equal(back, labelmap)
 
 
-def test_dcm_seg_needs_a_dicom_series_before_any_model_loads(study, tmp_path, capsys, monkeypatch):
-    bank, _, _ = study
-    image = tmp_path / "i.nii.gz"
-    write_volume(read_volume(study[1]), image)
+def test_out_dcm_writes_the_dicom_seg_alone(study, tmp_path):
+    import highdicom as hd
+
+    bank, series, _ = study
+    out = tmp_path / "seg.dcm"
+    assert main(["segment", str(series), "--bank", str(bank), "--out", str(out), "--k", "2",
+                 "--no-progress", *FAST]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.dcm", "seg.dcm.json"]  # no label map file
+    seg = hd.seg.segread(out)
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["RV", "LV"]
+    assert int(seg.NumberOfFrames) == 2 * 4
+
+
+@pytest.mark.parametrize("image_kind, out_name, extra, words", [
+    ("file", "s.nii.gz", ["--format", "dcm-seg"], "DICOM series folder"),
+    ("file", "s.dcm", [], "DICOM series folder"),
+    ("series", "s.dcm", ["--report"], "--report reads a label map"),
+])
+def test_dcm_seg_usage_errors_before_any_model_loads(study, tmp_path, capsys, monkeypatch, image_kind, out_name,
+                                                      extra, words):
+    bank, series, _ = study
+    image = series
+    if image_kind == "file":
+        image = tmp_path / "i.nii.gz"
+        write_volume(read_volume(series), image)
 
     def refuse(args):
         raise AssertionError("models were loaded before the usage error was found")
 
     monkeypatch.setattr(cli_main, "make_engine", refuse)
     capsys.readouterr()
-    rc = main(["segment", str(image), "--bank", str(bank), "--out", str(tmp_path / "s.nii.gz"),
-               "--format", "dcm-seg", *FAST])
+    rc = main(["segment", str(image), "--bank", str(bank), "--out", str(tmp_path / out_name), *extra, *FAST])
     assert rc == 2
-    assert "DICOM series folder" in capsys.readouterr().err
-    assert not (tmp_path / "s.nii.gz").exists() and not (tmp_path / "s.dcm").exists()
+    assert words in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("s.")]
