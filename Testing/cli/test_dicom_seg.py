@@ -55,6 +55,13 @@ def test_dicom_seg_frames_reference_their_source_and_equal_the_label_map(study, 
     frames = ds.pixel_array.reshape(-1, *labelmap.shape[1:])
     k = labelmap.shape[0]
     assert len(frames) == 2 * k  # every slice of every segment, empty frames kept
+    positions = {}  # SOP instance UID -> the source slice's ImagePositionPatient
+    for f in series.iterdir():
+        src = pydicom.dcmread(f)
+        positions[src.SOPInstanceUID] = [float(x) for x in src.ImagePositionPatient]
+    orientation = [float(x) for x in src.ImageOrientationPatient]
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    assert np.allclose([float(x) for x in shared.PlaneOrientationSequence[0].ImageOrientationPatient], orientation)
     back = np.zeros_like(labelmap)
     seen = set()
     for frame, group in zip(frames, ds.PerFrameFunctionalGroupsSequence):
@@ -63,6 +70,7 @@ def test_dicom_seg_frames_reference_their_source_and_equal_the_label_map(study, 
         assert uid.startswith(SERIES + ".")
         z = int(uid.rsplit(".", 1)[1]) - 1  # _write_dicom_series: slice k is <series>.<k + 1>
         seen.add((segment, z))
+        assert np.allclose([float(x) for x in group.PlanePositionSequence[0].ImagePositionPatient], positions[uid])
         back[z][frame.astype(bool)] = {1: 1, 2: 2}[segment]
     assert seen == {(s, z) for s in (1, 2) for z in range(k)}
     assert np.array_equal(back, labelmap)
