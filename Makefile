@@ -27,7 +27,7 @@ $(STAMP): $(PY) requirements.lock requirements-sam2.lock pyproject.toml
 	$(PY) -m pip install --require-hashes -r requirements.lock
 	SAM2_BUILD_CUDA=0 $(PY) -m pip install --require-hashes --no-deps --no-build-isolation -r requirements-sam2.lock
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
-	$(PY) -c 'import torch, sam2, transformers, faiss, SimpleITK, slicer, vtk, slicerio, filelock, matplotlib, jinja2, websocket; print("dependencies ok, torch", torch.__version__)'
+	$(PY) -c 'import torch, sam2, transformers, faiss, SimpleITK, slicer, vtk, slicerio, filelock, matplotlib, jinja2, websocket, highdicom; print("dependencies ok, torch", torch.__version__)'
 	touch $(STAMP)
 
 install: $(STAMP)

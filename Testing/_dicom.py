@@ -36,6 +36,7 @@ def _write_series(folder: Path, vol: Volume, series_uid: str, prefix: str) -> No
             "0008|0060": "MR",
             "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
             "0020|000e": series_uid,
+            "0020|0052": f"{series_uid}.0",  # frame of reference (a DICOM SEG needs it)
             "0008|0018": f"{series_uid}.{k + 1}",
             "0020|0013": str(k + 1),
             "0020|0037": "\\".join(f"{x:.10g}" for x in orientation),

@@ -97,16 +97,34 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from ..data.volume import read_volume
 
     out = Path(args.out)
-    if not any(out.name.endswith(s) for s in (".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd")):
-        print(f"rseg segment: error: --out must end in .nii.gz, .nii, .nrrd, .mha or .seg.nrrd, got {out}",
-              file=sys.stderr)
+    if not any(out.name.endswith(s) for s in (".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd", ".dcm")):
+        print(f"rseg segment: error: --out must end in .nii.gz, .nii, .nrrd, .mha, .seg.nrrd or .dcm (DICOM SEG), "
+              f"got {out}", file=sys.stderr)
+        return EXIT_USAGE
+    dcm_out = out.name.endswith(".dcm")  # the DICOM SEG is the output: no label map file
+    if dcm_out and args.report:
+        print("rseg segment: error: --report reads a label map; with --out .dcm use --format dcm-seg and a "
+              "label-map --out instead", file=sys.stderr)
         return EXIT_USAGE
     window = _window(args)  # option errors before any file or model is loaded
+    dcm_seg = None
+    if dcm_out or getattr(args, "format", "label-map") == "dcm-seg":
+        from ..segmentation.dicom_seg import dicom_seg_path
+
+        if not Path(args.image).is_dir():
+            print(f"rseg segment: error: --format dcm-seg needs a DICOM series folder as IMAGE, got {args.image}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        if args.worker:
+            print("rseg segment: error: --format dcm-seg is not available with --worker", file=sys.stderr)
+            return EXIT_USAGE
+        dcm_seg = out if dcm_out else dicom_seg_path(out)
     if args.worker:
         from .remote import remote_target
 
         remote_target(args)
-    outputs = {"--out": out, **({"--seg-nrrd": Path(args.seg_nrrd)} if args.seg_nrrd else {})}
+    outputs = {"--out": out, **({"--seg-nrrd": Path(args.seg_nrrd)} if args.seg_nrrd else {}),
+               **({"--format dcm-seg": dcm_seg} if dcm_seg and not dcm_out else {})}
     image_path = Path(args.image)
     check_outputs(
         outputs,
@@ -166,7 +184,16 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from ..segmentation.provenance import weights_official
 
     outputs_extra.update(weights_official(engine))  # published weights or not, by SHA-256
-    written = write_outputs(seg, out, args.seg_nrrd)
+    if dcm_out:
+        written = write_outputs(seg, Path(args.seg_nrrd)) if args.seg_nrrd else []
+    else:
+        written = write_outputs(seg, out, args.seg_nrrd)
+    if dcm_seg is not None:
+        from .. import __version__
+        from ..segmentation.dicom_seg import write_dicom_seg
+
+        written.append(write_dicom_seg(seg.labelmap, seg.labels, Path(args.image), dcm_seg,
+                                       software_version=__version__))
     from ..segmentation.provenance import segmentation_provenance, slice_records, write_sidecar
 
     prov = segmentation_provenance(seg, engine, bank, k=args.k,
@@ -256,7 +283,7 @@ def probability_paths(out: Path, labels) -> list[Path]:
     import re
 
     base = out.name
-    for suffix in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha"):
+    for suffix in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".dcm"):
         if base.endswith(suffix):
             base = base[: -len(suffix)]
             break
@@ -329,8 +356,13 @@ def add_segment_parser(sub, models: argparse.ArgumentParser) -> None:
     p.add_argument("image", type=Path, metavar="IMAGE", help="NIfTI/NRRD/MHA file or a DICOM series folder")
     p.add_argument("--bank", type=Path, required=True, help="support bank folder (with --worker: on the worker host)")
     p.add_argument("--out", type=Path, required=True,
-                   help="output label map (.nii.gz/.nrrd/.mha) or Slicer segmentation (.seg.nrrd)")
+                   help="output label map (.nii.gz/.nrrd/.mha), Slicer segmentation (.seg.nrrd) or DICOM SEG "
+                        "(.dcm: as --format dcm-seg, without a label map file)")
     p.add_argument("--seg-nrrd", type=Path, default=None, help="also write a Slicer .seg.nrrd here")
+    p.add_argument("--format", default="label-map", choices=["label-map", "dcm-seg"],
+                   help="dcm-seg: also write a DICOM SEG beside --out (<out name>.dcm, e.g. seg.nii.gz -> "
+                        "seg.dcm), one BINARY segment per label, referencing the source images; IMAGE must "
+                        "be a DICOM series folder (default label-map: --out only)")
     p.add_argument("--k", type=_positive_int, default=8, help=K_HELP)
     p.add_argument("--axis", default="auto", help="slice axis: auto (largest spacing), i, j or k")
     p.add_argument("--labels", type=_parse_labels_arg, default=None, help="label values to segment, e.g. 1,3 (default all)")
