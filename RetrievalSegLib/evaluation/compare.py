@@ -17,11 +17,8 @@ paired statistics of each against the reference configuration.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import itertools
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -200,16 +197,9 @@ def compare_doc(configs: Sequence[Configuration], results: dict[str, dict[str, A
 
 def write_compare(out: Path, doc: dict[str, Any]) -> None:
     """compare.csv and compare.json in `out`, each written atomically."""
-    from ..data.fileio import atomic_write_bytes
+    from .evaluate import write_table
 
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for r in doc["rows"]:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
-    for name, data in (("compare.csv", buf.getvalue()),
-                       ("compare.json", json.dumps(doc, indent=2, allow_nan=False) + "\n")):
-        atomic_write_bytes(out / name, data.encode("utf-8"), root=out, what="an output folder")
+    write_table(out, "compare", CSV_FIELDS, doc)
 
 
 def _f(x: Any, spec: str) -> str:

@@ -111,15 +111,21 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), root=path.parent, what="an output folder")
 
 
+def write_table(out: Path, stem: str, fields: Sequence[str], doc: dict[str, Any]) -> None:
+    """<stem>.csv (`doc["rows"]` in `fields`, empty cells for null) and <stem>.json (`doc`, strict
+    JSON) in `out`, each written atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
+    w.writeheader()
+    for r in doc["rows"]:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    _write_text(out / f"{stem}.csv", buf.getvalue())
+    _write_text(out / f"{stem}.json", json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
 def write_metrics(out: Path, result: dict[str, Any]) -> None:
     """metrics.csv and metrics.json, each written atomically (strict JSON, empty CSV cells for null)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for r in result["rows"]:
-        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
-    _write_text(out / "metrics.csv", buf.getvalue())
-    _write_text(out / "metrics.json", json.dumps(result, indent=2, allow_nan=False) + "\n")
+    write_table(out, "metrics", CSV_FIELDS, result)
 
 
 # ----------------------------------------------------------------------------- per-case records
