@@ -1,5 +1,5 @@
 """The small segmentation world several test files share: a random-weight engine at 256 px with
-DINOv2 at 56 px, a 2-case synthetic study, and a bank made of the first case."""
+DINOv2 at 56 px (and its SAM 2 engine alone), a 2-case synthetic study, and a bank made of the first case."""
 from __future__ import annotations
 
 import warnings
@@ -8,12 +8,21 @@ from pathlib import Path
 from RetrievalSegLib.bank.support_bank import LabelInfo, SupportBank
 from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
 from RetrievalSegLib.engine.pipeline import RetrievalEngine
+from RetrievalSegLib.engine.sam2_memory import Sam2MemoryEngine
+from RetrievalSegLib.models.loaders import load_sam2
 
 
 def small_engine() -> RetrievalEngine:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return RetrievalEngine.load(random_weights=True, image_size=256, device="cpu", dinov2_input_size=56)
+
+
+def small_sam2_engine() -> Sam2MemoryEngine:
+    """SAM 2.1 tiny with seeded random weights at 256 px, on the CPU (the engine tests' model)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Sam2MemoryEngine(load_sam2("tiny", random_weights=True, seed=0, device="cpu", image_size=256))
 
 
 def small_study(n_slices: int = 6, seed: int | None = None):

@@ -34,6 +34,7 @@ from RetrievalSegLib.engine.preprocess import (
 from RetrievalSegLib.segmentation.labelmap import fuse_labels
 from RetrievalSegLib.data.synthetic import make_synthetic_study
 
+from _small_world import small_sam2_engine
 from _reference import build_reference_predictor, reference_query_logits, write_pseudo_video
 
 LABELS = (1, 2, 3)
@@ -43,10 +44,7 @@ MIN_BF16_AGREEMENT = 0.995
 
 @pytest.fixture(scope="module")
 def engine() -> Sam2MemoryEngine:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sam = load_sam2("tiny", random_weights=True, seed=0, device="cpu", image_size=256)
-    return Sam2MemoryEngine(sam)
+    return small_sam2_engine()
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,14 @@ official predictor for both orders: test_engine_fidelity.py.
 """
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from RetrievalSegLib.engine.sam2_memory import SUPPORT_ORDERS, Sam2MemoryEngine, frame_order
-from RetrievalSegLib.models.loaders import load_sam2
 
+from _small_world import small_sam2_engine
 from _fidelity import canonical, recording
 from synthetic_slices import disc_slice
 
@@ -28,10 +27,7 @@ K = 3
 
 @pytest.fixture(scope="module")
 def engine() -> Sam2MemoryEngine:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sam = load_sam2("tiny", random_weights=True, seed=0, device="cpu", image_size=256)
-    return Sam2MemoryEngine(sam)
+    return small_sam2_engine()
 
 
 @pytest.fixture(scope="module")
