@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok, 1 failure (including a verify that found problems), 2 usage error.
 The DINOv2 embedder is only built by commands that need it (create needs its identity; add,
-add-slice and verify --reembed / --repair need the model), through the `make_embedder(args)`
+add-slice, reembed and verify --reembed / --repair need the model), through the `make_embedder(args)`
 callable the parent command passes in.
 """
 from __future__ import annotations
@@ -306,6 +306,7 @@ def add_bank_parser(
                 "bank": str(b.path),
                 "labels": [lab.to_json() for lab in b.labels],
                 "dinov2": b.dinov2_identity,
+                "retrieval_features": list(b.retrieval_features),
                 "sam2": list(b.sam2_identities),
                 "active": len(b),
                 "entries": [_entry_json(e) for e in entries],
@@ -314,7 +315,7 @@ def add_bank_parser(
         labels = ", ".join(f"{lab.value}={lab.name}" for lab in b.labels)
         total = len(b.entries(include_retired=True))
         print(f"support bank {b.path}: {len(b)} active of {total} entries; labels {labels}; "
-              f"embeddings by {b.dinov2_identity}")
+              f"embeddings by {b.dinov2_identity}; retrieval features {', '.join(b.retrieval_features)}")
         if entries:
             print(f"{'id':<34} {'case':<16} {'slice':<7} {'origin':<10} {'status':<8} {'labels':<10} added (UTC)")
             for e in entries:
@@ -389,6 +390,40 @@ def add_bank_parser(
         return EXIT_OK if report.ok else EXIT_FAILURE
 
     p.set_defaults(func=_guarded(cmd_verify))
+
+    # -- reembed (add a retrieval feature)
+    p = sub.add_parser("reembed", parents=parents, help="add a retrieval feature's embeddings",
+                       description="Add the embeddings of --retrieval-feature F to the bank, beside those it "
+                                   "holds (same DINOv2 model and input size; one pass over the entry files). "
+                                   "The bank then answers segment/evaluate with any of its features, and every "
+                                   "slice added later gets a row of each. Nothing to do when it holds F already. "
+                                   "To replace the embeddings (another DINOv2 model): `verify --reembed`.")
+    p.add_argument("bank", type=Path, metavar="BANK")
+    p.add_argument("--json", action="store_true")
+
+    def cmd_reembed(args: argparse.Namespace) -> int:
+        from .common import _progress_bar
+
+        b = SupportBank.open(args.bank)
+        embedder = make_embedder(args)
+        update, close = _progress_bar(sys.stderr.isatty(), "embedding")
+        try:
+            added = b.add_feature(embedder, progress=update)
+        finally:
+            close()
+        feature = b.retrieval_features[-1] if added else args.retrieval_feature
+        if args.json:
+            print(json.dumps({"bank": str(b.path), "added": added, "retrieval_feature": feature,
+                              "retrieval_features": list(b.retrieval_features)}, indent=1))
+        elif added:
+            print(f"added the {feature} embeddings of {len(b.entries(include_retired=True))} entries to {b.path} "
+                  f"(retrieval features {', '.join(b.retrieval_features)})")
+        else:
+            print(f"support bank at {b.path} holds the {feature} embeddings already (retrieval features "
+                  f"{', '.join(b.retrieval_features)}); nothing to do")
+        return EXIT_OK
+
+    p.set_defaults(func=_guarded(cmd_reembed))
 
     # -- export / import
     p = sub.add_parser("export", help="write the bank to one .zip or .tar.gz",
