@@ -443,3 +443,15 @@ def test_a_feature_table_in_a_plain_schema_2_bank_is_made_only_as_the_project_ma
     tamper(path, "CREATE TABLE feature_embeddings (feature TEXT, seq INTEGER, row BLOB, sha256 TEXT);")
     with pytest.raises(BankCorruptError, match="table 'feature_embeddings' is defined differently"):
         SupportBank.open(path)
+
+
+@pytest.mark.parametrize("name", ["../../etc", "cls", "Mean"])
+def test_a_further_feature_name_that_is_a_path_or_the_primary_is_refused(tmp_path, name):
+    """A feature's name becomes an export member's name and an identity: only a plain name, never
+    the primary feature again (the models table's key keeps a name from being listed twice)."""
+    path = _featured_bank(tmp_path)  # holds cls (primary) and mean
+    tamper(path, f"INSERT INTO models VALUES ('feature', '{name}')")
+    with pytest.raises(BankCorruptError) as err:
+        SupportBank.open(path).entries()
+    msg = str(err.value)
+    assert str(path / "bank.db") in msg and "further retrieval feature" in msg and repr(name) in msg, msg
