@@ -445,9 +445,10 @@ class BankStore:
             )
         return _parse_entry_file(data, f, e, labels)
 
-    def embeddings(self) -> np.ndarray:
-        """[N, dim] float32 rows aligned with `entries(include_retired=True)`."""
-        return self._state_and_rows()[1]
+    def embeddings(self, embedder_identity: str | None = None) -> np.ndarray:
+        """[N, dim] float32 rows aligned with `entries(include_retired=True)`: the primary feature's, or
+        those of the stored feature `embedder_identity` names (BankModelMismatchError if none)."""
+        return self._state_and_rows(embedder_identity)[1]
 
     def _state_and_rows(self, identity: str | None = None) -> tuple[_State, np.ndarray]:
         """A bank.json snapshot and the embedding rows that belong to it: the primary feature's, or
