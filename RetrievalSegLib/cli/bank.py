@@ -324,6 +324,38 @@ def add_bank_parser(
 
     p.set_defaults(func=_guarded(cmd_list))
 
+    # -- info
+    p = sub.add_parser("info", help="what a bank holds: labels, models, retrieval features, counts",
+                       description="Print what the bank holds: entries (active, retired, damaged), labels, the "
+                                   "DINOv2 identity of its embeddings and every retrieval feature it holds "
+                                   "embeddings of (add one with `rseg bank reembed`), schema and revision.")
+    p.add_argument("bank", type=Path, metavar="BANK")
+    p.add_argument("--json", action="store_true")
+
+    def cmd_info(args: argparse.Namespace) -> int:
+        b = SupportBank.open(args.bank)
+        every = b.entries(include_retired=True)
+        info = {
+            "bank": str(b.path), "bank_id": b.bank_id, "schema_version": b.schema_version, "revision": b.revision,
+            "entries": len(every), "active": len(b), "retired": sum(e.retired for e in every),
+            "damaged": sum(e.damaged is not None for e in every),
+            "labels": [lab.to_json() for lab in b.labels], "dinov2": b.dinov2_identity,
+            "embedding_dim": b.embedding_dim, "retrieval_features": list(b.retrieval_features),
+            "retrieval_feature_identities": list(b.feature_identities()),
+        }
+        if args.json:
+            print(json.dumps(info, indent=1))
+            return EXIT_OK
+        labels = ", ".join(f"{lab.value}={lab.name}" for lab in b.labels)
+        print(f"support bank {b.path} (schema {info['schema_version']}, revision {info['revision']})\n"
+              f"  entries: {info['active']} active, {info['retired']} retired, {info['damaged']} damaged\n"
+              f"  labels: {labels}\n  embeddings by {b.dinov2_identity} ({b.embedding_dim or '-'}-d)\n"
+              f"  retrieval features: {', '.join(b.retrieval_features)} (add one with "
+              f"`rseg bank reembed {b.path} --retrieval-feature F`)")
+        return EXIT_OK
+
+    p.set_defaults(func=_guarded(cmd_info))
+
     # -- remove / restore
     p = sub.add_parser("remove", help="retire an entry (kept, restorable)",
                        description="Retire an entry: it stays in the bank but is no longer retrieved.")

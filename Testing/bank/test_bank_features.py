@@ -199,5 +199,11 @@ def test_cli_reembed_adds_a_feature_and_list_shows_them(tmp_path, capsys):
                                                    "retrieval_features": ["cls", "gem"]}
     assert rseg("list", bank.path) == 0
     assert "retrieval features cls, gem" in capsys.readouterr().out
+    assert rseg("info", bank.path) == 0
+    assert "retrieval features: cls, gem" in capsys.readouterr().out
+    assert rseg("info", bank.path, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["retrieval_features"] == ["cls", "gem"] and info["active"] == len(bank) and info["damaged"] == 0
+    assert info["retrieval_feature_identities"] == [FeatureHashEmbedder(f).identity for f in ("cls", "gem")]
     assert rseg("reembed", bank.path, "--retrieval-feature", "max") == 1  # the embedder refuses it, nothing added
     assert SupportBank.open(bank.path).retrieval_features == ("cls", "gem")
