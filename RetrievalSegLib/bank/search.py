@@ -127,7 +127,8 @@ class _RevisionIndex:
 
         finite = np.isfinite(rows).all(axis=1) if rows.size else np.ones(len(state.entries), dtype=bool)
         self.usable = np.array([n for n, e in enumerate(state.entries) if e.usable and finite[n]], dtype=np.int64)
-        dim = state.embedding_dim or (rows.shape[1] if rows.ndim == 2 else 0)
+        # the rows' own width: a further feature's may differ from the primary's (cls+mean is twice as wide)
+        dim = rows.shape[1] if rows.ndim == 2 and rows.shape[1] else (state.embedding_dim or 0)
         self.index = faiss.IndexFlatIP(dim)
         if len(self.usable):
             self.index.add(np.ascontiguousarray(rows[self.usable], dtype=np.float32))

@@ -111,6 +111,12 @@ def test_search_with_a_feature_reads_that_features_rows(tmp_path):
     assert found.hits[0][0][0] == ids[2] and found.hits[0][0][1] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(BankModelMismatchError, match="rseg bank reembed"):
         bank.search(q, 1, case_policy="ignore", embedder_identity=FeatureHashEmbedder("gem").identity)
+    wide = FeatureHashEmbedder("cls+mean")  # twice the primary's width: its own index
+    bank.add_feature(wide)
+    wrows = wide.embed(images)
+    hits = bank.search(wrows[1:2], 1, case_policy="ignore", embedder_identity=wide.identity)[0]
+    assert hits[0][0] == ids[1] and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+    assert bank.search(q, 1, case_policy="ignore", embedder_identity=mean.identity)[0][0][0] == ids[2]
 
 
 def test_replacing_the_primary_keeps_the_further_features(tmp_path):
