@@ -102,7 +102,10 @@ class UnknownEntryError(BankError, LookupError):
 
 # ----------------------------------------------------------------------------- data
 class Embedder(Protocol):
-    """What the bank needs from a slice embedder (RetrievalSegLib.engine.retrieval.SliceEmbedder)."""
+    """What the bank needs from a slice embedder (RetrievalSegLib.engine.retrieval.SliceEmbedder).
+
+    A bank that holds several retrieval features also needs `embed_features(images, features,
+    progress=None) -> {feature: rows}` (several features from one pass; `edit.embed_features`)."""
 
     @property
     def identity(self) -> str: ...
