@@ -3,6 +3,7 @@ for DINOv2 (where the model is beside the point, e.g. in child processes), bank 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import textwrap
 from pathlib import Path
@@ -135,3 +136,49 @@ def tree(folder: Path) -> dict[str, bytes | str]:
             else:
                 out[rel] = "dir"
     return out
+
+
+class FeatureHashEmbedder:
+    """A stand-in for SliceEmbedder with its retrieval features: one unit vector per (slice, feature),
+    seeded by the image bytes and the feature's name; identity and `embed_features` as the real one
+    (cls adds nothing to the identity, cls+mean is twice as wide, an unknown feature is refused)."""
+
+    FEATURES = ("cls", "mean", "cls+mean", "gem")
+
+    def __init__(self, feature: str = "cls", width: int = 16, name: str = "dinov2-small:hash") -> None:
+        if feature not in self.FEATURES:
+            raise ValueError(f"retrieval feature must be one of {', '.join(self.FEATURES)}, got {feature!r}")
+        self.feature, self.width, self.name = feature, width, name
+        self.passes = 0  # calls that ran "the model" (one per embed / embed_features call)
+
+    def identity_of(self, feature: str) -> str:
+        base = f"{self.name}@{self.width}"
+        return base if feature == "cls" else f"{base}#{feature}"
+
+    @property
+    def identity(self) -> str:
+        return self.identity_of(self.feature)
+
+    @property
+    def dim(self) -> int:
+        return self.width * (2 if self.feature == "cls+mean" else 1)
+
+    def embed(self, images, progress=None):
+        return self.embed_features(images, (self.feature,), progress)[self.feature]
+
+    def embed_features(self, images, features, progress=None):
+        self.passes += 1
+        out = {}
+        for feature in dict.fromkeys(features):
+            if feature not in self.FEATURES:
+                raise ValueError(f"retrieval feature must be one of {', '.join(self.FEATURES)}, got {feature!r}")
+            width = self.width * (2 if feature == "cls+mean" else 1)
+            rows = np.empty((len(images), width), dtype=np.float32)
+            for n, img in enumerate(images):
+                digest = hashlib.sha256(np.ascontiguousarray(img).tobytes() + feature.encode()).digest()
+                v = np.random.default_rng(int.from_bytes(digest[:8], "little")).standard_normal(width)
+                rows[n] = v / np.linalg.norm(v)
+            out[feature] = rows
+        if progress is not None:
+            progress(len(images), len(images))
+        return out

@@ -4,6 +4,9 @@ Tables: `meta` (id, created, revision, embedding size), `labels`, `models` (the 
 that made the embeddings, SAM 2 identities with a memory cache), `entries` (one row per support
 slice; `seq` is its position in bank order), `embeddings` (one float32 row per entry, with its
 SHA-256) and `provenance` (one row per committed revision: what changed, when, by which process).
+A bank that holds further retrieval features (`rseg bank reembed --retrieval-feature F`) lists them
+in `models` (role `feature`) and keeps their rows in `feature_embeddings` (feature, seq), made by
+the first commit that needs it (see `_FEATURES_SCHEMA` for why not a schema bump).
 
 Every change is one SQLite transaction, so a writer killed at any point leaves the previous
 revision; readers see a consistent snapshot and are never blocked by a writer (WAL). A commit
@@ -28,6 +31,7 @@ import numpy as np
 from . import schema as bank_schema
 from .format import (
     _ID_RE,
+    valid_feature,
     DB_FILE,
     ORIGINS,
     SCHEMA_VERSION,
@@ -59,6 +63,21 @@ CREATE TABLE embeddings (seq INTEGER PRIMARY KEY REFERENCES entries (seq),
 CREATE TABLE provenance (revision INTEGER PRIMARY KEY, time TEXT NOT NULL, action TEXT NOT NULL,
                          host TEXT NOT NULL, pid INTEGER NOT NULL);
 """
+# Further retrieval features (`rseg bank reembed --retrieval-feature F`): one row per (feature, entry)
+# beside the primary feature's `embeddings`. A table of its own, made by the first commit that holds a
+# further feature, rather than a schema-3 bump: a bank without one keeps schema 2's exact objects, so
+# older RetrievalSeg versions and every schema-2 bank open as before (no migration, nothing rewritten),
+# while a bank with one is refused by older versions' schema check (they would add entries without
+# these rows). `schema` accepts exactly these two object sets, nothing else.
+_FEATURES_TABLE = "feature_embeddings"
+_FEATURES_SCHEMA = """
+CREATE TABLE feature_embeddings (feature TEXT NOT NULL, seq INTEGER NOT NULL REFERENCES entries (seq),
+                                 row BLOB NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY (feature, seq));
+"""
+#: The schemas a bank.db may have (bank_schema.check_schema): schema 2, or schema 2 with further features.
+_SCHEMAS = (_SCHEMA, _SCHEMA + _FEATURES_SCHEMA)
+#: models.role of a further feature (identity: the feature's name, e.g. "mean").
+FEATURE_ROLE = "feature"
 _ENTRY_COLUMNS = (
     "seq, id, case_id, axis, idx, spacing_r, spacing_c, added, origin, retired, retired_by, sha256, "
     "height, width, labels_present, window_lo, window_hi, damaged"
@@ -250,7 +269,7 @@ def connect(bank_path: Path, write: bool, timeout: float = 60.0) -> sqlite3.Conn
 def revision(con: sqlite3.Connection) -> int:
     """The committed revision (one indexed read: cheap enough to ask before every use)."""
     f = getattr(con, "path", None) or Path(DB_FILE)
-    with bank_schema.checked_read(con, f, _SCHEMA):
+    with bank_schema.checked_read(con, f, _SCHEMAS):
         row = con.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()
     return _meta_int(None if row is None else row[0], "revision", f, 0)
 
@@ -261,7 +280,7 @@ def read_state(con: sqlite3.Connection, f: Path) -> _State:
     try:
         con.execute("BEGIN")
         try:
-            bank_schema.ensure_checked(con, f, _SCHEMA)  # (a no-op unless the schema changed since)
+            bank_schema.ensure_checked(con, f, _SCHEMAS)  # (a no-op unless the schema changed since)
             meta = dict(con.execute("SELECT key, value FROM meta"))
             version = _meta_int(meta.get("schema_version"), "schema_version", f, 0)
             if version != SCHEMA_VERSION:
@@ -283,12 +302,18 @@ def read_state(con: sqlite3.Connection, f: Path) -> _State:
     for role, identity in models:
         if type(identity) is not str:
             raise _damaged(f, "table models", f"the {role} identity", identity, "expected text")
+    dinov2 = next((i for r, i in models if r == "dinov2"), "")
+    features = tuple(i for r, i in models if r == FEATURE_ROLE)
+    for feature in features:
+        if not valid_feature(feature) or feature == _primary_feature(dinov2) or features.count(feature) > 1:
+            raise _damaged(f, "table models", "a further retrieval feature", feature,
+                           "expected a feature name other than the primary one, listed once")
     if len({e.id for e in entries}) != len(entries):
         twice = sorted(i for i, c in Counter(e.id for e in entries).items() if c > 1)
         raise _damaged(f, "table entries", "id", twice[:3], "listed more than once")
     state = _State(
         labels=labels,
-        dinov2=next((i for r, i in models if r == "dinov2"), ""),
+        dinov2=dinov2,
         sam2=[i for r, i in models if r == "sam2"],
         entries=entries,
         embedding_dim=None if dim in (None, "") else _meta_int(dim, "embedding_dim", f, 1, 65536),
@@ -296,9 +321,22 @@ def read_state(con: sqlite3.Connection, f: Path) -> _State:
         revision=_meta_int(meta.get("revision"), "revision", f, 0),
         created=str(meta.get("created", "")),
         bank_id=bank_id,
+        features=features,
     )
     state.base = list(entries)
     return state
+
+
+def _primary_feature(identity: str) -> str:
+    from .format import _retrieval_feature
+
+    return _retrieval_feature(identity)
+
+
+def has_features_table(con: sqlite3.Connection) -> bool:
+    """Whether bank.db has the further features' table (read from sqlite_master: runs no schema SQL)."""
+    return con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                       (_FEATURES_TABLE,)).fetchone() is not None
 
 
 def read_rows(con: sqlite3.Connection, n: int, dim: int, check_sha: bool = False
@@ -308,7 +346,7 @@ def read_rows(con: sqlite3.Connection, n: int, dim: int, check_sha: bool = False
     have = np.zeros(n, dtype=bool)
     bad: list[int] = []
     width = dim * 4
-    with bank_schema.checked_read(con, getattr(con, "path", None) or Path(DB_FILE), _SCHEMA):
+    with bank_schema.checked_read(con, getattr(con, "path", None) or Path(DB_FILE), _SCHEMAS):
         for seq, blob, sha in con.execute("SELECT seq, row, sha256 FROM embeddings ORDER BY seq"):
             if type(seq) is not int or not 0 <= seq < n:
                 continue
@@ -320,9 +358,60 @@ def read_rows(con: sqlite3.Connection, n: int, dim: int, check_sha: bool = False
     return rows, have, bad
 
 
+def read_feature_rows(con: sqlite3.Connection, feature: str, n: int, dim: int, check_sha: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """As `read_rows`, for a further feature's rows (none at all before the first feature was added)."""
+    rows = np.zeros((n, dim), dtype=np.float32)
+    have = np.zeros(n, dtype=bool)
+    bad: list[int] = []
+    width = dim * 4
+    with bank_schema.checked_read(con, getattr(con, "path", None) or Path(DB_FILE), _SCHEMAS):
+        if not has_features_table(con):
+            return rows, have, bad
+        for seq, blob, sha in con.execute(
+                "SELECT seq, row, sha256 FROM feature_embeddings WHERE feature = ? ORDER BY seq", (feature,)):
+            if type(seq) is not int or not 0 <= seq < n:
+                continue
+            if type(blob) is not bytes or len(blob) != width or (check_sha and row_sha256(blob) != sha):
+                bad.append(int(seq))
+                continue
+            rows[seq] = np.frombuffer(blob, dtype="<f4")
+            have[seq] = True
+    return rows, have, bad
+
+
+def feature_rows_status(connection, bank_path: Path, state: _State, feature: str, check_sha: bool = True
+                        ) -> tuple[np.ndarray | None, str | None, str | None]:
+    """(rows or None, problem kind or None, message) of a further feature, as the primary's are judged
+    (`BankStore._db_rows_status`); `connection()` gives the bank's connection, opened only when needed."""
+    from .format import _feature_dim, _nonfinite_ids
+
+    n, dim = len(state.entries), _feature_dim(state, feature) or 0
+    f = bank_path / DB_FILE
+    fix = f"rebuild them with `rseg bank verify {bank_path} --repair` (with the bank's DINOv2 model)"
+    if n == 0:
+        return np.zeros((0, dim), dtype=np.float32), None, None
+    try:
+        rows, have, bad = read_feature_rows(connection(), feature, n, dim, check_sha)
+    except sqlite3.Error as e:
+        return None, "unreadable", f"the {feature} embeddings in {f} cannot be read ({e}); {fix}"
+    if bad:
+        shown = ", ".join(state.entries[s].id for s in bad[:5])
+        return None, "sha", (f"{f} holds {len(bad)} {feature} embedding rows that do not match their recorded "
+                             f"size or SHA-256 ({shown}{', ...' if len(bad) > 5 else ''}); {fix}")
+    missing = int((~have).sum())
+    if missing:
+        return None, "missing", f"{f} has no {feature} embedding row for {missing} of its {n} entries; {fix}"
+    bad_ids = _nonfinite_ids(state, rows)
+    if bad_ids:
+        return rows, "nonfinite", (f"{f} holds non-finite values (NaN or Inf) in the {feature} rows of "
+                                   f"{len(bad_ids)} entries ({', '.join(bad_ids[:5])}); {fix}")
+    return rows, None, None
+
+
 def provenance(con: sqlite3.Connection, limit: int = 20) -> list[dict]:
     """The latest committed changes, newest first."""
-    with bank_schema.checked_read(con, getattr(con, "path", None) or Path(DB_FILE), _SCHEMA):
+    with bank_schema.checked_read(con, getattr(con, "path", None) or Path(DB_FILE), _SCHEMAS):
         cur = con.execute("SELECT revision, time, action, host, pid FROM provenance ORDER BY revision DESC LIMIT ?",
                           (limit,))
         return [dict(zip(("revision", "time", "action", "host", "pid"), r)) for r in cur]
@@ -354,6 +443,7 @@ def _write(con: sqlite3.Connection, state: _State, base: list[BankEntry], full: 
         blobs = [(pos[i], _row_bytes(r)) for i, r in state.new_rows.items()]
     rows = [(n, b, row_sha256(b)) for n, b in blobs]
     con.executemany("INSERT INTO embeddings VALUES (?, ?, ?)", rows)
+    _write_features(con, state, start)
     meta = {
         "schema_version": str(SCHEMA_VERSION),
         "bank_id": str(state.bank_id),
@@ -364,9 +454,38 @@ def _write(con: sqlite3.Connection, state: _State, base: list[BankEntry], full: 
     con.executemany("REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
     con.execute("DELETE FROM models")
     con.executemany("INSERT INTO models VALUES (?, ?)",
-                    [("dinov2", state.dinov2)] + [("sam2", s) for s in state.sam2])
+                    [("dinov2", state.dinov2)] + [("sam2", s) for s in state.sam2]
+                    + [(FEATURE_ROLE, feature) for feature in state.features])
     con.execute("REPLACE INTO provenance VALUES (?, ?, ?, ?, ?)",
                 (state.revision, _now(), state.action or "change", socket.gethostname(), os.getpid()))
+
+
+def _write_features(con: sqlite3.Connection, state: _State, start: int) -> None:
+    """The further features' rows of one commit: new entries' rows, whole features, and no rows of a
+    feature the bank no longer lists. Every listed feature must have a row for every new entry."""
+    if not state.features and not state.all_feature_rows and not has_features_table(con):
+        return
+    unknown = set(state.all_feature_rows) - set(state.features)
+    if unknown:
+        raise BankError(f"internal error: rows of features {sorted(unknown)} the bank does not list")
+    if not has_features_table(con):
+        con.execute(_FEATURES_SCHEMA.strip().rstrip(";"))  # inside the commit's transaction
+    listed = sorted(state.features)
+    con.execute(f"DELETE FROM feature_embeddings WHERE feature NOT IN ({', '.join('?' * len(listed))})", listed)
+    new_ids = [e.id for e in state.entries[start:]]
+    for feature in state.features:
+        whole = state.all_feature_rows.get(feature)
+        if whole is not None:
+            con.execute("DELETE FROM feature_embeddings WHERE feature = ?", (feature,))
+            blobs = [(n, _row_bytes(r)) for n, r in enumerate(whole)]
+        else:
+            new = state.new_feature_rows.get(feature, {})
+            missing = [i for i in new_ids if i not in new]
+            if missing:
+                raise BankError(f"internal error: new entries {missing[:3]} have no {feature} embedding")
+            blobs = [(start + n, _row_bytes(new[i])) for n, i in enumerate(new_ids)]
+        con.executemany("INSERT INTO feature_embeddings VALUES (?, ?, ?, ?)",
+                        [(feature, n, b, row_sha256(b)) for n, b in blobs])
 
 
 def commit(con: sqlite3.Connection, state: _State, f: Path) -> None:
@@ -375,7 +494,7 @@ def commit(con: sqlite3.Connection, state: _State, f: Path) -> None:
     try:
         con.execute("BEGIN IMMEDIATE")
         try:
-            bank_schema.ensure_checked(con, f, _SCHEMA)  # under the write lock: no trigger can appear now
+            bank_schema.ensure_checked(con, f, _SCHEMAS)  # under the write lock: no trigger can appear now
             if revision(con) != state.revision - 1:
                 raise BankError(f"{f} changed while a writer held the bank's lock; retry")
             _write(con, state, base, full=False)

@@ -21,8 +21,11 @@ from .format import (
     _now,
     _npz_bytes,
     _Prepared,
+    _feature_dim,
     _reembed_hint,
+    _retrieval_feature,
     _sha256,
+    BankError,
 )
 from ..engine.memory_cache import _sanitise
 from .storage import BankStore
@@ -118,8 +121,8 @@ class BankEditing(BankStore):
             prepared.append(
                 _Prepared(case_id, ax, i, spacing, to_uint8(inten, bounds), inten, masks, bounds)
             )
-        self._embed_prepared(prepared, embedder, progress)
-        added = self._add_prepared(prepared, origin, embedder.identity)
+        self._embed_prepared(prepared, embedder, self.retrieval_features, progress)
+        added = self._add_prepared(prepared, origin, embedder)
         self._warn_blank(prepared, added)
         return added
 
@@ -208,8 +211,8 @@ class BankEditing(BankStore):
         for v in self.label_values:
             mm.setdefault(v, np.zeros(img.shape, dtype=bool))
         p = _Prepared(case_id, ax, int(index), sp, image_u8, inten, mm, bounds)  # type: ignore[arg-type]
-        self._embed_prepared([p], embedder, None)
-        added = self._add_prepared([p], origin, embedder.identity)
+        self._embed_prepared([p], embedder, self.retrieval_features, None)
+        added = self._add_prepared([p], origin, embedder)
         self._warn_blank([p], added)
         return added[0]
 
@@ -254,26 +257,27 @@ class BankEditing(BankStore):
 
     @staticmethod
     def _embed_prepared(
-        prepared: list[_Prepared], embedder: Embedder, progress: Callable[[int, int], None] | None
+        prepared: list[_Prepared], embedder: Embedder, features: Sequence[str],
+        progress: Callable[[int, int], None] | None,
     ) -> None:
-        images = [p.image for p in prepared]
-        if progress is not None:
-            rows = embedder.embed(images, progress=progress)  # type: ignore[call-arg]
-        else:
-            rows = embedder.embed(images)
-        rows = np.asarray(rows, dtype=np.float32)
-        if rows.shape != (len(prepared), embedder.dim) or not np.isfinite(rows).all():
-            raise ValueError(
-                f"embedder {embedder.identity} returned {rows.shape} (finite: "
-                f"{bool(np.isfinite(rows).all())}) for {len(prepared)} slices, expected "
-                f"({len(prepared)}, {embedder.dim}) finite values"
-            )
-        for p, r in zip(prepared, rows):
-            p.embedding = r
+        """Each slice's row of every feature in `features` the slices lack (`features[0]` the bank's
+        primary one): every entry of a bank has a row of every feature it holds."""
+        todo = [f for f in dict.fromkeys(features) if any(f not in p.features for p in prepared)]
+        if not todo:
+            return
+        for feature, rows in embed_features(embedder, [p.image for p in prepared], todo, progress).items():
+            for p, r in zip(prepared, rows):
+                p.features[feature] = r
 
-    def _add_prepared(self, prepared: list[_Prepared], origin: str, identity: str) -> list[BankEntry]:
+    def _add_prepared(self, prepared: list[_Prepared], origin: str, embedder: Embedder) -> list[BankEntry]:
+        identity = embedder.identity
         with self._transaction(f"add {len(prepared)} {origin} slice(s)") as state:
             self.check_models(identity)  # re-check: someone may have re-embedded meanwhile
+            # ... or added a feature: its rows are computed now, under the lock (rare, and short)
+            primary = _retrieval_feature(state.dinov2)
+            self._embed_prepared(prepared, embedder, (primary,) + tuple(state.features), None)
+            for p in prepared:
+                p.embedding = p.features[primary]
             dim = int(prepared[0].embedding.shape[0])  # type: ignore[union-attr]
             if state.embedding_dim is not None and state.embedding_dim != dim:
                 raise BankModelMismatchError(
@@ -314,6 +318,15 @@ class BankEditing(BankStore):
                 state.new_rows[ne.id] = np.asarray(p.embedding, dtype=np.float32)
             if state.embedding_dim is None:
                 state.embedding_dim = dim
+            for feature in state.features:
+                want = _feature_dim(state, feature)
+                got = {int(p.features[feature].shape[0]) for p in prepared}
+                if got != {want}:
+                    raise BankModelMismatchError(
+                        f"support bank at {self.path} holds {want}-d {feature} embeddings but {identity} gives "
+                        f"{sorted(got)}-d ones: re-embed it with {_reembed_hint(self.path, identity)}")
+                state.new_feature_rows[feature] = {ne.id: np.asarray(p.features[feature], dtype=np.float32)
+                                                   for ne, p in zip(new_entries, prepared)}
             self._commit(state)
         return new_entries
 
@@ -367,3 +380,36 @@ class BankEditing(BankStore):
             state.entries[n] = replace(e, retired=False, retired_by=None)
             self._commit(state)
             return state.entries[n]
+
+
+def embed_features(embedder: Embedder, images: Sequence[np.ndarray], features: Sequence[str],
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """[N, dim] float32 finite rows of each retrieval feature in `features`, from one DINOv2 pass.
+
+    An embedder's own feature comes from `embed`; several need its `embed_features` (SliceEmbedder's:
+    every feature from the same tokens), and an embedder without it is refused with what to do.
+    """
+    features = list(dict.fromkeys(features))
+    own = _retrieval_feature(embedder.identity)
+    if features == [own]:
+        rows = embedder.embed(images, progress=progress) if progress is not None else embedder.embed(images)  # type: ignore[call-arg]
+        out = {own: rows}
+    else:
+        many = getattr(embedder, "embed_features", None)
+        if many is None:
+            raise BankError(
+                f"the support bank holds embeddings of the retrieval features {', '.join(features)}; embedder "
+                f"{embedder.identity} computes only {own}, so the new entries cannot get a row of each. Use "
+                "RetrievalSeg's DINOv2 embedder (it computes every feature from one pass)")
+        out = many(images, features, progress=progress)
+    checked: dict[str, np.ndarray] = {}
+    for feature in features:
+        rows = np.asarray(out.get(feature), dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[0] != len(images) or not np.isfinite(rows).all():
+            raise ValueError(
+                f"embedder {embedder.identity} returned {rows.shape} (finite: {bool(np.isfinite(rows).all())}) "
+                f"{feature} rows for {len(images)} slices, expected ({len(images)}, dim) finite values")
+        if feature == own and rows.shape[1] != embedder.dim:
+            raise ValueError(f"embedder {embedder.identity} returned {rows.shape[1]}-d rows, it says {embedder.dim}")
+        checked[feature] = rows
+    return checked

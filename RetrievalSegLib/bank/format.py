@@ -102,7 +102,10 @@ class UnknownEntryError(BankError, LookupError):
 
 # ----------------------------------------------------------------------------- data
 class Embedder(Protocol):
-    """What the bank needs from a slice embedder (RetrievalSegLib.engine.retrieval.SliceEmbedder)."""
+    """What the bank needs from a slice embedder (RetrievalSegLib.engine.retrieval.SliceEmbedder).
+
+    A bank that holds several retrieval features also needs `embed_features(images, features,
+    progress=None) -> {feature: rows}` (several features from one pass; `edit.embed_features`)."""
 
     @property
     def identity(self) -> str: ...
@@ -359,6 +362,14 @@ class _State:
     new_rows: dict[str, np.ndarray] = field(default_factory=dict)
     all_rows: np.ndarray | None = None
     action: str = ""
+    # Further retrieval features the bank holds beside the primary one (`dinov2`'s), in the order
+    # they were added; their rows live in bank.db's `feature_embeddings` (db.py). A commit writes
+    # `new_feature_rows` (feature -> entry id -> row, for new entries) and `all_feature_rows`
+    # (feature -> every row: an added or rebuilt feature); rows of a feature no longer listed go.
+    features: tuple[str, ...] = ()
+    new_feature_rows: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    all_feature_rows: dict[str, np.ndarray] = field(default_factory=dict)
+    features_sha256: dict[str, str] = field(default_factory=dict)  # schema-1 form (export archives)
 
     def to_json(self) -> dict[str, Any]:
         """The schema-1 bank.json form (kept in the backup of an upgraded bank, and for tests)."""
@@ -372,6 +383,8 @@ class _State:
             "sam2": list(self.sam2),
             "embedding_dim": self.embedding_dim,
             "embeddings_sha256": self.embeddings_sha256,
+            **({"features": [{"feature": f, "file": feature_file(f), "sha256": self.features_sha256.get(f)}
+                             for f in self.features]} if self.features else {}),
             "entries": [e.to_json() for e in self.entries],
         }
 
@@ -388,7 +401,8 @@ class _Prepared:
     intensities: np.ndarray
     masks: dict[int, np.ndarray]
     window: tuple[float, float] | None
-    embedding: np.ndarray | None = None
+    embedding: np.ndarray | None = None  # the bank's primary feature's row
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # retrieval feature -> row
 
 
 
@@ -436,6 +450,63 @@ def _retrieval_feature(identity: str) -> str:
     return feature if sep else "cls"
 
 
+#: A retrieval feature's name as the bank stores it (engine.retrieval.RETRIEVAL_FEATURES are all of this form).
+_FEATURE_RE = re.compile(r"^[a-z][a-z+]{0,15}$")
+
+
+def valid_feature(feature: object) -> bool:
+    """Whether `feature` can be a retrieval feature's name (it names an archive member: never a path)."""
+    return isinstance(feature, str) and _FEATURE_RE.fullmatch(feature) is not None
+
+
+def feature_file(feature: str) -> str:
+    """The export archive's member holding a further feature's rows (`embeddings-cls-mean.npy` for cls+mean)."""
+    return f"embeddings-{feature.replace('+', '-')}.npy"
+
+
+def _base_identity(identity: str) -> str:
+    """An embedder identity without its retrieval feature: the DINOv2 model and input size (one pass)."""
+    base, sep, _ = str(identity).rpartition("#")
+    return base if sep else str(identity)
+
+
+def _feature_identity(primary: str, feature: str) -> str:
+    """The identity of `feature`'s embeddings from the same DINOv2 pass as `primary`'s (cls adds nothing)."""
+    base = _base_identity(primary)
+    return base if feature == "cls" else f"{base}#{feature}"
+
+
+def _feature_dim(state: "_State", feature: str) -> int | None:
+    """Row length of `feature` in this bank: DINOv2's width, twice for cls+mean (None before the first row)."""
+    if state.embedding_dim is None:
+        return None
+    width = state.embedding_dim // (2 if _retrieval_feature(state.dinov2) == "cls+mean" else 1)
+    return width * (2 if feature == "cls+mean" else 1)
+
+
+def _add_feature_hint(path: Path, identity: str) -> str:
+    """The command that adds `identity`'s feature to the bank at `path` (keeping what it holds)."""
+    m = re.match(r"dinov2-([a-z_]+)", identity)
+    size = f" --dinov2 {m.group(1)}" if m else ""
+    random = " --random-weights" if "random" in identity else ""
+    return f"`rseg bank reembed {path} --retrieval-feature {_retrieval_feature(identity)}{size}{random}`"
+
+
+def _mismatch_message(path: Path, state: "_State", identity: str) -> str:
+    """Why the bank at `path` cannot answer `identity`, with the command that makes it able to."""
+    made_with = state.dinov2
+    held = (_retrieval_feature(made_with),) + tuple(state.features)
+    want = _retrieval_feature(identity)
+    features = (f" (retrieval feature{'s' if len(held) > 1 else ''} {', '.join(held)} in the bank, {want} "
+                "asked for: embeddings of two features are never mixed)") if want not in held else ""
+    if _base_identity(identity) == _base_identity(made_with) and want not in held:
+        fix = (f"add {want}'s embeddings with {_add_feature_hint(path, identity)} (keeps the others), or "
+               f"replace the bank's with {_reembed_hint(path, identity)}")
+    else:
+        fix = f"re-embed it with {_reembed_hint(path, identity)}"
+    return f"support bank at {path} was made with {made_with}, engine uses {identity}{features}: {fix}"
+
+
 def _reembed_hint(path: Path, identity: str) -> str:
     m = re.match(r"dinov2-([a-z_]+)", identity)
     size = f" --dinov2 {m.group(1)}" if m else ""
@@ -471,6 +542,14 @@ def _state_from_json(raw: Any, f: Path) -> _State:
             raise ValueError("entries is not a list")
         dim = raw.get("embedding_dim")
         sha = raw.get("embeddings_sha256")
+        extra = raw.get("features", [])  # an export archive's further features (never in a schema-1 bank)
+        if not isinstance(extra, list) or not all(
+                isinstance(d, dict) and valid_feature(d.get("feature")) and d.get("file") == feature_file(d["feature"])
+                and isinstance(d.get("sha256"), str) and _SHA_RE.fullmatch(d["sha256"]) for d in extra):
+            raise ValueError("features must list {feature, file, sha256} objects (as `rseg bank export` writes)")
+        features = tuple(d["feature"] for d in extra)
+        if len(set(features)) != len(features) or _retrieval_feature(str(raw["dinov2"])) in features:
+            raise ValueError(f"features {list(features)} repeat a feature or the primary one")
         state = _State(
             labels=labels,
             dinov2=dinov2,
@@ -482,6 +561,8 @@ def _state_from_json(raw: Any, f: Path) -> _State:
             created=str(raw.get("created", "")),
             bank_id=None if raw.get("bank_id") is None else _sanitise(str(raw["bank_id"]), 64),
             schema=V1_SCHEMA,
+            features=features,
+            features_sha256={d["feature"]: d["sha256"] for d in extra},
         )
     except BankCorruptError:
         raise

@@ -86,11 +86,19 @@ def expected_objects(schema_sql: str) -> frozenset[tuple[str, str, str, str | No
         con.close()
 
 
-def check_schema(con: sqlite3.Connection, f: Path, schema_sql: str) -> None:
-    """Refuse (BankCorruptError naming `f` and each difference) a schema other than `schema_sql`'s."""
-    found, want = _objects(con), expected_objects(schema_sql)
-    if found == want:
+def check_schema(con: sqlite3.Connection, f: Path, schema_sql: str | tuple[str, ...]) -> None:
+    """Refuse (BankCorruptError naming `f` and each difference) a schema other than `schema_sql`'s.
+
+    A tuple lists the schemas a bank may have (exactly one of them, object for object): db's
+    tables, and the same plus the table made when a bank first holds a further retrieval feature.
+    """
+    found = _objects(con)
+    options = (schema_sql,) if isinstance(schema_sql, str) else tuple(schema_sql)
+    wants = [expected_objects(sql) for sql in options]
+    if any(found == want for want in wants):
         return
+    names = {(t, n) for t, n, _, _ in found}  # differences are named against the closest schema
+    want = max(wants, key=lambda w: (len(names & {(t, n) for t, n, _, _ in w}), -len(w)))
     wanted = {(t, n) for t, n, _, _ in want}
     seen = {(t, n) for t, n, _, _ in found}
     what = [f"{t} {n!r} is defined differently from RetrievalSeg's ({sql or 'no SQL'})" if (t, n) in wanted
@@ -108,7 +116,7 @@ def check_schema(con: sqlite3.Connection, f: Path, schema_sql: str) -> None:
     )
 
 
-def ensure_checked(con: sqlite3.Connection, f: Path, schema_sql: str) -> None:
+def ensure_checked(con: sqlite3.Connection, f: Path, schema_sql: str | tuple[str, ...]) -> None:
     """Check the schema unless this connection already checked this very schema (cheap: one pragma).
 
     Call it inside the transaction whose statements it protects: then the schema cannot change
@@ -123,7 +131,7 @@ def ensure_checked(con: sqlite3.Connection, f: Path, schema_sql: str) -> None:
 
 
 @contextlib.contextmanager
-def checked_read(con: sqlite3.Connection, f: Path, schema_sql: str) -> Iterator[None]:
+def checked_read(con: sqlite3.Connection, f: Path, schema_sql: str | tuple[str, ...]) -> Iterator[None]:
     """One read transaction whose schema is checked first (or the caller's transaction, checked)."""
     if con.in_transaction:
         ensure_checked(con, f, schema_sql)

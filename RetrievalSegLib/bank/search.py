@@ -17,8 +17,12 @@ class BankSearch(BankStore):
         k: int,
         case_id: str | None = None,
         case_policy: str = "exclude",
+        embedder_identity: str | None = None,
     ) -> list[list[tuple[str, float]]]:
         """Top-k (entry id, cosine) per query over usable entries, with a policy for `case_id`.
+
+        `embedder_identity` (the query embeddings' embedder) picks the stored retrieval feature to
+        search: the primary one when None; BankModelMismatchError when the bank holds none of it.
 
         "exclude": never return entries of the subject `case_id` names (honest evaluation):
         entries whose case id is `case_id` or shares it as a prefix up to a separator
@@ -33,13 +37,14 @@ class BankSearch(BankStore):
         q = np.atleast_2d(np.asarray(query_embeddings, dtype=np.float32))
         if q.ndim != 2 or not np.isfinite(q).all():
             raise ValueError(f"query embeddings must be finite [Q, dim], got shape {q.shape}")
-        state, rows = self._state_and_rows()
-        if state.embedding_dim is not None and q.shape[1] != state.embedding_dim:
+        state, rows = self._state_and_rows(embedder_identity)
+        dim = state.embedding_dim if self._stored_feature(state, embedder_identity) is None else rows.shape[1]
+        if state.embedding_dim is not None and q.shape[1] != dim:
             raise BankModelMismatchError(
                 f"query embeddings have {q.shape[1]} values, the support bank at {self.path} holds "
-                f"{state.embedding_dim}-d embeddings from {state.dinov2}; use the same DINOv2 model"
+                f"{dim}-d embeddings from {embedder_identity or state.dinov2}; use the same DINOv2 model"
             )
-        ix = self._index(state, rows)
+        ix = self._index(state, rows, embedder_identity)
         if not len(ix.usable) and not any(e.usable for e in state.entries):
             raise ValueError(
                 f"k={k} supports requested but the support bank at {self.path} has no usable "
@@ -95,13 +100,17 @@ class BankSearch(BankStore):
             )
         return in_case, n_case
 
-    def _index(self, state: _State, rows: np.ndarray) -> "_RevisionIndex":
-        """The faiss index and case tables of this revision (built once per revision)."""
-        key = (self._key, state.embeddings_sha256)
-        if self._index_cache is not None and self._index_cache[0] == key:
-            return self._index_cache[1]  # type: ignore[no-any-return]
+    def _index(self, state: _State, rows: np.ndarray, identity: str | None = None) -> "_RevisionIndex":
+        """The faiss index and case tables of this revision and feature (built once per revision)."""
+        key = (self._key, state.embeddings_sha256, self._stored_feature(state, identity))
+        cache = self._index_cache if isinstance(self._index_cache, dict) else {}
+        if cache.get("key") == key[:2] and key[2] in cache:
+            return cache[key[2]]  # type: ignore[no-any-return]
         ix = _RevisionIndex(state, rows)
-        self._index_cache = (key, ix)
+        if cache.get("key") != key[:2]:
+            cache = {"key": key[:2]}
+        cache[key[2]] = ix
+        self._index_cache = cache
         return ix
 
 
@@ -118,7 +127,8 @@ class _RevisionIndex:
 
         finite = np.isfinite(rows).all(axis=1) if rows.size else np.ones(len(state.entries), dtype=bool)
         self.usable = np.array([n for n, e in enumerate(state.entries) if e.usable and finite[n]], dtype=np.int64)
-        dim = state.embedding_dim or (rows.shape[1] if rows.ndim == 2 else 0)
+        # the rows' own width: a further feature's may differ from the primary's (cls+mean is twice as wide)
+        dim = rows.shape[1] if rows.ndim == 2 and rows.shape[1] else (state.embedding_dim or 0)
         self.index = faiss.IndexFlatIP(dim)
         if len(self.usable):
             self.index.add(np.ascontiguousarray(rows[self.usable], dtype=np.float32))

@@ -40,10 +40,11 @@ from .format import (
     EntryData,
     LabelInfo,
     UnknownEntryError,
+    _feature_identity,
+    _mismatch_message,
     _nonfinite_ids,
     _now,
     _parse_entry_file,
-    _reembed_hint,
     _retrieval_feature,
     _rows_sha256,
     _sha256,
@@ -237,7 +238,8 @@ class BankStore:
         self._lock_depth = 0
         self._os_lock: _BankLock | None = None
         self._emb_cache: tuple[tuple[int, int, int], str | None, np.ndarray] | None = None
-        self._index_cache: tuple[Any, ...] | None = None
+        self._feature_cache: dict[str, tuple[Any, np.ndarray]] = {}  # feature -> (key, rows)
+        self._index_cache: dict[Any, Any] | None = None  # {"key": revision key, feature or None: index}
 
     # ---------------------------------------------------------------- snapshot
     def _db(self, write: bool = False) -> sqlite3.Connection:
@@ -314,6 +316,18 @@ class BankStore:
     def dinov2_identity(self) -> str:
         """Identity of the embedder that made embeddings.npy."""
         return self._current().dinov2
+
+    @property
+    def retrieval_features(self) -> tuple[str, ...]:
+        """The retrieval features the bank holds embeddings of: the primary one first, then those added
+        with `rseg bank reembed --retrieval-feature F` (every entry has a row of each)."""
+        state = self._current()
+        return (_retrieval_feature(state.dinov2),) + tuple(state.features)
+
+    def feature_identities(self) -> tuple[str, ...]:
+        """The embedder identities the bank can be searched with (one per stored retrieval feature)."""
+        state = self._current()
+        return (state.dinov2,) + tuple(_feature_identity(state.dinov2, f) for f in state.features)
 
     @property
     def sam2_identities(self) -> tuple[str, ...]:
@@ -431,19 +445,50 @@ class BankStore:
             )
         return _parse_entry_file(data, f, e, labels)
 
-    def embeddings(self) -> np.ndarray:
-        """[N, dim] float32 rows aligned with `entries(include_retired=True)`."""
-        return self._state_and_rows()[1]
+    def embeddings(self, embedder_identity: str | None = None) -> np.ndarray:
+        """[N, dim] float32 rows aligned with `entries(include_retired=True)`: the primary feature's, or
+        those of the stored feature `embedder_identity` names (BankModelMismatchError if none)."""
+        return self._state_and_rows(embedder_identity)[1]
 
-    def _state_and_rows(self) -> tuple[_State, np.ndarray]:
-        """A bank.json snapshot and the embedding rows that belong to it."""
+    def _state_and_rows(self, identity: str | None = None) -> tuple[_State, np.ndarray]:
+        """A bank.json snapshot and the embedding rows that belong to it: the primary feature's, or
+        those of the stored feature `identity` names (BankModelMismatchError when it holds none)."""
         try:
             state = self._current()
-            return state, self._embeddings(state)
+            return state, self._rows_of(state, identity)
         except BankCorruptError:
             self.reload()  # a writer may have replaced embeddings.npy after our bank.json read
             state = self._current()
-            return state, self._embeddings(state)
+            return state, self._rows_of(state, identity)
+
+    def _rows_of(self, state: _State, identity: str | None) -> np.ndarray:
+        feature = self._stored_feature(state, identity)
+        if feature is None:
+            return self._embeddings(state)
+        cached = self._feature_cache.get(feature)
+        if cached is not None and cached[0] == self._key:
+            return cached[1]
+        rows, _, message = self._feature_rows_status(state, feature, check_sha=False)
+        if rows is None:
+            raise BankCorruptError(str(message), self.path / DB_FILE)
+        rows.setflags(write=False)
+        self._feature_cache = {**self._feature_cache, feature: (self._key, rows)}
+        return rows
+
+    def _stored_feature(self, state: _State, identity: str | None) -> str | None:
+        """None for the primary feature's identity (or None), else the further feature it names."""
+        if identity is None or identity == state.dinov2:
+            return None
+        for feature in state.features:
+            if identity == _feature_identity(state.dinov2, feature):
+                return feature
+        raise self._mismatch(state, identity)
+
+    def _feature_rows_status(self, state: _State, feature: str, check_sha: bool = True
+                             ) -> tuple[np.ndarray | None, str | None, str | None]:
+        """As `_db_rows_status`, for a further feature's rows (`db.feature_rows_status`)."""
+        with self._db_mutex:
+            return bank_db.feature_rows_status(self._db, self.path, state, feature, check_sha)
 
     def _embeddings(self, state: _State) -> np.ndarray:
         if self._emb_cache is not None and self._emb_cache[:2] == (self._key, state.embeddings_sha256):
@@ -542,16 +587,13 @@ class BankStore:
 
     # ---------------------------------------------------------------- model identity
     def check_models(self, embedder_identity: str) -> None:
-        """Raise BankModelMismatchError unless the bank was embedded with `embedder_identity`."""
-        made_with = self._current().dinov2
-        if embedder_identity != made_with:
-            have, want = _retrieval_feature(made_with), _retrieval_feature(embedder_identity)
-            features = (f" (retrieval feature {have} in the bank, {want} asked for: embeddings of two "
-                        "features are never mixed)") if have != want else ""
-            raise BankModelMismatchError(
-                f"support bank at {self.path} was made with {made_with}, engine uses "
-                f"{embedder_identity}{features}: re-embed it with {_reembed_hint(self.path, embedder_identity)}"
-            )
+        """Raise BankModelMismatchError unless the bank holds embeddings of `embedder_identity` (its
+        primary feature's, or a further feature's from the same DINOv2 model and input size)."""
+        state = self._current()
+        self._stored_feature(state, embedder_identity)
+
+    def _mismatch(self, state: _State, embedder_identity: str) -> BankModelMismatchError:
+        return BankModelMismatchError(_mismatch_message(self.path, state, embedder_identity))
 
     # ---------------------------------------------------------------- locking
     @contextlib.contextmanager
@@ -587,7 +629,7 @@ class BankStore:
             cur = self._current()
             yield dataclasses.replace(
                 cur, entries=list(cur.entries), sam2=list(cur.sam2), base=cur.base, new_rows={},
-                all_rows=None, action=action,
+                all_rows=None, action=action, new_feature_rows={}, all_feature_rows={}, features_sha256={},
             )
 
     def _v1_read_only_message(self) -> str:
@@ -624,6 +666,8 @@ class BankStore:
             rows.setflags(write=False)
             self._emb_cache = (new_key, None, rows)
         state.base, state.new_rows, state.all_rows = list(state.entries), {}, None
+        state.new_feature_rows, state.all_feature_rows = {}, {}
+        self._feature_cache = {}  # re-read (and size-checked) on next use
         self._state, self._key = state, new_key
 
     def _write_embeddings(self, state: _State, rows: np.ndarray) -> None:

@@ -33,6 +33,7 @@ from .format import (
     _rows_sha256,
     _sha256,
     _state_from_json,
+    feature_file,
 )
 from ..engine.memory_cache import MEMORIES_DIR
 from .storage import _read_state
@@ -76,8 +77,18 @@ class BankTransfer(BankVerify):
                     continue  # a writer committed between the two reads: take a new snapshot
                 rows = np.ascontiguousarray(rows, np.float32)
                 state.embeddings_sha256 = _rows_sha256(rows)
+                more: list[tuple[str, bytes]] = []  # further retrieval features: one .npy each, listed in bank.json
+                for feature in state.features:
+                    frows, _, fmessage = self._feature_rows_status(state, feature)
+                    if frows is None:
+                        raise BankCorruptError(f"cannot export {self.path}: {fmessage}", self.path / DB_FILE)
+                    frows = np.ascontiguousarray(frows, np.float32)
+                    state.features_sha256[feature] = _rows_sha256(frows)
+                    more.append((feature_file(feature), _npy_bytes(frows)))
+                if self._probe() != ("db", state.revision) and attempt < 4:
+                    continue
                 files = [(BANK_FILE, json.dumps(state.to_json(), indent=1).encode("utf-8")),
-                         (EMBEDDINGS_FILE, _npy_bytes(rows))]
+                         (EMBEDDINGS_FILE, _npy_bytes(rows))] + more
             elif emb.is_file() or is_link(emb):
                 data = read_bytes(emb, self.path)
                 if lock_free and state.embeddings_sha256 is not None and attempt < 4:
@@ -205,7 +216,12 @@ class BankTransfer(BankVerify):
             from .upgrade import upgrade_locked
 
             with bank.locked():
-                upgrade_locked(bank, backup=False)  # the archive's layout -> the current schema
+                try:
+                    upgrade_locked(bank, backup=False)  # the archive's layout -> the current schema
+                except BankCorruptError as e:  # (a further feature's rows that fail their check)
+                    raise BankCorruptError(f"archive {archive} holds a damaged support bank ({e}); nothing was "
+                                           f"imported into {target}. Export the bank again from its original folder",
+                                           e.path) from e
             bank.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp / LOCK_FILE)
@@ -325,6 +341,8 @@ def _safe_extract(archive: Path, dest: Path) -> list[str]:
         wanted: dict[str, int] = {e.file_name: _entry_cap(e, labels) for e in state.entries}
         dim = state.embedding_dim or 0
         wanted[EMBEDDINGS_FILE] = (len(state.entries) + 4096) * max(dim, 1) * 4 + _ENTRY_SLACK_BYTES
+        for feature in state.features:  # at most twice the primary's width (cls+mean)
+            wanted[feature_file(feature)] = (len(state.entries) + 4096) * max(dim, 1) * 8 + _ENTRY_SLACK_BYTES
         for rel, cap in wanted.items():  # every declared size first: nothing is written for a bomb
             if prefix + rel in members and members[prefix + rel][0] > cap:
                 raise BankCorruptError(

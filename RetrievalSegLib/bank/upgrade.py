@@ -29,9 +29,12 @@ from .format import (
     V1_BACKUP_PREFIX,
     V1_SCHEMA,
     BankCorruptError,
+    _feature_dim,
     _now,
+    _rows_sha256,
     _State,
     _state_from_json,
+    feature_file,
 )
 from ..data.fileio import atomic_write_bytes, check_no_links, is_link, read_bytes
 
@@ -97,15 +100,34 @@ def upgrade_locked(store: Any, backup: bool = True) -> Path | None:
     else:  # unusable embeddings.npy: no rows; verify --repair rebuilds them from the entry files
         good = np.zeros((0, state.embedding_dim or 0), np.float32)
         _ = kind
+    new.all_feature_rows = {f: _feature_rows(path, state, f) for f in state.features}  # (an import's)
     bank_db.create_db(path, new, good)
     atomic_write_bytes(path / BANK_FILE, descriptor_bytes(new), path)
-    for stale in (emb, path / INDEX_FILE):
+    for stale in (emb, path / INDEX_FILE, *(path / feature_file(f) for f in state.features)):
         with contextlib.suppress(OSError):
             check_no_links(path, stale)
             os.unlink(stale)
     store.close()
     store.reload()
     return folder
+
+
+def _feature_rows(path: Path, state: _State, feature: str) -> np.ndarray:
+    """A further feature's rows from an export archive's .npy, checked (size, SHA-256, finite) or refused."""
+    f = path / feature_file(feature)
+    want = (len(state.entries), _feature_dim(state, feature) or 0)
+    try:
+        import io
+
+        rows = np.load(io.BytesIO(read_bytes(f, path)), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same problem
+        raise BankCorruptError(f"{f.name} (the {feature} embeddings) cannot be read ({type(e).__name__}: {e})", f) from e
+    if rows.dtype != np.float32 or rows.shape != want or not np.isfinite(rows).all() \
+            or _rows_sha256(rows) != state.features_sha256.get(feature):
+        raise BankCorruptError(
+            f"{f.name} (the {feature} embeddings) holds {rows.dtype} {rows.shape}, expected float32 {want} finite "
+            "values matching the SHA-256 in bank.json", f)
+    return rows
 
 
 def upgrade(store: Any) -> Path | None:

@@ -26,7 +26,11 @@ from .format import (
     EmbedderSource,
     LabelInfo,
     VerifyReport,
+    BankModelMismatchError,
+    _base_identity,
+    _feature_dim,
     _reembed_hint,
+    _retrieval_feature,
     _State,
 )
 
@@ -35,6 +39,7 @@ def _index_name(state: _State) -> str:
     """The file that lists the bank's entries: bank.db (schema 2) or bank.json (schema 1)."""
     return DB_FILE if state.schema == SCHEMA_VERSION else BANK_FILE
 from ..engine.memory_cache import MEMORIES_DIR, memory_cache_name
+from .edit import embed_features
 from .storage import BankStore
 from ..data.fileio import TMP_PREFIX, check_no_links, is_link, read_bytes
 from ..data.volume import AXIS_NAMES
@@ -73,6 +78,67 @@ class BankVerify(BankStore):
                 progress(min(start + batch, len(todo)), len(todo))
         return out
 
+    def _embed_entries_features(
+        self,
+        entries: Sequence[BankEntry],
+        labels: Sequence[LabelInfo],
+        embedder: Embedder,
+        features: Sequence[str],
+        progress: Callable[[int, int], None] | None = None,
+        batch: int = 64,
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """Rows of each of `features` for readable entries, by feature and id (one DINOv2 pass per batch)."""
+        todo = [e for e in entries if e.damaged is None]
+        out: dict[str, dict[str, np.ndarray]] = {f: {} for f in features}
+        for start in range(0, len(todo), batch):
+            chunk = todo[start : start + batch]
+            rows = embed_features(embedder, [self._load(e, labels).image for e in chunk], features)
+            for feature, r in rows.items():
+                out[feature].update({e.id: v for e, v in zip(chunk, r)})
+            if progress is not None:
+                progress(min(start + batch, len(todo)), len(todo))
+        return out
+
+    def add_feature(self, embedder: Embedder, progress: Callable[[int, int], None] | None = None) -> bool:
+        """Add the embeddings of `embedder`'s retrieval feature beside those the bank holds (`rseg bank
+        reembed --retrieval-feature F`); False when the bank holds that feature already (nothing done).
+
+        The feature must come from the bank's own DINOv2 model and input size (another model: `verify
+        --reembed`, which replaces them). The slow part runs without the lock; entries added meanwhile
+        are embedded under it, and the rows land in one commit with the feature's name.
+        """
+        feature = _retrieval_feature(embedder.identity)
+        snapshot = self._current()
+        if self._has_feature(snapshot, embedder):
+            return False
+        vectors = self._embed_entries(snapshot.entries, snapshot.labels, embedder, progress)
+        with self._transaction(f"add retrieval feature {feature} ({embedder.identity})") as state:
+            if self._has_feature(state, embedder):
+                return False
+            new = [e for e in state.entries if e.id not in vectors and e.damaged is None]
+            if new:
+                vectors.update(self._embed_entries(new, state.labels, embedder))
+            dim = int(embedder.dim)
+            state.features = tuple(state.features) + (feature,)
+            want = _feature_dim(state, feature)
+            if want is not None and want != dim:
+                raise BankModelMismatchError(
+                    f"support bank at {self.path} needs {want}-d {feature} rows, {embedder.identity} gives "
+                    f"{dim}-d ones; nothing was changed")
+            state.all_feature_rows = {feature: self._rows_for(state, vectors, dim)}
+            self._commit(state)
+        return True
+
+    def _has_feature(self, state: _State, embedder: Embedder) -> bool:
+        """Whether the bank holds `embedder`'s feature; BankModelMismatchError for another DINOv2 model."""
+        if _base_identity(embedder.identity) != _base_identity(state.dinov2):
+            raise BankModelMismatchError(
+                f"support bank at {self.path} was made with {state.dinov2}, the embedder is {embedder.identity}: "
+                "a further retrieval feature must come from the same DINOv2 model and input size (one pass "
+                f"gives them all). To change the model, re-embed the bank with "
+                f"{_reembed_hint(self.path, embedder.identity)} (it replaces the embeddings)")
+        return _retrieval_feature(embedder.identity) in (_retrieval_feature(state.dinov2),) + tuple(state.features)
+
     def _rows_for(self, state: _State, vectors: Mapping[str, np.ndarray], dim: int) -> np.ndarray:
         rows = np.zeros((len(state.entries), dim), dtype=np.float32)  # damaged entries: zero rows
         for n, e in enumerate(state.entries):
@@ -90,12 +156,20 @@ class BankVerify(BankStore):
             self._commit(state)
 
     def _apply_reembed(self, state: _State, embedder: Embedder, vectors: dict[str, np.ndarray]) -> None:
+        """The primary feature becomes `embedder`'s (replaced, as before further features existed); the
+        further features stay, recomputed when the DINOv2 model or input size changed (one pass)."""
         new = [e for e in state.entries if e.id not in vectors and e.damaged is None]
         if new:
             vectors.update(self._embed_entries(new, state.labels, embedder))
+        keep = tuple(f for f in state.features if f != _retrieval_feature(embedder.identity))
+        same_model = _base_identity(embedder.identity) == _base_identity(state.dinov2)
         self._write_embeddings(state, self._rows_for(state, vectors, int(embedder.dim)))
         state.embedding_dim = int(embedder.dim)
         state.dinov2 = embedder.identity
+        state.features = keep
+        if keep and not same_model:
+            rows = self._embed_entries_features(state.entries, state.labels, embedder, keep)
+            state.all_feature_rows = {f: self._rows_for(state, rows[f], _feature_dim(state, f) or 0) for f in keep}
 
     # ---------------------------------------------------------------- verify
     def verify(
@@ -152,10 +226,24 @@ class BankVerify(BankStore):
                 else:
                     emb = _resolve_embedder(embedder)
                     self.check_models(emb.identity)
-                    vectors = self._embed_entries(state.entries, state.labels, emb, progress)
-                    self._write_embeddings(state, self._rows_for(state, vectors, int(emb.dim)))
-                    state.embedding_dim = int(emb.dim)
-                    actions.append(f"rebuilt {EMBEDDINGS_FILE} from the entry files with {emb.identity}")
+                    primary = _retrieval_feature(state.dinov2)
+                    vectors = self._embed_entries_features(state.entries, state.labels, emb, [primary],
+                                                           progress)[primary]
+                    dim = state.embedding_dim or (len(next(iter(vectors.values()))) if vectors else int(emb.dim))
+                    self._write_embeddings(state, self._rows_for(state, vectors, dim))
+                    state.embedding_dim = dim
+                    actions.append(f"rebuilt {EMBEDDINGS_FILE} from the entry files with {state.dinov2}")
+            broken = [f for f in state.features if state.entries and self._feature_rows_status(state, f)[1] is not None]
+            if broken and not reembed:
+                if embedder is None:
+                    needs_embedder = True
+                else:
+                    emb = _resolve_embedder(embedder)
+                    self.check_models(emb.identity)
+                    rows = self._embed_entries_features(state.entries, state.labels, emb, broken, progress)
+                    state.all_feature_rows = {f: self._rows_for(state, rows[f], _feature_dim(state, f) or 0)
+                                              for f in broken}
+                    actions += [f"rebuilt the {f} embeddings from the entry files" for f in broken]
             index_file = self.path / INDEX_FILE
             if index_file.exists() and not found.links and (found.index_problem or reembed or kind is not None):
                 if self._remove_rebuildable(index_file):
@@ -175,6 +263,12 @@ class BankVerify(BankStore):
                     f"`rseg bank verify {self.path} --repair` with the bank's DINOv2 model"
                 )
             return report
+
+    @staticmethod
+    def _identities(state: _State) -> tuple[str, ...]:
+        from .format import _feature_identity
+
+        return (state.dinov2,) + tuple(_feature_identity(state.dinov2, f) for f in state.features)
 
     def _remove_rebuildable(self, p: Path) -> bool:
         """Delete a temp file, stale index or memory cache folder inside the bank, never via a link.
@@ -266,7 +360,13 @@ class BankVerify(BankStore):
             report.embeddings_problem = message
             report.repairable += 1
             report.problems.append(str(message))
-        if embedder is not None and embedder.identity != state.dinov2:
+        for feature in state.features if state.schema == SCHEMA_VERSION else ():
+            _, fkind, fmessage = self._feature_rows_status(state, feature)
+            if fkind is not None:
+                report.embeddings_problem = report.embeddings_problem or fmessage
+                report.repairable += 1
+                report.problems.append(str(fmessage))
+        if embedder is not None and embedder.identity not in self._identities(state):
             report.model_problem = (
                 f"support bank was made with {state.dinov2}, the given embedder is "
                 f"{embedder.identity}: re-embed it with {_reembed_hint(self.path, embedder.identity)}"

@@ -109,7 +109,9 @@ class InMemoryBank:
         if embedder_identity != self.embedder_identity:
             raise ValueError("bank embedded with another DINOv2")
 
-    def search(self, query_embeddings, k, case_id=None, case_policy="ignore"):
+    def search(self, query_embeddings, k, case_id=None, case_policy="ignore", embedder_identity=None):
+        if embedder_identity not in (None, self.embedder_identity):
+            raise ValueError("bank embedded with another DINOv2 (or retrieval feature)")
         if k > len(self._entries):
             raise ValueError(f"k={k} supports requested but the bank has only {len(self._entries)} entries")
         scores = np.asarray(query_embeddings, dtype=np.float32) @ self._emb.T

@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok, 1 failure (including a verify that found problems), 2 usage error.
 The DINOv2 embedder is only built by commands that need it (create needs its identity; add,
-add-slice and verify --reembed / --repair need the model), through the `make_embedder(args)`
+add-slice, reembed and verify --reembed / --repair need the model), through the `make_embedder(args)`
 callable the parent command passes in.
 """
 from __future__ import annotations
@@ -306,6 +306,7 @@ def add_bank_parser(
                 "bank": str(b.path),
                 "labels": [lab.to_json() for lab in b.labels],
                 "dinov2": b.dinov2_identity,
+                "retrieval_features": list(b.retrieval_features),
                 "sam2": list(b.sam2_identities),
                 "active": len(b),
                 "entries": [_entry_json(e) for e in entries],
@@ -314,7 +315,7 @@ def add_bank_parser(
         labels = ", ".join(f"{lab.value}={lab.name}" for lab in b.labels)
         total = len(b.entries(include_retired=True))
         print(f"support bank {b.path}: {len(b)} active of {total} entries; labels {labels}; "
-              f"embeddings by {b.dinov2_identity}")
+              f"embeddings by {b.dinov2_identity}; retrieval features {', '.join(b.retrieval_features)}")
         if entries:
             print(f"{'id':<34} {'case':<16} {'slice':<7} {'origin':<10} {'status':<8} {'labels':<10} added (UTC)")
             for e in entries:
@@ -322,6 +323,38 @@ def add_bank_parser(
         return EXIT_OK
 
     p.set_defaults(func=_guarded(cmd_list))
+
+    # -- info
+    p = sub.add_parser("info", help="what a bank holds: labels, models, retrieval features, counts",
+                       description="Print what the bank holds: entries (active, retired, damaged), labels, the "
+                                   "DINOv2 identity of its embeddings and every retrieval feature it holds "
+                                   "embeddings of (add one with `rseg bank reembed`), schema and revision.")
+    p.add_argument("bank", type=Path, metavar="BANK")
+    p.add_argument("--json", action="store_true")
+
+    def cmd_info(args: argparse.Namespace) -> int:
+        b = SupportBank.open(args.bank)
+        every = b.entries(include_retired=True)
+        info = {
+            "bank": str(b.path), "bank_id": b.bank_id, "schema_version": b.schema_version, "revision": b.revision,
+            "entries": len(every), "active": len(b), "retired": sum(e.retired for e in every),
+            "damaged": sum(e.damaged is not None for e in every),
+            "labels": [lab.to_json() for lab in b.labels], "dinov2": b.dinov2_identity,
+            "embedding_dim": b.embedding_dim, "retrieval_features": list(b.retrieval_features),
+            "retrieval_feature_identities": list(b.feature_identities()),
+        }
+        if args.json:
+            print(json.dumps(info, indent=1))
+            return EXIT_OK
+        labels = ", ".join(f"{lab.value}={lab.name}" for lab in b.labels)
+        print(f"support bank {b.path} (schema {info['schema_version']}, revision {info['revision']})\n"
+              f"  entries: {info['active']} active, {info['retired']} retired, {info['damaged']} damaged\n"
+              f"  labels: {labels}\n  embeddings by {b.dinov2_identity} ({b.embedding_dim or '-'}-d)\n"
+              f"  retrieval features: {', '.join(b.retrieval_features)} (add one with "
+              f"`rseg bank reembed {b.path} --retrieval-feature F`)")
+        return EXIT_OK
+
+    p.set_defaults(func=_guarded(cmd_info))
 
     # -- remove / restore
     p = sub.add_parser("remove", help="retire an entry (kept, restorable)",
@@ -389,6 +422,40 @@ def add_bank_parser(
         return EXIT_OK if report.ok else EXIT_FAILURE
 
     p.set_defaults(func=_guarded(cmd_verify))
+
+    # -- reembed (add a retrieval feature)
+    p = sub.add_parser("reembed", parents=parents, help="add a retrieval feature's embeddings",
+                       description="Add the embeddings of --retrieval-feature F to the bank, beside those it "
+                                   "holds (same DINOv2 model and input size; one pass over the entry files). "
+                                   "The bank then answers segment/evaluate with any of its features, and every "
+                                   "slice added later gets a row of each. Nothing to do when it holds F already. "
+                                   "To replace the embeddings (another DINOv2 model): `verify --reembed`.")
+    p.add_argument("bank", type=Path, metavar="BANK")
+    p.add_argument("--json", action="store_true")
+
+    def cmd_reembed(args: argparse.Namespace) -> int:
+        from .common import _progress_bar
+
+        b = SupportBank.open(args.bank)
+        embedder = make_embedder(args)
+        update, close = _progress_bar(sys.stderr.isatty(), "embedding")
+        try:
+            added = b.add_feature(embedder, progress=update)
+        finally:
+            close()
+        feature = b.retrieval_features[-1] if added else args.retrieval_feature
+        if args.json:
+            print(json.dumps({"bank": str(b.path), "added": added, "retrieval_feature": feature,
+                              "retrieval_features": list(b.retrieval_features)}, indent=1))
+        elif added:
+            print(f"added the {feature} embeddings of {len(b.entries(include_retired=True))} entries to {b.path} "
+                  f"(retrieval features {', '.join(b.retrieval_features)})")
+        else:
+            print(f"support bank at {b.path} holds the {feature} embeddings already (retrieval features "
+                  f"{', '.join(b.retrieval_features)}); nothing to do")
+        return EXIT_OK
+
+    p.set_defaults(func=_guarded(cmd_reembed))
 
     # -- export / import
     p = sub.add_parser("export", help="write the bank to one .zip or .tar.gz",

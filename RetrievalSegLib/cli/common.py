@@ -40,8 +40,8 @@ def model_options() -> argparse.ArgumentParser:
                    help="DINOv2 feature slices are retrieved by: cls (default: the CLS token, DINOv2's kNN "
                         "protocol), mean (mean of the patch tokens), cls+mean (both, DINOv2's linear-probe "
                         "input; twice the size), gem (GeM p=3 over the patch tokens). Part of the embedder "
-                        "identity: a bank answers only the feature it was embedded with (re-embed it with "
-                        "`rseg bank verify --reembed BANK --retrieval-feature F`)")
+                        "identity: a bank answers the features it holds embeddings of (add one with "
+                        "`rseg bank reembed BANK --retrieval-feature F`)")
     g.add_argument("--support-filter", dest="support_filter", default="all", choices=["all", "foreground"],
                    help="which retrieved slices condition each label when segmenting: all (default: the "
                         "top k, for every label) or foreground (per label the top k among retrieved slices "

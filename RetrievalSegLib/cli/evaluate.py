@@ -44,7 +44,6 @@ NOT_COMPARABLE = {
     "dinov2": "the bank's embeddings are made with one DINOv2",
     "dinov2_path": "the bank's embeddings are made with one DINOv2",
     "dinov2_input_size": "the bank's embeddings are made with one DINOv2 input size",
-    "retrieval_feature": "the bank's embeddings are made with one retrieval feature (evaluate into two folders)",
     "random_weights": "a comparison of random and trained weights says nothing",
     "seed": "the seed of random weights is not a setting",
     "device": "the device is not an accuracy setting",
@@ -175,6 +174,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     elif not has_bank and bank_path.exists() and any(bank_path.iterdir()):
         raise _UsageError(f"{bank_path} exists and is not a support bank; give another --out / --bank")
 
+    features = list(dict.fromkeys(a.retrieval_feature for a in configs.values())) if configs else []
+    if configs and has_bank and record is None:  # a bank of the user's: never changed by evaluate
+        held = SupportBank.open(bank_path).retrieval_features
+        missing = [f for f in features if f not in held]
+        if missing:
+            raise _UsageError(
+                f"--compare retrieval-feature: the bank at {bank_path} holds embeddings of {', '.join(held)}, not "
+                f"{', '.join(missing)}; add them with "
+                + " and ".join(f"`rseg bank reembed {bank_path} --retrieval-feature {f}`" for f in missing)
+                + " (keeps the others), or let evaluate build its own bank from --train")
     embedder = make_embedder(args)
     if has_bank:
         bank = SupportBank.open(bank_path)
@@ -222,7 +231,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         if configs:
-            return _compare(args, configs, run, show)
+            return _compare(args, configs, run, show, bank, features)
         result = run(args, make_engine(args), args.out)
     except (LabelError, ExclusionError, ResumeMismatch, ResultsExist) as e:
         raise usage(e) from None
@@ -261,7 +270,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- --compare
 #: Compared options that do not change the models: configurations differing only in these share
 #: one engine (SAM 2 loaded once, one memory cache). Any other compared option gets its own engine.
-SHARES_MODELS = {"k", "precision", "batch_size", "support_order", "support_filter", "propagate"}
+SHARES_MODELS = {"k", "precision", "batch_size", "support_order", "support_filter", "propagate",
+                 "retrieval_feature"}  # (the same DINOv2 pass gives every feature: MemoEmbedder.for_feature)
 
 
 def _configurations(args: argparse.Namespace) -> dict:
@@ -289,8 +299,11 @@ def _configurations(args: argparse.Namespace) -> dict:
     return out
 
 
-def _compare(args: argparse.Namespace, configs: dict, run, show: bool) -> int:
-    """`rseg evaluate --compare`: every configuration, models shared, then the paired statistics."""
+def _compare(args: argparse.Namespace, configs: dict, run, show: bool, bank, features: list) -> int:
+    """`rseg evaluate --compare`: every configuration, models shared, then the paired statistics.
+
+    Every compared retrieval feature comes from the reference's DINOv2 (one model, one pass per
+    slice set for all features); the bank built by evaluate gets the features it lacks first."""
     from ..engine.build import make_engine
     from ..evaluation.compare import MemoEmbedder, format_compare, run_compare
 
@@ -300,11 +313,21 @@ def _compare(args: argparse.Namespace, configs: dict, run, show: bool) -> int:
     def engine_for(c, a):
         key = tuple((d, repr(v)) for d, v in c.values if d not in SHARES_MODELS)
         if key not in engines:
-            engine = make_engine(a)
+            engine = make_engine(argparse.Namespace(**{**vars(a), "retrieval_feature": args.retrieval_feature}))
             inner = engine.embedder
-            engine.embedder = memos.setdefault(id(inner), MemoEmbedder(inner))  # one DINOv2 pass per embedder
+            engine.embedder = memos.setdefault(id(inner), MemoEmbedder(inner, features))  # one DINOv2 pass
             engines[key] = engine
-        return engines[key]
+        engine = engines[key]
+        return engine if a.retrieval_feature == args.retrieval_feature else \
+            engine.with_embedder(engine.embedder.for_feature(a.retrieval_feature))
+
+    reference = next(iter(configs))
+    for feature in features:  # evaluate's own bank: the compared features' embeddings, one pass for all
+        if feature not in bank.retrieval_features:
+            memo = engine_for(reference, configs[reference]).embedder
+            bank.add_feature(memo.for_feature(feature))
+            print(f"rseg evaluate: added the {feature} embeddings to the bank at {bank.path}", file=sys.stderr)
+    bank_passes = sum(m.passes for m in memos.values())
 
     def run_one(c, folder, label):
         a = configs[c]
@@ -319,7 +342,9 @@ def _compare(args: argparse.Namespace, configs: dict, run, show: bool) -> int:
 
     doc = run_compare(list(configs), run_one, args.out)
     print(f"rseg evaluate: {len(configs)} configurations, {len(engines)} model set(s) loaded, "
-          f"{sum(m.passes for m in memos.values())} DINOv2 pass(es) over the test cases", file=sys.stderr)
+          f"{sum(m.passes for m in memos.values()) - bank_passes} DINOv2 pass(es) over the test cases"
+          + (f" (each gives the {len(features)} compared retrieval features)" if len(features) > 1 else ""),
+          file=sys.stderr)
     if args.report:
         from .report import report_after_run
 

@@ -467,7 +467,9 @@ def add_evaluate_parser(sub, models: argparse.ArgumentParser) -> None:
                         "on the same cases and bank, and write OUT/compare.csv and compare.json: Dice and HD95 per "
                         "case, label and configuration, per configuration mean/sd/median, and against the "
                         "reference (this command's own values, run in OUT; the others in OUT/compare/) the paired "
-                        "differences with a 95%% bootstrap CI and the Wilcoxon signed-rank p-value")
+                        "differences with a 95%% bootstrap CI and the Wilcoxon signed-rank p-value. "
+                        "retrieval-feature=cls,mean: one bank with both features' embeddings (added to the bank "
+                        "evaluate built), one DINOv2 pass per case for all of them")
     p.set_defaults(func=cmd_evaluate)
 
 

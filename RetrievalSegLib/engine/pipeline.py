@@ -54,6 +54,13 @@ class RetrievalEngine:
             engine.compile()
         return cls(SliceEmbedder(dino, input_size=dinov2_input_size, feature=retrieval_feature), engine)
 
+    def with_embedder(self, embedder: Any) -> "RetrievalEngine":
+        """The same SAM 2 engine and memory caches with another slice embedder (a compared retrieval
+        feature: SAM 2 memories do not depend on how the supports were retrieved)."""
+        other = RetrievalEngine(embedder, self.sam)
+        other._caches = self._caches
+        return other
+
     @property
     def sam2_identity(self) -> str:
         return self.sam.identity

@@ -75,15 +75,33 @@ class SliceEmbedder:
     def dim(self) -> int:
         return self.dinov2.dim * (2 if self.feature == "cls+mean" else 1)
 
-    @torch.inference_mode()
+    def identity_of(self, feature: str) -> str:
+        """The identity of `feature`'s embeddings from this embedder's model and input size."""
+        base = f"{self.dinov2.identity}@{(self.input_size // 14) * 14}"
+        return base if check_retrieval_feature(feature) == DEFAULT_RETRIEVAL_FEATURE else f"{base}#{feature}"
+
     def embed(
         self,
         images_u8: Sequence[np.ndarray],
         progress: Callable[[int, int], None] | None = None,
     ) -> np.ndarray:
         """[N, dim] float32 unit vectors for uint8 grey or RGB slices."""
+        return self.embed_features(images_u8, (self.feature,), progress)[self.feature]
+
+    @torch.inference_mode()
+    def embed_features(
+        self,
+        images_u8: Sequence[np.ndarray],
+        features: Sequence[str],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Several retrieval features of the same slices from one DINOv2 pass (feature -> [N, dim_f]
+        float32 unit vectors): cls, mean, cls+mean and gem all pool the same last-layer tokens, so a
+        bank that holds several features, or a comparison of them, pays for the model once."""
+        features = [check_retrieval_feature(f) for f in dict.fromkeys(features)]
         n = len(images_u8)
-        out = np.empty((n, self.dim), dtype=np.float32)
+        width = self.dinov2.dim
+        outs = {f: np.empty((n, width * (2 if f == "cls+mean" else 1)), dtype=np.float32) for f in features}
         for start in range(0, n, self.batch_size):
             chunk = images_u8[start : start + self.batch_size]
             for img in chunk:
@@ -95,11 +113,11 @@ class SliceEmbedder:
             else:
                 x = dinov2_batch(chunk, self.input_size).to(self.dinov2.device)
             o = self.dinov2.model(pixel_values=x)
-            feats = pool_feature(o.last_hidden_state, o.pooler_output, self.feature)
-            out[start : start + len(chunk)] = feats.cpu().numpy()
+            for feature, out in outs.items():
+                out[start : start + len(chunk)] = pool_feature(o.last_hidden_state, o.pooler_output, feature).cpu().numpy()
             if progress is not None:
                 progress(min(start + len(chunk), n), n)
-        return out
+        return outs
 
 
 class InnerProductIndex:

@@ -12,8 +12,9 @@ paired statistics of each against the reference configuration.
   seed) and the two-sided Wilcoxon signed-rank p-value (`scipy.stats.wilcoxon`), with n and a note
   when n is too small to conclude. Random-weight results are marked in both files.
 - Sharing: the caller builds the models once per model identity; `MemoEmbedder` makes the DINOv2
-  pass over a case's slices happen once per embedder (so once per retrieval feature), and one
-  engine keeps one SAM 2 memory cache for every configuration that shares it.
+  pass over a case's slices happen once per embedder, giving every compared retrieval feature in
+  that one pass (`embed_features`; the bank gets the compared features' embeddings the same way),
+  and one engine keeps one SAM 2 memory cache for every configuration that shares it.
 """
 from __future__ import annotations
 
@@ -232,17 +233,27 @@ def format_compare(doc: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- running
 class MemoEmbedder:
     """A slice embedder that embeds the same slices once: every configuration sharing it reuses
-    the DINOv2 pass over a case (the slices and their window do not change between configurations)."""
+    the DINOv2 pass over a case (the slices and their window do not change between configurations).
 
-    def __init__(self, inner) -> None:
+    With `features` (`--compare retrieval-feature=...`), that one pass gives every compared retrieval
+    feature (`embed_features`), and `for_feature(f)` is the embedder of feature f over the same memo."""
+
+    def __init__(self, inner, features: Sequence[str] = ()) -> None:
+        from ..bank.format import _retrieval_feature
+
         self.inner = inner
-        self._memo: dict[str, np.ndarray] = {}
+        self.feature = _retrieval_feature(inner.identity)
+        self.features = list(dict.fromkeys([self.feature, *features]))
+        self._memo: dict[str, dict[str, np.ndarray]] = {}
         self.passes = 0
 
     def __getattr__(self, name: str) -> Any:  # identity, dim, ...: the wrapped embedder's
         return getattr(self.inner, name)
 
-    def embed(self, images: Sequence[np.ndarray], *args: Any, **kwargs: Any) -> np.ndarray:
+    def rows(self, images: Sequence[np.ndarray], feature: str, *args: Any, **kwargs: Any) -> np.ndarray:
+        """`feature`'s rows of `images` (a copy), from the memo or from one pass for every feature."""
+        if feature not in self.features:
+            raise ValueError(f"retrieval feature {feature!r} is not one of this comparison's {self.features}")
         h = hashlib.sha256(repr((args, sorted(kwargs.items()))).encode())
         for im in images:
             a = np.ascontiguousarray(im)
@@ -251,8 +262,38 @@ class MemoEmbedder:
         key = h.hexdigest()
         if key not in self._memo:
             self.passes += 1
-            self._memo[key] = np.asarray(self.inner.embed(images, *args, **kwargs))
-        return self._memo[key].copy()
+            if len(self.features) == 1:
+                self._memo[key] = {self.feature: np.asarray(self.inner.embed(images, *args, **kwargs))}
+            else:
+                out = self.inner.embed_features(images, self.features, *args, **kwargs)
+                self._memo[key] = {f: np.asarray(out[f]) for f in self.features}
+        return self._memo[key][feature].copy()
+
+    def embed(self, images: Sequence[np.ndarray], *args: Any, **kwargs: Any) -> np.ndarray:
+        return self.rows(images, self.feature, *args, **kwargs)
+
+    def for_feature(self, feature: str) -> Any:
+        """The embedder of `feature` (itself for its own), sharing this memo and its one pass."""
+        return self if feature == self.feature else _FeatureView(self, feature)
+
+
+class _FeatureView:
+    """`MemoEmbedder.for_feature`: identity, dim and embed of one compared retrieval feature."""
+
+    def __init__(self, memo: MemoEmbedder, feature: str) -> None:
+        if feature not in memo.features:
+            raise ValueError(f"retrieval feature {feature!r} is not one of this comparison's {memo.features}")
+        self.memo, self.feature = memo, feature
+        self.identity = memo.inner.identity_of(feature)
+        width = int(memo.inner.dim) // (2 if memo.feature == "cls+mean" else 1)
+        self.dim = width * (2 if feature == "cls+mean" else 1)
+
+    def embed(self, images: Sequence[np.ndarray], *args: Any, **kwargs: Any) -> np.ndarray:
+        return self.memo.rows(images, self.feature, *args, **kwargs)
+
+    def embed_features(self, images: Sequence[np.ndarray], features: Sequence[str], *args: Any,
+                       **kwargs: Any) -> dict[str, np.ndarray]:
+        return {f: self.memo.rows(images, f, *args, **kwargs) for f in features}
 
 
 def run_compare(configs: Sequence[Configuration], run_one: Callable[[Configuration, Path, str], dict[str, Any]],

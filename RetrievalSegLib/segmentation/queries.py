@@ -59,12 +59,14 @@ def retrieve(embedder, bank, images: Sequence[np.ndarray], k: int, case_id: str 
     check_support_filter(support_filter)
     emb = embedder.embed(images)
     revision = getattr(bank, "revision", None)  # read before the search: what the sidecar records
-    hits = bank.search(emb, k, case_id=case_id, case_policy=case_policy)
+    # the bank searches the rows of the embedder's own retrieval feature (it may hold several)
+    hits = bank.search(emb, k, case_id=case_id, case_policy=case_policy, embedder_identity=embedder.identity)
     found = Retrieval([list(h) for h in hits], None if revision is None else int(revision))
     if support_filter == "foreground":
         if labels is None:
             labels = [lab.value for lab in bank.labels]
-        found.per_label, found.fallback = foreground_supports(bank, emb, found.hits, k, labels, case_id, case_policy)
+        found.per_label, found.fallback = foreground_supports(bank, emb, found.hits, k, labels, case_id, case_policy,
+                                                              embedder.identity)
     return found
 
 
@@ -77,7 +79,8 @@ def _searchable(bank, case_id: str | None, case_policy: str) -> int:
 
 
 def foreground_supports(bank, emb: np.ndarray, hits: Sequence[Hits], k: int, labels: Sequence[int],
-                        case_id: str | None, case_policy: str) -> tuple[list[dict[int, list]], list[list[int]]]:
+                        case_id: str | None, case_policy: str, embedder_identity: str | None = None,
+                        ) -> tuple[list[dict[int, list]], list[list[int]]]:
     """Per slice and label, the k most similar retrieved entries that contain the label.
 
     The search goes deeper than k (x4 at a time, up to every searchable entry) for the slices where
@@ -95,7 +98,8 @@ def foreground_supports(bank, emb: np.ndarray, hits: Sequence[Hits], k: int, lab
     while todo and depth < cap:
         depth = min(cap, depth * 4)
         try:
-            deeper = bank.search(emb[todo], depth, case_id=case_id, case_policy=case_policy)
+            deeper = bank.search(emb[todo], depth, case_id=case_id, case_policy=case_policy,
+                                 embedder_identity=embedder_identity)
         except ValueError:  # fewer searchable entries than counted: keep what was found
             break
         for j, h in zip(todo, deeper):

@@ -309,11 +309,12 @@ def ranges_text(indices: Sequence[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)  # type: ignore[misc]
 
 
-def bank_rows(bank: Any) -> tuple[list[Any], np.ndarray]:
-    """(usable entries, their embedding rows) from one consistent snapshot of the bank."""
+def bank_rows(bank: Any, embedder_identity: str | None = None) -> tuple[list[Any], np.ndarray]:
+    """(usable entries, their embedding rows) from one consistent snapshot of the bank: the rows of
+    the retrieval feature `embedder_identity` names (a bank may hold several), else the primary's."""
     for _ in range(3):
         entries = bank.entries(include_retired=True)
-        rows = bank.embeddings()
+        rows = bank.embeddings(embedder_identity) if embedder_identity is not None else bank.embeddings()
         if [e.id for e in bank.entries(include_retired=True)] == [e.id for e in entries] and len(rows) == len(entries):
             break
         bank.reload()  # a writer changed the bank between the two reads
@@ -515,7 +516,7 @@ def suggest_slices(
         blank = blank_slices(images)
         if embeddings_cache is not None:
             embeddings_cache.put(key, emb, blank)
-    entries, rows = bank_rows(bank) if bank is not None else ([], np.zeros((0, emb.shape[1]), np.float32))
+    entries, rows = bank_rows(bank, embedder.identity) if bank is not None else ([], np.zeros((0, emb.shape[1]), np.float32))
     in_bank = sorted({e.index for e in entries if case_id is not None and e.case_id == case_id and e.axis == ax})
     result = build_suggestions(emb, rows, [e.id for e in entries], int(n), ax, blank=blank,
                                last=last, in_bank=in_bank)

@@ -389,3 +389,69 @@ def test_a_cache_dir_inside_the_bank_is_refused(tmp_path, engine, capsys, monkey
     args = parser.parse_args(["bank", "cache", str(bank.path), "--warm", "--cache-dir", str(tmp_path / "own"),
                               "--device", "cpu"])
     assert args.func(args) == 0  # a folder of its own is fine
+
+
+# ----------------------------------------------------------------------------- further retrieval features
+def _featured_bank(tmp_path: Path) -> Path:
+    from _bank_helpers import FeatureHashEmbedder
+
+    bank = filled_bank(tmp_path)
+    bank.add_feature(FeatureHashEmbedder("mean"))  # makes the feature_embeddings table
+    bank.close()
+    return bank.path
+
+
+def test_a_bank_with_further_features_has_exactly_the_projects_objects(tmp_path):
+    path = _featured_bank(tmp_path)
+    con = sqlite3.connect(path / "bank.db")
+    found = bank_schema._objects(con)
+    con.close()
+    assert found == bank_schema.expected_objects(bank_db._SCHEMA + bank_db._FEATURES_SCHEMA)
+    assert found != bank_schema.expected_objects(bank_db._SCHEMA)  # the table is new: only this set has it
+    assert SupportBank.open(path).retrieval_features == ("cls", "mean")
+
+
+FEATURE_TAMPERINGS = {
+    "trigger-on-the-feature-table": (
+        "CREATE TRIGGER tf AFTER INSERT ON feature_embeddings BEGIN UPDATE entries SET retired = 1; END;",
+        "trigger 'tf'"),
+    "feature-table-replaced-by-a-view": (
+        "CREATE TABLE f2 AS SELECT * FROM feature_embeddings; DROP TABLE feature_embeddings; "
+        "CREATE VIEW feature_embeddings AS SELECT * FROM f2;", "view 'feature_embeddings'"),
+    "index-on-the-feature-table": ("CREATE INDEX fx ON feature_embeddings (abs(seq) + 1);", "index 'fx'"),
+    "feature-table-column-added": ("ALTER TABLE feature_embeddings ADD COLUMN note TEXT DEFAULT 'x';",
+                                   "table 'feature_embeddings'"),
+}
+
+
+@pytest.mark.parametrize("change", list(FEATURE_TAMPERINGS))
+def test_the_feature_table_is_checked_like_every_other(tmp_path, capsys, change):
+    sql, named = FEATURE_TAMPERINGS[change]
+    path = _featured_bank(tmp_path)
+    tamper(path, sql)
+    with pytest.raises(BankCorruptError) as err:
+        len(SupportBank.open(path))
+    msg = str(err.value)
+    assert str(path / "bank.db") in msg and named in msg and "restore" in msg.lower(), msg
+    code, text = verify_output(capsys, path)
+    assert_never_ok(code, text)
+
+
+def test_a_feature_table_in_a_plain_schema_2_bank_is_made_only_as_the_project_makes_it(tmp_path):
+    """A schema-2 bank without the table opens as before; one with a look-alike table does not."""
+    path = closed_bank(tmp_path)
+    tamper(path, "CREATE TABLE feature_embeddings (feature TEXT, seq INTEGER, row BLOB, sha256 TEXT);")
+    with pytest.raises(BankCorruptError, match="table 'feature_embeddings' is defined differently"):
+        SupportBank.open(path)
+
+
+@pytest.mark.parametrize("name", ["../../etc", "cls", "Mean"])
+def test_a_further_feature_name_that_is_a_path_or_the_primary_is_refused(tmp_path, name):
+    """A feature's name becomes an export member's name and an identity: only a plain name, never
+    the primary feature again (the models table's key keeps a name from being listed twice)."""
+    path = _featured_bank(tmp_path)  # holds cls (primary) and mean
+    tamper(path, f"INSERT INTO models VALUES ('feature', '{name}')")
+    with pytest.raises(BankCorruptError) as err:
+        SupportBank.open(path).entries()
+    msg = str(err.value)
+    assert str(path / "bank.db") in msg and "further retrieval feature" in msg and repr(name) in msg, msg

@@ -175,3 +175,61 @@ def test_compare_option_errors_exit_2_before_any_model_loads(study, tmp_path, mo
         assert name in err.split("options that can:")[1]
     rc, _, err = run(argv(study, out, "--compare", "k=2,4", "--compare", "k=8"))
     assert rc == 2 and "given twice" in err
+
+
+def test_retrieval_features_are_compared_on_one_bank_with_one_dinov2_pass(compared, study, tmp_path, monkeypatch):
+    """`--compare retrieval-feature=cls,mean`: evaluate's bank gets the mean embeddings beside cls, one
+    DINOv2 pass per case gives both features, and each configuration searches its own feature's rows."""
+    from RetrievalSegLib.bank.support_bank import SupportBank
+
+    out = tmp_path / "out"
+    shutil.copytree(compared[0] / "bank", out / "bank")  # evaluate's own bank (with its build record), reused
+    engines, searched = [], []
+    real_engine, real_search = build.make_engine, SupportBank.search
+    monkeypatch.setattr(build, "make_engine", lambda a: engines.append(a) or real_engine(a))
+
+    def spy(self, q, k, *a, embedder_identity=None, **kw):
+        searched.append(embedder_identity)
+        return real_search(self, q, k, *a, embedder_identity=embedder_identity, **kw)
+
+    monkeypatch.setattr(SupportBank, "search", spy)
+    rc, stdout, stderr = run(argv(study, out, "--compare", "retrieval-feature=cls,mean", "--no-progress",
+                                  "--max-cases", "1"))  # (one case keeps it quick)
+    assert rc == 0, stderr
+    assert len(engines) == 1  # one DINOv2 and one SAM 2 for both features
+    assert "2 configurations, 1 model set(s) loaded, 1 DINOv2 pass(es) over the test cases (each gives the 2" in stderr
+    bank = SupportBank.open(out / "bank")
+    assert bank.retrieval_features == ("cls", "mean") and bank.verify().ok
+    ref = json.loads((out / "metrics.json").read_text())
+    other = json.loads((out / "compare/retrieval_feature-mean/metrics.json").read_text())
+    assert not ref["dinov2"].endswith("#mean") and other["dinov2"] == ref["dinov2"] + "#mean"
+    assert set(searched) == {ref["dinov2"], other["dinov2"]}  # each configuration its own feature's rows
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["reference"] == "retrieval-feature=cls" and doc["complete"]
+    assert [c["name"] for c in doc["configurations"]] == ["retrieval-feature=cls", "retrieval-feature=mean"]
+    assert len(doc["rows"]) == 2 * 1 * 3
+    # resumed: nothing is embedded into the bank again and no case is segmented again
+    revision = bank.revision
+    monkeypatch.setattr(segment_module, "segment_volume", lambda *a, **k: pytest.fail("segmented again"))
+    rc, _, err = run(argv(study, out, "--compare", "retrieval-feature=cls,mean", "--resume", "--no-progress",
+                          "--max-cases", "1"))
+    assert rc == 0, err
+    assert SupportBank.open(out / "bank").revision == revision
+
+
+def test_a_users_bank_without_a_compared_feature_is_refused_with_bank_reembed(compared, study, tmp_path,
+                                                                              monkeypatch):
+    mine = tmp_path / "mine"
+    shutil.copytree(compared[0] / "bank", mine)
+    (mine / "evaluate_build.json").unlink()  # as a bank made with `rseg bank`: evaluate never changes it
+
+    def no_models(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(build, "make_embedder", no_models)
+    monkeypatch.setattr(build, "make_engine", no_models)
+    args = [a for a in argv(study, tmp_path / "second", "--compare", "retrieval-feature=gem", "--no-progress")]
+    i = args.index("--train")
+    del args[i:i + 2]
+    rc, _, err = run(args + ["--bank", str(mine)])
+    assert rc == 2 and f"rseg bank reembed {mine} --retrieval-feature gem" in err, err

@@ -89,3 +89,39 @@ def test_a_bank_of_one_feature_refuses_another_and_reembeds_to_it(tmp_path, dino
         bank.check_models(cls.identity)
     entry = bank.entries()[1]
     np.testing.assert_allclose(bank.embeddings()[1], gem.embed([bank.load_entry(entry.id).image])[0], atol=1e-5)
+
+
+def test_one_pass_gives_every_feature_as_the_single_feature_embedders_do(dino, slices):
+    """`embed_features` (what a bank of several features and `--compare retrieval-feature` use) equals
+    each feature's own embedder, from one DINOv2 forward pass per batch."""
+    emb = SliceEmbedder(dino, batch_size=2, input_size=56)
+    calls = []
+    hook = dino.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got = emb.embed_features(slices, RETRIEVAL_FEATURES)
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # 3 slices at batch 2: two passes for all four features
+    assert list(got) == list(RETRIEVAL_FEATURES)
+    for feature in RETRIEVAL_FEATURES:
+        single = SliceEmbedder(dino, batch_size=2, input_size=56, feature=feature)
+        np.testing.assert_array_equal(got[feature], single.embed(slices))
+        assert emb.identity_of(feature) == single.identity
+    with pytest.raises(ValueError, match="cls, mean, cls\\+mean, gem"):
+        emb.embed_features(slices, ["max"])
+
+
+def test_a_bank_of_two_features_answers_both_and_refuses_a_third_naming_bank_reembed(tmp_path, dino):
+    cls = SliceEmbedder(dino, input_size=56)
+    mean = SliceEmbedder(dino, input_size=56, feature="mean")
+    bank = new_bank(tmp_path, cls)
+    bank.add_volume(*make_case(4), "p01", cls)
+    assert bank.add_feature(mean)
+    bank.add_volume(*make_case(5), "p02", mean)  # one pass gives the new slices both rows
+    images = [bank.load_entry(e.id).image for e in bank.entries(include_retired=True)]
+    np.testing.assert_allclose(bank.embeddings(), cls.embed(images), atol=1e-6)
+    np.testing.assert_allclose(bank._state_and_rows(mean.identity)[1], mean.embed(images), atol=1e-6)
+    with pytest.raises(BankModelMismatchError) as err:
+        bank.check_models(SliceEmbedder(dino, input_size=56, feature="gem").identity)
+    assert (f"rseg bank reembed {bank.path} --retrieval-feature gem --dinov2 small --random-weights"
+            in str(err.value))

@@ -164,3 +164,24 @@ def test_memo_embedder_embeds_the_same_slices_once():
     assert inner.calls == 2
     with pytest.raises(AttributeError):
         memo.not_an_embedder_method  # noqa: B018
+
+
+def test_memo_embedder_gives_every_compared_feature_from_one_pass():
+    """`--compare retrieval-feature=...`: the first configuration's pass over a case gives every
+    compared feature; the others' embedders read the memo (no second DINOv2 pass)."""
+    from _bank_helpers import FeatureHashEmbedder
+
+    inner = FeatureHashEmbedder("cls")
+    memo = MemoEmbedder(inner, ["mean", "cls+mean"])
+    a = [np.zeros((4, 4), np.uint8), np.full((4, 4), 9, np.uint8)]
+    cls_rows = memo.embed(a)
+    mean = memo.for_feature("mean")
+    both = memo.for_feature("cls+mean")
+    assert memo.for_feature("cls") is memo
+    assert mean.identity == "dinov2-small:hash@16#mean" and mean.dim == 16 and both.dim == 32
+    np.testing.assert_array_equal(mean.embed([x.copy() for x in a]), FeatureHashEmbedder("mean").embed(a))
+    np.testing.assert_array_equal(both.embed(a), FeatureHashEmbedder("cls+mean").embed(a))
+    np.testing.assert_array_equal(cls_rows, inner.embed(a))
+    assert memo.passes == 1 and inner.passes == 2  # (the second: this test's own check above)
+    with pytest.raises(ValueError, match="not one of this comparison's"):
+        memo.for_feature("gem")

@@ -55,7 +55,7 @@ class _RevisionBumpingBank:
     def __init__(self) -> None:
         self.revision = 4
 
-    def search(self, emb, k, case_id=None, case_policy="ignore"):
+    def search(self, emb, k, case_id=None, case_policy="ignore", embedder_identity=None):
         self.revision += 1
         return [[(f"e{i}", 1.0 - 0.1 * j) for j in range(k)] for i in range(len(emb))]
 

@@ -427,3 +427,25 @@ def test_revision_note_compares_the_last_segmentation_with_the_bank_as_it_is(tmp
     assert "another support bank (id another-bank" in note and bank.bank_id in note
     (note,) = notes(then + 5, bank.bank_id)
     assert f"made with revision {then + 5} of this bank, but the bank is at revision {then + 1}" in note
+
+
+def test_suggest_measures_the_bank_with_the_embedders_own_retrieval_feature(tmp_path, embedder):
+    """A bank holding cls and mean: suggestions made with the mean embedder compare the volume's mean
+    embeddings with the bank's mean rows, never with its cls rows (two features are never mixed)."""
+    from RetrievalSegLib.engine.retrieval import SliceEmbedder
+    from RetrievalSegLib.segmentation.suggest import bank_rows
+
+    from _bank_helpers import LABELS, make_case
+
+    mean = SliceEmbedder(embedder.dinov2, input_size=embedder.input_size, feature="mean")
+    bank = SupportBank.create(tmp_path / "bank", LABELS, embedder.identity)
+    bank.add_volume(*make_case(0), "p01", embedder)
+    bank.add_feature(mean)
+    images = [bank.load_entry(e.id).image for e in bank.entries()]
+    _, rows = bank_rows(bank, mean.identity)
+    np.testing.assert_allclose(rows, mean.embed(images), atol=1e-6)
+    image, _ = make_case(1)
+    got = suggest_slices(image, bank, mean, n=1, case_id="p02")
+    volume_rows = mean.embed(slices_to_uint8(image, 2, list(range(image.array.shape[0])), window_for_volume(image)))
+    assert got.coverage_before == pytest.approx(coverage(volume_rows, rows), abs=1e-5)
+    assert got.coverage_before != pytest.approx(coverage(volume_rows, bank_rows(bank)[1]), abs=1e-5)
