@@ -46,6 +46,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..engine.sam2_memory import QueryResult, SliceMemory, SupportMemory, autocast
+from .queries import BatchSizer, _out_of_memory
 
 #: The largest N: SAM 2's num_maskmem - 1 (the non-conditioning memories it attends to).
 MAX_PROPAGATE = 6
@@ -142,7 +143,7 @@ def next_steps(walks: list[Walk], j: int, slice_range: tuple[int, int], done: se
 
 
 def propagate(sam, images: Sequence[np.ndarray], first: int, hits, memories, starts: Sequence[int],
-              slice_range: tuple[int, int], n: int, k: int, batch_size: int, precision: str,
+              slice_range: tuple[int, int], n: int, k: int, batch_size: int | BatchSizer, precision: str,
               support_order: str, extent_stop: int, present: Callable[[QueryResult], bool],
               record: Callable[[int, QueryResult, list[int]], None], cancelled: Callable[[], bool],
               after_first_step: Callable[[int, float], None] | None = None,
@@ -154,9 +155,12 @@ def propagate(sam, images: Sequence[np.ndarray], first: int, hits, memories, sta
     `annotated[s]`: the annotation memory (restricted to `memories.labels`, on the device) of a
     start slice s the user annotated; record then gets `annotation=s` for every slice of its walks,
     and `record(s, None, [], annotation=s)` for s itself (not queried: the annotation is its result).
+    `batch_size`: slices per memory-attention call, a number or the run's `queries.BatchSizer`; an
+    out-of-memory error halves it (or the image encoder's group) and retries, as `query_slices` does.
     """
     import time
 
+    sizer = batch_size if isinstance(batch_size, BatchSizer) else BatchSizer(int(batch_size), sam.device)
     window = memory_window(n)
     walks = plan_walks(starts, slice_range, k)
     for w in walks:
@@ -172,39 +176,14 @@ def propagate(sam, images: Sequence[np.ndarray], first: int, hits, memories, sta
             break
         # an annotated start slice is not queried (its annotation is its result)
         queried = [b for b, s in enumerate(steps) if not (s.j == 0 and s.annotation is not None)]
-        feat_row = {b: r for r, b in enumerate(queried)}
-        if queried:
-            with ctx:
-                feats = sam.encode_batch([images[steps[b].slice - first] for b in queried])
-        # one pseudo-video layout per call: frame k + j, the walk's num_frames, with or without an
-        # annotated slice at frame k
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for b in queried:
-            s = steps[b]
-            groups.setdefault((s.walks[0].num_frames, s.annotation is not None), []).append(b)
-        results: dict[int, tuple[QueryResult, SliceMemory]] = {}
-        for (num_frames, with_annotation), rows in groups.items():
-            for r0 in range(0, len(rows), batch_size):
-                if cancelled():
-                    return done
-                sub = rows[r0:r0 + batch_size]
-                mems, index = memories.for_slices([hits[steps[b].slice - first] for b in sub])
-                neighbours = None
-                nb = len(steps[sub[0]].neighbours)  # the same for every row of a group
-                if nb:
-                    neighbours = [steps[b].walks[0].memories[len(steps[b].walks[0].memories) - nb:] for b in sub]
-                annotations = [steps[b].walks[0].annotation for b in sub] if with_annotation else None
-                with ctx:
-                    out = sam.query_batch(feats, mems, index, memories.labels, items=[feat_row[b] for b in sub],
-                                          support_order=support_order, neighbours=neighbours,
-                                          frame_idx=k + j, num_frames=num_frames, encode_memory=True,
-                                          annotations=annotations)
-                for b, res, mem in zip(sub, out.to_numpy(), out.memories):
-                    results[b] = (res, mem)
+        results = _query_step(sam, images, first, hits, memories, steps, queried, k, j, sizer, ctx, support_order,
+                              cancelled)
+        if results is None:
+            return done
         if cancelled():
             return done
         for b, s in enumerate(steps):
-            if b not in feat_row:  # the annotated start slice: a conditioning frame, not a memory
+            if b not in results:  # the annotated start slice: a conditioning frame, not a memory
                 record(s.slice, None, [], annotation=s.slice)
                 done.add(s.slice)
                 found = any(s.walks[0].annotation.present)
@@ -230,3 +209,75 @@ def propagate(sam, images: Sequence[np.ndarray], first: int, hits, memories, sta
             timed = True
         j += 1
     return done
+
+
+def _query_step(sam, images, first: int, hits, memories, steps: list[Step], queried: list[int], k: int, j: int,
+                sizer: BatchSizer, ctx, support_order: str,
+                cancelled: Callable[[], bool]) -> dict[int, tuple[QueryResult, SliceMemory]] | None:
+    """SAM 2 on the queried slices of walk step j (`steps[b]` for b in `queried`): {b: (result, its
+    memory)}, or None once cancelled. The image encoder on all of them at once (or in groups of
+    `sizer.encoder_size`), memory attention + decoder on `sizer.size` rows per call; an
+    out-of-memory error frees what it can, halves that size and retries the same slices (the same
+    output); one slice that does not fit raises `queries.OutOfDeviceMemory`."""
+    from ..engine.device import is_out_of_memory, release_memory
+
+    n_labels = len(memories.labels)
+    results: dict[int, tuple[QueryResult, SliceMemory]] = {}
+    todo = list(queried)
+    while todo:
+        chunk = todo[: sizer.encoder_size or len(todo)]
+        feats = None  # the previous group's features are freed before this group is encoded
+        try:
+            with ctx:
+                feats = sam.encode_batch([images[steps[b].slice - first] for b in chunk])
+        except Exception as e:  # noqa: BLE001 - only out of memory is retried; anything else goes on
+            if not is_out_of_memory(e):
+                raise
+            feats = None
+        if feats is None:
+            release_memory(sam.device)
+            if len(chunk) == 1:
+                raise _out_of_memory(sam, "image encoder", k, n_labels) from None
+            sizer.halve("image encoder", len(chunk))
+            continue
+        feat_row = {b: r for r, b in enumerate(chunk)}
+        # one pseudo-video layout per call: frame k + j, the walk's num_frames, with or without an
+        # annotated slice at frame k
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for b in chunk:
+            s = steps[b]
+            groups.setdefault((s.walks[0].num_frames, s.annotation is not None), []).append(b)
+        for (num_frames, with_annotation), rows in groups.items():
+            r0 = 0
+            while r0 < len(rows):
+                if cancelled():
+                    return None
+                sub = rows[r0:r0 + sizer.size]
+                mems, index = memories.for_slices([hits[steps[b].slice - first] for b in sub])
+                neighbours = None
+                nb = len(steps[sub[0]].neighbours)  # the same for every row of a group
+                if nb:
+                    neighbours = [steps[b].walks[0].memories[len(steps[b].walks[0].memories) - nb:] for b in sub]
+                annotations = [steps[b].walks[0].annotation for b in sub] if with_annotation else None
+                try:
+                    with ctx:
+                        out = sizer.measure(len(sub), lambda: sam.query_batch(
+                            feats, mems, index, memories.labels, items=[feat_row[b] for b in sub],
+                            support_order=support_order, neighbours=neighbours, frame_idx=k + j,
+                            num_frames=num_frames, encode_memory=True, annotations=annotations))
+                except Exception as e:  # noqa: BLE001 - as above
+                    if not is_out_of_memory(e):
+                        raise
+                    out = None
+                if out is None:
+                    del mems, neighbours, annotations
+                    release_memory(sam.device)
+                    if len(sub) == 1:
+                        raise _out_of_memory(sam, "memory attention", k, n_labels) from None
+                    sizer.halve("memory attention", len(sub))
+                    continue
+                for b, res, mem in zip(sub, out.to_numpy(), out.memories):
+                    results[b] = (res, mem)
+                r0 += len(sub)
+        todo = todo[len(chunk):]
+    return results

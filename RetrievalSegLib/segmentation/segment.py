@@ -228,7 +228,7 @@ def segment_volume(
             start_slice, bank, case_id, plan.axis, plan.start, plan.stop, slice_range is not None, found.hits)
         result.extent_stop = int(extent_stop)
         annotated = annotation_entries(bank, case_id, plan.axis)
-        _walk_propagating(plan, found, out, memories, engine.sam, images, k, batch_size, prec, support_order,
+        _walk_propagating(plan, found, out, memories, engine.sam, images, k, sizer, prec, support_order,
                           propagate, int(extent_stop), presence_threshold, cancelled, report_estimate,
                           bank, annotated, log)
     elif not extent_stop:
@@ -275,7 +275,7 @@ def _walk_every_slice(plan: SlicePlan, found: Retrieval, out: LabelMapAssembler,
 
 
 def _walk_propagating(plan: SlicePlan, found: Retrieval, out: LabelMapAssembler, memories, sam, images, k: int,
-                      batch_size: int, prec: str, support_order: str, n: int, extent_stop: int,
+                      batch_size: int | BatchSizer, prec: str, support_order: str, n: int, extent_stop: int,
                       presence_threshold: float, cancelled, report_estimate, bank=None,
                       annotated: dict[int, str] | None = None, log=None) -> None:
     """Outwards from the start slices, each slice with its walk's previous slices as memory; a start

@@ -12,7 +12,10 @@ An annotated start slice ("correct one slice, re-propagate"): one walk from it e
 predictor on [supports, annotated slice, walk...] with add_new_mask on frames 0..k, propagated from
 frame k; `segment_volume` keeps the annotation as that slice's result and pins frame k to its
 memory. Mutants: the annotated frame dropped, at frame k+1, non-conditioning, counted among the
-walk's tracked slices, or the start slice predicted anyway.
+walk's tracked slices, or the start slice predicted anyway. At frame k+1 only its object pointer's
+temporal code changes (conditioning frames' spatial memories all have t_pos 0): with random weights
+that moves the logits by at most 2.4e-6 (measured), under the fidelity tolerance, so the
+`segment_volume` test, which pins the conditioning frame to k, is the one that catches it.
 
 Negative controls (Testing/mutants.txt): dropping the neighbour memories
 (`propagation_neighbours_dropped`) or giving them temporal position 0 as conditioning frames
