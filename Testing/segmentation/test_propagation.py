@@ -378,3 +378,39 @@ def test_segment_volume_keeps_an_annotated_start_slice_and_conditions_its_walks_
     assert plain.slices[s].source is None and len(spy.calls) == 3 and all(c[2] == [0, 1] for c in spy.calls)
     assert "source" not in slice_records(plain)[s]
     assert segmentation_provenance(plain, engine, bank, k=k)["propagation_annotated_slices"] == []
+
+
+def test_walk_from_an_annotated_start_lists_only_its_tracked_slices_as_neighbours():
+    """Start 5 annotated, start 1 not, in 0..8, window 2: the annotated slice is never a neighbour
+    (it is a conditioning frame), so its walks' slices have one neighbour fewer at each step."""
+    walks = plan_walks([1, 5], (0, 8), k=2)
+    for w in walks:
+        w.annotation = object() if w.start == 5 else None
+    done: set[int] = set()
+    seen = []
+    for j in range(8):
+        steps = next_steps(walks, j, (0, 8), done, window=2)
+        if not steps:
+            break
+        for s in steps:
+            seen.append((j, s.slice, s.neighbours, s.annotation))
+            done.add(s.slice)
+            for w in s.walks:
+                w.slices.append(s.slice)
+    assert seen == [
+        (0, 1, [], None), (0, 5, [], 5),
+        (1, 0, [1], None), (1, 2, [1], None), (1, 4, [], 5), (1, 6, [], 5),
+        (2, 3, [1, 2], None), (2, 7, [6], 5),
+    ]  # slice 3: the walk from 1 up gets there first (it is listed first); the walk from 5 down ends
+
+
+def test_query_batch_checks_the_annotated_frame(models):
+    engine, _ = models
+    rng = np.random.default_rng(3)
+    img, masks = disc_slice(64, 64, shift=0.0, rng=rng)
+    mem = engine.encode_support(img, masks, LABELS)
+    feats = engine.encode_batch([img])
+    with pytest.raises(ValueError, match="annotations must give one memory for each of the 1 slices"):
+        engine.query_batch(feats, [mem], [[0]], LABELS, annotations=[mem, mem])
+    with pytest.raises(ValueError, match="after 1 supports and an annotated slice .* not a valid pseudo-video"):
+        engine.query_batch(feats, [mem], [[0]], LABELS, annotations=[mem], frame_idx=1)
