@@ -134,7 +134,8 @@ def segment_volume(
     `SliceResult.neighbours` lists them. A start slice this volume has an annotation of (a bank
     entry of `case_id` along the axis) keeps it as its result (`SliceResult.source` "annotation")
     and is a conditioning frame of every slice of its walks (`SliceResult.annotated_slice`), as
-    add_new_mask on that frame of a SAM 2 video.
+    add_new_mask on that frame of a SAM 2 video; not with case_policy 'exclude', under which this
+    volume's entries are never used (it is still a start slice, predicted as any other).
     support_filter: 'all' (default) conditions every label on the slice's top k; 'foreground'
     conditions each label on the top k retrieved slices that contain it (searching deeper than k),
     falling back to the top k for a label with fewer such slices in the bank (recorded per slice:
@@ -227,7 +228,9 @@ def segment_volume(
         result.start_slices, result.start_reason = start_slices(
             start_slice, bank, case_id, plan.axis, plan.start, plan.stop, slice_range is not None, found.hits)
         result.extent_stop = int(extent_stop)
-        annotated = annotation_entries(bank, case_id, plan.axis)
+        # the volume's own annotations, unless its entries are excluded (`rseg evaluate`: a case's
+        # own slices must never help segment it)
+        annotated = annotation_entries(bank, case_id, plan.axis) if case_policy != "exclude" else {}
         _walk_propagating(plan, found, out, memories, engine.sam, images, k, sizer, prec, support_order,
                           propagate, int(extent_stop), presence_threshold, cancelled, report_estimate,
                           bank, annotated, log)

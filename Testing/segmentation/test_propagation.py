@@ -372,12 +372,15 @@ def test_segment_volume_keeps_an_annotated_start_slice_and_conditions_its_walks_
     assert [rec.get("annotated_slice") for rec in records] == [s, s, None, s, s, s]
     prov = segmentation_provenance(seg, engine, bank, k=k)
     assert prov["propagation_start_slices"] == [s] and prov["propagation_annotated_slices"] == [s]
-    # without the case id the slice is only an ordinary start slice: predicted, no annotation frame
+    # case policy exclude (`rseg evaluate`): the volume's own entries are never used, its
+    # annotation included: the slice is a start slice and predicted, with no annotation frame
     spy.calls.clear()
-    plain = segment_volume(vol, bank, engine, k=k, propagate=2, start_slice=s, slice_range=(1, 4), batch_size=1)
-    assert plain.slices[s].source is None and len(spy.calls) == 3 and all(c[2] == [0, 1] for c in spy.calls)
-    assert "source" not in slice_records(plain)[s]
-    assert segmentation_provenance(plain, engine, bank, k=k)["propagation_annotated_slices"] == []
+    excl = segment_volume(vol, bank, engine, k=k, propagate=2, case_id=case, case_policy="exclude",
+                          slice_range=(1, 4), batch_size=1)
+    assert excl.start_slices == [s] and excl.slices[s].source is None
+    assert len(spy.calls) == 3 and all(c[2] == [0, 1] for c in spy.calls)
+    assert "source" not in slice_records(excl)[s] and "annotated_slice" not in slice_records(excl)[s + 1]
+    assert segmentation_provenance(excl, engine, bank, k=k)["propagation_annotated_slices"] == []
 
 
 def test_walk_from_an_annotated_start_lists_only_its_tracked_slices_as_neighbours():
