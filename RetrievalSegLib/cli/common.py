@@ -86,8 +86,10 @@ def add_accuracy_options(p: argparse.ArgumentParser) -> None:
                    help="retrieval plus propagation: walk outwards from the start slice(s) (as the extent "
                         "stop does) and give each slice the SAM 2 memories of the N slices segmented before "
                         "it in its walk, as SAM 2 tracks a video (N in 0..6; default 0 = off, every slice "
-                        "alone; 6 = SAM 2's own memory rule). Costs a memory encoding per slice and "
-                        "walks step by step (see README, Propagation)")
+                        "alone; 6 = SAM 2's own memory rule). A start slice that --case has in the bank "
+                        "(a slice you annotated or corrected) keeps its annotation and conditions every "
+                        "slice of its walks, as add_new_mask on that frame of a SAM 2 video. Costs a memory "
+                        "encoding per slice and walks step by step (see README, Propagation)")
 
 
 def _propagate(text: str) -> int:

@@ -439,6 +439,7 @@ class Sam2MemoryEngine:
         frame_idx: int | None = None,
         num_frames: int | None = None,
         encode_memory: bool = False,
+        annotations: Sequence[SupportMemory] | None = None,
     ) -> BatchQueryResult:
         """Segment B slices x L labels in one memory-attention + mask-decoder call: the one query
         path (`query` is a batch of one; B = 1 is the per-slice case the fidelity tests compare
@@ -460,6 +461,12 @@ class Sam2MemoryEngine:
         after the k supports). SAM 2's `_prepare_memory_conditioned_features` then gives them their
         temporal codes and pointer distances. `encode_memory`: also run the memory encoder on the
         predicted masks, as SAM 2 does for a tracked frame (`BatchQueryResult.memories`).
+
+        `annotations[b]`: the memory of a slice of this volume the user annotated (its bank
+        entry's support memory, which is what `add_new_mask` on that frame gives), as one more
+        conditioning frame of slice b's pseudo-video at frame k, after its k supports (temporal code
+        0 like them; object-pointer distance frame_idx - k). The neighbours then sit after it, at
+        frames k+1 and later, and frame_idx defaults to k + 1. Every row has one or none does.
         """
         labels = tuple(labels)
         idx = np.asarray(support_index, dtype=np.int64)
@@ -486,14 +493,18 @@ class Sam2MemoryEngine:
             rows = torch.tensor(items, device=self.device).repeat_interleave(L)
             feats = [f.index_select(1, rows) for f in features.vision_feats]
             pos = [p.index_select(1, rows) for p in features.vision_pos_embeds]
-        frame_idx = k if frame_idx is None else int(frame_idx)
+        A = 0 if annotations is None else 1  # an annotated slice as conditioning frame k
+        if annotations is not None and len(annotations) != B:
+            raise ValueError(f"annotations must give one memory for each of the {B} slices, got {len(annotations)}")
+        frame_idx = k + A if frame_idx is None else int(frame_idx)
         num_frames = frame_idx + 1 if num_frames is None else int(num_frames)
         W = 0 if neighbours is None else len(neighbours[0]) if len(neighbours) else 0
         if neighbours is not None and (len(neighbours) != B or any(len(n) != W for n in neighbours)):
             raise ValueError(f"neighbours must list the same number of memories for each of the {B} slices")
-        if frame_idx - W < k or num_frames <= frame_idx:
-            raise ValueError(f"query frame {frame_idx} with {W} neighbours after {k} supports in a "
-                             f"{num_frames} frame video is not a valid pseudo-video")
+        if frame_idx - W < k + A or num_frames <= frame_idx:
+            raise ValueError(f"query frame {frame_idx} with {W} neighbours after {k} supports"
+                             f"{' and an annotated slice' if A else ''} in a {num_frames} frame video "
+                             "is not a valid pseudo-video")
         pos_enc = self._pos_enc().expand(B * L, -1, -1, -1)
         sel = torch.from_numpy(idx).to(self.device)
         cond = {}
@@ -502,6 +513,13 @@ class Sam2MemoryEngine:
                 "maskmem_features": mem_feats.index_select(0, sel[:, i]).flatten(0, 1),
                 "maskmem_pos_enc": [pos_enc],
                 "obj_ptr": mem_ptrs.index_select(0, sel[:, i]).flatten(0, 1),
+            }
+        if annotations is not None:  # as add_new_mask on frame k: a conditioning frame, t_pos 0
+            ann = [a.select(labels) for a in annotations]
+            cond[k] = {
+                "maskmem_features": torch.cat([a.maskmem_features for a in ann]).to(self.device),
+                "maskmem_pos_enc": [pos_enc],
+                "obj_ptr": torch.cat([a.obj_ptr for a in ann]).to(self.device),
             }
         non_cond = {}
         for w in range(W):  # tracked slices: temporal position from their frame, not 0

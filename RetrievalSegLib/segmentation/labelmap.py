@@ -12,6 +12,10 @@ from ..data.volume import slice_view
 from ..engine.sam2_memory import NO_OBJ_SCORE, QueryResult
 from .results import SliceResult, VolumeSegmentation
 
+#: The logit magnitude SAM 2 gives a frame whose mask was given (`_use_mask_as_output`: out_scale
+#: 20, out_bias -10): an annotated slice's result is written with it.
+ANNOTATION_LOGIT = 10.0
+
 
 def fuse_labels(logits: np.ndarray, label_lut: np.ndarray) -> np.ndarray:
     """[H, W] label map from per-label logits [L, H, W]: the most probable label where its
@@ -79,8 +83,30 @@ class LabelMapAssembler:
 
     def record(self, index: int, retrieved: Sequence[tuple[str, float]], res: QueryResult) -> None:
         """Slice `index` (along the result's axis) is segmented: write it, count it."""
-        result, ax = self.result, self.result.axis
         present = label_presence(res.object_score, self.presence_threshold)
+        self._write(index, retrieved, res, present, slice_confidence(res, self.presence_threshold))
+
+    def record_annotation(self, index: int, masks: np.ndarray, entry_id: str) -> None:
+        """Slice `index` is one the user annotated (bank entry `entry_id`, `masks` [L, H, W] bool in
+        label order): the annotation is its result, not a prediction. Written as SAM 2 outputs a
+        frame given a mask (`_use_mask_as_output`): logits +-ANNOTATION_LOGIT, object score
+        +ANNOTATION_LOGIT where the label is drawn (else -ANNOTATION_LOGIT), IoU 1; present = drawn,
+        whatever the presence threshold; confidence 1."""
+        masks = np.asarray(masks, dtype=bool)
+        drawn = masks.reshape(len(masks), -1).any(axis=1)
+        res = QueryResult(
+            tuple(self.labels),
+            np.where(masks, np.float32(ANNOTATION_LOGIT), np.float32(-ANNOTATION_LOGIT)),
+            np.ones(len(masks), dtype=np.float32),
+            np.where(drawn, np.float32(ANNOTATION_LOGIT), np.float32(-ANNOTATION_LOGIT)),
+        )
+        self._write(index, [], res, [bool(d) for d in drawn], 1.0)
+        sr = self.result.slices[index]
+        sr.source, sr.annotation_entry, sr.neighbours = "annotation", str(entry_id), []
+
+    def _write(self, index: int, retrieved: Sequence[tuple[str, float]], res: QueryResult, present: list[bool],
+               conf: float) -> None:
+        result, ax = self.result, self.result.axis
         # An absent label's mask is empty on this slice: its logits are set to SAM 2's own
         # "no object" value, as the decoder does itself where the score is <= 0.
         logits = res.logits if all(present) else np.where(
@@ -93,7 +119,6 @@ class LabelMapAssembler:
             prob = 1.0 / (1.0 + np.exp(-np.clip(logits.astype(np.float32), -80.0, 80.0)))
             for li in range(len(self.labels)):
                 slice_view(result.probabilities[li], ax, index)[...] = prob[li]
-        conf = slice_confidence(res, self.presence_threshold)
         result.confidence[index] = conf
         result.slices[index] = SliceResult(
             index,

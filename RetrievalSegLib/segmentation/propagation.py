@@ -21,6 +21,13 @@ its walk becomes a non-conditioning memory of the next ones, as a tracked frame 
   of a video as long as the longer one, which changes nothing once k + length >= 16).
 * A walk ends at the range edge, at a slice another walk has segmented, or by the extent stop
   (after `extent_stop` consecutive slices with every label absent; 0 = never).
+* A start slice the user annotated in this volume (`annotated`: its bank entry's support memory,
+  which is what `add_new_mask` on that frame gives) is not queried: its annotation is its result,
+  and it is a *conditioning* frame (frame k, temporal code 0, after the k supports) of every slice
+  of its two walks, as in the video [supports, annotated slice, walk...] with add_new_mask on
+  frames 0..k. It is not one of the walk's non-conditioning memories, so the walk's slices at
+  frames k+1 .. have the last min(j - 1, window) of them (SAM 2 finds frame k among the
+  conditioning frames; its pointer distance is frame_idx - k).
 
 Walks advance in lock step: step j segments the next slice of every active walk, batched across
 walks and labels (the image encoder on the step's slices in one call, memory attention + decoder on
@@ -28,16 +35,18 @@ walks and labels (the image encoder on the step's slices in one call, memory att
 
 With the same k supports for every slice (`FixedSupports`, the test hook) one walk equals the
 official `SAM2VideoPredictor` on the video [supports with add_new_mask, then the walk's slices]
-propagated from frame k (Testing/segmentation/test_propagation.py).
+propagated from frame k, and one walk from an annotated start equals it on [supports, annotated
+slice, walk...] with add_new_mask on frames 0..k (Testing/segmentation/test_propagation.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..engine.sam2_memory import QueryResult, SliceMemory, SupportMemory, autocast
+from .queries import BatchSizer, _out_of_memory
 
 #: The largest N: SAM 2's num_maskmem - 1 (the non-conditioning memories it attends to).
 MAX_PROPAGATE = 6
@@ -81,6 +90,7 @@ class Walk:
     memories: list[SliceMemory] = field(default_factory=list)
     streak: int = 0  # consecutive slices with every label absent
     active: bool = True
+    annotation: SupportMemory | None = None  # the start slice's annotation: conditioning frame k
 
 
 @dataclass
@@ -91,6 +101,12 @@ class Step:
     j: int
     walks: list[Walk]
     neighbours: list[int]  # slices whose memories are in its pseudo-video, oldest first
+
+    @property
+    def annotation(self) -> int | None:
+        """The annotated start slice whose annotation is a conditioning frame of this slice (the
+        slice itself at j = 0: it is not queried), else None."""
+        return self.walks[0].start if self.walks[0].annotation is not None else None
 
 
 def plan_walks(starts: Sequence[int], slice_range: tuple[int, int], k: int) -> list[Walk]:
@@ -120,71 +136,148 @@ def next_steps(walks: list[Walk], j: int, slice_range: tuple[int, int], done: se
         if i in steps:  # two walks meet on a slice at the same step: the first one takes it
             w.active = False
             continue
-        n = min(j, window)
+        # an annotated start is a conditioning frame, not one of the walk's tracked slices
+        n = min(j - (w.annotation is not None), window)
         steps[i] = Step(i, j, [w], w.slices[len(w.slices) - n:] if n else [])
     return [steps[i] for i in sorted(steps)]
 
 
 def propagate(sam, images: Sequence[np.ndarray], first: int, hits, memories, starts: Sequence[int],
-              slice_range: tuple[int, int], n: int, k: int, batch_size: int, precision: str,
+              slice_range: tuple[int, int], n: int, k: int, batch_size: int | BatchSizer, precision: str,
               support_order: str, extent_stop: int, present: Callable[[QueryResult], bool],
               record: Callable[[int, QueryResult, list[int]], None], cancelled: Callable[[], bool],
-              after_first_step: Callable[[int, float], None] | None = None) -> set[int]:
+              after_first_step: Callable[[int, float], None] | None = None,
+              annotated: Mapping[int, SupportMemory] | None = None) -> set[int]:
     """Walk and segment (see the module docstring); returns the slices segmented.
 
     `images[i - first]` and `hits[i - first]` are slice i's uint8 image and retrieved supports;
     `record(i, result, neighbour slices)` is called once per segmented slice in walk order.
+    `annotated[s]`: the annotation memory (restricted to `memories.labels`, on the device) of a
+    start slice s the user annotated; record then gets `annotation=s` for every slice of its walks,
+    and `record(s, None, [], annotation=s)` for s itself (not queried: the annotation is its result).
+    `batch_size`: slices per memory-attention call, a number or the run's `queries.BatchSizer`; an
+    out-of-memory error halves it (or the image encoder's group) and retries, as `query_slices` does.
     """
     import time
 
+    sizer = batch_size if isinstance(batch_size, BatchSizer) else BatchSizer(int(batch_size), sam.device)
     window = memory_window(n)
     walks = plan_walks(starts, slice_range, k)
+    for w in walks:
+        w.annotation = (annotated or {}).get(w.start)
     done: set[int] = set()
     ctx = autocast(precision, sam.device)
     j = 0
+    timed = False  # after_first_step called (an annotated start slice alone takes no time)
     while any(w.active for w in walks) and not cancelled():
         tb = time.perf_counter()
         steps = next_steps(walks, j, slice_range, done, window)
         if not steps:
             break
-        with ctx:
-            feats = sam.encode_batch([images[s.slice - first] for s in steps])
-        # one pseudo-video layout per call: frame k + j, the walk's num_frames
-        groups: dict[int, list[int]] = {}
-        for b, s in enumerate(steps):
-            groups.setdefault(s.walks[0].num_frames, []).append(b)
-        results: dict[int, tuple[QueryResult, SliceMemory]] = {}
-        for num_frames, rows in groups.items():
-            for r0 in range(0, len(rows), batch_size):
-                if cancelled():
-                    return done
-                sub = rows[r0:r0 + batch_size]
-                mems, index = memories.for_slices([hits[steps[b].slice - first] for b in sub])
-                neighbours = None
-                if j > 0 and window > 0:
-                    nb = min(j, window)
-                    neighbours = [steps[b].walks[0].memories[-nb:] for b in sub]
-                with ctx:
-                    out = sam.query_batch(feats, mems, index, memories.labels, items=sub,
-                                          support_order=support_order, neighbours=neighbours,
-                                          frame_idx=k + j, num_frames=num_frames, encode_memory=True)
-                for b, res, mem in zip(sub, out.to_numpy(), out.memories):
-                    results[b] = (res, mem)
+        # an annotated start slice is not queried (its annotation is its result)
+        queried = [b for b, s in enumerate(steps) if not (s.j == 0 and s.annotation is not None)]
+        results = _query_step(sam, images, first, hits, memories, steps, queried, k, j, sizer, ctx, support_order,
+                              cancelled)
+        if results is None:
+            return done
         if cancelled():
             return done
         for b, s in enumerate(steps):
-            res, mem = results[b]
-            record(s.slice, res, s.neighbours)
-            done.add(s.slice)
-            found = present(res)
+            if b not in results:  # the annotated start slice: a conditioning frame, not a memory
+                record(s.slice, None, [], annotation=s.slice)
+                done.add(s.slice)
+                found = any(s.walks[0].annotation.present)
+                mem = None
+            else:
+                res, mem = results[b]
+                if s.annotation is None:
+                    record(s.slice, res, s.neighbours)
+                else:
+                    record(s.slice, res, s.neighbours, annotation=s.annotation)
+                done.add(s.slice)
+                found = present(res)
             for w in s.walks:
                 w.slices.append(s.slice)
-                w.memories.append(mem)
-                del w.memories[:-window]  # keep only what later slices can use
+                if mem is not None:
+                    w.memories.append(mem)
+                    del w.memories[:-window]  # keep only what later slices can use
                 w.streak = 0 if found else w.streak + 1
                 if extent_stop and w.streak >= extent_stop:
                     w.active = False
-        if j == 0 and after_first_step is not None:
-            after_first_step(len(steps), time.perf_counter() - tb)
+        if not timed and queried and after_first_step is not None:  # the first step that ran SAM 2
+            after_first_step(len(queried), time.perf_counter() - tb)
+            timed = True
         j += 1
     return done
+
+
+def _query_step(sam, images, first: int, hits, memories, steps: list[Step], queried: list[int], k: int, j: int,
+                sizer: BatchSizer, ctx, support_order: str,
+                cancelled: Callable[[], bool]) -> dict[int, tuple[QueryResult, SliceMemory]] | None:
+    """SAM 2 on the queried slices of walk step j (`steps[b]` for b in `queried`): {b: (result, its
+    memory)}, or None once cancelled. The image encoder on all of them at once (or in groups of
+    `sizer.encoder_size`), memory attention + decoder on `sizer.size` rows per call; an
+    out-of-memory error frees what it can, halves that size and retries the same slices (the same
+    output); one slice that does not fit raises `queries.OutOfDeviceMemory`."""
+    from ..engine.device import is_out_of_memory, release_memory
+
+    n_labels = len(memories.labels)
+    results: dict[int, tuple[QueryResult, SliceMemory]] = {}
+    todo = list(queried)
+    while todo:
+        chunk = todo[: sizer.encoder_size or len(todo)]
+        feats = None  # the previous group's features are freed before this group is encoded
+        try:
+            with ctx:
+                feats = sam.encode_batch([images[steps[b].slice - first] for b in chunk])
+        except Exception as e:  # noqa: BLE001 - only out of memory is retried; anything else goes on
+            if not is_out_of_memory(e):
+                raise
+            feats = None
+        if feats is None:
+            release_memory(sam.device)
+            if len(chunk) == 1:
+                raise _out_of_memory(sam, "image encoder", k, n_labels) from None
+            sizer.halve("image encoder", len(chunk))
+            continue
+        feat_row = {b: r for r, b in enumerate(chunk)}
+        # one pseudo-video layout per call: frame k + j, the walk's num_frames, with or without an
+        # annotated slice at frame k
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for b in chunk:
+            s = steps[b]
+            groups.setdefault((s.walks[0].num_frames, s.annotation is not None), []).append(b)
+        for (num_frames, with_annotation), rows in groups.items():
+            r0 = 0
+            while r0 < len(rows):
+                if cancelled():
+                    return None
+                sub = rows[r0:r0 + sizer.size]
+                mems, index = memories.for_slices([hits[steps[b].slice - first] for b in sub])
+                neighbours = None
+                nb = len(steps[sub[0]].neighbours)  # the same for every row of a group
+                if nb:
+                    neighbours = [steps[b].walks[0].memories[len(steps[b].walks[0].memories) - nb:] for b in sub]
+                annotations = [steps[b].walks[0].annotation for b in sub] if with_annotation else None
+                try:
+                    with ctx:
+                        out = sizer.measure(len(sub), lambda: sam.query_batch(
+                            feats, mems, index, memories.labels, items=[feat_row[b] for b in sub],
+                            support_order=support_order, neighbours=neighbours, frame_idx=k + j,
+                            num_frames=num_frames, encode_memory=True, annotations=annotations))
+                except Exception as e:  # noqa: BLE001 - as above
+                    if not is_out_of_memory(e):
+                        raise
+                    out = None
+                if out is None:
+                    del mems, neighbours, annotations
+                    release_memory(sam.device)
+                    if len(sub) == 1:
+                        raise _out_of_memory(sam, "memory attention", k, n_labels) from None
+                    sizer.halve("memory attention", len(sub))
+                    continue
+                for b, res, mem in zip(sub, out.to_numpy(), out.memories):
+                    results[b] = (res, mem)
+                r0 += len(sub)
+        todo = todo[len(chunk):]
+    return results

@@ -8,7 +8,8 @@ The sidecar is strict JSON (no NaN: undefined numbers are null) and holds
 
 - `format`: "rseg-prediction", `format_version`: 1;
 - `provenance`: rseg version, the models' identities, `random_weights`, precision, batch size,
-  image size, k, `support_order`, `propagate` (N) and `propagation_start_slices`, the bank's id,
+  image size, k, `support_order`, `propagate` (N), `propagation_start_slices` and
+  `propagation_annotated_slices`, the bank's id,
   revision and path, labels, axis, slice range, time; the intensity
   `window` [low, high] the slices were windowed with, the `annotated_slices` of this case in the
   bank along the axis, and the `working_dir` relative paths (image, bank) are relative to (what
@@ -18,7 +19,10 @@ The sidecar is strict JSON (no NaN: undefined numbers are null) and holds
   label value, `present` per label value (true: object score > the presence threshold, recorded
   in the provenance as `presence_threshold`; false: the label is absent and its mask on the slice
   is empty), the `retrieved` supports as [entry id, score], and with propagation the
-  `neighbours`: the slices whose memories its pseudo-video held, oldest first; with the support
+  `neighbours`: the slices whose memories its pseudo-video held, oldest first (a start slice this
+  volume has an annotation of in the bank: `source` "annotation" and its `annotation_entry`, its
+  annotation is the result; the slices of its walks: `annotated_slice`, the slice whose annotation
+  was a conditioning frame of their pseudo-video; provenance `propagation_annotated_slices`); with the support
   filter `foreground` (provenance `support_filter`) also `supports_per_label` (each label's own k
   supports) and `filter_fallback` (labels with fewer than k retrieved slices containing them,
   conditioned on `retrieved` instead). The provenance names the `retrieval_feature` (also part of
@@ -133,6 +137,10 @@ def segmentation_provenance(seg, engine, bank, *, k: int, extra: dict | None = N
         "propagate": int(getattr(seg, "propagate", 0)),
         "propagation_start_slices": ([int(i) for i in seg.start_slices]
                                      if getattr(seg, "propagate", 0) else None),
+        # the start slices that kept this volume's annotation and conditioned their walks on it
+        "propagation_annotated_slices": ([int(i) for i, r in sorted(seg.slices.items())
+                                          if getattr(r, "source", None) == "annotation"]
+                                         if getattr(seg, "propagate", 0) else None),
         "support_filter": str(getattr(seg, "support_filter", "all")),
         # the revision retrieval used (read when the segmentation began), not the bank's now
         "bank": {"path": str(bank.path), "bank_id": bank.bank_id,
@@ -176,6 +184,11 @@ def slice_records(seg, slice_range: tuple[int, int] | None = None) -> list[dict]
             })
             if getattr(r, "neighbours", None) is not None:  # propagation: slices used as memory
                 records[-1]["neighbours"] = [int(x) for x in r.neighbours]
+            if getattr(r, "source", None) is not None:  # an annotated start slice: not predicted
+                records[-1]["source"] = str(r.source)
+                records[-1]["annotation_entry"] = str(r.annotation_entry)
+            if getattr(r, "annotated_slice", None) is not None:  # conditioned on that slice's annotation
+                records[-1]["annotated_slice"] = int(r.annotated_slice)
             per_label = getattr(r, "supports_per_label", None)
             if per_label is not None:  # support filter `foreground`
                 records[-1]["supports_per_label"] = {

@@ -21,6 +21,12 @@ class SliceResult:
     confidence: float
     present: dict[int, bool] = field(default_factory=dict)
     neighbours: list[int] | None = None  # propagation: slices whose memories it used (oldest first)
+    # propagation from a slice the user annotated in this volume: on that slice `source` is
+    # "annotation" (its annotation is the result, from bank entry `annotation_entry`, not queried);
+    # on the slices of its walks `annotated_slice` names it (a conditioning frame of their pseudo-video)
+    source: str | None = None
+    annotation_entry: str | None = None
+    annotated_slice: int | None = None
     # support filter `foreground`: each label's own k supports, and the labels that fell back to
     # `retrieved` (fewer than k retrieved slices contain them); None / [] with the filter `all`
     supports_per_label: dict[int, list[tuple[str, float]]] | None = None

@@ -54,7 +54,7 @@ from .propagation import check_propagate, propagate as propagate_walks
 from .queries import (BatchSizer, Retrieval, SupportMemories, auto_batch_size, check_support_filter, query_slices,
                       retrieve)
 from .results import TimeEstimate, VolumeSegmentation
-from .slices import SlicePlan, annotated_slices, plan_slices, slices_to_uint8, start_slices
+from .slices import SlicePlan, annotated_slices, annotation_entries, plan_slices, slices_to_uint8, start_slices
 
 CASE_POLICIES = ("ignore", "exclude", "prefer")
 
@@ -131,7 +131,11 @@ def segment_volume(
     propagate: N in 0..6 (default 0, off): walk out from the start slices (chosen as for the
     extent stop, which applies if extent_stop > 0) and give each slice the memories of the slices
     segmented before it in its walk, as SAM 2 tracks a video (`propagation.py`); each slice's
-    `SliceResult.neighbours` lists them.
+    `SliceResult.neighbours` lists them. A start slice this volume has an annotation of (a bank
+    entry of `case_id` along the axis) keeps it as its result (`SliceResult.source` "annotation")
+    and is a conditioning frame of every slice of its walks (`SliceResult.annotated_slice`), as
+    add_new_mask on that frame of a SAM 2 video; not with case_policy 'exclude', under which this
+    volume's entries are never used (it is still a start slice, predicted as any other).
     support_filter: 'all' (default) conditions every label on the slice's top k; 'foreground'
     conditions each label on the top k retrieved slices that contain it (searching deeper than k),
     falling back to the top k for a label with fewer such slices in the bank (recorded per slice:
@@ -224,8 +228,12 @@ def segment_volume(
         result.start_slices, result.start_reason = start_slices(
             start_slice, bank, case_id, plan.axis, plan.start, plan.stop, slice_range is not None, found.hits)
         result.extent_stop = int(extent_stop)
-        _walk_propagating(plan, found, out, memories, engine.sam, images, k, batch_size, prec, support_order,
-                          propagate, int(extent_stop), presence_threshold, cancelled, report_estimate)
+        # the volume's own annotations, unless its entries are excluded (`rseg evaluate`: a case's
+        # own slices must never help segment it)
+        annotated = annotation_entries(bank, case_id, plan.axis) if case_policy != "exclude" else {}
+        _walk_propagating(plan, found, out, memories, engine.sam, images, k, sizer, prec, support_order,
+                          propagate, int(extent_stop), presence_threshold, cancelled, report_estimate,
+                          bank, annotated, log)
     elif not extent_stop:
         _walk_every_slice(plan, found, out, compute, cancelled, encoder_batch, report_estimate)
     else:
@@ -270,14 +278,36 @@ def _walk_every_slice(plan: SlicePlan, found: Retrieval, out: LabelMapAssembler,
 
 
 def _walk_propagating(plan: SlicePlan, found: Retrieval, out: LabelMapAssembler, memories, sam, images, k: int,
-                      batch_size: int, prec: str, support_order: str, n: int, extent_stop: int,
-                      presence_threshold: float, cancelled, report_estimate) -> None:
-    """Outwards from the start slices, each slice with its walk's previous slices as memory."""
+                      batch_size: int | BatchSizer, prec: str, support_order: str, n: int, extent_stop: int,
+                      presence_threshold: float, cancelled, report_estimate, bank=None,
+                      annotated: dict[int, str] | None = None, log=None) -> None:
+    """Outwards from the start slices, each slice with its walk's previous slices as memory; a start
+    slice this volume has an annotation of (`annotated`: slice -> bank entry) keeps it as its
+    result and is a conditioning frame of its walks (`propagation.py`)."""
     result, start = out.result, plan.start
+    conditioning, masks = {}, {}
+    for s in result.start_slices:
+        eid = (annotated or {}).get(s)
+        if eid is None:
+            continue
+        shape = tuple(images[s - start].shape[:2])
+        data = bank.load_entry(eid)
+        if tuple(data.image.shape[:2]) != shape:  # not this volume's slice after all: predicted instead
+            if log is not None:
+                log(f"bank entry {eid} of slice {s} is {data.image.shape[:2]}, the slice is {shape}: "
+                    "predicted, not taken as the annotation")
+            continue
+        conditioning[s] = memories.on_device(eid)
+        masks[s] = (eid, np.stack([np.asarray(data.masks.get(lab, np.zeros(shape, bool)), dtype=bool)
+                                   for lab in plan.labels]))
 
-    def record(i: int, res, neighbours: list[int]) -> None:
+    def record(i: int, res, neighbours: list[int], annotation: int | None = None) -> None:
+        if res is None:  # an annotated start slice: its annotation, not a prediction
+            out.record_annotation(i, masks[i][1], masks[i][0])
+            return
         out.record(i, found.hits[i - start], res)
         result.slices[i].neighbours = [int(x) for x in neighbours]
+        result.slices[i].annotated_slice = annotation
 
     def first_step(n_slices: int, seconds: float) -> None:
         report_estimate(n_slices, seconds, plan.stop - plan.start - out.done)
@@ -285,7 +315,8 @@ def _walk_propagating(plan: SlicePlan, found: Retrieval, out: LabelMapAssembler,
     done = propagate_walks(
         sam, images, start, found.supports(), memories, result.start_slices, (plan.start, plan.stop), n, k,
         batch_size, prec, support_order, extent_stop,
-        lambda res: any(label_presence(res.object_score, presence_threshold)), record, cancelled, first_step)
+        lambda res: any(label_presence(res.object_score, presence_threshold)), record, cancelled, first_step,
+        annotated=conditioning)
     if not result.cancelled:
         result.beyond_extent = set(range(plan.start, plan.stop)) - done
         if out.progress is not None:

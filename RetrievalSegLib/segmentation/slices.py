@@ -134,6 +134,18 @@ def start_slices(start_slice, bank, case_id, axis: int, start: int, stop: int, u
     return [start + int(np.argmax(top1))], "most similar to the bank"  # first of equals
 
 
+def annotation_entries(bank, case_id: str | None, axis: int) -> dict[int, str]:
+    """Slice index -> id of the bank entry holding this volume's annotation of it (usable entries of
+    `case_id` along `axis`; the bank keeps one active entry per slice: the newest)."""
+    if case_id is None:
+        return {}
+    return {
+        int(e.index): str(e.id) for e in bank.entries()
+        if getattr(e, "case_id", None) == case_id and getattr(e, "axis", None) == axis
+        and getattr(e, "index", None) is not None and getattr(e, "usable", True)
+    }
+
+
 def annotated_slices(bank, case_id: str | None, axis: int) -> list[int]:
     """Slices along `axis` of the volume `case_id` that the bank holds as annotated (its active entries)."""
     if case_id is None:

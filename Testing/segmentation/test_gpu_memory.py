@@ -280,3 +280,42 @@ def test_time_estimate_shows_the_batch_and_the_peak_gpu_memory():
     assert e.to_json()["peak_memory_bytes"] == 3 * 2**30
     cpu = TimeEstimate(4, 4.0, 4, 4, False, "cpu", 256, "fp32", 1)
     assert "peak GPU memory" not in cpu.describe() and cpu.to_json()["peak_memory_bytes"] is None
+
+
+# ----------------------------------------------------------------------------- propagation's walk (issue 27)
+@pytest.fixture(scope="module")
+def propagation_reference(bank, engine, study):
+    """The uninterrupted propagation run: start slices 1 and 4, so each walk step holds two slices."""
+    return segment_volume(study[1].image, bank, engine, **PROPAGATION_RUN)
+
+
+PROPAGATION_RUN = dict(k=2, batch_size=4, slice_range=RANGE, propagate=2, start_slice=[1, 4])
+
+
+@pytest.mark.parametrize("where", ["attention", "encoder"])
+def test_out_of_memory_in_a_propagation_walk_halves_and_gives_the_same_label_map(
+        bank, engine, study, propagation_reference, oom, where):
+    """`--propagate`: an out-of-memory error in the memory attention (or the image encoder) on a
+    walk step's two slices halves that call and retries, as the other paths do, and the label map
+    is the uninterrupted run's."""
+    ref = propagation_reference
+    hook = oom(1, where=(where,))
+    lines: list[str] = []
+    got = segment_volume(study[1].image, bank, engine, log=lines.append, **PROPAGATION_RUN)
+    # step 0 (slices 1 and 4) fails once; then one slice per call for the rest of the run
+    assert hook.raised == [(where, 2)]
+    assert sorted({n for w, n in hook.calls if w == where}) == [1, 2]
+    np.testing.assert_array_equal(got.labelmap.array, ref.labelmap.array)
+    assert ref.labelmap.array.any() and sorted(got.slices) == sorted(ref.slices) == [1, 2, 3, 4]
+    assert {i: got.slices[i].neighbours for i in got.slices} == {i: ref.slices[i].neighbours for i in ref.slices}
+    sizing = got.batch_sizing
+    assert sizing["out_of_memory_halvings"] == 1
+    assert (sizing["encoder_size"] if where == "encoder" else sizing["end"]) == 1
+    assert sum("out of memory" in line for line in lines) == 1
+
+
+def test_out_of_memory_with_one_slice_in_a_propagation_walk_says_what_to_try(bank, engine, study, oom):
+    oom(0, where=("attention",))
+    with pytest.raises(OutOfDeviceMemory, match="memory attention with one slice per call"):
+        segment_volume(study[1].image, bank, engine, k=2, batch_size=4, slice_range=RANGE, propagate=2,
+                       start_slice=2)
