@@ -155,3 +155,153 @@ def segment_remote(args: argparse.Namespace, image: Any, out: Path, window: Any,
         for p in written + sidecars:
             print(f"wrote {p}")
     return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------- segment-cohort
+#: segment-cohort options that name this computer's processes, files or caches: usage errors with --worker.
+COHORT_LOCAL_ONLY = (("--ray", "ray"), ("--workers", "workers"), ("--threads", "threads"),
+                     ("--cache-dir", "cache_dir"), ("--cache-gb", "cache_gb"))
+
+
+def cohort_remote_client(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(SshTarget, WorkerClient) of `segment-cohort --worker`; usage errors before anything connects."""
+    from ..worker.client import WorkerClient
+
+    target = remote_target(args)
+    local_only = [flag for flag, dest in COHORT_LOCAL_ONLY if getattr(args, dest, None) is not None]
+    if local_only:
+        raise _UsageError(f"{', '.join(local_only)} cannot be used with --worker: the volumes go one after the other "
+                          f"to the one worker on {target.host}, which keeps its own memory cache")
+    return target, WorkerClient(target=target)
+
+
+def cohort_remote_bank(client: Any, args: argparse.Namespace) -> Any:
+    """The bank at --bank on the worker's host, as the worker describes it (a RemoteBank)."""
+    from ..worker.remote import RemoteBank
+
+    state = client.run("bank_info", {"settings": _settings(args).to_json(), "bank": str(args.bank)}, timeout=600)
+    return RemoteBank(state, client.where)
+
+
+def cohort_remote_identity(client: Any, args: argparse.Namespace, settings: Any) -> dict:
+    """What a sidecar must say for an output to count as done (`expected_provenance`), with the
+    models' identities and the precision as the worker resolves them on its device (loads them)."""
+    import types
+
+    from ..cohort.volume_job import expected_provenance
+
+    loaded = client.run("load", {"settings": _settings(args).to_json(), "precision": args.precision}, timeout=3600)
+    engine = types.SimpleNamespace(sam2_identity=loaded["sam2_identity"], dinov2_identity=loaded["dinov2_identity"],
+                                   random_weights=loaded["random_weights"],
+                                   sam=types.SimpleNamespace(image_size=loaded["image_size"]))
+    return expected_provenance(engine, settings, loaded["precision"])
+
+
+def run_cohort_remote(client: Any, args: argparse.Namespace, volumes: Any, settings: Any, expected: dict,
+                      on_event: Any) -> list[dict]:
+    """Every volume's job on the worker, one after the other; outputs written here (atomic, resumable).
+
+    Ctrl-C cancels the job in flight and raises CohortInterrupted with every volume's result."""
+    from ..cohort.run import CohortInterrupted, interrupted_result
+
+    out = Path(settings.out_dir)
+    results: list[dict] = []
+    for n, vol in enumerate(volumes):
+        try:
+            result = _cohort_volume_remote(client, args, vol, settings, expected, on_event)
+        except KeyboardInterrupt:
+            if client.job is not None and client.job.running:
+                client.job.cancel()
+                client.job.wait(client.cancel_grace_s + 5)
+            raise CohortInterrupted([*results, interrupted_result(vol, out, True),
+                                     *(interrupted_result(v, out, False) for v in volumes[n + 1:])]) from None
+        results.append(result)
+        on_event("result", result)
+    return results
+
+
+def _cohort_volume_remote(client: Any, args: argparse.Namespace, vol: Any, settings: Any, expected: dict,
+                          on_event: Any) -> dict:
+    """`cohort.volume_job.segment_one` with the models on the worker: resume, record, job, write."""
+    import time
+
+    from ..bank.format import LabelInfo
+    from ..cohort.volume_job import _write_label_map, resume_reason, write_record
+    from ..data.fileio import file_sha256
+    from ..data.volume import num_slices, parse_axis, read_volume, through_plane_axis
+    from ..segmentation.postprocess import label_statistics
+    from ..segmentation.provenance import sidecar_path, write_sidecar
+    from ..segmentation.results import VolumeSegmentation
+    from ..worker import protocol as wp
+    from ..worker.client import volume_spec
+
+    out_dir, opts = Path(settings.out_dir), settings.options
+    t0 = time.perf_counter()
+    base = {"case_id": vol.case_id, "image": vol.image, "output": str(out_dir / vol.output_name)}
+    try:
+        reason = resume_reason(out_dir, vol, expected)
+        if reason is None:
+            return {**base, "status": "skipped", "seconds": 0.0, "message": "done earlier with the same settings"}
+        write_record(out_dir, vol, "running", slices_done=0, slices_total=None, redo_reason=reason)
+        image = read_volume(vol.image)
+        axis = parse_axis(opts.get("axis"))
+        axis = through_plane_axis(image.spacing) if axis is None else axis
+        a, b = opts["slices"] if opts.get("slices") else (0, num_slices(image.array, axis))
+        folder = client.new_job_folder()
+        params = {
+            "settings": _settings(args).to_json(), "bank": settings.bank, "volume": volume_spec(folder, "volume", image),
+            "runs": [[int(a), int(b)]], "axis": axis, "k": int(opts["k"]), "labels": opts.get("labels"),
+            "case_id": vol.case_id, "case_policy": opts.get("case_policy", "ignore"), "window": opts.get("window"),
+            "precision": opts.get("precision", "auto"), "batch_size": opts.get("batch_size"),
+            "extent_stop": int(opts.get("extent_stop", 0)), "presence_threshold": float(opts.get("presence_threshold", 0.0)),
+            "start_slice": None, "provenance": True, "support_order": opts.get("support_order") or "nearest",
+            "propagate": int(opts.get("propagate") or 0), "support_filter": opts.get("support_filter") or "all",
+        }
+        arrays: dict[str, Any] = {}
+        job = client.submit("segment", params, folder, on_result=lambda r, f: arrays.update(
+            labelmap=wp.load_array(f, r["labelmap"])) or r)
+        while job.running:
+            for event in job.wait(0.2):
+                if event.kind == "progress":
+                    write_record(out_dir, vol, "running", slices_done=int(event.done), slices_total=int(event.total),
+                                 redo_reason=reason)
+                    on_event("progress", {"case_id": vol.case_id, "done": event.done, "total": event.total})
+        if job.outcome != "finished":
+            raise RuntimeError(f"the worker on {client.where} did not finish: {job.error}")
+        result = job.result
+        prov_bank = result["provenance"]["bank"]
+        if (prov_bank["bank_id"], int(prov_bank["revision"])) != (settings.bank_id, int(settings.bank_revision)):
+            raise RuntimeError(f"the support bank {settings.bank} on {client.where} changed during the cohort run "
+                               f"(now id {prov_bank['bank_id']} revision {prov_bank['revision']}); run again")
+        labelmap = arrays["labelmap"]
+        if labelmap.shape != image.array.shape:
+            raise RuntimeError(f"the worker returned a label map of shape {labelmap.shape} for an image of shape "
+                               f"{image.array.shape}")
+        labels = [LabelInfo(int(d["value"]), str(d["name"]), tuple(d["color"])) for d in result["labels"]]
+        seg = VolumeSegmentation(labelmap=image.with_array(labelmap), labels=labels, axis=int(result["axis"]))
+        out = out_dir / vol.output_name
+        stale = sidecar_path(out)
+        if stale.is_file() and not stale.is_symlink():
+            stale.unlink()  # an output and a sidecar that both exist always belong together
+        written = _write_label_map(seg, out)
+        extent = result.get("extent") or {}
+        prov = {**result["provenance"], "image": vol.image, "case_id": vol.case_id, "worker": str(client.target),
+                "output_sha256": file_sha256(written), "cohort_options": expected["cohort_options"],
+                "extent": {"stop": int(extent.get("stop") or 0), "start_slices": list(extent.get("start_slices") or []),
+                           "beyond_extent": [int(i) for i in result.get("beyond_extent") or []]}}
+        write_sidecar(written, prov, result["records"])
+        seconds = round(time.perf_counter() - t0, 3)
+        segmented = [int(r["index"]) for r in result["slices"]]
+        write_record(out_dir, vol, "done", seconds=seconds, slices_segmented=len(segmented))
+        return {**base, "status": "segmented", "seconds": seconds, "message": "", "slices_segmented": len(segmented),
+                "slices_beyond_extent": len(result.get("beyond_extent") or []),
+                "statistics": label_statistics(seg.labelmap, seg.labels)}
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # noqa: BLE001 - one bad volume never stops the others
+        message = f"{type(e).__name__}: {e}"
+        try:
+            write_record(out_dir, vol, "failed", message=message)
+        except OSError:
+            pass
+        return {**base, "status": "failed", "seconds": round(time.perf_counter() - t0, 3), "message": message}

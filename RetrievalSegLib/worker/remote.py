@@ -145,6 +145,12 @@ class RemoteBank:
     def reload(self) -> None:
         """Nothing to re-read here: the worker's jobs return the bank's state (`update`)."""
 
+    def check_k(self, k: int, case_id: str | None = None, case_policy: str = "ignore") -> None:
+        """ValueError when the bank lists fewer active entries than k (the worker checks exactly)."""
+        if len(self) < int(k):
+            raise ValueError(f"the support bank {self.describe()} has {len(self)} entries, fewer than k = {k}; "
+                             "add annotated slices or lower --k")
+
     def describe(self) -> str:
         """"/srv/banks/liver on user@gpu-server": the path and the host it is on."""
         return f"{self.path} on {self.where.removeprefix('ssh://')}"

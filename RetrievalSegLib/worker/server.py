@@ -206,9 +206,16 @@ def _slice_json(sr: Any) -> dict[str, Any]:
 
 
 def job_load(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
-    """Load (warm up) the engine of these settings; report the models' identities."""
+    """Load (warm up) the engine of these settings; report the models' identities (and what a
+    cohort's resume compares: the SAM 2 input size, `precision` as resolved on this host's device)."""
+    from ..engine.sam2_memory import resolve_precision
+
     engine = ctx.engine(params["settings"])
-    return {"dinov2_identity": engine.embedder.identity, "sam2_identity": engine.sam.identity}
+    out = {"dinov2_identity": engine.embedder.identity, "sam2_identity": engine.sam.identity,
+           "image_size": int(engine.sam.image_size), "random_weights": bool(engine.random_weights)}
+    if params.get("precision"):
+        out["precision"] = resolve_precision(str(params["precision"]), engine.sam.device)
+    return out
 
 
 def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
