@@ -40,13 +40,11 @@ def remote_target(args: argparse.Namespace) -> Any:
     local_only = [name for name, value in (
         ("--sam2-checkpoint", args.sam2_checkpoint), ("--dinov2-path", args.dinov2_path), ("--compile", args.compile),
         ("--fill-hole-area", args.fill_hole_area), ("--batch", getattr(args, "batch", None)),
-        ("--dinov2-input-size", args.dinov2_input_size != 224), ("--report", getattr(args, "report", False)),
-        ("--statistics", getattr(args, "statistics", False)), ("--keep-largest", getattr(args, "keep_largest", None)),
-        ("--save-probabilities", getattr(args, "save_probabilities", False))) if value]
+        ("--dinov2-input-size", args.dinov2_input_size != 224), ("--report", getattr(args, "report", False)))
+        if value]
     if local_only:
         raise _UsageError(f"{', '.join(local_only)} cannot be used with --worker (the worker host has its own "
-                          "weights: its Hub cache or $RSEG_WEIGHTS_DIR; the label map's statistics, largest "
-                          "component and probability maps are made where the models run, not yet over ssh)")
+                          "weights: its Hub cache or $RSEG_WEIGHTS_DIR)")
     return target
 
 
@@ -85,22 +83,47 @@ def suggest_remote(args: argparse.Namespace, image: Any, window: Any, last: Any)
     return Suggestions.from_json(job.result), job.result.get("dinov2_identity")
 
 
-def segment_remote(args: argparse.Namespace, image: Any, out: Path, window: Any, write_outputs: Any) -> int:
-    """Segment `image` in a worker on --worker's host; write the outputs and sidecars here."""
+def segment_remote(args: argparse.Namespace, image: Any, out: Path, window: Any, write_outputs: Any, *,
+                   check_bank: Any, post_process: Any, probability_paths: Any, write_probabilities: Any) -> int:
+    """Segment `image` in a worker on --worker's host; write the outputs and sidecars here.
+
+    The bank's usage errors (`check_bank`: --labels, --k, --keep-largest, the probability maps'
+    names) are found from the worker's description of it before the models load; --keep-largest and
+    --statistics (`post_process`) are computed here from the label map the worker returns, and the
+    probability maps (--save-probabilities) come back with it."""
+    from ..worker.client import WorkerClient
+    from ..worker.remote import RemoteBank
+
+    target = remote_target(args)
+    client = WorkerClient(target=target)
+    try:
+        try:
+            bank = RemoteBank(client.run("bank_info", {"settings": _settings(args).to_json(), "bank": str(args.bank)},
+                                         timeout=600), client.where)
+        except Exception as e:  # noqa: BLE001 - no connection, no bank there, another version: said, exit 1
+            print(f"rseg segment: error: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        check_bank(bank)  # usage errors (exit 2) before the models load
+        return _segment_remote(args, image, out, window, write_outputs, client, target, post_process,
+                               probability_paths, write_probabilities)
+    finally:
+        client.stop()
+
+
+def _segment_remote(args: argparse.Namespace, image: Any, out: Path, window: Any, write_outputs: Any, client: Any,
+                    target: Any, post_process: Any, probability_paths: Any, write_probabilities: Any) -> int:
     from ..data.volume import num_slices, parse_axis, through_plane_axis
     from ..segmentation.provenance import write_sidecar
     from ..segmentation.results import VolumeSegmentation
     from ..bank.format import LabelInfo
     from ..worker import protocol as wp
-    from ..worker.client import WorkerClient, volume_spec
+    from ..worker.client import volume_spec
 
-    target = remote_target(args)
     axis = parse_axis(args.axis)
     axis = through_plane_axis(image.spacing) if axis is None else axis
     n = num_slices(image.array, axis)
     a, b = args.slices if args.slices else (0, n)
     settings = _settings(args)
-    client = WorkerClient(target=target)
     folder = client.new_job_folder()
     params = {
         "settings": settings.to_json(), "bank": str(args.bank), "volume": volume_spec(folder, "volume", image),
@@ -109,11 +132,18 @@ def segment_remote(args: argparse.Namespace, image: Any, out: Path, window: Any,
         "precision": args.precision, "batch_size": args.batch_size, "extent_stop": int(args.extent_stop),
         "presence_threshold": float(args.presence_threshold), "start_slice": args.start_slice, "provenance": True,
         "support_order": args.support_order, "propagate": int(args.propagate), "support_filter": args.support_filter,
+        "keep_probabilities": bool(args.save_probabilities),
     }
     update, close = _progress_bar(not args.no_progress and not args.json, f"segmenting on {target.host}")
     arrays: dict[str, Any] = {}
-    job = client.submit("segment", params, folder, on_result=lambda r, f: arrays.update(
-        labelmap=wp.load_array(f, r["labelmap"])) or r)
+
+    def received(r: dict[str, Any], f: Path) -> dict[str, Any]:
+        arrays["labelmap"] = wp.load_array(f, r["labelmap"])
+        if r.get("probabilities"):
+            arrays["probabilities"] = wp.load_array(f, r["probabilities"])
+        return r
+
+    job = client.submit("segment", params, folder, on_result=received)
     try:
         while job.running:
             for event in job.wait(0.2):
@@ -122,11 +152,9 @@ def segment_remote(args: argparse.Namespace, image: Any, out: Path, window: Any,
     except KeyboardInterrupt:
         job.cancel()
         job.wait(client.cancel_grace_s + 5)
-        client.stop()
         return EXIT_INTERRUPTED
     finally:
         close()
-    client.stop()
     if job.outcome != "finished":
         print(f"rseg segment: error: the worker on {target} did not finish: {job.error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -138,8 +166,18 @@ def segment_remote(args: argparse.Namespace, image: Any, out: Path, window: Any,
         return EXIT_FAILURE
     labels = [LabelInfo(int(d["value"]), str(d["name"]), tuple(d["color"])) for d in result["labels"]]
     seg = VolumeSegmentation(labelmap=image.with_array(labelmap), labels=labels, axis=int(result["axis"]))
+    probabilities = arrays.get("probabilities")
+    if args.save_probabilities and (probabilities is None or probabilities.shape != (len(labels), *labelmap.shape)):
+        print(f"rseg segment: error: the worker on {target} returned no probability maps of shape "
+              f"{(len(labels), *labelmap.shape)}", file=sys.stderr)
+        return EXIT_FAILURE
+    seg.probabilities = probabilities
+    prob_paths = probability_paths(out, seg.labels) if args.save_probabilities else []
+    extra = post_process(seg, args)  # --keep-largest, then --statistics, here on the returned label map
+    if prob_paths:
+        extra["probabilities"] = [str(p) for p in write_probabilities(seg, prob_paths)]
     written = write_outputs(seg, out, args.seg_nrrd)
-    prov = {**result["provenance"], "image": str(args.image), "worker": str(target), "compile": False}
+    prov = {**result["provenance"], "image": str(args.image), "worker": str(target), "compile": False, **extra}
     sidecars = [write_sidecar(p, prov, result["records"]) for p in written]
     if args.json:
         import json
@@ -147,9 +185,15 @@ def segment_remote(args: argparse.Namespace, image: Any, out: Path, window: Any,
         print(json.dumps({"image": str(args.image), "worker": str(target), "outputs": [str(p) for p in written],
                           "sidecars": [str(p) for p in sidecars], "axis": "ijk"[seg.axis],
                           "seconds": round(float(result["seconds"]), 3), "precision": result["precision"],
-                          "batch_size": result["batch_size"], "random_weights": bool(args.random_weights)}, indent=2))
+                          "batch_size": result["batch_size"], "random_weights": bool(args.random_weights),
+                          **extra}, indent=2))
     else:
         print(f"segmented slices {a}:{b} along {'ijk'[seg.axis]} on {target} in {float(result['seconds']):.3f} s")
+        stats = extra.get("statistics") or {}
+        for name, v in stats.items():
+            print(f"  {name}: {v['voxels']} voxels, {v['volume_ml']:.3f} ml")
+        for v, n in (extra.get("keep_largest") or {}).get("voxels_removed", {}).items():
+            print(f"  --keep-largest: label {v}: {n} voxels outside its largest connected component removed")
         if args.random_weights:
             print("RANDOM WEIGHTS: this output is meaningless (models were not loaded from real weights)")
         for p in written + sidecars:

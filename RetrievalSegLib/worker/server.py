@@ -265,6 +265,7 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
             support_order=params.get("support_order") or "nearest", propagate=int(params.get("propagate") or 0),
             support_filter=params.get("support_filter") or "all",
             log=lambda line: (log.info(line), ctx.status(line)),  # batch size chosen / halved after out of memory
+            keep_probabilities=bool(params.get("keep_probabilities")) and len(runs) == 1,
         )
         if r.cancelled:
             raise JobCancelled("segmentation cancelled")
@@ -290,8 +291,11 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
 
         provenance = {"provenance": segmentation_provenance(r, engine, bank, k=int(params["k"])),
                       "records": slice_records(r, runs[0])}
+    # `rseg segment --save-probabilities --worker` (one run): each label's sigmoid(logit), float32
+    probabilities = {} if r.probabilities is None else {"probabilities": ctx.save("probabilities", r.probabilities)}
     return {
         **provenance,
+        **probabilities,
         "labelmap": ctx.save("labelmap", merged),
         "axis": int(axis),
         "labels": [lab.to_json() for lab in labels],

@@ -29,7 +29,11 @@ from RetrievalSegLib.worker.client import labels_json, volume_spec
 
 FAST = ["--random-weights", "--image-size", "256", "--device", "cpu", "--no-progress"]
 SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)
-REMOTE_PYTHON = f"env RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 {sys.executable}"
+#: The server's Python: this checkout's library (sshd passes no environment: PYTHONPATH and the
+#: offline switches are set here), so the worker runs the code under test (a mutant copy too).
+ROOT = Path(__file__).resolve().parents[2]
+REMOTE_PYTHON = (f"env PYTHONPATH={shlex.quote(str(ROOT))} RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "
+                 f"{sys.executable}")
 
 
 def _manifest(tmp_path: Path, n: int = 2) -> tuple[Path, list]:

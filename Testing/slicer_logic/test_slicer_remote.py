@@ -36,7 +36,9 @@ def remote_python(home: Path) -> str:
     """The server's Python command. sshd passes no environment: the offline switches are set here,
     and HOME, so that `~/bank` names a folder only the server's side finds (a path taken on this
     side by mistake is not found)."""
-    return f"env HOME={home} RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 {sys.executable}"
+    root = Path(__file__).resolve().parents[2]  # this checkout's library: the code under test runs there too
+    return (f"env HOME={shlex.quote(str(home))} PYTHONPATH={shlex.quote(str(root))} RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 "
+            f"TRANSFORMERS_OFFLINE=1 {sys.executable}")
 
 
 @pytest.fixture()
