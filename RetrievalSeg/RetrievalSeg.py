@@ -540,6 +540,7 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 from RetrievalSegLib.worker.remote import SshTarget
 
                 SshTarget.parse(runOn, python)  # a malformed host is refused here, before it is kept
+            self.logic.core._require_idle()  # a running job keeps its worker: refused, nothing kept
             settings.setValue(RUN_ON_SETTING, runOn)
             settings.setValue(REMOTE_PYTHON_SETTING, python)
             self.logic.core.use_client(self.logic.workerClient())
@@ -1294,6 +1295,8 @@ class RetrievalSegTest(ScriptedLoadableModuleTest):
         cases = make_synthetic_study(n_cases=2, shape=(8, 48, 48), spacing=(1.2, 1.0, 5.0), seed=3)
         logic = RetrievalSegLogic()
         core = logic.core
+        if core.remote:  # the self-test checks this computer's install (its bank is a temporary folder here)
+            core.use_client(logic.workerClient(local=True))
         core.settings = module_logic.EngineSettings(device="cpu", image_size=256, random_weights=True)
         # try/finally, not addCleanup: Reload and Test calls runTest() directly, without the
         # unittest runner that would run the cleanups; the worker process must end with the test.

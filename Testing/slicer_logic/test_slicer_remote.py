@@ -5,8 +5,9 @@ In the world the module lives in (Slicer 5.10 stand-ins that refuse what Slicer 
 What is checked:
 * the QSettings *Run on* / *Remote Python* reach the worker client (host, user, port, command);
   an empty one is this computer; a malformed one is refused when typed and, if stored by hand,
-  said in the panel while the models run here;
-* through sshd: the panel opens the bank by its path on the server and says which host's bank it
+  said in the panel while the models run here; a change while a job runs is refused and not kept;
+  the self-test runs on this computer whatever the setting says;
+* through sshd (slow): the panel opens the bank by its path on the server and says which host's bank it
   is; a segmentation through the remote worker lands in the scene exactly as the local worker's;
   a corrected slice added from the panel goes into the server's bank; the supports' thumbnails
   (their images are on the server) are refused with a clear message.
@@ -100,11 +101,36 @@ def test_run_on_typed_in_the_panel_is_kept_and_used_and_a_bad_one_is_refused(mod
         assert widget.logic.core.client.target.host == "10.0.0.7"
 
         gui.errors.clear()
+        widget.logic.core._pending = [object()]  # a finished result not yet written: the logic is busy
+        gui.ui.runOnLineEdit.text = "carol@other-host"
+        gui.ui.runOnLineEdit.emit("editingFinished")
+        assert len(gui.errors) == 1 and "still running" in str(gui.errors[0][1])
+        assert gui.settings[module.RUN_ON_SETTING] == "bob@10.0.0.7"  # refused, and not kept for later
+        widget.logic.core._pending = None
+
+        gui.errors.clear()
         gui.ui.runOnLineEdit.text = ""  # back to this computer
         gui.ui.runOnLineEdit.emit("editingFinished")
         assert gui.errors == [] and widget.logic.core.client.target is None
     finally:
         widget.cleanup()
+
+
+def test_self_test_runs_on_this_computer_whatever_run_on_says(module_world, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Reload and Test checks this computer's install: its bank is a temporary folder here."""
+    module, gui = module_world
+    gui.settings[module.RUN_ON_SETTING] = "nobody@127.0.0.1:1"  # nobody listens: a remote try would say so
+    monkeypatch.setattr(module.RetrievalSegLogic, "missingPackages", staticmethod(lambda: []))
+    # A backbone the worker does not know: the first job fails fast, after the local worker started.
+    monkeypatch.setattr(module.module_logic, "EngineSettings",
+                        lambda **kw: wp.EngineSettings(**{**kw, "sam2_size": "no-such-backbone"}))
+    used = []
+    use = module.module_logic.RetrievalSegLogic.use_client
+    monkeypatch.setattr(module.module_logic.RetrievalSegLogic, "use_client",
+                        lambda self, client: (used.append(client), use(self, client))[1])
+    with pytest.raises(Exception, match="no-such-backbone"):
+        module.RetrievalSegTest().runTest()
+    assert len(used) == 1 and used[0].target is None and used[0].worker_pid is not None
 
 
 def test_a_malformed_stored_setting_is_said_in_the_panel(module_world) -> None:  # type: ignore[no-untyped-def]
@@ -211,6 +237,7 @@ def _segment_in_panel(module, gui, scene, bank_path, case, name):  # type: ignor
     return widget, volume, params.outputSegmentation
 
 
+@pytest.mark.slow  # 30-50 s on 2 shared cores: a local and a remote worker segment, the remote one adds a slice
 def test_panel_through_sshd_segments_as_locally_and_corrections_go_into_the_servers_bank(
         module_world, fresh_scene, sshd, server_bank, worker_client, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     module, gui = module_world
