@@ -540,7 +540,8 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 from RetrievalSegLib.worker.remote import SshTarget
 
                 SshTarget.parse(runOn, python)  # a malformed host is refused here, before it is kept
-            self.logic.core._require_idle()  # a running job keeps its worker: refused, nothing kept
+            if self.logic.core.busy:  # a running job keeps its worker: refused, nothing kept
+                raise RuntimeError(_("RetrievalSeg is still running; wait for it or cancel it first."))
             settings.setValue(RUN_ON_SETTING, runOn)
             settings.setValue(REMOTE_PYTHON_SETTING, python)
             self.logic.core.use_client(self.logic.workerClient())
