@@ -64,6 +64,10 @@ WEIGHTS_FOLDER_SETTING = "RetrievalSeg/WeightsFolder"
 #: QSettings key of the SAM 2 memory cache cap in GB (passed to the worker as RSEG_MEMORY_CACHE_GB
 #: unless that is set already); e.g. `qt.QSettings().setValue("RetrievalSeg/MemoryCacheGB", 8)`.
 MEMORY_CACHE_SETTING = "RetrievalSeg/MemoryCacheGB"
+#: QSettings keys of *Run on* (empty: this computer; `user@host[:port]`: a worker there, over ssh)
+#: and of the Python command on that host (empty: python3). See README, Remote GPU.
+RUN_ON_SETTING = "RetrievalSeg/RunOn"
+REMOTE_PYTHON_SETTING = "RetrievalSeg/RemotePython"
 #: Packages Slicer ships (or that another install must not replace): pinned while installing.
 PINNED_DISTRIBUTIONS = ("numpy", "SimpleITK", "torch", "torchvision")
 
@@ -184,6 +188,8 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.weightsPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
         # ctkPathLineEdit keeps a history only when told to; the folder in use is restored here.
         self.ui.weightsPathLineEdit.currentPath = str(qt.QSettings().value(WEIGHTS_FOLDER_SETTING, "") or "")
+        self.ui.runOnLineEdit.text = str(qt.QSettings().value(RUN_ON_SETTING, "") or "")
+        self.ui.remotePythonLineEdit.text = str(qt.QSettings().value(REMOTE_PYTHON_SETTING, "") or "")
         self.ui.progressBar.hide()
         self.ui.tryLowerResolutionButton.hide()
 
@@ -214,6 +220,8 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.weightsPathLineEdit.connect("currentPathChanged(QString)", self._updateWeightsStatus)
+        self.ui.runOnLineEdit.connect("editingFinished()", self.onRunOnChanged)
+        self.ui.remotePythonLineEdit.connect("editingFinished()", self.onRunOnChanged)
 
         self.initializeParameterNode()
         self._updateBankInfo()
@@ -409,6 +417,10 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateWeightsStatus(self, *args) -> None:
         if not self._parameterNode:
             return
+        if self.logic.core.remote:
+            self.ui.weightsStatusLabel.text = _("On {host}: its own weights (`rseg weights download` there).").format(
+                host=self.logic.core.client.where)
+            return
         try:
             missing = self._engineSettings().missing_downloads()
         except Exception as e:  # e.g. a mistyped RSEG_WEIGHTS_MIRROR: say so here
@@ -441,6 +453,9 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.core.cancel()
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to download the weights."), waitCursor=False):
+            if self.logic.core.remote:
+                raise RuntimeError(_("The models run on {host}: download the weights there, "
+                                     "`rseg weights download` in its RetrievalSeg.").format(host=self.logic.core.client.where))
             if not self._ensureDependencies():
                 return
             self._rememberWeightsDir()
@@ -481,7 +496,10 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return True
 
     def _ensureWeights(self, settings, thenSegment: bool = False) -> bool:
-        """True when the weights are present; otherwise offer to download them (in the background)."""
+        """True when the weights are present; otherwise offer to download them (in the background).
+        With a remote worker they are on its host: its jobs say so if they are missing there."""
+        if self.logic.core.remote:
+            return True
         missing = settings.missing_downloads()
         if not missing:
             return True
@@ -493,22 +511,54 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ bank
     def _updateBankInfo(self) -> None:
-        bank = self.logic.core.bank
+        core = self.logic.core
+        bank = core.bank
+        problem = self.logic.runOnProblem
         if bank is None:
-            self.ui.bankInfoLabel.text = _("No support bank is open.")
+            where = _("No support bank is open.")
+            if core.remote:
+                where += " " + _("Models run on {host}: a bank folder is a path there.").format(host=core.client.where)
+            self.ui.bankInfoLabel.text = (problem + "\n" if problem else "") + where
         else:
             labels = ", ".join(lab.name for lab in bank.labels)
             cases = len({e.case_id for e in bank.entries()})
-            self.ui.bankInfoLabel.text = _(
+            self.ui.bankInfoLabel.text = _("Bank: {location}").format(location=core.bank_location()) + "\n" + _(
                 "{count} annotated slices from {cases} case(s). Labels: {labels}."
             ).format(count=len(bank), cases=cases, labels=labels)
         self._checkCanApply()
+
+    def onRunOnChanged(self) -> None:
+        """*Run on* or *Remote Python* edited: keep them (QSettings) and send the next jobs there."""
+        runOn = self.ui.runOnLineEdit.text.strip()
+        python = self.ui.remotePythonLineEdit.text.strip()
+        settings = qt.QSettings()
+        if (runOn, python) == (str(settings.value(RUN_ON_SETTING, "") or ""),
+                               str(settings.value(REMOTE_PYTHON_SETTING, "") or "")) and not self.logic.runOnProblem:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to change where the models run."), waitCursor=True):
+            if runOn:
+                from RetrievalSegLib.worker.remote import SshTarget
+
+                SshTarget.parse(runOn, python)  # a malformed host is refused here, before it is kept
+            if self.logic.core.busy:  # a running job keeps its worker: refused, nothing kept
+                raise RuntimeError(_("RetrievalSeg is still running; wait for it or cancel it first."))
+            settings.setValue(RUN_ON_SETTING, runOn)
+            settings.setValue(REMOTE_PYTHON_SETTING, python)
+            self.logic.core.use_client(self.logic.workerClient())
+            self.logic.runOnProblem = None
+            self.ui.statusLabel.text = _("Models run on {host}.").format(host=self.logic.core.client.where)
+        self._updateBankInfo()
+        self._updateWeightsStatus()
 
     def onOpenBank(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Failed to open the support bank."), waitCursor=True):
             path = self.ui.bankPathLineEdit.currentPath.strip()
             if not path:
                 raise ValueError(_("Choose the bank folder first."))
+            if self.logic.core.remote:  # the worker on the server opens it: a job, polled
+                self.logic.core.start_open_bank(path)
+                self._onJobStarted(_("Opening the support bank on {host}...").format(host=self.logic.core.client.where))
+                return
             self.logic.core.open_bank(path)
             self.ui.bankPathLineEdit.addCurrentPathToHistory()
         self._updateBankInfo()
@@ -723,6 +773,9 @@ class RetrievalSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif kind == "create_bank":
             self.ui.bankPathLineEdit.addCurrentPathToHistory()
             self.ui.statusLabel.text = _("Support bank created.")
+        elif kind == "bank_info":
+            self.ui.bankPathLineEdit.addCurrentPathToHistory()
+            self.ui.statusLabel.text = _("Support bank opened: {location}.").format(location=self.logic.core.bank_location())
         elif kind in ("add_slices", "add_volume"):
             self.ui.statusLabel.text = _("Added {count} slice(s) to the bank.").format(count=len(event.result))
             if self._resegmentAfterAdd:
@@ -1019,12 +1072,27 @@ class RetrievalSegLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.core = module_logic.RetrievalSegLogic(client=self.workerClient())
+        self.runOnProblem = None  # why the *Run on* setting could not be used (then: this computer)
+        try:
+            client = self.workerClient()
+        except ValueError as e:  # a setting edited by hand: say so in the panel, run here meanwhile
+            self.runOnProblem = _("The Run on setting is not usable ({error}); the models run on this "
+                                  "computer until it is corrected.").format(error=e)
+            logging.error("RetrievalSeg: %s", self.runOnProblem)
+            client = self.workerClient(local=True)
+        self.core = module_logic.RetrievalSegLogic(client=client)
 
     @staticmethod
-    def workerClient():
-        """A client for the worker: Slicer's Python, Slicer's environment, logs in Slicer's temp folder."""
+    def workerClient(local: bool = False):
+        """A client for the worker: Slicer's Python, Slicer's environment, logs in Slicer's temp folder;
+        on the *Run on* host over ssh when that setting names one (ValueError if it is malformed)."""
         from RetrievalSegLib.worker.client import WorkerClient
+        from RetrievalSegLib.worker.remote import SshTarget
+
+        runOn = "" if local else str(qt.QSettings().value(RUN_ON_SETTING, "") or "").strip()
+        target = None
+        if runOn:
+            target = SshTarget.parse(runOn, str(qt.QSettings().value(REMOTE_PYTHON_SETTING, "") or "").strip() or None)
 
         # Inside Slicer sys.executable is the application itself; PythonSlicer is its Python.
         python = shutil.which("PythonSlicer") or sys.executable
@@ -1037,7 +1105,7 @@ class RetrievalSegLogic(ScriptedLoadableModuleLogic):
         if cap and "RSEG_MEMORY_CACHE_GB" not in env:
             env["RSEG_MEMORY_CACHE_GB"] = cap  # the worker's memory caches evict beyond it
         logDir = getattr(getattr(slicer, "app", None), "temporaryPath", None)
-        return WorkerClient(python, env, log_dir=logDir if isinstance(logDir, str) else None)
+        return WorkerClient(python, env, log_dir=logDir if isinstance(logDir, str) else None, target=target)
 
     def getParameterNode(self):
         return RetrievalSegParameterNode(super().getParameterNode())
@@ -1228,6 +1296,8 @@ class RetrievalSegTest(ScriptedLoadableModuleTest):
         cases = make_synthetic_study(n_cases=2, shape=(8, 48, 48), spacing=(1.2, 1.0, 5.0), seed=3)
         logic = RetrievalSegLogic()
         core = logic.core
+        if core.remote:  # the self-test checks this computer's install (its bank is a temporary folder here)
+            core.use_client(logic.workerClient(local=True))
         core.settings = module_logic.EngineSettings(device="cpu", image_size=256, random_weights=True)
         # try/finally, not addCleanup: Reload and Test calls runTest() directly, without the
         # unittest runner that would run the cleanups; the worker process must end with the test.

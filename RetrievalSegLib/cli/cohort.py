@@ -1,6 +1,7 @@
 """`rseg segment-cohort`: segment every volume of a manifest with one bank (resumable, sharded, parallel).
 
-The per-volume work is `cohort.volume_job.segment_one`; where it runs is `cohort.run` (local processes or Ray).
+The per-volume work is `cohort.volume_job.segment_one`; where it runs is `cohort.run` (local processes or Ray),
+or, with `--worker ssh://...`, one worker on another host, volume after volume (`cli.remote`).
 """
 from __future__ import annotations
 
@@ -114,20 +115,24 @@ def add_cohort_parser(sub, models: argparse.ArgumentParser) -> None:
                    help="also write OUT/report/report.html, every volume with a thumbnail (see `rseg report`)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress on stderr")
+    from .remote import add_worker_options
+
+    add_worker_options(p)  # the volumes go one after the other to that host's worker; outputs written here
     p.set_defaults(func=cmd_segment_cohort)
 
 
-def _check_paths(out: Path, bank: Path, volumes, cache_dir: Path | None = None) -> None:
+def _check_paths(out: Path, bank: Path, volumes, cache_dir: Path | None = None, remote: bool = False) -> None:
     """Before anything runs: OUT and the cache outside the bank, no output over any input.
 
     `volumes` is the whole manifest, not this task's shard: the other shards run at the same time.
+    `remote`: the bank is a path on the worker's host, not here.
     """
     from ..bank.cache import check_cache_dir
     from ..cohort.volume_job import ManifestError, check_outputs
 
     real_out = Path(os.path.realpath(out))
     real_bank = Path(os.path.realpath(bank))
-    if real_out == real_bank or real_bank in real_out.parents:
+    if not remote and (real_out == real_bank or real_bank in real_out.parents):
         raise _UsageError(f"--out {out} lies inside the support bank {bank}; write outputs outside it")
     if cache_dir is not None:
         try:
@@ -192,24 +197,54 @@ def _check_against_bank(bank, args: argparse.Namespace) -> None:
 
 
 def cmd_segment_cohort(args: argparse.Namespace) -> int:
-    from ..bank.support_bank import SupportBank
     from ..cohort.volume_job import ManifestError, read_manifest, select_shard
-    from ..cohort.run import CohortFatal, CohortInterrupted, run_local, run_ray, visible_gpus, worker_devices
 
     window = _window(args)
+    client = None
+    if args.worker:  # usage errors before anything connects
+        from .remote import cohort_remote_client
+
+        _, client = cohort_remote_client(args)
     try:
         volumes = read_manifest(args.manifest, args.format)
     except ManifestError as e:
         raise _UsageError(str(e)) from None
     total = len(volumes)
-    _check_paths(args.out, args.bank, volumes, args.cache_dir)
+    _check_paths(args.out, args.bank, volumes, args.cache_dir, remote=client is not None)
     if args.shard is not None:
         volumes = select_shard(volumes, *args.shard)
-    bank = SupportBank.open(args.bank)  # read only: id, revision and labels for the provenance
+    try:
+        return _segment_cohort(args, volumes, total, window, client)
+    finally:
+        if client is not None:
+            client.stop()
+
+
+def _segment_cohort(args: argparse.Namespace, volumes, total: int, window, client) -> int:
+    from ..bank.support_bank import SupportBank
+    from ..cohort.run import CohortFatal, CohortInterrupted, run_local, run_ray, visible_gpus, worker_devices
+
+    expected = None
+    if client is not None:  # the bank is the worker host's: it opens it and says what it is
+        from .remote import cohort_remote_bank, cohort_remote_identity, run_cohort_remote
+
+        try:
+            bank = cohort_remote_bank(client, args)
+        except Exception as e:  # noqa: BLE001 - no connection, no bank there, another version: said, exit 1
+            print(f"rseg: error: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+    else:
+        bank = SupportBank.open(args.bank)  # read only: id, revision and labels for the provenance
     _check_against_bank(bank, args)  # usage errors (exit 2) before any model loads
     args.out.mkdir(parents=True, exist_ok=True)
     settings, model_args = cohort_settings(args, bank, window)
-    gpus = visible_gpus() if args.ray is None and str(args.device) in ("auto", "cuda") else 0
+    if client is not None:
+        try:
+            expected = cohort_remote_identity(client, args, settings)
+        except Exception as e:  # noqa: BLE001 - e.g. the weights are missing on the worker's host
+            print(f"rseg: error: the models could not be loaded on {client.where}: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+    gpus = visible_gpus() if args.ray is None and client is None and str(args.device) in ("auto", "cuda") else 0
     workers, devices = worker_devices(str(args.device), args.workers, gpus)  # one per GPU by default
     want_bar = not args.no_progress
     bar = None
@@ -240,6 +275,8 @@ def cmd_segment_cohort(args: argparse.Namespace) -> int:
     try:
         if not volumes:
             results = []
+        elif client is not None:
+            results = run_cohort_remote(client, args, volumes, settings, expected, on_event)
         elif args.ray:
             results = run_ray(volumes, model_args, settings, args.ray, args.workers or 1, on_event)
         else:
@@ -262,6 +299,7 @@ def cmd_segment_cohort(args: argparse.Namespace) -> int:
         "seconds": round(seconds, 3),
         "volumes_per_minute": round(60.0 * counts["segmented"] / seconds, 3) if counts["segmented"] and seconds > 0 else None,
         "workers": ("ray:" + args.ray) if args.ray else workers,
+        **({"worker": str(client.target)} if client is not None else {}),
         "random_weights": bool(args.random_weights),
         "results": results,
     }

@@ -133,18 +133,25 @@ def cmd_segment(args: argparse.Namespace) -> int:
                  **({"input DICOM folder": image_path} if image_path.is_dir() else {})},
     )
     image = read_volume(args.image)
-    if args.worker:  # the models and the bank are on another host
+
+    def check_bank(bank) -> None:
+        """Usage errors (exit 2) that need the bank, before any model loads (a bank on the worker's host too)."""
+        check_against_bank(bank, args)
+        if args.save_probabilities:  # their names need the bank's labels: checked as the other outputs
+            wanted = [lab for lab in bank.labels if args.labels is None or lab.value in args.labels]
+            check_outputs({**outputs, **{f"--save-probabilities ({p.name})": p for p in probability_paths(out, wanted)}},
+                          inputs={"input image": image_path} if not image_path.is_dir() else {},
+                          folders={**({} if args.worker else {"support bank": Path(args.bank)}),
+                                   **({"input DICOM folder": image_path} if image_path.is_dir() else {})})
+
+    if args.worker:  # the models and the bank are on another host; the outputs are made here
         from .remote import segment_remote
 
-        return segment_remote(args, image, out, window, write_outputs)
+        return segment_remote(args, image, out, window, write_outputs, check_bank=check_bank,
+                              post_process=_post_process, probability_paths=probability_paths,
+                              write_probabilities=write_probabilities)
     bank = SupportBank.open(args.bank)
-    check_against_bank(bank, args)  # usage errors (exit 2) before any model loads
-    if args.save_probabilities:  # their names need the bank's labels: checked as the other outputs
-        wanted = [lab for lab in bank.labels if args.labels is None or lab.value in args.labels]
-        check_outputs({**outputs, **{f"--save-probabilities ({p.name})": p for p in probability_paths(out, wanted)}},
-                      inputs={"input image": image_path} if not image_path.is_dir() else {},
-                      folders={"support bank": Path(args.bank),
-                               **({"input DICOM folder": image_path} if image_path.is_dir() else {})})
+    check_bank(bank)
     phases = PhaseProgress(not args.no_progress and not args.json)
     phases.say(f"loading models (DINOv2 {args.dinov2}, SAM 2 {args.sam2}"
                + (", random weights" if args.random_weights else "") + ")")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .bank_access import BankAccess
 from .mrml_bridge import (
     SupportThumbnail,
     _explicit_axis,
@@ -34,7 +35,6 @@ from .mrml_bridge import (
     annotated_labelmap,
     case_id_for_volume,
     labelmap_to_segmentation,
-    labels_from_segmentation,
     segment_ids_for_labels,
     segment_slice_masks,
     snapshot_segmentation,
@@ -55,13 +55,13 @@ from .results import (  # the first and last re-exported: the panel and tests us
     estimate_advice,
 )
 from ..data.volume import AXIS_NAMES, Volume, in_plane_spacing, num_slices, parse_axis, slice_view, through_plane_axis
-from ..worker.client import WorkerClient, WorkerJob, labels_json, volume_spec
+from ..worker.client import WorkerClient, WorkerJob, volume_spec
 from ..worker.protocol import EngineSettings, JobEvent
 
 __all__ = ["LONG_CPU_ESTIMATE_S", "EngineSettings", "JobEvent", "RetrievalSegLogic", "SegmentationState",
            "estimate_advice"]
 
-class RetrievalSegLogic:
+class RetrievalSegLogic(BankAccess):
     """Pure-Python logic behind the Slicer module: bank, worker jobs, results, corrections."""
 
     def __init__(self, bank: Any = None, settings: EngineSettings | None = None, client: WorkerClient | None = None) -> None:
@@ -84,27 +84,9 @@ class RetrievalSegLogic:
         self.suggestions: Any = None  # suggest.Suggestions of the last suggest job
         self.suggestions_volume: Any = None  # ... and the volume node they are for
 
-    # ------------------------------------------------------------------ bank
-    def open_bank(self, path: str | Path) -> Any:
-        """Open the support bank at `path` and use it (reading needs no model)."""
-        from ..bank.support_bank import SupportBank
-
-        self._require_idle()
-        self.bank = SupportBank.open(path)
-        return self.bank
-
-    def _require_bank(self) -> Any:
-        if self.bank is None:
-            raise RuntimeError("no support bank is open; open one or create one from a segmentation")
-        return self.bank
-
     def _require_idle(self) -> None:
         if self.busy:
             raise RuntimeError("RetrievalSeg is still running; wait for it or cancel it first")
-
-    def _reload_bank(self, event: JobEvent | None = None) -> None:
-        if self.bank is not None:
-            self.bank.reload()
 
     # ------------------------------------------------------------------ jobs
     @property
@@ -121,7 +103,11 @@ class RetrievalSegLogic:
         after: Callable[[JobEvent], None] | None = None,
     ) -> WorkerJob:
         self._require_idle()
-        params = {"settings": self.settings.to_json(), **params}
+        settings = self.settings.to_json()
+        if self.remote:  # the worker's host has its own weights; it returns the bank's new state
+            settings["weights_dir"] = None
+            params = {"describe_bank": kind in ("create_bank", "add_slices", "add_volume", "verify"), **params}
+        params = {"settings": settings, **params}
         self._after = after
         self.job = self.client.submit(kind, params, folder, on_result)
         self._handle(self.job._events)  # a job that could not even be sent has ended already
@@ -176,39 +162,6 @@ class RetrievalSegLogic:
     def start_download(self) -> WorkerJob:
         """Download the weights the current settings need, in the worker, with progress."""
         return self._submit("download", {})
-
-    def start_verify(self, repair: bool = False, reembed: bool = False) -> WorkerJob:
-        """Check the open bank's files (repair / re-embed in the worker); result: the report JSON."""
-        bank = self._require_bank()
-        return self._submit("verify", {"bank": str(bank.path), "repair": repair, "reembed": reembed},
-                            after=self._reload_bank)
-
-    def start_create_bank(self, path: str | Path, labels: Sequence[Any]) -> WorkerJob:
-        """Make a new bank with these labels, tied to the embedder of the current settings."""
-        self._require_idle()
-
-        def opened(event: JobEvent) -> None:
-            if event.kind == "finished":
-                from ..bank.support_bank import SupportBank
-
-                self.bank = SupportBank.open(path)
-                event.result = self.bank
-
-        return self._submit("create_bank", {"bank": str(path), "labels": labels_json(_labels(labels))}, after=opened)
-
-    def start_create_bank_from_segmentation(self, path: str | Path, segmentation_node: Any) -> WorkerJob:
-        """A new bank whose labels are the segmentation's segments (names and colours)."""
-        return self.start_create_bank(path, labels_from_segmentation(segmentation_node))
-
-    def create_bank(self, path: str | Path, labels: Sequence[Any]) -> Any:
-        """Blocking `start_create_bank`; returns the opened bank."""
-        self.start_create_bank(path, labels)
-        return self._wait_result()
-
-    def create_bank_from_segmentation(self, path: str | Path, segmentation_node: Any) -> Any:
-        """Blocking `start_create_bank_from_segmentation`; returns the opened bank."""
-        self.start_create_bank_from_segmentation(path, segmentation_node)
-        return self._wait_result()
 
     # ------------------------------------------------------------------ segmenting
     def start_segmentation(
@@ -524,7 +477,7 @@ class RetrievalSegLogic:
         digests = self._digests(volume_node, segmentation_node, indices, ax)
 
         def added(event: JobEvent) -> None:
-            self._reload_bank()
+            self._reload_bank(event)
             if event.kind == "finished":
                 entries = [self.bank.entry(e["id"]) for e in event.result["entries"]]
                 state = self.state
@@ -569,7 +522,7 @@ class RetrievalSegLogic:
         }
 
         def added(event: JobEvent) -> None:
-            self._reload_bank()
+            self._reload_bank(event)
             if event.kind == "finished":
                 event.result = [self.bank.entry(e["id"]) for e in event.result["entries"]]
 
@@ -679,6 +632,9 @@ class RetrievalSegLogic:
         sr = self.slice_result(index)
         if sr is None or self.bank is None:
             return []
+        if self.remote:
+            raise RuntimeError(f"the supports' images are in the bank on {self.client.where}: thumbnails of a "
+                               "remote bank are not shown yet")
         return support_thumbnails(self.bank, sr.retrieved, size)
 
 

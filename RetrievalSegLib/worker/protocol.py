@@ -58,7 +58,8 @@ ARRAY_ENCODINGS = ("npy", "npy+zlib")
 _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,100}\.npy")
 #: Longest line either side accepts (a result's diagnostics for a 2,000-slice volume fit easily).
 MAX_LINE_BYTES = 64 * 1024 * 1024
-JOB_KINDS = ("load", "segment", "create_bank", "add_slices", "add_volume", "verify", "download", "suggest")
+JOB_KINDS = ("load", "segment", "create_bank", "add_slices", "add_volume", "verify", "download", "suggest",
+             "bank_info")
 #: Message types each side may send.
 TO_WORKER = ("array", "job", "cancel", "shutdown")
 FROM_WORKER = (

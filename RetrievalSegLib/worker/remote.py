@@ -13,7 +13,7 @@ import os
 import re
 import shlex
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 #: What `ssh` is always given: no prompt (a password or a host-key question would hang a job),
 #: strict host keys, and keep-alives so that a dead network ends the job instead of hanging it.
@@ -105,3 +105,63 @@ def describe_ssh_failure(target: SshTarget, log_text: str, code: int | None) -> 
                 "there. Install RetrievalSeg on the server (see README, Remote GPU) or set the remote "
                 "Python command.")
     return None
+
+
+class RemoteBank:
+    """A support bank on the worker's host, as the worker described it (`bank_info`, or the
+    `bank_state` a bank job returns with `describe_bank`): what the Slicer panel and the logic read
+    of a bank they cannot open themselves. Entries carry metadata only; their images stay there.
+    """
+
+    def __init__(self, state: dict[str, Any], where: str) -> None:
+        self.where = where  # ssh://user@host[:port]: the host whose path `path` is
+        self.update(state)
+
+    def update(self, state: dict[str, Any]) -> None:
+        """Take the worker's newer description (after a job that changed the bank)."""
+        from ..bank.format import LabelInfo
+
+        self.path = str(state["path"])
+        self.bank_id = str(state["bank_id"])
+        self.revision = int(state["revision"])
+        self.labels = tuple(LabelInfo(int(d["value"]), str(d["name"]), tuple(d["color"])) for d in state["labels"])
+        self._entries = [RemoteEntry(str(e["id"]), str(e["case_id"]), int(e["axis"]), int(e["index"]),
+                                     str(e["origin"])) for e in state["entries"]]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entries(self) -> list["RemoteEntry"]:
+        """The active entries (metadata)."""
+        return list(self._entries)
+
+    def entry(self, entry_id: str) -> "RemoteEntry":
+        """The active entry with this id; KeyError if the worker did not list it."""
+        for e in self._entries:
+            if e.id == entry_id:
+                return e
+        raise KeyError(f"entry {entry_id} is not in the bank {self.path} on {self.where}")
+
+    def reload(self) -> None:
+        """Nothing to re-read here: the worker's jobs return the bank's state (`update`)."""
+
+    def check_k(self, k: int, case_id: str | None = None, case_policy: str = "ignore") -> None:
+        """ValueError when the bank lists fewer active entries than k (the worker checks exactly)."""
+        if len(self) < int(k):
+            raise ValueError(f"the support bank {self.describe()} has {len(self)} entries, fewer than k = {k}; "
+                             "add annotated slices or lower --k")
+
+    def describe(self) -> str:
+        """"/srv/banks/liver on user@gpu-server": the path and the host it is on."""
+        return f"{self.path} on {self.where.removeprefix('ssh://')}"
+
+
+@dataclass(frozen=True)
+class RemoteEntry:
+    """An entry of a RemoteBank: what the worker says of it (no image)."""
+
+    id: str
+    case_id: str
+    axis: int
+    index: int
+    origin: str

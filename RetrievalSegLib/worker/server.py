@@ -172,6 +172,21 @@ def _bank_path(params: dict[str, Any]) -> str:
     return os.path.expanduser(path)
 
 
+def bank_state(bank: Any) -> dict[str, Any]:
+    """What a client on another host needs to show and use a bank it cannot open itself
+    (`worker.remote.RemoteBank`): its path here, id, revision, labels and active entries."""
+    return {"path": str(bank.path), "bank_id": bank.bank_id, "revision": int(bank.revision),
+            "labels": [lab.to_json() for lab in bank.labels], "entries": [_entry_json(e) for e in bank.entries()]}
+
+
+def _with_state(result: dict[str, Any], params: dict[str, Any], bank: Any) -> dict[str, Any]:
+    """The result plus the bank's state after the job, when the client asked (`describe_bank`)."""
+    if params.get("describe_bank"):
+        bank.reload()
+        result["bank_state"] = bank_state(bank)
+    return result
+
+
 def _entry_json(entry: Any) -> dict[str, Any]:
     return {"id": entry.id, "case_id": entry.case_id, "axis": entry.axis, "index": entry.index, "origin": entry.origin}
 
@@ -191,9 +206,16 @@ def _slice_json(sr: Any) -> dict[str, Any]:
 
 
 def job_load(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
-    """Load (warm up) the engine of these settings; report the models' identities."""
+    """Load (warm up) the engine of these settings; report the models' identities (and what a
+    cohort's resume compares: the SAM 2 input size, `precision` as resolved on this host's device)."""
+    from ..engine.sam2_memory import resolve_precision
+
     engine = ctx.engine(params["settings"])
-    return {"dinov2_identity": engine.embedder.identity, "sam2_identity": engine.sam.identity}
+    out = {"dinov2_identity": engine.embedder.identity, "sam2_identity": engine.sam.identity,
+           "image_size": int(engine.sam.image_size), "random_weights": bool(engine.random_weights)}
+    if params.get("precision"):
+        out["precision"] = resolve_precision(str(params["precision"]), engine.sam.device)
+    return out
 
 
 def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -243,6 +265,7 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
             support_order=params.get("support_order") or "nearest", propagate=int(params.get("propagate") or 0),
             support_filter=params.get("support_filter") or "all",
             log=lambda line: (log.info(line), ctx.status(line)),  # batch size chosen / halved after out of memory
+            keep_probabilities=bool(params.get("keep_probabilities")) and len(runs) == 1,
         )
         if r.cancelled:
             raise JobCancelled("segmentation cancelled")
@@ -268,8 +291,11 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
 
         provenance = {"provenance": segmentation_provenance(r, engine, bank, k=int(params["k"])),
                       "records": slice_records(r, runs[0])}
+    # `rseg segment --save-probabilities --worker` (one run): each label's sigmoid(logit), float32
+    probabilities = {} if r.probabilities is None else {"probabilities": ctx.save("probabilities", r.probabilities)}
     return {
         **provenance,
+        **probabilities,
         "labelmap": ctx.save("labelmap", merged),
         "axis": int(axis),
         "labels": [lab.to_json() for lab in labels],
@@ -292,7 +318,7 @@ def job_create_bank(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
     labels = [LabelInfo(int(d["value"]), str(d["name"]), tuple(d["color"])) for d in params["labels"]]
     engine = ctx.engine(params["settings"])
     bank = SupportBank.create(_bank_path(params), labels, engine.embedder.identity)
-    return {"bank": str(bank.path)}
+    return _with_state({"bank": str(bank.path)}, params, bank)
 
 
 def job_add_slices(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -317,7 +343,7 @@ def job_add_slices(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
         )
         added.append(_entry_json(entry))
         ctx.progress(n + 1, len(indices), "slices added")
-    return {"entries": added}
+    return _with_state({"entries": added}, params, bank)
 
 
 def job_add_volume(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -332,7 +358,7 @@ def job_add_volume(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
         window=tuple(params["window"]), origin=params.get("origin", "initial"),
         progress=lambda d, t: ctx.progress(d, t, "slices embedded"),
     )
-    return {"entries": [_entry_json(e) for e in entries]}
+    return _with_state({"entries": [_entry_json(e) for e in entries]}, params, bank)
 
 
 def job_verify(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -347,7 +373,7 @@ def job_verify(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
         reembed=bool(params.get("reembed", False)),
         progress=lambda d, t: ctx.progress(d, t, "files checked"),
     )
-    return {"ok": bool(report.ok), "summary": report.summary(), "report": report.to_json()}
+    return _with_state({"ok": bool(report.ok), "summary": report.summary(), "report": report.to_json()}, params, bank)
 
 
 def job_download(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -392,6 +418,13 @@ def job_suggest(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
     return {**result.to_json(), "dinov2_identity": engine.embedder.identity}
 
 
+def job_bank_info(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
+    """Open the bank at this host's path (no model) and describe it: the client's bank on another host."""
+    from ..bank.support_bank import SupportBank
+
+    return bank_state(SupportBank.open(_bank_path(params)))
+
+
 HANDLERS: dict[str, Callable[[JobContext, dict[str, Any]], dict[str, Any]]] = {
     "load": job_load,
     "segment": job_segment,
@@ -401,6 +434,7 @@ HANDLERS: dict[str, Callable[[JobContext, dict[str, Any]], dict[str, Any]]] = {
     "verify": job_verify,
     "download": job_download,
     "suggest": job_suggest,
+    "bank_info": job_bank_info,
 }
 assert set(HANDLERS) == set(wp.JOB_KINDS)
 

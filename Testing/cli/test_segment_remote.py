@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +20,11 @@ from RetrievalSegLib.worker.client import WorkerClient, labels_json, volume_spec
 
 FAST = ["--random-weights", "--image-size", "256", "--device", "cpu"]
 SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)
-REMOTE_PYTHON = f"env RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 {sys.executable}"
+#: The server's Python: this checkout's library (sshd passes no environment: PYTHONPATH and the
+#: offline switches are set here), so the worker runs the code under test (a mutant copy too).
+ROOT = Path(__file__).resolve().parents[2]
+REMOTE_PYTHON = (f"env PYTHONPATH={shlex.quote(str(ROOT))} RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "
+                 f"{sys.executable}")
 
 
 def test_segment_worker_usage_errors(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -76,5 +82,32 @@ def test_segment_on_a_worker_over_ssh_equals_the_local_run(tmp_path, capsys, mon
         assert main(suggest + ["--worker", sshd.target, "--worker-python", REMOTE_PYTHON]) == 0
         there = json.loads(capsys.readouterr().out)
         assert there.pop("worker") == sshd.target and there == here
+
+        # --statistics, --keep-largest (made here from the returned label map) and --save-probabilities
+        # (returned with it): the same files and numbers as a local run.
+        worker = ["--worker", sshd.target, "--worker-python", REMOTE_PYTHON]
+        post = ["--k", "1", "--json", "--statistics", "--keep-largest", "all", "--save-probabilities", *FAST]
+        local2, remote2 = tmp_path / "post-local" / "s.nii.gz", tmp_path / "post-remote" / "s.nii.gz"
+        local2.parent.mkdir()
+        remote2.parent.mkdir()
+        assert main(["segment", str(image), "--bank", str(bank), "--out", str(local2), *post]) == 0
+        here = json.loads(capsys.readouterr().out)
+        assert main(["segment", str(image), "--bank", str(bank), "--out", str(remote2), *post, *worker]) == 0
+        there = json.loads(capsys.readouterr().out)
+        assert there["statistics"] == here["statistics"] and there["keep_largest"] == here["keep_largest"]
+        assert np.array_equal(read_volume(local2).array, read_volume(remote2).array)
+        names = sorted(p.name for p in local2.parent.glob("s.prob-*.nii.gz"))
+        assert len(names) == len(LABELS) and names == sorted(p.name for p in remote2.parent.glob("s.prob-*.nii.gz"))
+        assert [Path(p).name for p in there["probabilities"]] == [Path(p).name for p in here["probabilities"]]
+        for name in names:
+            a, b = read_volume(local2.parent / name), read_volume(remote2.parent / name)
+            assert b.same_geometry(a, tol=0) and a.array.dtype == b.array.dtype == np.float32
+            assert np.array_equal(a.array, b.array)  # bit for bit
+        assert read_sidecar(remote2)["provenance"]["statistics"] == here["statistics"]
+        # The bank's usage errors, from the worker's description of it, before the models load.
+        assert main(["segment", str(image), "--bank", str(bank), "--out", str(tmp_path / "x.nii.gz"), *FAST,
+                     "--keep-largest", "9", *worker]) == 2
+        assert "--keep-largest 9: not among the labels segmented" in capsys.readouterr().err
+        assert not (tmp_path / "x.nii.gz").exists()
     finally:
         sshd.stop()

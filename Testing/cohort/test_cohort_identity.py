@@ -47,6 +47,9 @@ NOT_AN_IDENTITY = {
                       "weight files this test does not have",
     "sam2_checkpoint": "the weights' SHA-256 is the model identity (models/loaders.py); unused with --random-weights",
     "dinov2_path": "the weights' SHA-256 is the model identity (models/loaders.py); unused with --random-weights",
+    "worker": "where the models run: a worker over ssh gives the local run's output bit for bit "
+              "(test_cohort_remote.py), and its sidecar has the same identity",
+    "worker_python": "the command that starts that worker on its host",
 }
 
 #: A different value for options whose type the test cannot guess: (arguments of the base run, of the other run).
