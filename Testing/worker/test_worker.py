@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 from _deadlines import scaled
+from _launcher import running
 from RetrievalSegLib.worker import protocol as wp
 from RetrievalSegLib.bank.support_bank import LabelInfo
 from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
@@ -333,7 +334,7 @@ def test_worker_refuses_arrays_that_need_pickle(client, bank_path, tmp_path) -> 
 
 def test_worker_run_timeout_cancels_and_the_client_takes_the_next_job(tmp_path, slicer_launcher) -> None:  # type: ignore[no-untyped-def]
     """A job past its time limit is cancelled (killed when it ignores the cancel); the next job is accepted."""
-    from _launcher import make_launcher, running
+    from _launcher import make_launcher
 
     fake = _deaf_worker(tmp_path)
     c = WorkerClient(python=str(make_launcher(tmp_path, python=fake)), log_dir=tmp_path, cancel_grace_s=0.5)
@@ -398,13 +399,13 @@ def test_worker_exits_when_its_parent_dies(tmp_path, slicer_launcher) -> None:  
     worker_pid, holder_pid = (int(x) for x in parent.stdout.readline().split())
     try:
         time.sleep(1.5)  # several parent checks: the living parent is seen as alive
-        assert _running(worker_pid), "the worker left while its parent was alive"
+        assert running(worker_pid), "the worker left while its parent was alive"
         parent.kill()
         parent.wait(10)
         deadline = time.monotonic() + 20
-        while _running(worker_pid) and time.monotonic() < deadline:
+        while running(worker_pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _running(worker_pid), "the worker outlived its parent"
+        assert not running(worker_pid), "the worker outlived its parent"
     finally:
         os.kill(holder_pid, signal.SIGKILL)
 
@@ -417,14 +418,6 @@ def test_worker_exits_when_its_stdin_closes(tmp_path, slicer_launcher) -> None: 
     assert c.process.wait(20) == 0
     assert "worker exiting: eof" in Path(c.log_path).read_text()
     c.stop()
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 def test_worker_idle_timeout_then_the_next_job_starts_a_new_worker(tmp_path, slicer_launcher) -> None:  # type: ignore[no-untyped-def]
