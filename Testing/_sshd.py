@@ -9,13 +9,27 @@ from __future__ import annotations
 
 import getpass
 import os
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
+#: This checkout: the server's side imports the library from here too, so the worker over ssh runs
+#: the code under test (a mutant copy included), not the editable install.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def remote_python(home: Path | None = None) -> str:
+    """The server's Python command for `--worker-python`. sshd passes no environment: PYTHONPATH and
+    the offline switches are set here, and HOME when given (so that `~/bank` names a folder only
+    the server's side finds: a path taken on this side by mistake is not found)."""
+    env = f"HOME={shlex.quote(str(home))} " if home is not None else ""
+    return (f"env {env}PYTHONPATH={shlex.quote(str(ROOT))} RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 "
+            f"TRANSFORMERS_OFFLINE=1 {sys.executable}")
 
 
 def sshd_binary() -> str | None:

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from _sshd import start_or_skip
+from _sshd import remote_python, start_or_skip
 from RetrievalSegLib.bank.support_bank import LabelInfo
 from RetrievalSegLib.cli.main import main
 from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
@@ -20,11 +18,7 @@ from RetrievalSegLib.worker.client import WorkerClient, labels_json, volume_spec
 
 FAST = ["--random-weights", "--image-size", "256", "--device", "cpu"]
 SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)
-#: The server's Python: this checkout's library (sshd passes no environment: PYTHONPATH and the
-#: offline switches are set here), so the worker runs the code under test (a mutant copy too).
-ROOT = Path(__file__).resolve().parents[2]
-REMOTE_PYTHON = (f"env PYTHONPATH={shlex.quote(str(ROOT))} RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "
-                 f"{sys.executable}")
+REMOTE_PYTHON = remote_python()
 
 
 def test_segment_worker_usage_errors(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]

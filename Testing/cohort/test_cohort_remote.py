@@ -11,13 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from _sshd import _free_port, start_or_skip
+from _sshd import _free_port, remote_python, start_or_skip
 from RetrievalSegLib.bank.support_bank import LabelInfo
 from RetrievalSegLib.cli.main import main
 from RetrievalSegLib.cohort.volume_job import read_record
@@ -29,11 +28,7 @@ from RetrievalSegLib.worker.client import labels_json, volume_spec
 
 FAST = ["--random-weights", "--image-size", "256", "--device", "cpu", "--no-progress"]
 SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)
-#: The server's Python: this checkout's library (sshd passes no environment: PYTHONPATH and the
-#: offline switches are set here), so the worker runs the code under test (a mutant copy too).
-ROOT = Path(__file__).resolve().parents[2]
-REMOTE_PYTHON = (f"env PYTHONPATH={shlex.quote(str(ROOT))} RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "
-                 f"{sys.executable}")
+REMOTE_PYTHON = remote_python()
 
 
 def _manifest(tmp_path: Path, n: int = 2) -> tuple[Path, list]:

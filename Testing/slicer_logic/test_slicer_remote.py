@@ -15,14 +15,12 @@ What is checked:
 from __future__ import annotations
 
 import shlex
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from _sshd import start_or_skip
+from _sshd import remote_python, start_or_skip
 from RetrievalSegLib.bank.support_bank import LabelInfo, SupportBank
 from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
 from RetrievalSegLib.slicer_logic import mrml_bridge as mb
@@ -31,15 +29,6 @@ from RetrievalSegLib.worker.client import labels_json, volume_spec
 from RetrievalSegLib.worker.remote import SshTarget
 
 SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)
-
-
-def remote_python(home: Path) -> str:
-    """The server's Python command. sshd passes no environment: the offline switches are set here,
-    and HOME, so that `~/bank` names a folder only the server's side finds (a path taken on this
-    side by mistake is not found)."""
-    root = Path(__file__).resolve().parents[2]  # this checkout's library: the code under test runs there too
-    return (f"env HOME={shlex.quote(str(home))} PYTHONPATH={shlex.quote(str(root))} RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 "
-            f"TRANSFORMERS_OFFLINE=1 {sys.executable}")
 
 
 @pytest.fixture()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from _launcher import running, wait_gone
-from _sshd import Sshd, start_or_skip
+from _sshd import Sshd, remote_python, start_or_skip
 from RetrievalSegLib import __version__
 from RetrievalSegLib.bank.support_bank import LabelInfo, SupportBank
 from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
@@ -32,8 +32,7 @@ from RetrievalSegLib.worker.remote import SSH_OPTIONS, SshTarget
 SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)
 SHAPE = (6, 48, 48)
 SPACING = (1.2, 1.0, 5.0)
-#: The remote Python command: this checkout's interpreter, offline (sshd passes no environment).
-REMOTE_PYTHON = f"env RSEG_OFFLINE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 {sys.executable}"
+REMOTE_PYTHON = remote_python()
 
 
 @pytest.fixture(scope="module")
