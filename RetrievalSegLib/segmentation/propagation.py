@@ -54,6 +54,38 @@ MAX_PROPAGATE = 6
 POINTER_WINDOW = 15
 
 
+def widened_runs(runs: Sequence[tuple[int, int]], bank, case_id: str | None, case_policy: str, axis: int | None,
+                 array: np.ndarray, propagate: int) -> list[tuple[int, int]]:
+    """Runs of slices to re-segment with propagation, each widened by the slice just before and
+    the slice just after it where this volume annotated that slice (its usable bank entries of
+    `case_id` along `axis`), so that the run's walks start from the user's correction, kept as
+    their conditioning frame. Slicer's *Re-segment remaining slices* sends the slices the user has
+    not edited as runs: the corrected slices lie just outside them. Unchanged without propagation,
+    an axis or a case, and under case_policy 'exclude' (no annotation is used then). The caller
+    keeps only each run's own slices of the result (`keep_run`)."""
+    from ..data.volume import num_slices
+    from .slices import annotation_entries
+
+    runs = [(int(a), int(b)) for a, b in runs]
+    if not propagate or axis is None or case_id is None or case_policy == "exclude":
+        return runs
+    annotated, n = annotation_entries(bank, case_id, int(axis)), num_slices(array, int(axis))
+    return [(a - 1 if a > 0 and a - 1 in annotated else a, b + 1 if b < n and b in annotated else b)
+            for a, b in runs]
+
+
+def keep_run(result, run: tuple[int, int]) -> None:
+    """Drop from a segmentation of a widened run (`widened_runs`) the slices outside `run`: the
+    annotated slices its walks started from stay as the user left them (background here, as every
+    slice outside a slice range)."""
+    from ..data.volume import slice_view
+
+    for i in [i for i in result.slices if not run[0] <= i < run[1]]:
+        del result.slices[i]
+        slice_view(result.labelmap.array, result.axis, i)[...] = 0
+        result.confidence[i] = np.nan
+
+
 def check_propagate(n) -> int:
     """`n` as an int if it is an integer in 0..MAX_PROPAGATE, else ValueError."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= MAX_PROPAGATE:

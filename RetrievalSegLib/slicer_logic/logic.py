@@ -250,6 +250,8 @@ class RetrievalSegLogic(BankAccess):
             "extent_stop": request.extent_stop, "presence_threshold": float(self.presence_threshold),
             "start_slice": request.start_slice, "support_order": self.support_order,
             "propagate": int(self.propagate), "support_filter": self.support_filter,
+            # re-segmenting: walks start from the corrections beside the runs (`propagation.widened_runs`)
+            "from_annotations": bool(request.resegment),
         }
         self._request = request
         self._pending = None

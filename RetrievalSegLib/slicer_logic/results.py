@@ -170,6 +170,9 @@ def _segmentation_from_result(volume: Volume) -> Callable[[dict[str, Any], Path]
                 {int(k): float(v) for k, v in d["iou"]}, {int(k): float(v) for k, v in d["object_score"]},
                 float(d["confidence"]),
             )
+            if "neighbours" in d:  # propagation: the walk's slices and the annotated slice it started from
+                sr.neighbours = [int(i) for i in d["neighbours"]]
+                sr.annotated_slice = None if d.get("annotated_slice") is None else int(d["annotated_slice"])
             out.slices[sr.index] = sr
             out.confidence[sr.index] = sr.confidence
         return [out]

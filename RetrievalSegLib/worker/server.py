@@ -202,6 +202,8 @@ def _slice_json(sr: Any) -> dict[str, Any]:
                                    for lab, h in sr.supports_per_label.items()],
             "filter_fallback": [int(v) for v in sr.filter_fallback]}
            if getattr(sr, "supports_per_label", None) is not None else {}),
+        **({"neighbours": [int(i) for i in sr.neighbours], "annotated_slice": sr.annotated_slice}
+           if getattr(sr, "neighbours", None) is not None else {}),  # propagation: what this slice's pseudo-video held
     }
 
 
@@ -221,6 +223,7 @@ def job_load(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
 def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
     """Segment runs of slices of a volume from a bank; one merged label map plus diagnostics."""
     from ..segmentation.segment import segment_volume
+    from ..segmentation.propagation import keep_run, widened_runs
     from ..data.volume import slice_view
 
     volume = _volume(ctx, params["volume"])
@@ -253,10 +256,13 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
             estimate.update(e.to_json())
             ctx.status(f"Estimate: {e.describe()}", estimate=estimate)
 
-    for a, b in runs:
+    wide = runs if not params.get("from_annotations") else widened_runs(  # Slicer's re-segment
+        runs, bank, params.get("case_id"), params.get("case_policy", "ignore"), axis, volume.array,
+        int(params.get("propagate") or 0))
+    for (a, b), (lo, hi) in zip(runs, wide):
         r = segment_volume(
             volume, bank, engine, labels=params.get("labels"), k=int(params["k"]), axis=axis,
-            slice_range=(a, b), case_id=params.get("case_id"), case_policy=params.get("case_policy", "ignore"),
+            slice_range=(lo, hi), case_id=params.get("case_id"), case_policy=params.get("case_policy", "ignore"),
             window=tuple(params["window"]) if params.get("window") is not None else None,
             progress=lambda d, t, o=done_before, size=b - a: progress(d, t, o, size),
             cancel=ctx.cancelled, precision=params.get("precision", "auto"), batch_size=params.get("batch_size"),
@@ -269,6 +275,7 @@ def job_segment(ctx: JobContext, params: dict[str, Any]) -> dict[str, Any]:
         )
         if r.cancelled:
             raise JobCancelled("segmentation cancelled")
+        keep_run(r, (a, b))  # a widened run's annotated start slices stay as the user left them
         axis, labels, seconds = r.axis, r.labels, seconds + r.seconds
         precision, batch_size = r.precision, r.batch_size
         if merged is None:

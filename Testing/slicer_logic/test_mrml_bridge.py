@@ -355,6 +355,37 @@ def test_segment_correct_add_resegment_through_the_worker(scene, cases, engine, 
     assert logic.edited_slices(volume_node, node) == [fixed]
 
 
+def test_resegment_with_propagation_walks_out_from_the_correction(scene, cases, bank, bank_labels, client) -> None:  # type: ignore[no-untyped-def]
+    """Correct one slice, re-propagate: with propagation, *Re-segment remaining slices* walks out
+    from the slice the user corrected and added to the bank (a conditioning frame of every slice
+    of both walks) and leaves that slice as the user drew it (`propagation.widened_runs`)."""
+    query = cases[1]
+    volume_node = mb.volume_to_node(query.image, scene, "re-propagate")
+    logic = ml.RetrievalSegLogic(bank=bank, settings=SETTINGS, client=client)
+    logic.propagate = 2
+    node = logic.run(scene, volume_node, k=K, case_id=query.case_id)
+    assert sorted(logic.state.slices) == list(range(SHAPE[0]))
+    assert all(sr.annotated_slice is None for sr in logic.state.slices.values())  # nothing annotated yet
+
+    fixed = 4
+    update = np.zeros(SHAPE, dtype=np.uint8)
+    update[fixed] = query.labels.array[fixed]
+    mb.labelmap_to_segmentation((query.labels.with_array(update), bank_labels), scene, volume_node, node, axis=2, slices=[fixed])
+    logic.add_edited_slices_to_bank(volume_node, node)
+    logic.resegment_remaining(scene, volume_node, node, k=K, case_id=query.case_id)  # runs 0..3 and 5..7
+
+    got = mb.labelmap_from_segmentation(node, volume_node, bank_labels)
+    assert np.array_equal(got.array[fixed], query.labels.array[fixed])
+    assert logic.edited_slices(volume_node, node) == [fixed]  # the corrected slice was not rewritten
+    for i in range(SHAPE[0]):
+        if i == fixed:
+            continue
+        sr = logic.state.slices[i]
+        walk = list(range(fixed + 1, i)) if i > fixed else list(range(fixed - 1, i, -1))  # after the correction
+        assert (sr.annotated_slice, sr.neighbours) == (fixed, walk[-2:]), i  # N = 2: the last 2, oldest first
+        assert np.array_equal(got.array[i], logic.state.labelmap.array[i])
+
+
 def test_add_single_slice_and_first_annotations(scene, cases, bank, bank_labels, client) -> None:  # type: ignore[no-untyped-def]
     query = cases[1]
     volume_node = mb.volume_to_node(query.image, scene, "annotated")
