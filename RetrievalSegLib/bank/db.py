@@ -339,45 +339,39 @@ def has_features_table(con: sqlite3.Connection) -> bool:
                        (_FEATURES_TABLE,)).fetchone() is not None
 
 
-def read_rows(con: sqlite3.Connection, n: int, dim: int, check_sha: bool = False
-              ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """(rows [n, dim] float32, has-a-row mask [n], seqs whose row fails its size or SHA-256)."""
+def _rows_from(cursor, n: int, dim: int, check_sha: bool) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(rows [n, dim] float32, has-a-row mask [n], seqs whose row fails its size or SHA-256) from
+    (seq, row, sha256) tuples; a seq outside 0..n-1 is skipped."""
     rows = np.zeros((n, dim), dtype=np.float32)
     have = np.zeros(n, dtype=bool)
     bad: list[int] = []
     width = dim * 4
-    with bank_schema.checked_read(con, getattr(con, "path", None) or Path(DB_FILE), _SCHEMAS):
-        for seq, blob, sha in con.execute("SELECT seq, row, sha256 FROM embeddings ORDER BY seq"):
-            if type(seq) is not int or not 0 <= seq < n:
-                continue
-            if type(blob) is not bytes or len(blob) != width or (check_sha and row_sha256(blob) != sha):
-                bad.append(int(seq))
-                continue
-            rows[seq] = np.frombuffer(blob, dtype="<f4")
-            have[seq] = True
+    for seq, blob, sha in cursor:
+        if type(seq) is not int or not 0 <= seq < n:
+            continue
+        if type(blob) is not bytes or len(blob) != width or (check_sha and row_sha256(blob) != sha):
+            bad.append(int(seq))
+            continue
+        rows[seq] = np.frombuffer(blob, dtype="<f4")
+        have[seq] = True
     return rows, have, bad
+
+
+def read_rows(con: sqlite3.Connection, n: int, dim: int, check_sha: bool = False
+              ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(rows [n, dim] float32, has-a-row mask [n], seqs whose row fails its size or SHA-256)."""
+    with bank_schema.checked_read(con, getattr(con, "path", None) or Path(DB_FILE), _SCHEMAS):
+        return _rows_from(con.execute("SELECT seq, row, sha256 FROM embeddings ORDER BY seq"), n, dim, check_sha)
 
 
 def read_feature_rows(con: sqlite3.Connection, feature: str, n: int, dim: int, check_sha: bool = False
                       ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """As `read_rows`, for a further feature's rows (none at all before the first feature was added)."""
-    rows = np.zeros((n, dim), dtype=np.float32)
-    have = np.zeros(n, dtype=bool)
-    bad: list[int] = []
-    width = dim * 4
     with bank_schema.checked_read(con, getattr(con, "path", None) or Path(DB_FILE), _SCHEMAS):
         if not has_features_table(con):
-            return rows, have, bad
-        for seq, blob, sha in con.execute(
-                "SELECT seq, row, sha256 FROM feature_embeddings WHERE feature = ? ORDER BY seq", (feature,)):
-            if type(seq) is not int or not 0 <= seq < n:
-                continue
-            if type(blob) is not bytes or len(blob) != width or (check_sha and row_sha256(blob) != sha):
-                bad.append(int(seq))
-                continue
-            rows[seq] = np.frombuffer(blob, dtype="<f4")
-            have[seq] = True
-    return rows, have, bad
+            return _rows_from((), n, dim, check_sha)
+        return _rows_from(con.execute("SELECT seq, row, sha256 FROM feature_embeddings WHERE feature = ? "
+                                      "ORDER BY seq", (feature,)), n, dim, check_sha)
 
 
 def feature_rows_status(connection, bank_path: Path, state: _State, feature: str, check_sha: bool = True

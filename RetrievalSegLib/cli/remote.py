@@ -270,7 +270,7 @@ def _cohort_volume_remote(client: Any, args: argparse.Namespace, vol: Any, setti
     import time
 
     from ..bank.format import LabelInfo
-    from ..cohort.volume_job import _write_label_map, resume_reason, write_record
+    from ..cohort.volume_job import _write_label_map, failed_result, resume_reason, write_record
     from ..data.fileio import file_sha256
     from ..data.volume import num_slices, parse_axis, read_volume, through_plane_axis
     from ..segmentation.postprocess import label_statistics
@@ -343,9 +343,5 @@ def _cohort_volume_remote(client: Any, args: argparse.Namespace, vol: Any, setti
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # noqa: BLE001 - one bad volume never stops the others
-        message = f"{type(e).__name__}: {e}"
-        try:
-            write_record(out_dir, vol, "failed", message=message)
-        except OSError:
-            pass
-        return {**base, "status": "failed", "seconds": round(time.perf_counter() - t0, 3), "message": message}
+        return {**failed_result(vol, out_dir, f"{type(e).__name__}: {e}"),
+                "seconds": round(time.perf_counter() - t0, 3)}

@@ -485,12 +485,8 @@ def segment_one(vol: CohortVolume, engine, bank: ReadOnlyBank, settings: CohortS
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # noqa: BLE001 - one bad volume never stops the others
-        message = f"{type(e).__name__}: {e}"
-        try:
-            write_record(out_dir, vol, "failed", message=message)
-        except OSError:
-            pass
-        return {**base, "status": "failed", "seconds": round(time.perf_counter() - t0, 3), "message": message}
+        return {**failed_result(vol, out_dir, f"{type(e).__name__}: {e}"),
+                "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def unfinished_result(vol: CohortVolume, out_dir: Path, status: str, message: str, record: bool = True) -> dict:
@@ -506,5 +502,6 @@ def unfinished_result(vol: CohortVolume, out_dir: Path, status: str, message: st
 
 
 def failed_result(vol: CohortVolume, out_dir: Path, message: str) -> dict:
-    """Record a volume whose worker died under it (no output was written: writes are atomic)."""
+    """Record a volume that failed: its job raised, or its worker died under it (no output was
+    written: writes are atomic)."""
     return unfinished_result(vol, out_dir, "failed", message)
