@@ -107,6 +107,24 @@ def _engine_walk(engine, decoded, support_masks, n, direction):
     return {K + pos(i): v for i, v in got.items()}
 
 
+def _assert_equals_the_predictor(ours: dict, ref: dict) -> float:
+    """Our result at each frame equals the official predictor's (`ref[frame]`): masks identical,
+    logits within MAX_LOGIT_DIFF; non-vacuous on the last frame (objects present, masks neither
+    empty nor full). Returns the largest |logit diff|."""
+    worst = 0.0
+    for f, res in ours.items():
+        diff = float(np.abs(res.logits - ref[f]).max())
+        worst = max(worst, diff)
+        assert np.array_equal(res.logits > 0, ref[f] > 0), f"frame {f}: masks differ (max |diff| {diff:.3g})"
+        assert diff <= MAX_LOGIT_DIFF, f"frame {f}: max |logit diff| {diff:.3g} > {MAX_LOGIT_DIFF}"
+    last = K + N_SLICES - 1
+    assert (ours[last].object_score > 0).all()
+    for li in range(len(LABELS)):
+        fg = (ref[last][li] > 0).mean()
+        assert 0.001 < fg < 0.999
+    return worst
+
+
 @pytest.mark.parametrize("direction", ["up", pytest.param("down", marks=pytest.mark.slow)])
 def test_propagate_6_equals_the_official_predictor(tmp_path, models, direction):
     engine, predictor = models
@@ -115,20 +133,9 @@ def test_propagate_6_equals_the_official_predictor(tmp_path, models, direction):
     ref = _reference(predictor, tmp_path / "video", sup_masks)
     ours = _engine_walk(engine, decoded, sup_masks, 6, direction)
     assert sorted(ours) == sorted(ref) == list(range(K, K + N_SLICES))
-    worst = 0.0
     for f in sorted(ref):
-        res, neighbours = ours[f]
-        assert len(neighbours) == min(f - K, 15)
-        diff = float(np.abs(res.logits - ref[f]).max())
-        worst = max(worst, diff)
-        assert np.array_equal(res.logits > 0, ref[f] > 0), f"frame {f}: masks differ (max |diff| {diff:.3g})"
-        assert diff <= MAX_LOGIT_DIFF, f"frame {f}: max |logit diff| {diff:.3g} > {MAX_LOGIT_DIFF}"
-    # non-vacuous: objects present and masks neither empty nor full on the last frame
-    last = ours[K + N_SLICES - 1][0]
-    assert (last.object_score > 0).all()
-    for li in range(len(LABELS)):
-        fg = (ref[K + N_SLICES - 1][li] > 0).mean()
-        assert 0.001 < fg < 0.999
+        assert len(ours[f][1]) == min(f - K, 15)
+    worst = _assert_equals_the_predictor({f: ours[f][0] for f in sorted(ref)}, ref)
     print(f"propagate 6 ({direction}) vs predictor: max |logit diff| {worst:.3g}")
 
 
@@ -277,21 +284,13 @@ def test_walk_from_an_annotated_slice_equals_the_official_predictor(tmp_path, mo
     assert sorted(ours) == sorted(ref) == list(range(K, K + N_SLICES))
     res, neighbours, ann = ours[K]
     assert res is None and neighbours == [] and ann == start  # the annotation, not a prediction
-    worst = 0.0
-    for f in range(K + 1, K + N_SLICES):
-        res, neighbours, ann = ours[f]
+    frames = range(K + 1, K + N_SLICES)
+    for f in frames:
+        _, neighbours, ann = ours[f]
         assert ann == start
         # the walk's tracked slices after the annotated one: frames K+1 .. f-1, at most 15
         assert len(neighbours) == min(f - K - 1, 15)
-        diff = float(np.abs(res.logits - ref[f]).max())
-        worst = max(worst, diff)
-        assert np.array_equal(res.logits > 0, ref[f] > 0), f"frame {f}: masks differ (max |diff| {diff:.3g})"
-        assert diff <= MAX_LOGIT_DIFF, f"frame {f}: max |logit diff| {diff:.3g} > {MAX_LOGIT_DIFF}"
-    last = ours[K + N_SLICES - 1][0]
-    assert (last.object_score > 0).all()
-    for li in range(len(LABELS)):
-        fg = (ref[K + N_SLICES - 1][li] > 0).mean()
-        assert 0.001 < fg < 0.999
+    worst = _assert_equals_the_predictor({f: ours[f][0] for f in frames}, ref)
     print(f"annotated start, propagate 6 ({direction}) vs predictor: max |logit diff| {worst:.3g}")
 
 
