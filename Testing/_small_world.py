@@ -35,3 +35,20 @@ def bank_of_first_case(folder: Path, engine: RetrievalEngine, study) -> SupportB
     b = SupportBank.create(folder, [LabelInfo(v, n, c) for v, (n, c) in LABELS.items()], engine.embedder.identity)
     b.add_volume(study[0].image, study[0].labels, study[0].case_id, engine.embedder)
     return b
+
+
+def bank_through_worker(client, path: Path, case, settings, case_id: str | None = None, **run) -> Path:
+    """A bank at `path` with the synthetic labels holding every annotated slice of `case`, made by the
+    worker `client` as the module makes one (jobs create_bank and add_volume); `run`: e.g. timeout."""
+    from RetrievalSegLib.worker import protocol as wp
+    from RetrievalSegLib.worker.client import labels_json, volume_spec
+
+    labels = [LabelInfo(v, n, c) for v, (n, c) in sorted(LABELS.items())]
+    client.run("create_bank", {"settings": settings.to_json(), "bank": str(path), "labels": labels_json(labels)}, **run)
+    folder = client.new_job_folder()
+    client.run("add_volume", {
+        "settings": settings.to_json(), "bank": str(path), "volume": volume_spec(folder, "volume", case.image),
+        "labelmap": wp.save_array(folder, "labels", case.labels.array),
+        "case_id": case.case_id if case_id is None else case_id, "axis": None, "window": [0.0, 1000.0],
+    }, folder=folder, **run)
+    return path

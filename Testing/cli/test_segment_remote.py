@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _small_world import bank_through_worker
 from _sshd import remote_python, start_or_skip
-from RetrievalSegLib.bank.support_bank import LabelInfo
 from RetrievalSegLib.cli.main import main
 from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
 from RetrievalSegLib.data.volume import read_volume, write_volume
 from RetrievalSegLib.segmentation.provenance import read_sidecar
 from RetrievalSegLib.worker import protocol as wp
-from RetrievalSegLib.worker.client import WorkerClient, labels_json, volume_spec
+from RetrievalSegLib.worker.client import WorkerClient
 
 FAST = ["--random-weights", "--image-size", "256", "--device", "cpu"]
 SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)
@@ -43,14 +43,7 @@ def test_segment_on_a_worker_over_ssh_equals_the_local_run(tmp_path, capsys, mon
         bank = tmp_path / "server" / "bank"
         client = WorkerClient(target=sshd.target, ssh_options=sshd.ssh_options(), log_dir=tmp_path)
         client.target = type(client.target).parse(sshd.target, REMOTE_PYTHON)
-        labels = [LabelInfo(v, name, rgb) for v, (name, rgb) in sorted(LABELS.items())]
-        client.run("create_bank", {"settings": SETTINGS.to_json(), "bank": str(bank), "labels": labels_json(labels)},
-                   timeout=300)
-        folder = client.new_job_folder()
-        client.run("add_volume", {
-            "settings": SETTINGS.to_json(), "bank": str(bank), "volume": volume_spec(folder, "volume", cases[0].image),
-            "labelmap": wp.save_array(folder, "labels", cases[0].labels.array), "case_id": cases[0].case_id,
-            "axis": None, "window": [0.0, 1000.0]}, folder=folder, timeout=300)
+        bank_through_worker(client, bank, cases[0], SETTINGS, timeout=300)
         client.stop()
         image = tmp_path / "test.nii.gz"
         write_volume(cases[1].image, image)

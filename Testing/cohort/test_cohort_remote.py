@@ -16,15 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _small_world import bank_through_worker
 from _sshd import _free_port, remote_python, start_or_skip
-from RetrievalSegLib.bank.support_bank import LabelInfo
 from RetrievalSegLib.cli.main import main
 from RetrievalSegLib.cohort.volume_job import read_record
-from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
+from RetrievalSegLib.data.synthetic import make_synthetic_study
 from RetrievalSegLib.data.volume import read_volume, write_volume
 from RetrievalSegLib.segmentation.provenance import read_sidecar
 from RetrievalSegLib.worker import protocol as wp
-from RetrievalSegLib.worker.client import labels_json, volume_spec
 
 FAST = ["--random-weights", "--image-size", "256", "--device", "cpu", "--no-progress"]
 SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)
@@ -85,13 +84,7 @@ def test_cohort_worker_asks_the_worker_for_the_bank(tmp_path, capsys, monkeypatc
 def server_bank(tmp_path, worker_client):  # type: ignore[no-untyped-def]
     cases = make_synthetic_study(1, shape=(4, 40, 36), spacing=(1.3, 1.3, 6.0), seed=5)
     path = tmp_path / "server" / "bank"
-    labels = [LabelInfo(v, name, rgb) for v, (name, rgb) in sorted(LABELS.items())]
-    worker_client.run("create_bank", {"settings": SETTINGS.to_json(), "bank": str(path), "labels": labels_json(labels)})
-    folder = worker_client.new_job_folder()
-    worker_client.run("add_volume", {
-        "settings": SETTINGS.to_json(), "bank": str(path), "volume": volume_spec(folder, "volume", cases[0].image),
-        "labelmap": wp.save_array(folder, "labels", cases[0].labels.array), "case_id": cases[0].case_id,
-        "axis": None, "window": [0.0, 1000.0]}, folder=folder)
+    bank_through_worker(worker_client, path, cases[0], SETTINGS)
     return path
 
 

@@ -23,14 +23,15 @@ import numpy as np
 import pytest
 
 from _launcher import wait_gone
-from _slicer_fakes import API, Fake, fake_slicer_gui
+from _slicer_fakes import API, Fake
+from _small_world import bank_through_worker
 from RetrievalSegLib.slicer_logic import mrml_bridge as mb
 from RetrievalSegLib.worker import protocol as wp
-from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
+from RetrievalSegLib.data.synthetic import make_synthetic_study
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE = ROOT / "RetrievalSeg" / "RetrievalSeg.py"
-SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)
+SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)  # as conftest.MODULE_SETTINGS
 
 
 # ------------------------------------------------------------------------------- the API list
@@ -122,27 +123,6 @@ def test_the_fakes_refuse_what_slicer_lacks() -> None:
 
 
 # ------------------------------------------------------------------------------- the module
-@pytest.fixture()
-def fresh_scene(slicer_scene):  # type: ignore[no-untyped-def]
-    """A scene of its own (these tests close it), set up as conftest's slicer_scene (converter rules)."""
-    slicer = slicer_scene[0]
-    scene = slicer.vtkMRMLScene()
-    color_logic = slicer.vtkMRMLColorLogic()
-    color_logic.SetMRMLScene(scene)
-    yield scene
-    color_logic.SetMRMLScene(None)
-
-
-@pytest.fixture()
-def module_world(monkeypatch, fresh_scene, tmp_path):  # type: ignore[no-untyped-def]
-    import importlib
-
-    gui = fake_slicer_gui(monkeypatch, fresh_scene, temporary_path=str(tmp_path))
-    module = importlib.import_module("RetrievalSeg")
-    monkeypatch.setattr(module.RetrievalSegLogic, "engineSettings", staticmethod(lambda node, folder=None: SETTINGS))
-    return module, gui
-
-
 def test_segment_editor_undo_point_uses_its_real_api(module_world, fresh_scene) -> None:  # type: ignore[no-untyped-def]
     module, gui = module_world
     save = module.RetrievalSegWidget._saveSegmentEditorUndoState
@@ -200,19 +180,10 @@ def test_slicer_side_install_pins_the_lock() -> None:
 @pytest.fixture(scope="module")
 def small_bank(tmp_path_factory, worker_client):  # type: ignore[no-untyped-def]
     """A bank made by worker jobs (the session's worker, under the launcher stand-in)."""
-    from RetrievalSegLib.bank.support_bank import LabelInfo
-    from RetrievalSegLib.worker.client import labels_json, volume_spec
 
     cases = make_synthetic_study(n_cases=2, shape=(4, 40, 40), spacing=(1.2, 1.0, 5.0), seed=7)
     path = tmp_path_factory.mktemp("module-bank") / "bank"
-    labels = [LabelInfo(v, n, c) for v, (n, c) in sorted(LABELS.items())]
-    worker_client.run("create_bank", {"settings": SETTINGS.to_json(), "bank": str(path), "labels": labels_json(labels)})
-    folder = worker_client.new_job_folder()
-    worker_client.run("add_volume", {
-        "settings": SETTINGS.to_json(), "bank": str(path), "volume": volume_spec(folder, "v", cases[0].image),
-        "labelmap": wp.save_array(folder, "l", cases[0].labels.array), "case_id": "c0", "axis": None,
-        "window": [0.0, 1000.0],
-    }, folder=folder)
+    bank_through_worker(worker_client, path, cases[0], SETTINGS, case_id="c0")
     return path, cases[1]
 
 

@@ -20,37 +20,15 @@ import time
 import numpy as np
 import pytest
 
+from _small_world import bank_through_worker
 from _sshd import remote_python, start_or_skip
 from RetrievalSegLib.bank.support_bank import LabelInfo, SupportBank
-from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
+from RetrievalSegLib.data.synthetic import make_synthetic_study
 from RetrievalSegLib.slicer_logic import mrml_bridge as mb
 from RetrievalSegLib.worker import protocol as wp
-from RetrievalSegLib.worker.client import labels_json, volume_spec
 from RetrievalSegLib.worker.remote import SshTarget
 
-SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)
-
-
-@pytest.fixture()
-def fresh_scene(slicer_scene):  # type: ignore[no-untyped-def]
-    slicer = slicer_scene[0]
-    scene = slicer.vtkMRMLScene()
-    color_logic = slicer.vtkMRMLColorLogic()
-    color_logic.SetMRMLScene(scene)
-    yield scene
-    color_logic.SetMRMLScene(None)
-
-
-@pytest.fixture()
-def module_world(monkeypatch, fresh_scene, tmp_path):  # type: ignore[no-untyped-def]
-    import importlib
-
-    from _slicer_fakes import fake_slicer_gui
-
-    gui = fake_slicer_gui(monkeypatch, fresh_scene, temporary_path=str(tmp_path))
-    module = importlib.import_module("RetrievalSeg")
-    monkeypatch.setattr(module.RetrievalSegLogic, "engineSettings", staticmethod(lambda node, folder=None: SETTINGS))
-    return module, gui
+SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)  # as conftest.MODULE_SETTINGS
 
 
 # ------------------------------------------------------------------------------- the setting
@@ -189,14 +167,7 @@ def server_bank(tmp_path_factory, worker_client):  # type: ignore[no-untyped-def
     cases = make_synthetic_study(n_cases=2, shape=(4, 40, 40), spacing=(1.2, 1.0, 5.0), seed=7)
     home = tmp_path_factory.mktemp("server-home")
     path = home / "bank"
-    labels = [LabelInfo(v, n, c) for v, (n, c) in sorted(LABELS.items())]
-    worker_client.run("create_bank", {"settings": SETTINGS.to_json(), "bank": str(path), "labels": labels_json(labels)})
-    folder = worker_client.new_job_folder()
-    worker_client.run("add_volume", {
-        "settings": SETTINGS.to_json(), "bank": str(path), "volume": volume_spec(folder, "v", cases[0].image),
-        "labelmap": wp.save_array(folder, "l", cases[0].labels.array), "case_id": "c0", "axis": None,
-        "window": [0.0, 1000.0],
-    }, folder=folder)
+    bank_through_worker(worker_client, path, cases[0], SETTINGS, case_id="c0")
     return path, home, cases[1]
 
 

@@ -21,9 +21,10 @@ import warnings
 import pytest
 
 from RetrievalSegLib.worker import protocol as wp
-from RetrievalSegLib.bank.support_bank import LabelInfo
-from RetrievalSegLib.data.synthetic import LABELS, make_synthetic_study
-from RetrievalSegLib.worker.client import WorkerClient, labels_json, volume_spec
+from RetrievalSegLib.data.synthetic import make_synthetic_study
+from RetrievalSegLib.worker.client import WorkerClient, volume_spec
+
+from _small_world import bank_through_worker
 
 SETTINGS = wp.EngineSettings(device="cpu", image_size=256, random_weights=True)
 SHAPE = (4, 40, 40)
@@ -50,14 +51,7 @@ def setup(tmp_path_factory, worker_client):  # type: ignore[no-untyped-def]
     cases = make_synthetic_study(n_cases=2, shape=SHAPE, spacing=(1.2, 1.0, 5.0), seed=11)
     client = worker_client  # conftest: the session's worker
     bank = tmp_path_factory.mktemp("gil-bank") / "bank"
-    labels = [LabelInfo(v, n, c) for v, (n, c) in sorted(LABELS.items())]
-    client.run("create_bank", {"settings": SETTINGS.to_json(), "bank": str(bank), "labels": labels_json(labels)})
-    folder = client.new_job_folder()
-    client.run("add_volume", {
-        "settings": SETTINGS.to_json(), "bank": str(bank), "volume": volume_spec(folder, "v", cases[0].image),
-        "labelmap": wp.save_array(folder, "l", cases[0].labels.array), "case_id": "c0", "axis": None,
-        "window": [0.0, 1000.0],
-    }, folder=folder)
+    bank_through_worker(client, bank, cases[0], SETTINGS, case_id="c0")
     return client, bank, cases[1].image
 
 
