@@ -480,8 +480,13 @@ def _feature_dim(state: "_State", feature: str) -> int | None:
     """Row length of `feature` in this bank: DINOv2's width, twice for cls+mean (None before the first row)."""
     if state.embedding_dim is None:
         return None
-    width = state.embedding_dim // (2 if _retrieval_feature(state.dinov2) == "cls+mean" else 1)
-    return width * (2 if feature == "cls+mean" else 1)
+    return feature_dim(state.embedding_dim, _retrieval_feature(state.dinov2), feature)
+
+
+def feature_dim(dim: int, of: str, feature: str) -> int:
+    """Row length of `feature` from the same DINOv2 pass as `of`'s rows of length `dim` (DINOv2's
+    width, twice for cls+mean)."""
+    return int(dim) // (2 if of == "cls+mean" else 1) * (2 if feature == "cls+mean" else 1)
 
 
 def _add_feature_hint(path: Path, identity: str) -> str:

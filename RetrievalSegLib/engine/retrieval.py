@@ -68,12 +68,15 @@ class SliceEmbedder:
     def identity(self) -> str:
         """Model identity, input size and feature: embeddings are only comparable when these agree.
         The default feature (cls) adds nothing, so banks made before the switch keep their identity."""
-        base = f"{self.dinov2.identity}@{(self.input_size // 14) * 14}"
-        return base if self.feature == DEFAULT_RETRIEVAL_FEATURE else f"{base}#{self.feature}"
+        return self.identity_of(self.feature)
 
     @property
     def dim(self) -> int:
-        return self.dinov2.dim * (2 if self.feature == "cls+mean" else 1)
+        return self.dim_of(self.feature)
+
+    def dim_of(self, feature: str) -> int:
+        """The width of `feature`'s embeddings (cls+mean concatenates two of DINOv2's width)."""
+        return self.dinov2.dim * (2 if feature == "cls+mean" else 1)
 
     def identity_of(self, feature: str) -> str:
         """The identity of `feature`'s embeddings from this embedder's model and input size."""
@@ -100,8 +103,7 @@ class SliceEmbedder:
         bank that holds several features, or a comparison of them, pays for the model once."""
         features = [check_retrieval_feature(f) for f in dict.fromkeys(features)]
         n = len(images_u8)
-        width = self.dinov2.dim
-        outs = {f: np.empty((n, width * (2 if f == "cls+mean" else 1)), dtype=np.float32) for f in features}
+        outs = {f: np.empty((n, self.dim_of(f)), dtype=np.float32) for f in features}
         for start in range(0, n, self.batch_size):
             chunk = images_u8[start : start + self.batch_size]
             for img in chunk:

@@ -281,12 +281,13 @@ class _FeatureView:
     """`MemoEmbedder.for_feature`: identity, dim and embed of one compared retrieval feature."""
 
     def __init__(self, memo: MemoEmbedder, feature: str) -> None:
+        from ..bank.format import feature_dim
+
         if feature not in memo.features:
             raise ValueError(f"retrieval feature {feature!r} is not one of this comparison's {memo.features}")
         self.memo, self.feature = memo, feature
         self.identity = memo.inner.identity_of(feature)
-        width = int(memo.inner.dim) // (2 if memo.feature == "cls+mean" else 1)
-        self.dim = width * (2 if feature == "cls+mean" else 1)
+        self.dim = feature_dim(memo.inner.dim, memo.feature, feature)
 
     def embed(self, images: Sequence[np.ndarray], *args: Any, **kwargs: Any) -> np.ndarray:
         return self.memo.rows(images, self.feature, *args, **kwargs)
